@@ -1,0 +1,415 @@
+//! The NixFleet v2 wire protocol (`../shared/spec/protocol.md`): the JSON
+//! envelope `{"type": …, "payload": {…}}` and every message in it.
+//!
+//! Outgoing messages borrow their data and serialise straight into the
+//! frame's text, so an output line costs one allocation (the frame itself).
+//! Incoming frames are decoded in two steps, envelope first and payload
+//! second, so a bad payload can be reported with its message type.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// Agent → dashboard. Adjacently tagged, which is exactly the envelope.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+pub enum Outbound<'a> {
+    Register(&'a Register),
+    Heartbeat(&'a Heartbeat),
+    Output(OutputLine<'a>),
+    Status(&'a Status),
+    CommandRejected(&'a CommandRejected),
+    TestProgress(&'a TestProgress),
+}
+
+impl Outbound<'_> {
+    /// The frame text. Serialising these types cannot fail (no maps with
+    /// non-string keys, no failing `Serialize` impls), so a failure here is
+    /// a bug worth crashing on in tests; in release it yields an empty frame
+    /// rather than a panic.
+    pub fn to_json(&self) -> String {
+        let mut buf = Vec::with_capacity(128);
+        match serde_json::to_writer(&mut buf, self) {
+            // serde_json only ever writes valid UTF-8.
+            Ok(()) => String::from_utf8(buf).unwrap_or_default(),
+            Err(error) => {
+                debug_assert!(false, "serialising an outbound message failed: {error}");
+                String::new()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Register {
+    pub hostname: String,
+    pub host_type: String,
+    pub agent_version: String,
+    pub os_version: String,
+    pub nixpkgs_version: String,
+    pub generation: String,
+    /// Seconds; the dashboard marks the host offline after three of these.
+    pub heartbeat_interval: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binary_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Heartbeat {
+    pub generation: String,
+    pub nixpkgs_version: String,
+    pub pending_command: Option<String>,
+    pub command_pid: Option<u32>,
+    pub metrics: Option<Metrics>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Metrics {
+    pub cpu: f64,
+    pub ram: f64,
+    pub swap: f64,
+    pub load: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputLine<'a> {
+    pub line: &'a str,
+    pub command: &'a str,
+    pub stream: Stream,
+    pub is_error: bool,
+}
+
+impl<'a> OutputLine<'a> {
+    pub fn new(command: &'a str, stream: Stream, line: &'a str) -> Self {
+        OutputLine {
+            line,
+            command,
+            stream,
+            is_error: stream == Stream::Stderr,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub status: Outcome,
+    pub command: String,
+    pub exit_code: i32,
+    pub message: String,
+    pub generation: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CommandRejected {
+    pub reason: String,
+    /// The running command, `""` when idle (the Go dashboards expect the
+    /// field to be present and a string).
+    pub current_command: String,
+    /// The running command's pid, `0` when idle.
+    pub current_pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TestProgress {
+    pub current: u32,
+    pub total: u32,
+    pub passed: u32,
+    pub running: bool,
+    pub result: String,
+}
+
+/// Dashboard → agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Registered { host_id: String },
+    Command { command: String },
+    KillCommand { signal: KillSignal, pid: u32 },
+    /// A type this agent does not know; logged at debug and ignored.
+    Unknown { kind: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KillSignal {
+    #[serde(rename = "SIGTERM")]
+    Term,
+    #[serde(rename = "SIGKILL")]
+    Kill,
+}
+
+/// Why an inbound frame was ignored. Never carries the frame itself, which
+/// may be large or hostile; only what is needed to log it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not a JSON object with a string `type`.
+    Malformed(String),
+    /// The envelope was fine but the payload did not fit the type.
+    BadPayload { kind: String, error: String },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Malformed(error) => write!(f, "malformed frame: {error}"),
+            DecodeError::BadPayload { kind, error } => {
+                write!(f, "bad payload for message type {kind:?}: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RegisteredPayload {
+    #[serde(default)]
+    host_id: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct CommandPayload {
+    command: String,
+}
+
+#[derive(Deserialize)]
+struct KillCommandPayload {
+    #[serde(default = "default_kill_signal")]
+    signal: KillSignal,
+    #[serde(default)]
+    pid: u32,
+}
+
+fn default_kill_signal() -> KillSignal {
+    KillSignal::Term
+}
+
+/// Longest message type echoed back into a log line.
+const MAX_LOGGED_TYPE_LEN: usize = 64;
+
+/// Decodes one text frame from the dashboard.
+pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
+    let envelope: Envelope<'_> =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(short_error(&e)))?;
+    let kind = envelope.kind;
+    let payload = envelope.payload.map(RawValue::get).unwrap_or("{}");
+    let bad = |e: serde_json::Error| DecodeError::BadPayload {
+        kind: truncate(&kind, MAX_LOGGED_TYPE_LEN),
+        error: short_error(&e),
+    };
+    match kind.as_str() {
+        "registered" => {
+            let p: RegisteredPayload = serde_json::from_str(payload).map_err(bad)?;
+            // Dashboards disagree on whether ids are strings or numbers; the
+            // agent only logs it, so accept either.
+            let host_id = match p.host_id {
+                Some(serde_json::Value::String(s)) => s,
+                Some(serde_json::Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            Ok(Inbound::Registered { host_id })
+        }
+        "command" => {
+            let p: CommandPayload = serde_json::from_str(payload).map_err(bad)?;
+            Ok(Inbound::Command { command: p.command })
+        }
+        "kill_command" => {
+            let p: KillCommandPayload = serde_json::from_str(payload).map_err(bad)?;
+            Ok(Inbound::KillCommand {
+                signal: p.signal,
+                pid: p.pid,
+            })
+        }
+        _ => Ok(Inbound::Unknown {
+            kind: truncate(&kind, MAX_LOGGED_TYPE_LEN),
+        }),
+    }
+}
+
+/// serde_json's messages quote offending input, which for a hostile frame
+/// can be long; keep what reaches the log short.
+fn short_error(error: &serde_json::Error) -> String {
+    truncate(&error.to_string(), 200)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn parse(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn output_line_has_the_envelope_and_is_error_follows_the_stream() {
+        let frame = Outbound::Output(OutputLine::new("switch", Stream::Stderr, "boom \"x\"")).to_json();
+        assert_eq!(
+            parse(&frame),
+            json!({"type": "output", "payload": {
+                "line": "boom \"x\"", "command": "switch", "stream": "stderr", "is_error": true}})
+        );
+        let frame = Outbound::Output(OutputLine::new("pull", Stream::Stdout, "ok")).to_json();
+        assert_eq!(parse(&frame)["payload"]["is_error"], json!(false));
+    }
+
+    #[test]
+    fn register_omits_absent_optional_fields() {
+        let register = Register {
+            hostname: "web-1".into(),
+            host_type: "nixos".into(),
+            agent_version: "0.1.0".into(),
+            os_version: "25.11".into(),
+            nixpkgs_version: "25.11.20251120.abc1234".into(),
+            generation: "".into(),
+            heartbeat_interval: 30,
+            repo_url: None,
+            repo_dir: Some("/var/lib/nixfleet/repo".into()),
+            store_path: None,
+            binary_hash: None,
+        };
+        let v = parse(&Outbound::Register(&register).to_json());
+        assert_eq!(v["type"], "register");
+        assert_eq!(v["payload"]["heartbeat_interval"], 30);
+        assert_eq!(v["payload"]["repo_dir"], "/var/lib/nixfleet/repo");
+        assert!(v["payload"].get("repo_url").is_none());
+        assert!(v["payload"].get("store_path").is_none());
+    }
+
+    #[test]
+    fn idle_heartbeat_carries_nulls() {
+        let hb = Heartbeat {
+            generation: "abc1234".into(),
+            nixpkgs_version: "".into(),
+            pending_command: None,
+            command_pid: None,
+            metrics: None,
+        };
+        let v = parse(&Outbound::Heartbeat(&hb).to_json());
+        assert_eq!(
+            v,
+            json!({"type": "heartbeat", "payload": {"generation": "abc1234", "nixpkgs_version": "",
+                "pending_command": null, "command_pid": null, "metrics": null}})
+        );
+    }
+
+    #[test]
+    fn status_and_rejection_shapes() {
+        let status = Status {
+            status: Outcome::Error,
+            command: "switch".into(),
+            exit_code: 1,
+            message: "exit code 1".into(),
+            generation: "abc1234".into(),
+        };
+        let v = parse(&Outbound::Status(&status).to_json());
+        assert_eq!(v["payload"]["status"], "error");
+        assert_eq!(v["payload"]["exit_code"], 1);
+        let rejected = CommandRejected {
+            reason: "command already running".into(),
+            current_command: "switch".into(),
+            current_pid: 42,
+        };
+        let v = parse(&Outbound::CommandRejected(&rejected).to_json());
+        assert_eq!(v["type"], "command_rejected");
+        assert_eq!(v["payload"]["current_pid"], 42);
+    }
+
+    #[test]
+    fn decodes_the_three_known_messages() {
+        assert_eq!(
+            decode(r#"{"type":"registered","payload":{"host_id":"h-1"}}"#),
+            Ok(Inbound::Registered { host_id: "h-1".into() })
+        );
+        assert_eq!(
+            decode(r#"{"type":"registered","payload":{"host_id":7}}"#),
+            Ok(Inbound::Registered { host_id: "7".into() })
+        );
+        assert_eq!(
+            decode(r#"{"type":"command","payload":{"command":"switch"}}"#),
+            Ok(Inbound::Command { command: "switch".into() })
+        );
+        assert_eq!(
+            decode(r#"{"type":"kill_command","payload":{"signal":"SIGKILL","pid":0}}"#),
+            Ok(Inbound::KillCommand { signal: KillSignal::Kill, pid: 0 })
+        );
+        assert_eq!(
+            decode(r#"{"type":"registered"}"#),
+            Ok(Inbound::Registered { host_id: "".into() })
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_not_errors() {
+        assert_eq!(
+            decode(r#"{"type":"future_thing","payload":[1,2,3]}"#),
+            Ok(Inbound::Unknown { kind: "future_thing".into() })
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_errors_that_name_the_type() {
+        assert!(matches!(decode("not json"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(r#"{"payload":{}}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(r#"{"type":5}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode("[]"), Err(DecodeError::Malformed(_))));
+        match decode(r#"{"type":"command","payload":{"command":42}}"#) {
+            Err(DecodeError::BadPayload { kind, .. }) => assert_eq!(kind, "command"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"type":"kill_command","payload":{"signal":"SIGHUP"}}"#),
+            Err(DecodeError::BadPayload { .. })
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"kill_command","payload":{"pid":-1}}"#),
+            Err(DecodeError::BadPayload { .. })
+        ));
+    }
+
+    #[test]
+    fn long_types_are_cut_for_the_log() {
+        let kind = "x".repeat(10_000);
+        match decode(&format!(r#"{{"type":"{kind}"}}"#)) {
+            Ok(Inbound::Unknown { kind }) => assert!(kind.len() < 100),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
