@@ -3,6 +3,14 @@
 //!
 //! One module per concern; `main.rs` only wires them together.
 
+pub mod agent;
+pub mod commands;
 pub mod config;
+pub mod connection;
+pub mod heartbeat;
 pub mod logging;
+pub mod metrics;
+pub mod outbox;
 pub mod protocol;
+pub mod tls;
+pub mod watchdog;

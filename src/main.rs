@@ -15,5 +15,15 @@ fn main() -> ExitCode {
         print!("{}", config.render());
         return ExitCode::SUCCESS;
     }
-    ExitCode::SUCCESS
+    nixfleet_agent::logging::init(&config.log_level);
+    // One thread is plenty for one socket and a few pipes, and keeps the
+    // agent's footprint small on every host.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nixfleet-agent: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(nixfleet_agent::agent::run(config))
 }

@@ -1,0 +1,259 @@
+//! The agent core: the one task that owns "what is running", decides on
+//! every command from the dashboard, and wires the other parts together.
+//!
+//! ```text
+//!  dashboard ⇄ Connection ──inbound──▶ Core ──spawns──▶ command task
+//!                 ▲   ▲                 │  ▲                 │
+//!                 │   └──replies────────┘  └──progress───────┘
+//!                 └──────── Outbox ◀──── output lines, progress
+//!                 └──────── command state (watch) for heartbeats
+//! ```
+
+use crate::commands::{CommandKind, Progress, Runner, StopRequest};
+use crate::config::Config;
+use crate::connection::{Connection, LinkState, Links};
+use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
+use crate::outbox::Outbox;
+use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Status};
+use crate::watchdog::{Probe, probe_channel};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> ExitCode {
+    let config = Arc::new(config);
+    let outbox = Arc::new(Outbox::default());
+    let (inbound_tx, inbound_rx) = mpsc::channel(64);
+    let (replies_tx, replies_rx) = mpsc::channel(64);
+    let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
+    let (link_state_tx, _link_state_rx) = watch::channel(LinkState::Connecting);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (_core_prober, core_probes) = probe_channel("core");
+    let (_connection_prober, connection_probes) = probe_channel("connection");
+
+    let reporter = Reporter::new(&config, AgentIdentity::detect());
+    let connection = Connection::new(
+        config.clone(),
+        reporter,
+        Links {
+            inbound: inbound_tx,
+            replies: replies_rx,
+            outbox: outbox.clone(),
+            command_state: command_state_rx,
+            link_state: link_state_tx,
+            probes: connection_probes,
+            shutdown: shutdown_rx.clone(),
+        },
+    );
+    let connection = tokio::spawn(connection.run());
+    tokio::spawn(forward_signals(shutdown_tx));
+
+    let core = Core {
+        runner: Arc::new(Runner::new(config.clone(), outbox.clone())),
+        outbox,
+        replies: replies_tx,
+        command_state: command_state_tx,
+        running: None,
+    };
+    core.run(inbound_rx, shutdown_rx, core_probes).await;
+    // The connection sends the close frame and waits for the answer.
+    let _ = connection.await;
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn forward_signals(shutdown: watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        warn!("cannot listen for SIGTERM/SIGINT");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+        _ = int.recv() => info!("SIGINT received, shutting down"),
+    }
+    shutdown.send_replace(true);
+}
+
+struct Core {
+    runner: Arc<Runner>,
+    outbox: Arc<Outbox>,
+    /// Frames for the connection to send ahead of output.
+    replies: mpsc::Sender<String>,
+    command_state: watch::Sender<CommandState>,
+    running: Option<Running>,
+}
+
+/// The command in progress.
+struct Running {
+    kind: CommandKind,
+    pid: Option<u32>,
+    stop: watch::Sender<Option<StopRequest>>,
+    progress: mpsc::Receiver<Progress>,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut shutdown: watch::Receiver<bool>,
+        mut probes: mpsc::Receiver<Probe>,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown_requested(&mut shutdown) => break,
+                Some(message) = inbound.recv() => self.handle(message),
+                progress = next_progress(&mut self.running) => match progress {
+                    Some(progress) => self.on_progress(progress),
+                    None => self.runner_vanished(),
+                },
+                Some(probe) = probes.recv() => probe.answer(),
+            }
+        }
+        if let Some(running) = &self.running {
+            // Deliberately left running: a switch must not be cut short
+            // because the agent restarts (the unit uses KillMode=process).
+            info!(command = running.kind.name(), pid = running.pid, "leaving the running command to finish on its own");
+        }
+    }
+
+    fn handle(&mut self, message: Inbound) {
+        match message {
+            Inbound::Command { command } if command == "stop" => self.stop(StopRequest::Terminate),
+            Inbound::Command { command } => self.start(&command),
+            Inbound::KillCommand { signal, pid } => {
+                let request = match signal {
+                    KillSignal::Term => StopRequest::Terminate,
+                    KillSignal::Kill => StopRequest::Kill,
+                };
+                match &self.running {
+                    Some(running) if pid != 0 && Some(pid) != running.pid => {
+                        // Never signal a pid that is not our command's.
+                        warn!(pid, current = running.pid, "kill_command for a pid that is not the running command; ignored");
+                        self.reject(format!("pid {pid} is not the running command"));
+                    }
+                    _ => self.stop(request),
+                }
+            }
+            Inbound::Registered { .. } | Inbound::Unknown { .. } => {}
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let Some(kind) = CommandKind::parse(name) else {
+            let shown: String = name.chars().take(64).collect();
+            warn!(command = %shown, "rejecting an unknown command");
+            self.reject(format!("unknown command: {shown}"));
+            return;
+        };
+        if self.running.is_some() {
+            self.reject("command already running".to_owned());
+            return;
+        }
+        info!(command = kind.name(), "starting");
+        let (stop_tx, mut stop_rx) = watch::channel(None);
+        let (progress_tx, progress_rx) = mpsc::channel(8);
+        let runner = self.runner.clone();
+        tokio::spawn(async move {
+            let status = runner.run(kind, &progress_tx, &mut stop_rx).await;
+            let _ = progress_tx.send(Progress::Finished(status)).await;
+        });
+        self.running = Some(Running {
+            kind,
+            pid: None,
+            stop: stop_tx,
+            progress: progress_rx,
+        });
+        self.publish_state();
+    }
+
+    fn stop(&mut self, request: StopRequest) {
+        match &self.running {
+            Some(running) => {
+                info!(command = running.kind.name(), pid = running.pid, ?request, "stop requested");
+                running.stop.send_replace(Some(request));
+            }
+            None => self.reject("no command running".to_owned()),
+        }
+    }
+
+    fn on_progress(&mut self, progress: Progress) {
+        match progress {
+            Progress::Started { pid } => {
+                if let Some(running) = &mut self.running {
+                    running.pid = Some(pid);
+                }
+                self.publish_state();
+            }
+            Progress::Finished(status) => self.finish(status),
+        }
+    }
+
+    fn finish(&mut self, status: Status) {
+        self.running = None;
+        self.publish_state();
+        info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
+        // Every output line of the command is already queued: the status
+        // goes after them.
+        self.outbox.push_reliable(Outbound::Status(&status).to_json());
+    }
+
+    /// The command's task ended without a status (it can only have
+    /// panicked): still answer with exactly one status.
+    fn runner_vanished(&mut self) {
+        let Some(running) = &self.running else { return };
+        let status = Status {
+            status: crate::protocol::Outcome::Error,
+            command: running.kind.name().to_owned(),
+            exit_code: -1,
+            message: "internal error: the command's task ended unexpectedly".to_owned(),
+            generation: crate::heartbeat::generation(&self.runner.repo_dir()),
+        };
+        self.finish(status);
+    }
+
+    fn reject(&self, reason: String) {
+        let (current_command, current_pid) = match &self.running {
+            Some(running) => (running.kind.name().to_owned(), running.pid.unwrap_or(0)),
+            None => (String::new(), 0),
+        };
+        let frame = Outbound::CommandRejected(&CommandRejected {
+            reason,
+            current_command,
+            current_pid,
+        })
+        .to_json();
+        if self.replies.try_send(frame).is_err() {
+            warn!("dropping a command_rejected reply: the connection is not keeping up");
+        }
+    }
+
+    fn publish_state(&self) {
+        let state = match &self.running {
+            Some(running) => CommandState {
+                name: Some(running.kind.name().to_owned()),
+                pid: running.pid,
+            },
+            None => CommandState::default(),
+        };
+        self.command_state.send_replace(state);
+    }
+}
+
+/// Completes once shutdown is requested (or whoever could request it is
+/// gone). Returns `()` so that no lock guard of the channel is held across
+/// the awaits of a `select!`.
+pub async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// The next progress report of the running command; never ready when idle.
+async fn next_progress(running: &mut Option<Running>) -> Option<Progress> {
+    match running {
+        Some(running) => running.progress.recv().await,
+        None => std::future::pending().await,
+    }
+}

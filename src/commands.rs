@@ -1,0 +1,842 @@
+//! The commands the dashboard may ask for, and how they run.
+//!
+//! A command is a name from a fixed table; nothing the dashboard sends ever
+//! becomes an argument or reaches a shell. Programs come from `PATH`.
+//!
+//! Each process runs in its own session (so its own process group), with
+//! stdin from /dev/null and a small whitelisted environment: the agent's own
+//! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
+//! from both pipes concurrently, split into lines, written to the command's
+//! log file and queued in the outbox, which never blocks; so a child is
+//! never held up by a slow or absent dashboard.
+
+use crate::config::Config;
+use crate::heartbeat::generation;
+use crate::outbox::Outbox;
+use crate::protocol::{Outbound, Outcome, Status, Stream, TestProgress};
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Longest output line sent; longer ones are cut with [`TRUNCATED_MARK`].
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub const TRUNCATED_MARK: &str = " …[truncated]";
+/// Command logs kept under `state_dir/logs`.
+pub const KEPT_LOGS: usize = 50;
+/// After a process exits, how long its output pipes may stay open (held by
+/// a leftover background process) before the agent stops reading them.
+const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How often a stop checks whether the process group is gone.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+/// Longest error detail quoted in a status message.
+const MAX_DETAIL_CHARS: usize = 200;
+
+/// The command table (protocol.md, "Commands"). `stop` is not here: it acts
+/// on the running command rather than being one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Pull,
+    Switch,
+    PullSwitch,
+    Boot,
+    Rollback,
+    Test,
+}
+
+impl CommandKind {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "pull" => CommandKind::Pull,
+            "switch" => CommandKind::Switch,
+            "pull-switch" => CommandKind::PullSwitch,
+            "boot" => CommandKind::Boot,
+            "rollback" => CommandKind::Rollback,
+            "test" => CommandKind::Test,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandKind::Pull => "pull",
+            CommandKind::Switch => "switch",
+            CommandKind::PullSwitch => "pull-switch",
+            CommandKind::Boot => "boot",
+            CommandKind::Rollback => "rollback",
+            CommandKind::Test => "test",
+        }
+    }
+
+    /// Whether success may have changed the running system (and so the
+    /// agent's own unit or binary).
+    pub fn activates(self) -> bool {
+        matches!(self, CommandKind::Switch | CommandKind::PullSwitch | CommandKind::Rollback)
+    }
+}
+
+/// How the dashboard asked to stop the running command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// SIGTERM to the group, SIGKILL after `stop_grace`.
+    Terminate,
+    /// SIGKILL to the group now.
+    Kill,
+}
+
+/// What a running command tells the agent core.
+#[derive(Debug)]
+pub enum Progress {
+    /// A process of the command started (pull-switch and test run several).
+    Started { pid: u32 },
+    Finished(Status),
+}
+
+/// What every command needs, shared by all of them.
+pub struct Runner {
+    config: Arc<Config>,
+    outbox: Arc<Outbox>,
+    child_env: Vec<(OsString, OsString)>,
+}
+
+impl Runner {
+    pub fn new(config: Arc<Config>, outbox: Arc<Outbox>) -> Self {
+        let child_env = child_environment(std::env::vars_os(), config.ssh_key.as_deref());
+        Runner {
+            config,
+            outbox,
+            child_env,
+        }
+    }
+
+    pub fn repo_dir(&self) -> PathBuf {
+        self.config.repo_dir.clone()
+    }
+
+    /// Runs one command to its end and returns its status. Output lines and
+    /// test progress are queued in the outbox as they happen; the status is
+    /// left to the caller, which queues it after them.
+    pub async fn run(
+        &self,
+        kind: CommandKind,
+        progress: &mpsc::Sender<Progress>,
+        stop: &mut watch::Receiver<Option<StopRequest>>,
+    ) -> Status {
+        let mut job = Job {
+            runner: self,
+            command: kind.name(),
+            output: Output {
+                command: kind.name(),
+                outbox: &self.outbox,
+                log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
+                last_stderr: Mutex::new(String::new()),
+            },
+            progress,
+            stop,
+        };
+        let (outcome, message, exit_code) = match kind {
+            CommandKind::Pull => job.pull().await,
+            CommandKind::PullSwitch => match job.pull().await {
+                (Outcome::Ok, ..) => job.rebuild(&["switch"]).await,
+                failed => failed,
+            },
+            CommandKind::Switch => job.rebuild(&["switch"]).await,
+            CommandKind::Boot => job.rebuild(&["boot"]).await,
+            CommandKind::Rollback => job.rebuild_plain(&["switch", "--rollback"]).await,
+            CommandKind::Test => job.test().await,
+        };
+        job.output
+            .log_line(&format!("[nixfleet] {}: {message}", outcome_word(outcome)));
+        Status {
+            status: outcome,
+            command: kind.name().to_owned(),
+            exit_code,
+            message,
+            generation: generation(&self.config.repo_dir),
+        }
+    }
+}
+
+fn outcome_word(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Error => "error",
+    }
+}
+
+type StepOutcome = (Outcome, String, i32);
+
+/// How one process ended.
+enum Ended {
+    Exited(ExitStatus),
+    Stopped(ExitStatus),
+    NotStarted(String),
+}
+
+/// One command in progress.
+struct Job<'a> {
+    runner: &'a Runner,
+    command: &'static str,
+    output: Output<'a>,
+    progress: &'a mpsc::Sender<Progress>,
+    stop: &'a mut watch::Receiver<Option<StopRequest>>,
+}
+
+/// Where a command's output goes. Both pipes are read concurrently and share
+/// it, hence the (uncontended) locks.
+struct Output<'a> {
+    command: &'static str,
+    outbox: &'a Outbox,
+    log: Mutex<Option<CommandLog>>,
+    /// The last non-empty stderr line of the current process, for messages.
+    last_stderr: Mutex<String>,
+}
+
+impl Job<'_> {
+    fn config(&self) -> &Config {
+        &self.runner.config
+    }
+
+    async fn pull(&mut self) -> StepOutcome {
+        let config = self.runner.config.clone();
+        let repo = config.repo_dir.as_path();
+        let Some(url) = config.repo_url.as_deref() else {
+            return self.git_step("git pull", repo, &["pull", "--ff-only"]).await;
+        };
+        if !repo.join(".git").exists() {
+            if repo.exists() && std::fs::read_dir(repo).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                return (
+                    Outcome::Error,
+                    format!("repo_dir {} exists and is not a git repository", repo.display()),
+                    1,
+                );
+            }
+            let parent = repo.parent().unwrap_or(Path::new("/"));
+            if let Err(e) = std::fs::create_dir_all(parent) {
+                return (Outcome::Error, format!("cannot create {}: {e}", parent.display()), 1);
+            }
+            let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
+            let args = ["clone", "--branch", &config.branch, "--single-branch", "--", url, repo_arg];
+            return match self.git_step("git clone", parent, &args).await {
+                (Outcome::Ok, ..) => self.pulled(),
+                failed => failed,
+            };
+        }
+        let branch = config.branch.as_str();
+        let remote_branch = format!("origin/{branch}");
+        let steps: [(&str, Vec<&str>); 3] = [
+            ("git fetch", vec!["fetch", "origin", branch]),
+            ("git reset", vec!["reset", "--hard", &remote_branch]),
+            ("git clean", vec!["clean", "-fd"]),
+        ];
+        for (what, args) in steps {
+            if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
+                return failed;
+            }
+        }
+        self.pulled()
+    }
+
+    fn pulled(&self) -> StepOutcome {
+        let generation = generation(&self.config().repo_dir);
+        (Outcome::Ok, format!("at {generation}"), 0)
+    }
+
+    async fn git_step(&mut self, what: &str, cwd: &Path, args: &[&str]) -> StepOutcome {
+        match self.run_process("git", args, cwd).await {
+            Ended::Exited(status) if status.success() => (Outcome::Ok, String::new(), 0),
+            Ended::Exited(status) => {
+                let detail = self.failure_detail(status);
+                (Outcome::Error, format!("{what} failed: {detail}"), exit_code_of(status))
+            }
+            ended => self.not_ok(ended),
+        }
+    }
+
+    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`.
+    async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
+        let flake = format!("{}#{}", self.config().repo_dir.display(), self.config().hostname);
+        let mut args = op.to_vec();
+        args.extend(["--flake", &flake]);
+        self.rebuild_plain(&args).await
+    }
+
+    async fn rebuild_plain(&mut self, args: &[&str]) -> StepOutcome {
+        let cwd = self.working_dir();
+        match self.run_process("nixos-rebuild", args, &cwd).await {
+            Ended::Exited(status) if status.success() => {
+                (Outcome::Ok, format!("{} succeeded", self.command), 0)
+            }
+            Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
+            ended => self.not_ok(ended),
+        }
+    }
+
+    /// Every executable `hosts/<hostname>/tests/T*.sh`, in name order.
+    async fn test(&mut self) -> StepOutcome {
+        let dir = self
+            .config()
+            .repo_dir
+            .join("hosts")
+            .join(&self.config().hostname)
+            .join("tests");
+        let scripts = find_test_scripts(&dir);
+        let total = scripts.len() as u32;
+        let cwd = self.working_dir();
+        let mut passed = 0;
+        for (index, script) in scripts.iter().enumerate() {
+            let current = index as u32 + 1;
+            let name = script.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let script_arg = script.to_string_lossy().into_owned();
+            let ended = self.run_process(&script_arg, &[], &cwd).await;
+            let ok = matches!(&ended, Ended::Exited(status) if status.success());
+            passed += ok as u32;
+            let stopped = matches!(ended, Ended::Stopped(_));
+            let last = current == total || stopped;
+            let result = if last {
+                format!("{passed}/{total} passed")
+            } else {
+                format!("{name} {}", if ok { "passed" } else { "failed" })
+            };
+            self.send_progress(TestProgress {
+                current,
+                total,
+                passed,
+                running: !last,
+                result,
+            });
+            if stopped {
+                return self.not_ok(ended);
+            }
+        }
+        let summary = format!("{passed}/{total} passed");
+        if total == 0 {
+            self.send_progress(TestProgress {
+                current: 0,
+                total: 0,
+                passed: 0,
+                running: false,
+                result: summary.clone(),
+            });
+        }
+        if passed == total {
+            (Outcome::Ok, summary, 0)
+        } else {
+            (Outcome::Error, summary, 1)
+        }
+    }
+
+    fn send_progress(&self, progress: TestProgress) {
+        self.output.log_line(&format!(
+            "[nixfleet] test {}/{}: {}",
+            progress.current, progress.total, progress.result
+        ));
+        self.runner
+            .outbox
+            .push_reliable(Outbound::TestProgress(&progress).to_json());
+    }
+
+    /// Commands run in the repository when it exists, else in `/` (so that
+    /// `rollback` works before the first pull).
+    fn working_dir(&self) -> PathBuf {
+        let repo = &self.config().repo_dir;
+        if repo.is_dir() { repo.clone() } else { PathBuf::from("/") }
+    }
+
+    fn not_ok(&self, ended: Ended) -> StepOutcome {
+        match ended {
+            Ended::Stopped(status) => (Outcome::Error, "Stopped by user".to_owned(), exit_code_of(status)),
+            Ended::NotStarted(why) => (Outcome::Error, why, 127),
+            Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
+        }
+    }
+
+    fn failure_detail(&self, status: ExitStatus) -> String {
+        let last = self.output.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_empty() {
+            describe_exit(status)
+        } else {
+            last.clone()
+        }
+    }
+
+    /// Runs one process to its end, streaming its output, honouring stop
+    /// requests.
+    async fn run_process(&mut self, program: &str, args: &[&str], cwd: &Path) -> Ended {
+        if self.stop.borrow().is_some() {
+            return Ended::NotStarted("Stopped by user".to_owned());
+        }
+        self.output.last_stderr.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.output
+            .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .current_dir(cwd)
+            .env_clear()
+            .envs(self.runner.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        // A new session makes the child the leader of its own process group,
+        // so a stop can signal everything it started, and a signal meant for
+        // the agent (Ctrl-C in a terminal) does not reach the deployment.
+        unsafe {
+            command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                let why = format!("cannot run {program}: {error}");
+                warn!(command = self.command, error = %error, "{why}");
+                self.output.log_line(&format!("[nixfleet] {why}"));
+                return Ended::NotStarted(why);
+            }
+        };
+        let Some(pid) = child.id() else {
+            return Ended::NotStarted(format!("{program} exited before it could be tracked"));
+        };
+        info!(command = self.command, pid, "started {program}");
+        let _ = self.progress.send(Progress::Started { pid }).await;
+
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let grace = self.config().stop_grace;
+        let output = &self.output;
+        let stop = &mut *self.stop;
+        let exited = tokio::sync::Notify::new();
+        let reap = async {
+            let ended = supervise(&mut child, pid, grace, stop).await;
+            exited.notify_one();
+            ended
+        };
+        let drain = async {
+            let pumps = async {
+                tokio::join!(
+                    output.pump(stdout, Stream::Stdout),
+                    output.pump(stderr, Stream::Stderr)
+                );
+            };
+            let exit_then_grace = async {
+                exited.notified().await;
+                tokio::time::sleep(PIPE_DRAIN_GRACE).await;
+            };
+            tokio::select! {
+                () = pumps => {}
+                () = exit_then_grace => {
+                    warn!(command = output.command, pid, "output pipes still open after the process exited; not reading them further");
+                }
+            }
+        };
+        let (ended, ()) = tokio::join!(reap, drain);
+        ended
+    }
+}
+
+impl Output<'_> {
+    async fn pump(&self, pipe: Option<impl AsyncRead + Unpin>, stream: Stream) {
+        let Some(pipe) = pipe else { return };
+        let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+        let mut line: Vec<u8> = Vec::with_capacity(256);
+        let mut cut = false;
+        loop {
+            let buf = match reader.fill_buf().await {
+                Ok(buf) => buf,
+                Err(error) => {
+                    warn!(command = self.command, error = %error, "reading command output failed");
+                    break;
+                }
+            };
+            if buf.is_empty() {
+                if !line.is_empty() || cut {
+                    self.emit(stream, &line, cut);
+                }
+                break;
+            }
+            let newline = memchr::memchr(b'\n', buf);
+            let chunk = &buf[..newline.unwrap_or(buf.len())];
+            let room = MAX_LINE_BYTES - line.len();
+            if chunk.len() > room {
+                line.extend_from_slice(&chunk[..room]);
+                cut = true;
+            } else {
+                line.extend_from_slice(chunk);
+            }
+            let used = chunk.len() + usize::from(newline.is_some());
+            reader.consume(used);
+            if newline.is_some() {
+                self.emit(stream, &line, cut);
+                line.clear();
+                cut = false;
+            }
+        }
+    }
+
+    fn emit(&self, stream: Stream, raw: &[u8], cut: bool) {
+        let text = line_text(raw, cut);
+        self.log_line(&text);
+        self.outbox.push_line(self.command, stream, &text);
+        if stream == Stream::Stderr && !text.trim().is_empty() {
+            let mut last = self.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
+            last.clear();
+            last.extend(text.trim().chars().take(MAX_DETAIL_CHARS));
+        }
+    }
+
+    fn log_line(&self, text: &str) {
+        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            log.write_line(text);
+        }
+    }
+}
+
+/// Waits for the process, applying stop requests to its whole group.
+async fn supervise(
+    child: &mut tokio::process::Child,
+    pid: u32,
+    grace: Duration,
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+) -> Ended {
+    let group = rustix::process::Pid::from_raw(pid as i32);
+    let requested = tokio::select! {
+        status = child.wait() => return match status {
+            Ok(status) => Ended::Exited(status),
+            Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
+        },
+        request = stop.wait_for(Option::is_some) => request.map(|r| r.unwrap_or(StopRequest::Terminate)),
+    };
+    let Ok(request) = requested else {
+        // The core is gone: the agent is exiting and leaves the command
+        // running on purpose (see agent.rs); just wait for it.
+        return match child.wait().await {
+            Ok(status) => Ended::Exited(status),
+            Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
+        };
+    };
+    let Some(group) = group else {
+        return Ended::NotStarted("invalid pid".into());
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut signal = match request {
+        StopRequest::Terminate => rustix::process::Signal::TERM,
+        StopRequest::Kill => rustix::process::Signal::KILL,
+    };
+    info!(pid, ?request, "stopping the command's process group");
+    let _ = rustix::process::kill_process_group(group, signal);
+    let mut status = None;
+    // Wait for the leader, then for the rest of the group, until the grace
+    // period runs out; then SIGKILL whatever is left. No member survives.
+    loop {
+        if status.is_some() && rustix::process::test_kill_process_group(group).is_err() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline && signal != rustix::process::Signal::KILL {
+            warn!(pid, "the command did not stop within the grace period; killing it");
+            signal = rustix::process::Signal::KILL;
+            let _ = rustix::process::kill_process_group(group, signal);
+        }
+        tokio::select! {
+            exited = child.wait(), if status.is_none() => {
+                status = Some(exited.ok());
+            }
+            Ok(_) = stop.changed() => {
+                let kill_now = *stop.borrow() == Some(StopRequest::Kill);
+                if kill_now && signal != rustix::process::Signal::KILL {
+                    signal = rustix::process::Signal::KILL;
+                    let _ = rustix::process::kill_process_group(group, signal);
+                }
+            }
+            _ = tokio::time::sleep(GROUP_POLL) => {}
+        }
+    }
+    match status.flatten() {
+        Some(status) => Ended::Stopped(status),
+        None => Ended::NotStarted("Stopped by user".into()),
+    }
+}
+
+/// A line as sent: lossy UTF-8, one trailing `\r` removed, cut lines marked.
+pub fn line_text(raw: &[u8], cut: bool) -> String {
+    let mut bytes = raw;
+    if cut {
+        // Do not split a UTF-8 sequence at the cut.
+        if let Err(e) = std::str::from_utf8(bytes)
+            && e.error_len().is_none()
+        {
+            bytes = &bytes[..e.valid_up_to()];
+        }
+    } else if let Some(stripped) = bytes.strip_suffix(b"\r") {
+        bytes = stripped;
+    }
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if cut {
+        text.push_str(TRUNCATED_MARK);
+    }
+    text
+}
+
+fn exit_code_of(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "ended abnormally".to_owned(),
+    }
+}
+
+fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut scripts: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.as_encoded_bytes();
+            name.starts_with(b"T") && name.ends_with(b".sh")
+        })
+        .filter(|entry| {
+            std::fs::metadata(entry.path())
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+        .map(|entry| entry.path())
+        .collect();
+    scripts.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    scripts
+}
+
+/// Variables a child may inherit from the agent. Everything else, notably
+/// every `NIXFLEET_*` variable and the token, stays with the agent.
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LOCALE_ARCHIVE",
+    "TZ",
+    "TZDIR",
+    "SSL_CERT_FILE",
+    "NIX_SSL_CERT_FILE",
+    "NIX_PATH",
+    "NIX_REMOTE",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+];
+
+/// The environment every command runs with.
+pub fn child_environment(
+    agent_env: impl Iterator<Item = (OsString, OsString)>,
+    ssh_key: Option<&Path>,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = agent_env
+        .filter(|(key, _)| key.to_str().is_some_and(|k| INHERITED_ENV.contains(&k)))
+        .collect();
+    let mut set_default = |key: &str, value: &str| {
+        if !env.iter().any(|(k, _)| k == key) {
+            env.push((key.into(), value.into()));
+        }
+    };
+    set_default("PATH", "/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin");
+    set_default("HOME", "/root");
+    set_default("LANG", "C.UTF-8");
+    env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
+    if let Some(key) = ssh_key {
+        env.push(("GIT_SSH_COMMAND".into(), git_ssh_command(key).into()));
+    }
+    env
+}
+
+/// git runs `GIT_SSH_COMMAND` through a shell, so the key path is quoted.
+/// `accept-new` trusts a host on first contact but refuses changed keys;
+/// `no` would accept any key and is never used.
+fn git_ssh_command(key: &Path) -> String {
+    let quoted = key.to_string_lossy().replace('\'', r"'\''");
+    format!("ssh -i '{quoted}' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new")
+}
+
+/// The full output of one command in `state_dir/logs`, before any dropping.
+struct CommandLog {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl CommandLog {
+    /// Opens a new log and prunes old ones; on failure the command runs
+    /// without a log (a full disk must not stop a rollback).
+    fn create(state_dir: &Path, command: &str) -> Option<CommandLog> {
+        let dir = state_dir.join("logs");
+        let result = std::fs::create_dir_all(&dir).and_then(|()| {
+            let stamp = humantime::format_rfc3339_millis(SystemTime::now())
+                .to_string()
+                .replace([':', '-'], "");
+            let path = dir.join(format!("{stamp}-{command}.log"));
+            let file = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)?;
+            Ok((file, path))
+        });
+        match result {
+            Ok((file, path)) => {
+                prune_logs(&dir, KEPT_LOGS);
+                Some(CommandLog {
+                    file: std::io::BufWriter::with_capacity(64 * 1024, file),
+                    path,
+                    failed: false,
+                })
+            }
+            Err(error) => {
+                warn!(command, error = %error, dir = %dir.display(), "cannot write the command log");
+                None
+            }
+        }
+    }
+
+    fn write_line(&mut self, text: &str) {
+        if self.failed {
+            return;
+        }
+        let result = self
+            .file
+            .write_all(text.as_bytes())
+            .and_then(|()| self.file.write_all(b"\n"));
+        if let Err(error) = result {
+            warn!(error = %error, path = %self.path.display(), "writing the command log failed; the rest of this command is not logged");
+            self.failed = true;
+        }
+    }
+}
+
+impl Drop for CommandLog {
+    fn drop(&mut self) {
+        let _ = self.file.flush();
+    }
+}
+
+/// Keeps the newest `keep` logs. Names start with a UTC timestamp, so name
+/// order is age order.
+fn prune_logs(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut logs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    if logs.len() <= keep {
+        return;
+    }
+    logs.sort();
+    for old in &logs[..logs.len() - keep] {
+        let _ = std::fs::remove_file(old);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_closed() {
+        for name in ["pull", "switch", "pull-switch", "boot", "rollback", "test"] {
+            assert_eq!(CommandKind::parse(name).map(CommandKind::name), Some(name));
+        }
+        for name in ["stop", "", "switch ", "SWITCH", "rm -rf /", "switch; reboot"] {
+            assert_eq!(CommandKind::parse(name), None, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn line_text_strips_cr_replaces_bad_utf8_and_marks_cuts() {
+        assert_eq!(line_text(b"hello\r", false), "hello");
+        assert_eq!(line_text(b"a\rb", false), "a\rb");
+        assert_eq!(line_text(b"bad \xff byte", false), "bad \u{fffd} byte");
+        // A cut inside "é" (0xC3 0xA9) drops the half character.
+        assert_eq!(line_text(b"ab\xc3", true), format!("ab{TRUNCATED_MARK}"));
+    }
+
+    #[test]
+    fn child_environment_is_a_whitelist() {
+        let agent_env = [
+            ("PATH", "/bin"),
+            ("NIXFLEET_TOKEN", "secret"),
+            ("NIXFLEET_URL", "ws://x"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/x"),
+            ("LANG", "de_DE.UTF-8"),
+            ("RANDOM_THING", "1"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = child_environment(agent_env.into_iter(), Some(Path::new("/keys/it's")));
+        let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.to_str().unwrap());
+        assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("LANG"), Some("de_DE.UTF-8"));
+        assert_eq!(get("HOME"), Some("/root"));
+        assert_eq!(get("NIXFLEET_TOKEN"), None);
+        assert_eq!(get("NIXFLEET_URL"), None);
+        assert_eq!(get("CREDENTIALS_DIRECTORY"), None);
+        assert_eq!(get("RANDOM_THING"), None);
+        assert_eq!(
+            get("GIT_SSH_COMMAND"),
+            Some(r"ssh -i '/keys/it'\''s' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new")
+        );
+    }
+
+    #[test]
+    fn test_scripts_are_executable_t_star_sh_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        make("T10-late.sh", 0o755);
+        make("T02-early.sh", 0o755);
+        make("T03-not-executable.sh", 0o644);
+        make("X01-other.sh", 0o755);
+        make("T04.txt", 0o755);
+        std::fs::create_dir(dir.path().join("T05-dir.sh")).unwrap();
+        let names: Vec<_> = find_test_scripts(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["T02-early.sh", "T10-late.sh"]);
+        assert!(find_test_scripts(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn logs_are_pruned_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..7 {
+            std::fs::write(dir.path().join(format!("2026010{i}T000000Z-pull.log")), "").unwrap();
+        }
+        prune_logs(dir.path(), 3);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["20260104T000000Z-pull.log", "20260105T000000Z-pull.log", "20260106T000000Z-pull.log"]);
+    }
+}

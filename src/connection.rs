@@ -1,0 +1,510 @@
+//! The WebSocket link to the dashboard: connect, register, heartbeat,
+//! ping, forward inbound messages, drain the outbox — and reconnect with
+//! backoff whenever any of that fails, for as long as the agent runs.
+//!
+//! Within a session three things run side by side: the reader (which also
+//! notes when the peer was last heard from), the writer, and the dead-peer
+//! timer. Running them concurrently means a write stuck on a frozen network
+//! cannot hide the silence that proves the peer gone.
+//!
+//! The writer puts heartbeats, `register`, rejections and pings ahead of
+//! queued command output, and takes output in bounded batches, so a
+//! heartbeat waits for at most one batch however much output is queued.
+
+use crate::agent::shutdown_requested;
+use crate::config::Config;
+use crate::heartbeat::{CommandState, Reporter};
+use crate::outbox::{Item, Outbox};
+use crate::protocol::{self, Inbound, Outbound};
+use crate::watchdog::{Probe, answering_probes};
+use futures_util::{SinkExt, StreamExt};
+use secrecy::ExposeSecret;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tracing::{debug, error, info, warn};
+
+/// Frames from the dashboard larger than this are refused (protocol.md).
+pub const MAX_INBOUND_FRAME: usize = 1024 * 1024;
+/// Output taken from the outbox per socket flush. Small enough that a
+/// heartbeat never waits long behind it, large enough to batch well.
+const OUTPUT_BATCH_BYTES: usize = 64 * 1024;
+/// How long a graceful shutdown waits for the dashboard's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// A connection that stayed up this long resets the backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The link as a human would describe it (for logs and systemd's STATUS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Connecting,
+    Connected,
+    Reconnecting { delay: Duration, error: String },
+}
+
+/// Everything the connection needs from the rest of the agent.
+pub struct Links {
+    /// Commands and kill requests for the agent core.
+    pub inbound: mpsc::Sender<Inbound>,
+    /// Frames the core wants sent ahead of output (rejections).
+    pub replies: mpsc::Receiver<String>,
+    pub outbox: Arc<Outbox>,
+    pub command_state: watch::Receiver<CommandState>,
+    pub link_state: watch::Sender<LinkState>,
+    pub probes: mpsc::Receiver<Probe>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub struct Connection {
+    config: Arc<Config>,
+    reporter: Reporter,
+    links: Links,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Shutdown,
+    /// Nothing heard for `ping_timeout`.
+    Silent,
+    ClosedByPeer(String),
+    /// The dashboard sent a frame over the size limit.
+    TooBig,
+    Broken(String),
+}
+
+impl Connection {
+    pub fn new(config: Arc<Config>, reporter: Reporter, links: Links) -> Self {
+        Connection {
+            config,
+            reporter,
+            links,
+            tls: None,
+        }
+    }
+
+    /// Runs until shutdown is requested.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        loop {
+            if *self.links.shutdown.borrow() {
+                return;
+            }
+            self.links.link_state.send_replace(LinkState::Connecting);
+            let error = match self.connect().await {
+                Err(ConnectError::Shutdown) => return,
+                Err(ConnectError::Failed(error)) => error,
+                Ok(socket) => {
+                    let started = Instant::now();
+                    let registered = AtomicBool::new(false);
+                    let end = self.session(socket, &registered).await;
+                    if registered.load(Ordering::Relaxed) || started.elapsed() >= STABLE_CONNECTION {
+                        backoff.reset();
+                    }
+                    match end {
+                        SessionEnd::Shutdown => return,
+                        SessionEnd::Silent => format!(
+                            "no sign of life from the dashboard for {}s",
+                            self.config.ping_timeout.as_secs()
+                        ),
+                        SessionEnd::ClosedByPeer(why) => format!("dashboard closed the connection ({why})"),
+                        SessionEnd::TooBig => "dashboard sent a frame over 1 MiB".to_owned(),
+                        SessionEnd::Broken(why) => why,
+                    }
+                }
+            };
+            let delay = backoff.next_delay();
+            warn!(url = %self.config.url, error = %error, "reconnecting in {:.1}s", delay.as_secs_f64());
+            self.links.link_state.send_replace(LinkState::Reconnecting {
+                delay,
+                error: error.clone(),
+            });
+            let mut shutdown = self.links.shutdown.clone();
+            let wait = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    () = shutdown_requested(&mut shutdown) => true,
+                }
+            };
+            if answering_probes(wait, &mut self.links.probes).await {
+                return;
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Socket, ConnectError> {
+        let request = self.request().map_err(ConnectError::Failed)?;
+        let connector = if self.config.url.starts_with("wss://") {
+            if self.tls.is_none() {
+                self.tls = Some(
+                    crate::tls::client_config(self.config.ca_file.as_deref())
+                        .map_err(ConnectError::Failed)?,
+                );
+            }
+            Connector::Rustls(self.tls.clone().expect("set above"))
+        } else {
+            Connector::Plain
+        };
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_INBOUND_FRAME))
+            .max_frame_size(Some(MAX_INBOUND_FRAME));
+        let connect_timeout = self.config.ping_timeout;
+        let attempt = tokio::time::timeout(
+            connect_timeout,
+            tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, Some(connector)),
+        );
+        let mut shutdown = self.links.shutdown.clone();
+        let attempt = async {
+            tokio::select! {
+                result = attempt => Some(result),
+                () = shutdown_requested(&mut shutdown) => None,
+            }
+        };
+        match answering_probes(attempt, &mut self.links.probes).await {
+            None => Err(ConnectError::Shutdown),
+            Some(Err(_elapsed)) => Err(ConnectError::Failed(format!(
+                "connecting timed out after {}s",
+                connect_timeout.as_secs()
+            ))),
+            Some(Ok(Err(error))) => Err(ConnectError::Failed(describe_connect_error(&error))),
+            Some(Ok(Ok((socket, _response)))) => {
+                info!(url = %self.config.url, "connected");
+                Ok(socket)
+            }
+        }
+    }
+
+    fn request(&self) -> Result<tungstenite::handshake::client::Request, String> {
+        let mut request = self
+            .config
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("bad dashboard url: {e}"))?;
+        let mut bearer = HeaderValue::try_from(format!("Bearer {}", self.config.token.expose_secret()))
+            .map_err(|_| "the token contains characters not allowed in an HTTP header".to_owned())?;
+        // Keeps the value out of any Debug output of the request.
+        bearer.set_sensitive(true);
+        let headers = request.headers_mut();
+        headers.insert(header::AUTHORIZATION, bearer);
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("nixfleet-agent/", env!("CARGO_PKG_VERSION"))),
+        );
+        Ok(request)
+    }
+
+    async fn session(&mut self, socket: Socket, registered: &AtomicBool) -> SessionEnd {
+        let (mut sink, mut stream) = socket.split();
+        let epoch = Instant::now();
+        let last_heard_ms = AtomicU64::new(0);
+        self.links.link_state.send_replace(LinkState::Connected);
+
+        let end = {
+            let Links {
+                inbound,
+                replies,
+                outbox,
+                command_state,
+                probes,
+                shutdown,
+                ..
+            } = &mut self.links;
+            let reader = read_frames(&mut stream, epoch, &last_heard_ms, registered, inbound);
+            let outgoing = Outgoing {
+                replies,
+                outbox,
+                command_state,
+                probes,
+                shutdown,
+            };
+            let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
+            let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
+            tokio::select! {
+                end = reader => end,
+                end = writer => end,
+                end = silence => end,
+            }
+        };
+
+        match &end {
+            SessionEnd::Shutdown => {
+                info!("closing the connection for shutdown");
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "shutdown".into(),
+                }));
+                let closing = async {
+                    if sink.send(close).await.is_ok() {
+                        // Wait for the dashboard's close frame (or the end).
+                        while let Some(Ok(message)) = stream.next().await {
+                            if matches!(message, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                };
+                if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
+                    warn!("the dashboard did not answer the close frame within 5s");
+                }
+            }
+            SessionEnd::TooBig => {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Size,
+                    reason: "frame too large".into(),
+                }));
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+            }
+            SessionEnd::ClosedByPeer(_) => {
+                // Completes the closing handshake tungstenite has queued.
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            }
+            SessionEnd::Silent | SessionEnd::Broken(_) => {}
+        }
+        end
+    }
+}
+
+enum ConnectError {
+    Shutdown,
+    Failed(String),
+}
+
+fn describe_connect_error(error: &tungstenite::Error) -> String {
+    match error {
+        tungstenite::Error::Http(response) => {
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                error!(status = status.as_u16(), "authentication failed: the dashboard rejected the token");
+                format!("authentication failed (HTTP {})", status.as_u16())
+            } else {
+                format!("the dashboard refused the upgrade (HTTP {})", status.as_u16())
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+async fn read_frames(
+    stream: &mut futures_util::stream::SplitStream<Socket>,
+    epoch: Instant,
+    last_heard_ms: &AtomicU64,
+    registered: &AtomicBool,
+    inbound: &mpsc::Sender<Inbound>,
+) -> SessionEnd {
+    while let Some(message) = stream.next().await {
+        last_heard_ms.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let text = match message {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(data)) => {
+                debug!(bytes = data.len(), "ignoring a binary frame");
+                continue;
+            }
+            Ok(Message::Close(frame)) => {
+                let why = match frame {
+                    Some(f) => format!("code {}{}", u16::from(f.code), reason_suffix(&f.reason)),
+                    None => "no close code".to_owned(),
+                };
+                return SessionEnd::ClosedByPeer(why);
+            }
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            Err(tungstenite::Error::Capacity(error)) => {
+                warn!(error = %error, "refusing an oversized frame from the dashboard");
+                return SessionEnd::TooBig;
+            }
+            Err(error) => return SessionEnd::Broken(error.to_string()),
+        };
+        match protocol::decode(&text) {
+            Ok(Inbound::Registered { host_id }) => {
+                info!(host_id = %host_id, "registered with the dashboard");
+                registered.store(true, Ordering::Relaxed);
+            }
+            Ok(Inbound::Unknown { kind }) => debug!(kind = %kind, "ignoring a message of unknown type"),
+            Ok(message) => {
+                if inbound.send(message).await.is_err() {
+                    // The core is gone: the agent is shutting down.
+                    return SessionEnd::Shutdown;
+                }
+            }
+            Err(error) => warn!(error = %error, bytes = text.len(), "ignoring a bad message"),
+        }
+    }
+    SessionEnd::Broken("connection closed".to_owned())
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        let reason: String = reason.chars().take(100).collect();
+        format!(": {reason}")
+    }
+}
+
+async fn detect_silence(epoch: Instant, last_heard_ms: &AtomicU64, timeout: Duration) -> SessionEnd {
+    loop {
+        let last_heard = epoch + Duration::from_millis(last_heard_ms.load(Ordering::Relaxed));
+        let deadline = last_heard + timeout;
+        if Instant::now() >= deadline {
+            return SessionEnd::Silent;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// What the writer draws from, borrowed from [`Links`] for one session.
+struct Outgoing<'a> {
+    replies: &'a mut mpsc::Receiver<String>,
+    outbox: &'a Outbox,
+    command_state: &'a watch::Receiver<CommandState>,
+    probes: &'a mut mpsc::Receiver<Probe>,
+    shutdown: &'a mut watch::Receiver<bool>,
+}
+
+async fn write_frames(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    config: &Config,
+    reporter: &mut Reporter,
+    links: Outgoing<'_>,
+) -> SessionEnd {
+    let register = Outbound::Register(&reporter.register()).to_json();
+    if let Err(error) = sink.send(Message::text(register)).await {
+        return SessionEnd::Broken(error.to_string());
+    }
+    // The first tick is immediate: the first heartbeat follows `register`.
+    let mut beat = tokio::time::interval(config.interval);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ping = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut batch: Vec<Item> = Vec::new();
+    let outbox = links.outbox;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown_requested(links.shutdown) => return SessionEnd::Shutdown,
+            _ = beat.tick() => {
+                let heartbeat = reporter.heartbeat(&links.command_state.borrow());
+                let frame = Outbound::Heartbeat(&heartbeat).to_json();
+                if let Err(error) = sink.send(Message::text(frame)).await {
+                    return SessionEnd::Broken(error.to_string());
+                }
+            }
+            Some(reply) = links.replies.recv() => {
+                if let Err(error) = sink.send(Message::text(reply)).await {
+                    return SessionEnd::Broken(error.to_string());
+                }
+            }
+            Some(probe) = links.probes.recv() => probe.answer(),
+            _ = ping.tick() => {
+                if let Err(error) = sink.send(Message::Ping(Default::default())).await {
+                    return SessionEnd::Broken(error.to_string());
+                }
+            }
+            _ = outbox.wait_ready() => {
+                outbox.take_batch(OUTPUT_BATCH_BYTES, &mut batch);
+                if let Err(error) = send_batch(sink, &mut batch, outbox).await {
+                    return SessionEnd::Broken(error);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch with one flush. On failure, what may not have arrived is
+/// handed back to the outbox (see [`Outbox::requeue_undelivered`]).
+async fn send_batch(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    batch: &mut Vec<Item>,
+    outbox: &Outbox,
+) -> Result<(), String> {
+    let mut unconfirmed: Vec<Item> = Vec::new();
+    let mut failure = None;
+    for item in batch.drain(..) {
+        if failure.is_some() {
+            unconfirmed.push(item);
+            continue;
+        }
+        // Reliable frames are kept until the flush succeeds; lines are not
+        // (they would only be counted as lost).
+        let keep = if item.droppable {
+            Item {
+                frame: String::new(),
+                droppable: true,
+            }
+        } else {
+            item.clone()
+        };
+        match sink.feed(Message::text(item.frame)).await {
+            Ok(()) => unconfirmed.push(keep),
+            Err(error) => {
+                failure = Some(error.to_string());
+                unconfirmed.push(keep);
+            }
+        }
+    }
+    if failure.is_none() {
+        match sink.flush().await {
+            Ok(()) => return Ok(()),
+            Err(error) => failure = Some(error.to_string()),
+        }
+    }
+    outbox.requeue_undelivered(unconfirmed);
+    Err(failure.unwrap_or_default())
+}
+
+/// Exponential reconnect delay: 1 s, 2 s, 4 s … up to the cap, ±10 %.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: FIRST_BACKOFF.min(max),
+            max,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(self.max);
+        base.mul_f64(rand::random_range(0.9..=1.1))
+    }
+
+    pub fn reset(&mut self) {
+        self.next = FIRST_BACKOFF.min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_bounded_jitter_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(10));
+        let expected = [1.0, 2.0, 4.0, 8.0, 10.0, 10.0];
+        for base in expected {
+            let d = backoff.next_delay().as_secs_f64();
+            assert!(d >= base * 0.9 - 1e-9 && d <= base * 1.1 + 1e-9, "{d} vs {base}");
+        }
+        backoff.reset();
+        let d = backoff.next_delay().as_secs_f64();
+        assert!((0.9..=1.1).contains(&d));
+    }
+}

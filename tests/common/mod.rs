@@ -1,0 +1,614 @@
+//! Test fixtures shared by the integration tests: an in-test dashboard that
+//! records every frame with its arrival time, a TCP proxy that can freeze,
+//! and the real agent binary started as a process.
+//!
+//! Waiting is always on events (a `Notify` fired per recorded frame), with a
+//! deadline; never a sleep standing in for synchronisation.
+
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+pub const TOKEN: &str = "test-T0KEN-do-not-leak-7f3a";
+
+/// What the in-test dashboard saw.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    /// An upgrade attempt and whether it was accepted.
+    Upgrade { conn: u64, accepted: bool, at: Instant },
+    /// A text frame: `kind` is the message type ("" if none), `json` the
+    /// parsed frame (Null if not JSON).
+    Frame { conn: u64, at: Instant, kind: String, payload: Value, raw_len: usize },
+    Close { conn: u64, at: Instant, code: Option<u16>, reason: String },
+    /// The TCP connection ended (after a close frame or not).
+    Gone { conn: u64, at: Instant },
+}
+
+impl Seen {
+    pub fn conn(&self) -> u64 {
+        match self {
+            Seen::Upgrade { conn, .. } | Seen::Frame { conn, .. } | Seen::Close { conn, .. } | Seen::Gone { conn, .. } => {
+                *conn
+            }
+        }
+    }
+    pub fn at(&self) -> Instant {
+        match self {
+            Seen::Upgrade { at, .. } | Seen::Frame { at, .. } | Seen::Close { at, .. } | Seen::Gone { at, .. } => *at,
+        }
+    }
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            Seen::Frame { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+    pub fn payload(&self) -> &Value {
+        match self {
+            Seen::Frame { payload, .. } => payload,
+            _ => &Value::Null,
+        }
+    }
+}
+
+enum Control {
+    Send(Message),
+    Close(u16, String),
+}
+
+#[derive(Default)]
+struct Shared {
+    log: Vec<Seen>,
+    connections: HashMap<u64, mpsc::UnboundedSender<Control>>,
+    next_conn: u64,
+}
+
+/// A dashboard inside the test process.
+pub struct Dashboard {
+    pub addr: SocketAddr,
+    shared: Arc<Mutex<Shared>>,
+    changed: Arc<Notify>,
+    acceptor: Option<JoinHandle<()>>,
+    /// Answer every upgrade with this status instead of accepting.
+    reject_with: Arc<Mutex<Option<u16>>>,
+    /// When set, the dashboard does not read frames (simulates a stalled
+    /// reader) until cleared.
+    read_gate: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Dashboard {
+    pub async fn start() -> Dashboard {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_listener(listener)
+    }
+
+    fn with_listener(listener: TcpListener) -> Dashboard {
+        let addr = listener.local_addr().unwrap();
+        let (gate, _) = tokio::sync::watch::channel(true);
+        let mut dashboard = Dashboard {
+            addr,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            changed: Arc::new(Notify::new()),
+            acceptor: None,
+            reject_with: Arc::new(Mutex::new(None)),
+            read_gate: Arc::new(gate),
+        };
+        dashboard.acceptor = Some(dashboard.spawn_acceptor(listener));
+        dashboard
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Answer upgrades with an HTTP error status from now on (None: accept).
+    pub fn reject_upgrades(&self, status: Option<u16>) {
+        *self.reject_with.lock().unwrap() = status;
+    }
+
+    /// Stop (false) or resume (true) reading from agents.
+    pub fn set_reading(&self, reading: bool) {
+        self.read_gate.send_replace(reading);
+    }
+
+    fn spawn_acceptor(&self, listener: TcpListener) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        let changed = self.changed.clone();
+        let reject_with = self.reject_with.clone();
+        let gate = self.read_gate.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let conn = {
+                    let mut s = shared.lock().unwrap();
+                    s.next_conn += 1;
+                    s.next_conn
+                };
+                tokio::spawn(serve(
+                    stream,
+                    conn,
+                    shared.clone(),
+                    changed.clone(),
+                    *reject_with.lock().unwrap(),
+                    gate.subscribe(),
+                ));
+            }
+        })
+    }
+
+    /// Kills the dashboard: the listener and every connection vanish at
+    /// once (like SIGKILL: the kernel closes the sockets).
+    pub fn kill(&mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.abort();
+        }
+        let mut s = self.shared.lock().unwrap();
+        s.connections.clear();
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+            }
+        };
+        self.acceptor = Some(self.spawn_acceptor(listener));
+    }
+
+    pub fn log(&self) -> Vec<Seen> {
+        self.shared.lock().unwrap().log.clone()
+    }
+
+    /// Frames of one type, in arrival order.
+    pub fn frames(&self, kind: &str) -> Vec<Seen> {
+        self.log().into_iter().filter(|s| s.kind() == Some(kind)).collect()
+    }
+
+    /// Waits until `check` finds what it looks for in the log.
+    pub async fn wait_for<T>(&self, timeout: Duration, what: &str, mut check: impl FnMut(&[Seen]) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(found) = check(&self.shared.lock().unwrap().log) {
+                return found;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let log = self.shared.lock().unwrap().log.clone();
+                let tail: Vec<String> = log.iter().rev().take(15).rev().map(|s| format!("{s:?}")).collect();
+                panic!("timed out after {timeout:?} waiting for {what}; last events:\n{}", tail.join("\n"));
+            }
+        }
+    }
+
+    /// Waits for the `n`-th (1-based) frame of a type and returns it.
+    pub async fn wait_frame(&self, kind: &str, n: usize, timeout: Duration) -> Seen {
+        self.wait_for(timeout, &format!("{kind} frame #{n}"), |log| {
+            log.iter().filter(|s| s.kind() == Some(kind)).nth(n - 1).cloned()
+        })
+        .await
+    }
+
+    /// Waits for a frame of a type matching `pred`.
+    pub async fn wait_frame_where(&self, kind: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Seen {
+        self.wait_for(timeout, &format!("{kind} frame matching"), |log| {
+            log.iter().find(|s| s.kind() == Some(kind) && pred(s.payload())).cloned()
+        })
+        .await
+    }
+
+    /// The newest live connection.
+    pub fn current_conn(&self) -> Option<u64> {
+        self.shared.lock().unwrap().connections.keys().max().copied()
+    }
+
+    pub fn send_raw(&self, conn: u64, message: Message) {
+        let s = self.shared.lock().unwrap();
+        if let Some(tx) = s.connections.get(&conn) {
+            let _ = tx.send(Control::Send(message));
+        }
+    }
+
+    pub fn send_json(&self, conn: u64, value: Value) {
+        self.send_raw(conn, Message::text(value.to_string()));
+    }
+
+    pub fn command(&self, conn: u64, name: &str) {
+        self.send_json(conn, serde_json::json!({"type": "command", "payload": {"command": name}}));
+    }
+
+    pub fn close(&self, conn: u64, code: u16, reason: &str) {
+        let s = self.shared.lock().unwrap();
+        if let Some(tx) = s.connections.get(&conn) {
+            let _ = tx.send(Control::Close(code, reason.to_owned()));
+        }
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn record(shared: &Mutex<Shared>, changed: &Notify, seen: Seen) {
+    shared.lock().unwrap().log.push(seen);
+    changed.notify_waiters();
+}
+
+async fn serve(
+    stream: TcpStream,
+    conn: u64,
+    shared: Arc<Mutex<Shared>>,
+    changed: Arc<Notify>,
+    reject_with: Option<u16>,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+) {
+    let authorised = Arc::new(Mutex::new(false));
+    let auth = authorised.clone();
+    let callback = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let ok = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {TOKEN}"));
+        let status = match reject_with {
+            Some(code) => Some(StatusCode::from_u16(code).unwrap()),
+            None if !ok => Some(StatusCode::UNAUTHORIZED),
+            None => None,
+        };
+        if let Some(status) = status {
+            let mut error = ErrorResponse::new(Some("no".into()));
+            *error.status_mut() = status;
+            return Err(error);
+        }
+        *auth.lock().unwrap() = true;
+        Ok(response)
+    };
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(4 << 20))
+        .max_frame_size(Some(4 << 20));
+    let accepted = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
+    let ok = *authorised.lock().unwrap();
+    record(&shared, &changed, Seen::Upgrade { conn, accepted: ok && accepted.is_ok(), at: Instant::now() });
+    let Ok(ws) = accepted else { return };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    shared.lock().unwrap().connections.insert(conn, tx);
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        // A stalled dashboard stops reading but still sends what it is
+        // asked to.
+        let reading = *gate.borrow();
+        tokio::select! {
+            control = rx.recv() => match control {
+                Some(Control::Send(message)) => { let _ = sink.send(message).await; }
+                Some(Control::Close(code, reason)) => {
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))).await;
+                }
+                // Killed: drop the socket without a close frame.
+                None => break,
+            },
+            _ = gate.changed() => {}
+            message = stream.next(), if reading => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let kind = parsed["type"].as_str().unwrap_or("").to_owned();
+                    let payload = parsed.get("payload").cloned().unwrap_or(Value::Null);
+                    record(&shared, &changed, Seen::Frame { conn, at: Instant::now(), kind, payload, raw_len: text.len() });
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
+                    record(&shared, &changed, Seen::Close { conn, at: Instant::now(), code, reason });
+                    // Answer the close handshake, then the stream ends.
+                    let _ = sink.flush().await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+        }
+    }
+    shared.lock().unwrap().connections.remove(&conn);
+    record(&shared, &changed, Seen::Gone { conn, at: Instant::now() });
+}
+
+/// A TCP proxy in front of a dashboard that can be frozen: it then keeps
+/// both connections open but passes no byte in either direction, like a
+/// network that silently went away.
+pub struct FreezableProxy {
+    pub addr: SocketAddr,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+    task: JoinHandle<()>,
+    /// When each client connection arrived.
+    accepts: Arc<Mutex<Vec<Instant>>>,
+    accepted: Arc<Notify>,
+}
+
+impl FreezableProxy {
+    pub async fn start(upstream: SocketAddr) -> FreezableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let frozen = Arc::new(frozen);
+        let f = frozen.clone();
+        let accepts = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(Notify::new());
+        let (a, n) = (accepts.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                a.lock().unwrap().push(Instant::now());
+                n.notify_waiters();
+                let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, f.subscribe()));
+                tokio::spawn(pipe(sr, cw, f.subscribe()));
+            }
+        });
+        FreezableProxy { addr, frozen, task, accepts, accepted }
+    }
+
+    /// Waits until `n` client connections have arrived; returns when the
+    /// n-th did.
+    pub async fn wait_accepts(&self, n: usize, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.accepted.notified();
+            if let Some(at) = self.accepts.lock().unwrap().get(n - 1) {
+                return *at;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("proxy saw fewer than {n} connections within {timeout:?}");
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // Frozen: hold both ends open and pass nothing.
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if frozen.wait_for(|f| !*f).await.is_err() {
+                        return;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() { return }
+                }
+            },
+            _ = frozen.changed() => {}
+        }
+    }
+}
+
+/// Options for starting the agent.
+#[derive(Clone)]
+pub struct AgentOptions {
+    pub url: String,
+    pub interval: u64,
+    pub ping_interval: u64,
+    pub ping_timeout: u64,
+    pub backoff_max: u64,
+    pub stop_grace: u64,
+    pub metrics: &'static str,
+    pub hostname: String,
+    /// Extra `key = value` TOML lines.
+    pub extra_toml: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Put the token in the environment instead of a token file.
+    pub token_in_env: bool,
+}
+
+impl AgentOptions {
+    pub fn new(url: String) -> Self {
+        AgentOptions {
+            url,
+            interval: 1,
+            ping_interval: 1,
+            ping_timeout: 3,
+            backoff_max: 2,
+            stop_grace: 1,
+            metrics: "none",
+            hostname: "test-host".into(),
+            extra_toml: Vec::new(),
+            env: Vec::new(),
+            token_in_env: false,
+        }
+    }
+}
+
+/// The real agent binary, running. Killed when dropped.
+pub struct Agent {
+    pub child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    pub repo_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Agent {
+    /// A working directory with a config and an (empty) stand-in directory
+    /// put first on PATH; the agent is started by [`Agent::spawn`].
+    pub fn prepare(options: &AgentOptions) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin_dir = dir.path().join("bin");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        std::fs::create_dir_all(dir.path().join("repo")).unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        set_mode(&dir.path().join("token"), 0o600);
+        let _ = options;
+        (dir, bin_dir)
+    }
+
+    pub async fn start(options: AgentOptions) -> Agent {
+        let (dir, _) = Agent::prepare(&options);
+        Agent::spawn(dir, options).await
+    }
+
+    pub async fn spawn(dir: tempfile::TempDir, options: AgentOptions) -> Agent {
+        let repo_dir = dir.path().join("repo");
+        let state_dir = dir.path().join("state");
+        let bin_dir = dir.path().join("bin");
+        let mut toml = format!(
+            "url = {url:?}\nrepo_dir = {repo:?}\nstate_dir = {state:?}\nhostname = {host:?}\n\
+             interval = {i}\nping_interval = {pi}\nping_timeout = {pt}\nbackoff_max = {bm}\n\
+             stop_grace = {sg}\nmetrics = {m:?}\nlog_level = \"debug\"\n",
+            url = options.url,
+            repo = repo_dir.display().to_string(),
+            state = state_dir.display().to_string(),
+            host = options.hostname,
+            i = options.interval,
+            pi = options.ping_interval,
+            pt = options.ping_timeout,
+            bm = options.backoff_max,
+            sg = options.stop_grace,
+            m = options.metrics,
+        );
+        if !options.token_in_env {
+            toml.push_str(&format!("token_file = {:?}\n", dir.path().join("token").display().to_string()));
+        }
+        for line in &options.extra_toml {
+            toml.push_str(line);
+            toml.push('\n');
+        }
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, toml).unwrap();
+        let stderr_path = dir.path().join("agent.stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .env_clear()
+            .env("PATH", path)
+            .env("HOME", dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        if options.token_in_env {
+            command.env("NIXFLEET_TOKEN", TOKEN);
+        }
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("agent binary starts");
+        Agent { child, dir, repo_dir, state_dir, bin_dir, stderr_path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("agent is running")
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        let signal = rustix::process::Signal::from_named_raw(signal).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Waits for exit (with a deadline) and returns the exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.unwrap().code(),
+            Err(_) => panic!("agent did not exit within {timeout:?}; stderr:\n{}", self.stderr()),
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Resident set size in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    pub fn hwm_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Writes an executable stand-in script.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    set_mode(&path, 0o755);
+    path
+}
+
+/// Gaps between consecutive heartbeats of one connection.
+pub fn heartbeat_gaps(log: &[Seen], conn: u64) -> Vec<Duration> {
+    let beats: Vec<Instant> = log
+        .iter()
+        .filter(|s| s.conn() == conn && s.kind() == Some("heartbeat"))
+        .map(Seen::at)
+        .collect();
+    beats.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+pub const SECOND: Duration = Duration::from_secs(1);
