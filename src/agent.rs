@@ -66,8 +66,10 @@ pub async fn run(config: Config) -> ExitCode {
 
 async fn forward_signals(shutdown: watch::Sender<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot listen for SIGTERM/SIGINT");
         return;
     };
@@ -116,7 +118,11 @@ impl Core {
         if let Some(running) = &self.running {
             // Deliberately left running: a switch must not be cut short
             // because the agent restarts (the unit uses KillMode=process).
-            info!(command = running.kind.name(), pid = running.pid, "leaving the running command to finish on its own");
+            info!(
+                command = running.kind.name(),
+                pid = running.pid,
+                "leaving the running command to finish on its own"
+            );
         }
     }
 
@@ -132,7 +138,11 @@ impl Core {
                 match &self.running {
                     Some(running) if pid != 0 && Some(pid) != running.pid => {
                         // Never signal a pid that is not our command's.
-                        warn!(pid, current = running.pid, "kill_command for a pid that is not the running command; ignored");
+                        warn!(
+                            pid,
+                            current = running.pid,
+                            "kill_command for a pid that is not the running command; ignored"
+                        );
                         self.reject(format!("pid {pid} is not the running command"));
                     }
                     _ => self.stop(request),
@@ -173,7 +183,12 @@ impl Core {
     fn stop(&mut self, request: StopRequest) {
         match &self.running {
             Some(running) => {
-                info!(command = running.kind.name(), pid = running.pid, ?request, "stop requested");
+                info!(
+                    command = running.kind.name(),
+                    pid = running.pid,
+                    ?request,
+                    "stop requested"
+                );
                 running.stop.send_replace(Some(request));
             }
             None => self.reject("no command running".to_owned()),
@@ -198,7 +213,8 @@ impl Core {
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         // Every output line of the command is already queued: the status
         // goes after them.
-        self.outbox.push_reliable(Outbound::Status(&status).to_json());
+        self.outbox
+            .push_reliable(Outbound::Status(&status).to_json());
     }
 
     /// The command's task ended without a status (it can only have

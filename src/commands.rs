@@ -77,7 +77,10 @@ impl CommandKind {
     /// Whether success may have changed the running system (and so the
     /// agent's own unit or binary).
     pub fn activates(self) -> bool {
-        matches!(self, CommandKind::Switch | CommandKind::PullSwitch | CommandKind::Rollback)
+        matches!(
+            self,
+            CommandKind::Switch | CommandKind::PullSwitch | CommandKind::Rollback
+        )
     }
 }
 
@@ -94,7 +97,9 @@ pub enum StopRequest {
 #[derive(Debug)]
 pub enum Progress {
     /// A process of the command started (pull-switch and test run several).
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Finished(Status),
 }
 
@@ -207,22 +212,43 @@ impl Job<'_> {
         let config = self.runner.config.clone();
         let repo = config.repo_dir.as_path();
         let Some(url) = config.repo_url.as_deref() else {
-            return self.git_step("git pull", repo, &["pull", "--ff-only"]).await;
+            return self
+                .git_step("git pull", repo, &["pull", "--ff-only"])
+                .await;
         };
         if !repo.join(".git").exists() {
-            if repo.exists() && std::fs::read_dir(repo).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if repo.exists()
+                && std::fs::read_dir(repo)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
                 return (
                     Outcome::Error,
-                    format!("repo_dir {} exists and is not a git repository", repo.display()),
+                    format!(
+                        "repo_dir {} exists and is not a git repository",
+                        repo.display()
+                    ),
                     1,
                 );
             }
             let parent = repo.parent().unwrap_or(Path::new("/"));
             if let Err(e) = std::fs::create_dir_all(parent) {
-                return (Outcome::Error, format!("cannot create {}: {e}", parent.display()), 1);
+                return (
+                    Outcome::Error,
+                    format!("cannot create {}: {e}", parent.display()),
+                    1,
+                );
             }
             let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
-            let args = ["clone", "--branch", &config.branch, "--single-branch", "--", url, repo_arg];
+            let args = [
+                "clone",
+                "--branch",
+                &config.branch,
+                "--single-branch",
+                "--",
+                url,
+                repo_arg,
+            ];
             return match self.git_step("git clone", parent, &args).await {
                 (Outcome::Ok, ..) => self.pulled(),
                 failed => failed,
@@ -253,7 +279,11 @@ impl Job<'_> {
             Ended::Exited(status) if status.success() => (Outcome::Ok, String::new(), 0),
             Ended::Exited(status) => {
                 let detail = self.failure_detail(status);
-                (Outcome::Error, format!("{what} failed: {detail}"), exit_code_of(status))
+                (
+                    Outcome::Error,
+                    format!("{what} failed: {detail}"),
+                    exit_code_of(status),
+                )
             }
             ended => self.not_ok(ended),
         }
@@ -261,7 +291,11 @@ impl Job<'_> {
 
     /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`.
     async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
-        let flake = format!("{}#{}", self.config().repo_dir.display(), self.config().hostname);
+        let flake = format!(
+            "{}#{}",
+            self.config().repo_dir.display(),
+            self.config().hostname
+        );
         let mut args = op.to_vec();
         args.extend(["--flake", &flake]);
         self.rebuild_plain(&args).await
@@ -292,7 +326,11 @@ impl Job<'_> {
         let mut passed = 0;
         for (index, script) in scripts.iter().enumerate() {
             let current = index as u32 + 1;
-            let name = script.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = script
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let script_arg = script.to_string_lossy().into_owned();
             let ended = self.run_process(&script_arg, &[], &cwd).await;
             let ok = matches!(&ended, Ended::Exited(status) if status.success());
@@ -346,19 +384,31 @@ impl Job<'_> {
     /// `rollback` works before the first pull).
     fn working_dir(&self) -> PathBuf {
         let repo = &self.config().repo_dir;
-        if repo.is_dir() { repo.clone() } else { PathBuf::from("/") }
+        if repo.is_dir() {
+            repo.clone()
+        } else {
+            PathBuf::from("/")
+        }
     }
 
     fn not_ok(&self, ended: Ended) -> StepOutcome {
         match ended {
-            Ended::Stopped(status) => (Outcome::Error, "Stopped by user".to_owned(), exit_code_of(status)),
+            Ended::Stopped(status) => (
+                Outcome::Error,
+                "Stopped by user".to_owned(),
+                exit_code_of(status),
+            ),
             Ended::NotStarted(why) => (Outcome::Error, why, 127),
             Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
         }
     }
 
     fn failure_detail(&self, status: ExitStatus) -> String {
-        let last = self.output.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self
+            .output
+            .last_stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if last.is_empty() {
             describe_exit(status)
         } else {
@@ -372,7 +422,11 @@ impl Job<'_> {
         if self.stop.borrow().is_some() {
             return Ended::NotStarted("Stopped by user".to_owned());
         }
-        self.output.last_stderr.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.output
+            .last_stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.output
             .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
         let mut command = tokio::process::Command::new(program);
@@ -539,7 +593,10 @@ async fn supervise(
             break;
         }
         if tokio::time::Instant::now() >= deadline && signal != rustix::process::Signal::KILL {
-            warn!(pid, "the command did not stop within the grace period; killing it");
+            warn!(
+                pid,
+                "the command did not stop within the grace period; killing it"
+            );
             signal = rustix::process::Signal::KILL;
             let _ = rustix::process::kill_process_group(group, signal);
         }
@@ -658,7 +715,10 @@ pub fn child_environment(
             env.push((key.into(), value.into()));
         }
     };
-    set_default("PATH", "/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin");
+    set_default(
+        "PATH",
+        "/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin",
+    );
     set_default("HOME", "/root");
     set_default("LANG", "C.UTF-8");
     env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
@@ -739,7 +799,9 @@ impl Drop for CommandLog {
 /// Keeps the newest `keep` logs. Names start with a UTC timestamp, so name
 /// order is age order.
 fn prune_logs(dir: &Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut logs: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -763,7 +825,14 @@ mod tests {
         for name in ["pull", "switch", "pull-switch", "boot", "rollback", "test"] {
             assert_eq!(CommandKind::parse(name).map(CommandKind::name), Some(name));
         }
-        for name in ["stop", "", "switch ", "SWITCH", "rm -rf /", "switch; reboot"] {
+        for name in [
+            "stop",
+            "",
+            "switch ",
+            "SWITCH",
+            "rm -rf /",
+            "switch; reboot",
+        ] {
             assert_eq!(CommandKind::parse(name), None, "{name:?}");
         }
     }
@@ -789,7 +858,11 @@ mod tests {
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         let env = child_environment(agent_env.into_iter(), Some(Path::new("/keys/it's")));
-        let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.to_str().unwrap());
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.to_str().unwrap())
+        };
         assert_eq!(get("PATH"), Some("/bin"));
         assert_eq!(get("LANG"), Some("de_DE.UTF-8"));
         assert_eq!(get("HOME"), Some("/root"));
@@ -799,7 +872,9 @@ mod tests {
         assert_eq!(get("RANDOM_THING"), None);
         assert_eq!(
             get("GIT_SSH_COMMAND"),
-            Some(r"ssh -i '/keys/it'\''s' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new")
+            Some(
+                r"ssh -i '/keys/it'\''s' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new"
+            )
         );
     }
 
@@ -837,6 +912,13 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["20260104T000000Z-pull.log", "20260105T000000Z-pull.log", "20260106T000000Z-pull.log"]);
+        assert_eq!(
+            left,
+            [
+                "20260104T000000Z-pull.log",
+                "20260105T000000Z-pull.log",
+                "20260106T000000Z-pull.log"
+            ]
+        );
     }
 }

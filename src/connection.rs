@@ -111,7 +111,8 @@ impl Connection {
                     let started = Instant::now();
                     let registered = AtomicBool::new(false);
                     let end = self.session(socket, &registered).await;
-                    if registered.load(Ordering::Relaxed) || started.elapsed() >= STABLE_CONNECTION {
+                    if registered.load(Ordering::Relaxed) || started.elapsed() >= STABLE_CONNECTION
+                    {
                         backoff.reset();
                     }
                     match end {
@@ -120,7 +121,9 @@ impl Connection {
                             "no sign of life from the dashboard for {}s",
                             self.config.ping_timeout.as_secs()
                         ),
-                        SessionEnd::ClosedByPeer(why) => format!("dashboard closed the connection ({why})"),
+                        SessionEnd::ClosedByPeer(why) => {
+                            format!("dashboard closed the connection ({why})")
+                        }
                         SessionEnd::TooBig => "dashboard sent a frame over 1 MiB".to_owned(),
                         SessionEnd::Broken(why) => why,
                     }
@@ -164,7 +167,12 @@ impl Connection {
         let connect_timeout = self.config.ping_timeout;
         let attempt = tokio::time::timeout(
             connect_timeout,
-            tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, Some(connector)),
+            tokio_tungstenite::connect_async_tls_with_config(
+                request,
+                Some(ws_config),
+                true,
+                Some(connector),
+            ),
         );
         let mut shutdown = self.links.shutdown.clone();
         let attempt = async {
@@ -194,8 +202,11 @@ impl Connection {
             .as_str()
             .into_client_request()
             .map_err(|e| format!("bad dashboard url: {e}"))?;
-        let mut bearer = HeaderValue::try_from(format!("Bearer {}", self.config.token.expose_secret()))
-            .map_err(|_| "the token contains characters not allowed in an HTTP header".to_owned())?;
+        let mut bearer =
+            HeaderValue::try_from(format!("Bearer {}", self.config.token.expose_secret()))
+                .map_err(|_| {
+                    "the token contains characters not allowed in an HTTP header".to_owned()
+                })?;
         // Keeps the value out of any Debug output of the request.
         bearer.set_sensitive(true);
         let headers = request.headers_mut();
@@ -288,10 +299,16 @@ fn describe_connect_error(error: &tungstenite::Error) -> String {
         tungstenite::Error::Http(response) => {
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                error!(status = status.as_u16(), "authentication failed: the dashboard rejected the token");
+                error!(
+                    status = status.as_u16(),
+                    "authentication failed: the dashboard rejected the token"
+                );
                 format!("authentication failed (HTTP {})", status.as_u16())
             } else {
-                format!("the dashboard refused the upgrade (HTTP {})", status.as_u16())
+                format!(
+                    "the dashboard refused the upgrade (HTTP {})",
+                    status.as_u16()
+                )
             }
         }
         other => other.to_string(),
@@ -332,7 +349,9 @@ async fn read_frames(
                 info!(host_id = %host_id, "registered with the dashboard");
                 registered.store(true, Ordering::Relaxed);
             }
-            Ok(Inbound::Unknown { kind }) => debug!(kind = %kind, "ignoring a message of unknown type"),
+            Ok(Inbound::Unknown { kind }) => {
+                debug!(kind = %kind, "ignoring a message of unknown type")
+            }
             Ok(message) => {
                 if inbound.send(message).await.is_err() {
                     // The core is gone: the agent is shutting down.
@@ -354,7 +373,11 @@ fn reason_suffix(reason: &str) -> String {
     }
 }
 
-async fn detect_silence(epoch: Instant, last_heard_ms: &AtomicU64, timeout: Duration) -> SessionEnd {
+async fn detect_silence(
+    epoch: Instant,
+    last_heard_ms: &AtomicU64,
+    timeout: Duration,
+) -> SessionEnd {
     loop {
         let last_heard = epoch + Duration::from_millis(last_heard_ms.load(Ordering::Relaxed));
         let deadline = last_heard + timeout;
@@ -387,7 +410,8 @@ async fn write_frames(
     // The first tick is immediate: the first heartbeat follows `register`.
     let mut beat = tokio::time::interval(config.interval);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut ping = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::new();
     let outbox = links.outbox;
@@ -501,7 +525,10 @@ mod tests {
         let expected = [1.0, 2.0, 4.0, 8.0, 10.0, 10.0];
         for base in expected {
             let d = backoff.next_delay().as_secs_f64();
-            assert!(d >= base * 0.9 - 1e-9 && d <= base * 1.1 + 1e-9, "{d} vs {base}");
+            assert!(
+                d >= base * 0.9 - 1e-9 && d <= base * 1.1 + 1e-9,
+                "{d} vs {base}"
+            );
         }
         backoff.reset();
         let d = backoff.next_delay().as_secs_f64();

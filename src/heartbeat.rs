@@ -227,7 +227,11 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
             .output()
             .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -256,9 +260,15 @@ mod tests {
         git(&repo, &["init", "-q", "-b", "main"]);
         git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
         let wt = dir.path().join("wt");
-        git(&repo, &["worktree", "add", "-q", "-b", "other", wt.to_str().unwrap()]);
+        git(
+            &repo,
+            &["worktree", "add", "-q", "-b", "other", wt.to_str().unwrap()],
+        );
         git(&wt, &["commit", "-q", "--allow-empty", "-m", "two"]);
-        assert_eq!(generation(&wt), git(&wt, &["rev-parse", "--short=7", "HEAD"]));
+        assert_eq!(
+            generation(&wt),
+            git(&wt, &["rev-parse", "--short=7", "HEAD"])
+        );
     }
 
     #[test]
@@ -275,7 +285,9 @@ mod tests {
     #[test]
     fn store_path_and_host_facts() {
         assert_eq!(
-            store_path_of(Path::new("/nix/store/abc-nixfleet-agent-0.1.0/bin/nixfleet-agent")),
+            store_path_of(Path::new(
+                "/nix/store/abc-nixfleet-agent-0.1.0/bin/nixfleet-agent"
+            )),
             Some("/nix/store/abc-nixfleet-agent-0.1.0".into())
         );
         assert_eq!(store_path_of(Path::new("/usr/bin/nixfleet-agent")), None);

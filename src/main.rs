@@ -16,9 +16,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     nixfleet_agent::logging::init(&config.log_level);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     // One thread is plenty for one socket and a few pipes, and keeps the
     // agent's footprint small on every host.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("nixfleet-agent: cannot start the async runtime: {error}");

@@ -38,8 +38,9 @@ impl Sampler {
             MetricsMode::None => None,
             MetricsMode::Stasysmo => read_stasysmo(&self.stasysmo_dir, SystemTime::now()),
             MetricsMode::Proc => self.sample_proc(),
-            MetricsMode::Auto => read_stasysmo(&self.stasysmo_dir, SystemTime::now())
-                .or_else(|| self.sample_proc()),
+            MetricsMode::Auto => {
+                read_stasysmo(&self.stasysmo_dir, SystemTime::now()).or_else(|| self.sample_proc())
+            }
         }
     }
 
@@ -147,18 +148,34 @@ mod tests {
     #[test]
     fn stasysmo_values_are_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        write_all(dir.path(), [("cpu", "12.5\n"), ("ram", "40.25"), ("swap", "0"), ("load", "1.75")]);
+        write_all(
+            dir.path(),
+            [
+                ("cpu", "12.5\n"),
+                ("ram", "40.25"),
+                ("swap", "0"),
+                ("load", "1.75"),
+            ],
+        );
         let mut sampler = Sampler::new(MetricsMode::Stasysmo, dir.path().into());
         assert_eq!(
             sampler.sample(),
-            Some(Metrics { cpu: 12.5, ram: 40.25, swap: 0.0, load: 1.75 })
+            Some(Metrics {
+                cpu: 12.5,
+                ram: 40.25,
+                swap: 0.0,
+                load: 1.75
+            })
         );
     }
 
     #[test]
     fn stale_or_missing_or_garbage_stasysmo_files_count_as_absent() {
         let dir = tempfile::tempdir().unwrap();
-        write_all(dir.path(), [("cpu", "1"), ("ram", "2"), ("swap", "3"), ("load", "4")]);
+        write_all(
+            dir.path(),
+            [("cpu", "1"), ("ram", "2"), ("swap", "3"), ("load", "4")],
+        );
         let later = SystemTime::now() + STASYSMO_MAX_AGE + Duration::from_secs(5);
         assert_eq!(read_stasysmo(dir.path(), later), None);
         std::fs::write(dir.path().join("load"), "NaN").unwrap();
@@ -190,8 +207,14 @@ mod tests {
 
     #[test]
     fn cpu_percent_uses_the_delta() {
-        let a = CpuTimes { busy: 100, total: 1000 };
-        let b = CpuTimes { busy: 150, total: 1100 };
+        let a = CpuTimes {
+            busy: 100,
+            total: 1000,
+        };
+        let b = CpuTimes {
+            busy: 150,
+            total: 1100,
+        };
         assert_eq!(cpu_percent(Some(a), b), 50.0);
         assert_eq!(cpu_percent(Some(b), b), 0.0);
         assert_eq!(cpu_percent(None, a), 10.0);

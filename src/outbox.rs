@@ -12,7 +12,7 @@
 //! Heartbeats, `register` and rejections do not go through here: the
 //! connection sends those itself, ahead of anything queued.
 
-use crate::protocol::{OutputLine, Outbound, Stream};
+use crate::protocol::{Outbound, OutputLine, Stream};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -199,8 +199,12 @@ impl Queue {
             return;
         }
         let text = format!("[nixfleet] {} lines dropped", self.dropped);
-        let frame =
-            Outbound::Output(OutputLine::new(&self.dropped_command, Stream::Stderr, &text)).to_json();
+        let frame = Outbound::Output(OutputLine::new(
+            &self.dropped_command,
+            Stream::Stderr,
+            &text,
+        ))
+        .to_json();
         self.items.push_back(Item {
             frame,
             droppable: false,
@@ -258,7 +262,10 @@ mod tests {
         outbox.push_line("pull", Stream::Stderr, "b");
         outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
         let batch = drain(&outbox);
-        assert_eq!(lines_of(&batch), ["a", "[nixfleet] 1 lines dropped", "<status>"]);
+        assert_eq!(
+            lines_of(&batch),
+            ["a", "[nixfleet] 1 lines dropped", "<status>"]
+        );
         assert!(!batch[1].droppable && !batch[2].droppable);
     }
 
@@ -299,7 +306,7 @@ mod tests {
         outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
         let mut batch = Vec::new();
         outbox.take_batch(usize::MAX, &mut batch);
-        let undelivered: Vec<Item> = batch.drain(..).collect();
+        let undelivered: Vec<Item> = std::mem::take(&mut batch);
         outbox.requeue_undelivered(undelivered);
         outbox.push_line("test", Stream::Stdout, "after");
         assert_eq!(

@@ -141,11 +141,20 @@ pub struct TestProgress {
 /// Dashboard → agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    Registered { host_id: String },
-    Command { command: String },
-    KillCommand { signal: KillSignal, pid: u32 },
+    Registered {
+        host_id: String,
+    },
+    Command {
+        command: String,
+    },
+    KillCommand {
+        signal: KillSignal,
+        pid: u32,
+    },
     /// A type this agent does not know; logged at debug and ignored.
-    Unknown { kind: String },
+    Unknown {
+        kind: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -280,7 +289,8 @@ mod tests {
 
     #[test]
     fn output_line_has_the_envelope_and_is_error_follows_the_stream() {
-        let frame = Outbound::Output(OutputLine::new("switch", Stream::Stderr, "boom \"x\"")).to_json();
+        let frame =
+            Outbound::Output(OutputLine::new("switch", Stream::Stderr, "boom \"x\"")).to_json();
         assert_eq!(
             parse(&frame),
             json!({"type": "output", "payload": {
@@ -356,19 +366,28 @@ mod tests {
     fn decodes_the_three_known_messages() {
         assert_eq!(
             decode(r#"{"type":"registered","payload":{"host_id":"h-1"}}"#),
-            Ok(Inbound::Registered { host_id: "h-1".into() })
+            Ok(Inbound::Registered {
+                host_id: "h-1".into()
+            })
         );
         assert_eq!(
             decode(r#"{"type":"registered","payload":{"host_id":7}}"#),
-            Ok(Inbound::Registered { host_id: "7".into() })
+            Ok(Inbound::Registered {
+                host_id: "7".into()
+            })
         );
         assert_eq!(
             decode(r#"{"type":"command","payload":{"command":"switch"}}"#),
-            Ok(Inbound::Command { command: "switch".into() })
+            Ok(Inbound::Command {
+                command: "switch".into()
+            })
         );
         assert_eq!(
             decode(r#"{"type":"kill_command","payload":{"signal":"SIGKILL","pid":0}}"#),
-            Ok(Inbound::KillCommand { signal: KillSignal::Kill, pid: 0 })
+            Ok(Inbound::KillCommand {
+                signal: KillSignal::Kill,
+                pid: 0
+            })
         );
         assert_eq!(
             decode(r#"{"type":"registered"}"#),
@@ -380,15 +399,23 @@ mod tests {
     fn unknown_types_are_not_errors() {
         assert_eq!(
             decode(r#"{"type":"future_thing","payload":[1,2,3]}"#),
-            Ok(Inbound::Unknown { kind: "future_thing".into() })
+            Ok(Inbound::Unknown {
+                kind: "future_thing".into()
+            })
         );
     }
 
     #[test]
     fn bad_frames_are_errors_that_name_the_type() {
         assert!(matches!(decode("not json"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode(r#"{"payload":{}}"#), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode(r#"{"type":5}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(r#"{"payload":{}}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(r#"{"type":5}"#),
+            Err(DecodeError::Malformed(_))
+        ));
         assert!(matches!(decode("[]"), Err(DecodeError::Malformed(_))));
         match decode(r#"{"type":"command","payload":{"command":42}}"#) {
             Err(DecodeError::BadPayload { kind, .. }) => assert_eq!(kind, "command"),

@@ -34,7 +34,10 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         }
     }
     if roots.is_empty() {
-        return Err("no trusted CA certificates: the system trust store is empty and no ca_file is set".into());
+        return Err(
+            "no trusted CA certificates: the system trust store is empty and no ca_file is set"
+                .into(),
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)

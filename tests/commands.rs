@@ -9,7 +9,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Starts an agent whose PATH holds a stand-in `nixos-rebuild` with `body`.
-async fn agent_with_rebuild(dashboard: &Dashboard, body: &str, tweak: impl FnOnce(&mut AgentOptions)) -> (Agent, u64) {
+async fn agent_with_rebuild(
+    dashboard: &Dashboard,
+    body: &str,
+    tweak: impl FnOnce(&mut AgentOptions),
+) -> (Agent, u64) {
     let mut options = AgentOptions::new(dashboard.url());
     tweak(&mut options);
     let (dir, bin) = Agent::prepare(&options);
@@ -20,7 +24,11 @@ async fn agent_with_rebuild(dashboard: &Dashboard, body: &str, tweak: impl FnOnc
 }
 
 fn statuses(dashboard: &Dashboard) -> Vec<Value> {
-    dashboard.frames("status").iter().map(|s| s.payload().clone()).collect()
+    dashboard
+        .frames("status")
+        .iter()
+        .map(|s| s.payload().clone())
+        .collect()
 }
 
 fn output_lines(dashboard: &Dashboard) -> Vec<(String, String, bool)> {
@@ -47,13 +55,22 @@ fn dropped_notice(line: &str) -> Option<u64> {
 }
 
 fn read_pid(path: &Path) -> u32 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn alive(pid: u32) -> bool {
     // A zombie is dead for our purposes: it runs nothing.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -61,8 +78,12 @@ fn alive(pid: u32) -> bool {
 #[tokio::test]
 async fn heartbeats_carry_the_command_while_it_runs_and_null_after() {
     let dashboard = Dashboard::start().await;
-    let (agent, conn) =
-        agent_with_rebuild(&dashboard, "echo $$ > \"$HOME/pid\"\necho building\nsleep 5\necho done", |_| {}).await;
+    let (agent, conn) = agent_with_rebuild(
+        &dashboard,
+        "echo $$ > \"$HOME/pid\"\necho building\nsleep 5\necho done",
+        |_| {},
+    )
+    .await;
     dashboard.command(conn, "switch");
     let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
     assert_eq!(status.payload()["status"], "ok");
@@ -73,16 +94,28 @@ async fn heartbeats_carry_the_command_while_it_runs_and_null_after() {
         .iter()
         .filter(|s| s.kind() == Some("heartbeat") && s.payload()["pending_command"] == "switch")
         .collect();
-    assert!(during.len() >= 4, "a 5 s command at interval 1 spans several beats: {}", during.len());
-    assert!(during.iter().skip(1).all(|s| s.payload()["command_pid"] == pid), "command_pid is the group leader {pid}");
+    assert!(
+        during.len() >= 4,
+        "a 5 s command at interval 1 spans several beats: {}",
+        during.len()
+    );
+    assert!(
+        during
+            .iter()
+            .skip(1)
+            .all(|s| s.payload()["command_pid"] == pid),
+        "command_pid is the group leader {pid}"
+    );
     let gaps: Vec<Duration> = during.windows(2).map(|w| w[1].at() - w[0].at()).collect();
-    assert!(gaps.iter().all(|g| *g <= Duration::from_millis(1500)), "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_millis(1500)),
+        "{gaps:?}"
+    );
 
     let after = dashboard
         .wait_for(5 * SECOND, "heartbeat after the status", |log| {
             log.iter()
-                .filter(|s| s.kind() == Some("heartbeat") && s.at() > status.at())
-                .nth(0)
+                .find(|s| s.kind() == Some("heartbeat") && s.at() > status.at())
                 .cloned()
         })
         .await;
@@ -93,7 +126,12 @@ async fn heartbeats_carry_the_command_while_it_runs_and_null_after() {
 #[tokio::test]
 async fn a_second_command_is_rejected_and_the_first_is_untouched() {
     let dashboard = Dashboard::start().await;
-    let (agent, conn) = agent_with_rebuild(&dashboard, "echo $$ > \"$HOME/pid\"\nsleep 2\necho finished", |_| {}).await;
+    let (agent, conn) = agent_with_rebuild(
+        &dashboard,
+        "echo $$ > \"$HOME/pid\"\nsleep 2\necho finished",
+        |_| {},
+    )
+    .await;
     dashboard.command(conn, "switch");
     let pid_file = agent.dir.path().join("pid");
     dashboard
@@ -120,8 +158,16 @@ async fn a_second_command_is_rejected_and_the_first_is_untouched() {
     }
     assert_eq!(rejected[3]["reason"], "unknown command: bogus");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
-    assert_eq!(status.payload()["status"], "ok", "the running command was not disturbed");
-    assert!(output_lines(&dashboard).iter().any(|(l, ..)| l == "finished"));
+    assert_eq!(
+        status.payload()["status"],
+        "ok",
+        "the running command was not disturbed"
+    );
+    assert!(
+        output_lines(&dashboard)
+            .iter()
+            .any(|(l, ..)| l == "finished")
+    );
     assert_eq!(statuses(&dashboard).len(), 1);
 }
 
@@ -130,10 +176,17 @@ async fn stop_when_idle_is_rejected() {
     let dashboard = Dashboard::start().await;
     let (_agent, conn) = agent_with_rebuild(&dashboard, "true", |_| {}).await;
     dashboard.command(conn, "stop");
-    let r = dashboard.wait_frame("command_rejected", 1, 5 * SECOND).await;
+    let r = dashboard
+        .wait_frame("command_rejected", 1, 5 * SECOND)
+        .await;
     assert_eq!(r.payload()["reason"], "no command running");
-    dashboard.send_json(conn, json!({"type": "kill_command", "payload": {"signal": "SIGTERM", "pid": 0}}));
-    let r = dashboard.wait_frame("command_rejected", 2, 5 * SECOND).await;
+    dashboard.send_json(
+        conn,
+        json!({"type": "kill_command", "payload": {"signal": "SIGTERM", "pid": 0}}),
+    );
+    let r = dashboard
+        .wait_frame("command_rejected", 2, 5 * SECOND)
+        .await;
     assert_eq!(r.payload()["reason"], "no command running");
 }
 
@@ -155,30 +208,54 @@ done"#;
     let log = dashboard.log();
     let outputs: Vec<&Seen> = log.iter().filter(|s| s.kind() == Some("output")).collect();
     assert_eq!(outputs.len(), 40);
-    assert!(outputs.iter().all(|s| s.at() <= status.at()), "every line before the status");
+    assert!(
+        outputs.iter().all(|s| s.at() <= status.at()),
+        "every line before the status"
+    );
     for stream in ["stdout", "stderr"] {
         let prefix = if stream == "stdout" { "out" } else { "err" };
-        let lines: Vec<&Seen> = outputs.iter().copied().filter(|s| s.payload()["stream"] == stream).collect();
+        let lines: Vec<&Seen> = outputs
+            .iter()
+            .copied()
+            .filter(|s| s.payload()["stream"] == stream)
+            .collect();
         assert_eq!(lines.len(), 20);
         for (i, s) in lines.iter().enumerate() {
             let p = s.payload();
             assert_eq!(p["command"], "switch");
             assert_eq!(p["is_error"], stream == "stderr");
             let line = p["line"].as_str().unwrap();
-            assert!(line.starts_with(&format!("{prefix} {i} ")), "order within {stream}: {line}");
+            assert!(
+                line.starts_with(&format!("{prefix} {i} ")),
+                "order within {stream}: {line}"
+            );
         }
     }
     // Latency: the in-test dashboard stamps arrival; compare wall clocks.
     // (Arrival Instants map to wall time through the status arrival.)
-    let status_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+    let status_wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
         - (tokio::time::Instant::now() - status.at()).as_nanos() as i128;
     let mut worst = 0i128;
     for s in &outputs {
-        let written: i128 = s.payload()["line"].as_str().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        let written: i128 = s.payload()["line"]
+            .as_str()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let arrived = status_wall - (status.at() - s.at()).as_nanos() as i128;
         worst = worst.max(arrived - written);
     }
-    assert!(worst < 100_000_000, "a line took {} ms to arrive", worst / 1_000_000);
+    assert!(
+        worst < 100_000_000,
+        "a line took {} ms to arrive",
+        worst / 1_000_000
+    );
 
     // The full output is in the command's log under state_dir/logs.
     let logs: Vec<_> = std::fs::read_dir(agent.state_dir.join("logs"))
@@ -187,10 +264,16 @@ done"#;
         .collect();
     assert_eq!(logs.len(), 1, "{logs:?}");
     let name = logs[0].file_name().unwrap().to_str().unwrap().to_owned();
-    assert!(name.ends_with("-switch.log") && name.starts_with("20"), "{name}");
+    assert!(
+        name.ends_with("-switch.log") && name.starts_with("20"),
+        "{name}"
+    );
     let text = std::fs::read_to_string(&logs[0]).unwrap();
     for i in 0..20 {
-        assert!(text.contains(&format!("out {i} ")) && text.contains(&format!("err {i} ")), "{text}");
+        assert!(
+            text.contains(&format!("out {i} ")) && text.contains(&format!("err {i} ")),
+            "{text}"
+        );
     }
 }
 
@@ -205,7 +288,9 @@ echo started
 wait"#;
     let (agent, conn) = agent_with_rebuild(&dashboard, body, |_| {}).await;
     dashboard.command(conn, "switch");
-    dashboard.wait_frame_where("output", 10 * SECOND, |p| p["line"] == "started").await;
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "started")
+        .await;
     let grandchild = read_pid(&agent.dir.path().join("grandchild"));
     assert!(alive(grandchild));
     dashboard.command(conn, "stop");
@@ -213,7 +298,10 @@ wait"#;
     assert_eq!(status.payload()["status"], "error");
     assert_eq!(status.payload()["message"], "Stopped by user");
     assert_eq!(status.payload()["command"], "switch");
-    assert!(!alive(grandchild), "grandchild {grandchild} survived the stop");
+    assert!(
+        !alive(grandchild),
+        "grandchild {grandchild} survived the stop"
+    );
 }
 
 #[tokio::test]
@@ -226,13 +314,18 @@ echo stubborn
 while true; do sleep 0.1; done"#;
     let (agent, conn) = agent_with_rebuild(&dashboard, body, |o| o.stop_grace = 1).await;
     dashboard.command(conn, "switch");
-    dashboard.wait_frame_where("output", 10 * SECOND, |p| p["line"] == "stubborn").await;
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "stubborn")
+        .await;
     let pid = read_pid(&agent.dir.path().join("pid"));
     let asked = tokio::time::Instant::now();
     dashboard.command(conn, "stop");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     let took = status.at() - asked;
-    assert!(took >= Duration::from_millis(900), "SIGKILL only after the grace period: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "SIGKILL only after the grace period: {took:?}"
+    );
     assert!(took <= Duration::from_secs(4), "{took:?}");
     assert_eq!(status.payload()["message"], "Stopped by user");
     assert_eq!(status.payload()["exit_code"], 128 + 9);
@@ -245,13 +338,23 @@ async fn kill_command_with_sigkill_stops_at_once() {
     let body = "trap '' TERM\necho $$ > \"$HOME/pid\"\necho up\nwhile true; do sleep 0.1; done";
     let (agent, conn) = agent_with_rebuild(&dashboard, body, |o| o.stop_grace = 30).await;
     dashboard.command(conn, "switch");
-    dashboard.wait_frame_where("output", 10 * SECOND, |p| p["line"] == "up").await;
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "up")
+        .await;
     let pid = read_pid(&agent.dir.path().join("pid"));
     // A pid that is not the command's is refused, and nothing is signalled.
-    dashboard.send_json(conn, json!({"type": "kill_command", "payload": {"signal": "SIGKILL", "pid": 1}}));
-    dashboard.wait_frame("command_rejected", 1, 5 * SECOND).await;
+    dashboard.send_json(
+        conn,
+        json!({"type": "kill_command", "payload": {"signal": "SIGKILL", "pid": 1}}),
+    );
+    dashboard
+        .wait_frame("command_rejected", 1, 5 * SECOND)
+        .await;
     assert!(alive(pid));
-    dashboard.send_json(conn, json!({"type": "kill_command", "payload": {"signal": "SIGKILL", "pid": pid}}));
+    dashboard.send_json(
+        conn,
+        json!({"type": "kill_command", "payload": {"signal": "SIGKILL", "pid": pid}}),
+    );
     let status = dashboard.wait_frame("status", 1, 5 * SECOND).await;
     assert_eq!(status.payload()["message"], "Stopped by user");
     assert!(!alive(pid));
@@ -260,7 +363,8 @@ async fn kill_command_with_sigkill_stops_at_once() {
 #[tokio::test]
 async fn failure_carries_the_exit_code() {
     let dashboard = Dashboard::start().await;
-    let (_agent, conn) = agent_with_rebuild(&dashboard, "echo 'error: broken' >&2\nexit 3", |_| {}).await;
+    let (_agent, conn) =
+        agent_with_rebuild(&dashboard, "echo 'error: broken' >&2\nexit 3", |_| {}).await;
     dashboard.command(conn, "boot");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     let p = status.payload();
@@ -273,7 +377,8 @@ async fn failure_carries_the_exit_code() {
 #[tokio::test]
 async fn switch_boot_and_rollback_run_nixos_rebuild_with_the_right_argv_and_cwd() {
     let dashboard = Dashboard::start().await;
-    let body = "printf '%s\\n' \"$@\" >> \"$HOME/argv\"\necho --- >> \"$HOME/argv\"\npwd >> \"$HOME/cwd\"";
+    let body =
+        "printf '%s\\n' \"$@\" >> \"$HOME/argv\"\necho --- >> \"$HOME/argv\"\npwd >> \"$HOME/cwd\"";
     let (agent, conn) = agent_with_rebuild(&dashboard, body, |_| {}).await;
     for (i, name) in ["switch", "boot", "rollback"].iter().enumerate() {
         dashboard.command(conn, name);
@@ -282,7 +387,11 @@ async fn switch_boot_and_rollback_run_nixos_rebuild_with_the_right_argv_and_cwd(
     }
     let repo = agent.repo_dir.display().to_string();
     let argv = std::fs::read_to_string(agent.dir.path().join("argv")).unwrap();
-    let runs: Vec<Vec<&str>> = argv.split("---\n").filter(|r| !r.is_empty()).map(|r| r.lines().collect()).collect();
+    let runs: Vec<Vec<&str>> = argv
+        .split("---\n")
+        .filter(|r| !r.is_empty())
+        .map(|r| r.lines().collect())
+        .collect();
     let flake = format!("{repo}#test-host");
     assert_eq!(runs[0], ["switch", "--flake", flake.as_str()]);
     assert_eq!(runs[1], ["boot", "--flake", flake.as_str()]);
@@ -302,8 +411,16 @@ printf 'no newline at the end'"#;
     dashboard.command(conn, "switch");
     dashboard.wait_frame("status", 1, 10 * SECOND).await;
     let lines = output_lines(&dashboard);
-    assert_eq!(lines.len(), 3, "{:?}", lines.iter().map(|l| l.0.len()).collect::<Vec<_>>());
-    assert_eq!(lines[0].0, format!("{} …[truncated]", "a".repeat(64 * 1024)));
+    assert_eq!(
+        lines.len(),
+        3,
+        "{:?}",
+        lines.iter().map(|l| l.0.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        lines[0].0,
+        format!("{} …[truncated]", "a".repeat(64 * 1024))
+    );
     assert_eq!(lines[1].0, "bad \u{fffd} byte");
     assert_eq!(lines[2].0, "no newline at the end");
 }
@@ -315,11 +432,20 @@ async fn commands_get_a_clean_environment_without_agent_secrets() {
     options.token_in_env = true;
     options.env.push(("NIXFLEET_URL".into(), dashboard.url()));
     options.env.push(("SOME_RANDOM_VAR".into(), "x".into()));
-    options.extra_toml.push("ssh_key = \"/keys/deploy key\"".into());
+    options
+        .extra_toml
+        .push("ssh_key = \"/keys/deploy key\"".into());
     let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", "env > \"$HOME/env\"\nls -l /proc/self/fd/0 > \"$HOME/stdin\"");
+    script(
+        &bin,
+        "nixos-rebuild",
+        "env > \"$HOME/env\"\nls -l /proc/self/fd/0 > \"$HOME/stdin\"",
+    );
     let agent = Agent::spawn(dir, options).await;
-    let conn = dashboard.wait_frame("register", 1, 10 * SECOND).await.conn();
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
     dashboard.command(conn, "switch");
     dashboard.wait_frame("status", 1, 10 * SECOND).await;
     let env = std::fs::read_to_string(agent.dir.path().join("env")).unwrap();
@@ -347,7 +473,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_COMMITTER_EMAIL", "t@t")
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -364,7 +494,9 @@ async fn pull_in_isolated_mode_clones_then_follows_upstream() {
 
     let dashboard = Dashboard::start().await;
     let mut options = AgentOptions::new(dashboard.url());
-    options.extra_toml.push(format!("repo_url = {:?}", work.display().to_string()));
+    options
+        .extra_toml
+        .push(format!("repo_url = {:?}", work.display().to_string()));
     options.extra_toml.push("branch = \"main\"".into());
     let (dir, _) = Agent::prepare(&options);
     // The repo dir does not exist yet: the agent clones it.
@@ -389,7 +521,9 @@ async fn pull_in_isolated_mode_clones_then_follows_upstream() {
     assert_eq!(status.payload()["generation"], second.as_str());
     assert!(!agent.repo_dir.join("junk").exists(), "git clean -fd ran");
     dashboard
-        .wait_frame_where("heartbeat", 5 * SECOND, |p| p["generation"] == second.as_str())
+        .wait_frame_where("heartbeat", 5 * SECOND, |p| {
+            p["generation"] == second.as_str()
+        })
         .await;
 }
 
@@ -397,17 +531,28 @@ async fn pull_in_isolated_mode_clones_then_follows_upstream() {
 async fn pull_failure_names_the_git_step() {
     let dashboard = Dashboard::start().await;
     let mut options = AgentOptions::new(dashboard.url());
-    options.extra_toml.push("repo_url = \"/nonexistent/upstream\"".into());
+    options
+        .extra_toml
+        .push("repo_url = \"/nonexistent/upstream\"".into());
     let (dir, _) = Agent::prepare(&options);
     std::fs::remove_dir(dir.path().join("repo")).unwrap();
     let _agent = Agent::spawn(dir, options).await;
-    let conn = dashboard.wait_frame("register", 1, 10 * SECOND).await.conn();
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
     dashboard.command(conn, "pull-switch");
     let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
     let p = status.payload();
     assert_eq!(p["status"], "error");
     assert_eq!(p["command"], "pull-switch");
-    assert!(p["message"].as_str().unwrap().starts_with("git clone failed: "), "{p}");
+    assert!(
+        p["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("git clone failed: "),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -422,7 +567,11 @@ async fn test_command_reports_progress_and_the_result() {
     std::fs::write(tests.join("T04-not-executable.sh"), "exit 1").unwrap();
     dashboard.command(conn, "test");
     let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
-    let progress: Vec<Value> = dashboard.frames("test_progress").iter().map(|s| s.payload().clone()).collect();
+    let progress: Vec<Value> = dashboard
+        .frames("test_progress")
+        .iter()
+        .map(|s| s.payload().clone())
+        .collect();
     assert_eq!(progress.len(), 3);
     for (i, p) in progress.iter().enumerate() {
         assert_eq!(p["current"], i + 1);
@@ -437,10 +586,17 @@ async fn test_command_reports_progress_and_the_result() {
     assert_eq!(status.payload()["status"], "error");
     assert_eq!(status.payload()["message"], "2/3 passed");
     let lines = output_lines(&dashboard);
-    let streamed: Vec<(&str, &str, bool)> = lines.iter().map(|(l, s, e)| (l.as_str(), s.as_str(), *e)).collect();
+    let streamed: Vec<(&str, &str, bool)> = lines
+        .iter()
+        .map(|(l, s, e)| (l.as_str(), s.as_str(), *e))
+        .collect();
     assert_eq!(
         streamed,
-        [("one", "stdout", false), ("two", "stderr", true), ("three", "stdout", false)],
+        [
+            ("one", "stdout", false),
+            ("two", "stderr", true),
+            ("three", "stdout", false)
+        ],
         "test scripts' output is streamed too"
     );
 }
@@ -464,7 +620,9 @@ async fn the_status_is_delivered_once_after_a_reconnect_mid_command() {
     let body = "echo before\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done\necho after";
     let (agent, conn) = agent_with_rebuild(&dashboard, body, |_| {}).await;
     dashboard.command(conn, "switch");
-    dashboard.wait_frame_where("output", 10 * SECOND, |p| p["line"] == "before").await;
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "before")
+        .await;
     // The dashboard drops the agent twice while the command runs.
     dashboard.close(conn, 1011, "restarting");
     let second = dashboard.wait_frame("register", 2, 10 * SECOND).await;
@@ -474,7 +632,9 @@ async fn the_status_is_delivered_once_after_a_reconnect_mid_command() {
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     assert_eq!(status.conn(), third.conn());
     assert_eq!(status.payload()["status"], "ok");
-    let after = dashboard.wait_frame_where("output", 5 * SECOND, |p| p["line"] == "after").await;
+    let after = dashboard
+        .wait_frame_where("output", 5 * SECOND, |p| p["line"] == "after")
+        .await;
     assert!(after.at() <= status.at());
     // Quiet for a few beats: still exactly one status.
     let n = dashboard.frames("heartbeat").len();
@@ -495,15 +655,29 @@ awk 'BEGIN { for (i = 0; i < 300000; i++) printf "line %06d of the flood, padded
     let log = dashboard.log();
     let gaps = heartbeat_gaps(&log, conn);
     let worst = gaps.iter().max().copied().unwrap_or_default();
-    assert!(worst <= Duration::from_millis(1500), "heartbeat gap {worst:?} during the flood");
+    assert!(
+        worst <= Duration::from_millis(1500),
+        "heartbeat gap {worst:?} during the flood"
+    );
     let (mut delivered, mut dropped) = (0u64, 0u64);
-    for line in log.iter().filter(|s| s.kind() == Some("output")).filter_map(|s| s.payload()["line"].as_str()) {
+    for line in log
+        .iter()
+        .filter(|s| s.kind() == Some("output"))
+        .filter_map(|s| s.payload()["line"].as_str())
+    {
         match dropped_notice(line) {
             Some(n) => dropped += n,
             None => delivered += 1,
         }
     }
-    assert_eq!(delivered + dropped, 300_000, "every line delivered or accounted for ({dropped} dropped)");
+    assert_eq!(
+        delivered + dropped,
+        300_000,
+        "every line delivered or accounted for ({dropped} dropped)"
+    );
     let peak_kib = agent.hwm_kib();
-    assert!(peak_kib < before_kib + 32 * 1024, "peak RSS {peak_kib} KiB (was {before_kib} KiB before)");
+    assert!(
+        peak_kib < before_kib + 32 * 1024,
+        "peak RSS {peak_kib} KiB (was {before_kib} KiB before)"
+    );
 }

@@ -17,7 +17,11 @@ async fn connection_success_registers_then_heartbeats_at_once() {
     let first_heartbeat = dashboard.wait_frame("heartbeat", 1, 5 * SECOND).await;
     let log = dashboard.log();
     let first_frame = log.iter().find(|s| s.kind().is_some()).unwrap();
-    assert_eq!(first_frame.kind(), Some("register"), "register must be the first message");
+    assert_eq!(
+        first_frame.kind(),
+        Some("register"),
+        "register must be the first message"
+    );
     assert!(
         first_heartbeat.at() - register.at() < Duration::from_millis(500),
         "first heartbeat right after register, not after an interval"
@@ -48,10 +52,19 @@ async fn heartbeats_are_regular() {
     let sixth = dashboard.wait_frame("heartbeat", 6, 10 * SECOND).await;
     let span = sixth.at() - first.at();
     // Five intervals of 1 s: at least five beats within about five seconds.
-    assert!(span >= Duration::from_millis(4800), "beats too fast: {span:?}");
-    assert!(span <= Duration::from_millis(5500), "beats too slow: {span:?}");
+    assert!(
+        span >= Duration::from_millis(4800),
+        "beats too fast: {span:?}"
+    );
+    assert!(
+        span <= Duration::from_millis(5500),
+        "beats too slow: {span:?}"
+    );
     let gaps = heartbeat_gaps(&dashboard.log(), first.conn());
-    assert!(gaps.iter().all(|g| *g <= Duration::from_millis(1300)), "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_millis(1300)),
+        "{gaps:?}"
+    );
 }
 
 #[tokio::test]
@@ -72,12 +85,22 @@ async fn invalid_token_is_an_auth_failure_retried_with_backoff() {
         })
         .await;
     // 1 s, 2 s, 4 s apart, each ±10 % (plus a little for process start-up).
-    for (gap, expected) in attempts.windows(2).map(|w| w[1] - w[0]).zip([1.0, 2.0, 4.0]) {
+    for (gap, expected) in attempts
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .zip([1.0, 2.0, 4.0])
+    {
         let gap = gap.as_secs_f64();
-        assert!(gap >= expected * 0.9 - 0.05 && gap <= expected * 1.1 + 0.25, "gap {gap} vs {expected}");
+        assert!(
+            gap >= expected * 0.9 - 0.05 && gap <= expected * 1.1 + 0.25,
+            "gap {gap} vs {expected}"
+        );
     }
     let stderr = agent.stderr();
-    assert!(stderr.contains("401"), "auth failure logged with its status:\n{stderr}");
+    assert!(
+        stderr.contains("401"),
+        "auth failure logged with its status:\n{stderr}"
+    );
     assert!(stderr.contains("authentication failed"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "the token must never be logged");
     assert!(dashboard.frames("register").is_empty());
@@ -102,13 +125,20 @@ async fn reconnects_after_the_dashboard_restarts_and_registers_again() {
                 .cloned()
         })
         .await;
-    assert!(beat.at() - second.at() < Duration::from_millis(500), "immediate heartbeat after re-register");
+    assert!(
+        beat.at() - second.at() < Duration::from_millis(500),
+        "immediate heartbeat after re-register"
+    );
     let on_new_conn: Vec<_> = dashboard
         .log()
         .into_iter()
         .filter(|s| s.conn() == second.conn() && s.kind().is_some())
         .collect();
-    assert_eq!(on_new_conn[0].kind(), Some("register"), "register first on the new connection");
+    assert_eq!(
+        on_new_conn[0].kind(),
+        Some("register"),
+        "register first on the new connection"
+    );
 }
 
 #[tokio::test]
@@ -122,14 +152,25 @@ async fn malformed_unknown_and_binary_frames_do_not_drop_the_connection() {
     dashboard.send_raw(conn, Message::text("{\"payload\": {}}"));
     dashboard.send_raw(conn, Message::text("[1,2,3]"));
     dashboard.send_json(conn, json!({"type": "command", "payload": {"command": 42}}));
-    dashboard.send_json(conn, json!({"type": "kill_command", "payload": {"signal": "SIGHUP"}}));
-    dashboard.send_json(conn, json!({"type": "from_the_future", "payload": {"x": 1}}));
+    dashboard.send_json(
+        conn,
+        json!({"type": "kill_command", "payload": {"signal": "SIGHUP"}}),
+    );
+    dashboard.send_json(
+        conn,
+        json!({"type": "from_the_future", "payload": {"x": 1}}),
+    );
     dashboard.send_raw(conn, Message::binary(vec![0u8, 159, 146, 150]));
     // Still processing: a later, valid message gets its answer.
     dashboard.command(conn, "no-such-command");
-    let rejected = dashboard.wait_frame("command_rejected", 1, 5 * SECOND).await;
+    let rejected = dashboard
+        .wait_frame("command_rejected", 1, 5 * SECOND)
+        .await;
     assert_eq!(rejected.conn(), conn, "same connection");
-    assert_eq!(rejected.payload()["reason"], "unknown command: no-such-command");
+    assert_eq!(
+        rejected.payload()["reason"],
+        "unknown command: no-such-command"
+    );
     assert_eq!(rejected.payload()["current_command"], "");
     assert_eq!(rejected.payload()["current_pid"], 0);
     // And heartbeats keep coming on it.
@@ -145,11 +186,16 @@ async fn oversized_frames_are_refused_with_1009_then_reconnect() {
     let dashboard = Dashboard::start().await;
     let _agent = Agent::start(AgentOptions::new(dashboard.url())).await;
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
-    let huge = format!("{{\"type\":\"x\",\"payload\":\"{}\"}}", "a".repeat(1024 * 1024 + 10));
+    let huge = format!(
+        "{{\"type\":\"x\",\"payload\":\"{}\"}}",
+        "a".repeat(1024 * 1024 + 10)
+    );
     dashboard.send_raw(register.conn(), Message::text(huge));
     let close = dashboard
         .wait_for(5 * SECOND, "close frame", |log| {
-            log.iter().find(|s| matches!(s, Seen::Close { .. })).cloned()
+            log.iter()
+                .find(|s| matches!(s, Seen::Close { .. }))
+                .cloned()
         })
         .await;
     match close {
@@ -167,7 +213,9 @@ async fn sigterm_closes_with_1000_shutdown_and_exits_zero() {
     agent.signal(15);
     let close = dashboard
         .wait_for(5 * SECOND, "close frame", |log| {
-            log.iter().find(|s| matches!(s, Seen::Close { .. })).cloned()
+            log.iter()
+                .find(|s| matches!(s, Seen::Close { .. }))
+                .cloned()
         })
         .await;
     match close {
@@ -213,8 +261,14 @@ async fn a_silent_peer_is_detected_within_ping_timeout_and_the_agent_reconnects(
     // dials again after its first backoff step (1 s ± 10 %).
     let redial = proxy.wait_accepts(2, 10 * SECOND).await;
     let noticed_within = (redial - frozen_at).as_secs_f64() - 1.1;
-    assert!(noticed_within <= 3.0 + 1.0, "dead peer noticed after {noticed_within:.2}s");
-    assert!(redial - frozen_at >= Duration::from_millis(2000), "not before ping_timeout");
+    assert!(
+        noticed_within <= 3.0 + 1.0,
+        "dead peer noticed after {noticed_within:.2}s"
+    );
+    assert!(
+        redial - frozen_at >= Duration::from_millis(2000),
+        "not before ping_timeout"
+    );
     proxy.freeze(false);
     dashboard.wait_frame("register", 2, 10 * SECOND).await;
 }
@@ -234,17 +288,26 @@ async fn closes_with_1008_and_1011_are_treated_as_drops() {
 async fn stasysmo_metrics_are_read_back_exactly() {
     let dashboard = Dashboard::start().await;
     let stasysmo = tempfile::tempdir().unwrap();
-    for (name, value) in [("cpu", "12.5"), ("ram", "63.25"), ("swap", "1.5"), ("load", "0.75")] {
+    for (name, value) in [
+        ("cpu", "12.5"),
+        ("ram", "63.25"),
+        ("swap", "1.5"),
+        ("load", "0.75"),
+    ] {
         std::fs::write(stasysmo.path().join(name), format!("{value}\n")).unwrap();
     }
     let mut options = AgentOptions::new(dashboard.url());
     options.metrics = "stasysmo";
-    options
-        .extra_toml
-        .push(format!("stasysmo_dir = {:?}", stasysmo.path().display().to_string()));
+    options.extra_toml.push(format!(
+        "stasysmo_dir = {:?}",
+        stasysmo.path().display().to_string()
+    ));
     let _agent = Agent::start(options).await;
     let beat = dashboard.wait_frame("heartbeat", 1, 10 * SECOND).await;
-    assert_eq!(beat.payload()["metrics"], json!({"cpu": 12.5, "ram": 63.25, "swap": 1.5, "load": 0.75}));
+    assert_eq!(
+        beat.payload()["metrics"],
+        json!({"cpu": 12.5, "ram": 63.25, "swap": 1.5, "load": 0.75})
+    );
 }
 
 #[tokio::test]
@@ -256,7 +319,9 @@ async fn proc_metrics_are_sane() {
     let beat = dashboard.wait_frame("heartbeat", 2, 10 * SECOND).await;
     let m = &beat.payload()["metrics"];
     for key in ["cpu", "ram", "swap"] {
-        let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {m}"));
+        let v = m[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {m}"));
         assert!((0.0..=100.0).contains(&v), "{key} = {v}");
     }
     assert!(m["load"].as_f64().unwrap() >= 0.0);
@@ -289,6 +354,8 @@ async fn generation_follows_the_repository_head() {
     git(&["commit", "-q", "--allow-empty", "-m", "two"]);
     let second = git(&["rev-parse", "--short=7", "HEAD"]);
     dashboard
-        .wait_frame_where("heartbeat", 5 * SECOND, |p| p["generation"] == second.as_str())
+        .wait_frame_where("heartbeat", 5 * SECOND, |p| {
+            p["generation"] == second.as_str()
+        })
         .await;
 }

@@ -6,6 +6,8 @@
 //! deadline; never a sleep standing in for synchronisation.
 
 #![allow(dead_code)]
+// tungstenite's handshake callback fixes the (large) error type.
+#![allow(clippy::result_large_err)]
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -31,11 +33,26 @@ pub const TOKEN: &str = "test-T0KEN-do-not-leak-7f3a";
 #[derive(Debug, Clone)]
 pub enum Seen {
     /// An upgrade attempt and whether it was accepted.
-    Upgrade { conn: u64, accepted: bool, at: Instant },
+    Upgrade {
+        conn: u64,
+        accepted: bool,
+        at: Instant,
+    },
     /// A text frame: `kind` is the message type ("" if none), `json` the
     /// parsed frame (Null if not JSON).
-    Frame { conn: u64, at: Instant, kind: String, payload: Value, raw_len: usize },
-    Close { conn: u64, at: Instant, code: Option<u16>, reason: String },
+    Frame {
+        conn: u64,
+        at: Instant,
+        kind: String,
+        payload: Value,
+        raw_len: usize,
+    },
+    Close {
+        conn: u64,
+        at: Instant,
+        code: Option<u16>,
+        reason: String,
+    },
     /// The TCP connection ended (after a close frame or not).
     Gone { conn: u64, at: Instant },
 }
@@ -43,14 +60,18 @@ pub enum Seen {
 impl Seen {
     pub fn conn(&self) -> u64 {
         match self {
-            Seen::Upgrade { conn, .. } | Seen::Frame { conn, .. } | Seen::Close { conn, .. } | Seen::Gone { conn, .. } => {
-                *conn
-            }
+            Seen::Upgrade { conn, .. }
+            | Seen::Frame { conn, .. }
+            | Seen::Close { conn, .. }
+            | Seen::Gone { conn, .. } => *conn,
         }
     }
     pub fn at(&self) -> Instant {
         match self {
-            Seen::Upgrade { at, .. } | Seen::Frame { at, .. } | Seen::Close { at, .. } | Seen::Gone { at, .. } => *at,
+            Seen::Upgrade { at, .. }
+            | Seen::Frame { at, .. }
+            | Seen::Close { at, .. }
+            | Seen::Gone { at, .. } => *at,
         }
     }
     pub fn kind(&self) -> Option<&str> {
@@ -134,7 +155,9 @@ impl Dashboard {
         let gate = self.read_gate.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let conn = {
                     let mut s = shared.lock().unwrap();
@@ -185,11 +208,19 @@ impl Dashboard {
 
     /// Frames of one type, in arrival order.
     pub fn frames(&self, kind: &str) -> Vec<Seen> {
-        self.log().into_iter().filter(|s| s.kind() == Some(kind)).collect()
+        self.log()
+            .into_iter()
+            .filter(|s| s.kind() == Some(kind))
+            .collect()
     }
 
     /// Waits until `check` finds what it looks for in the log.
-    pub async fn wait_for<T>(&self, timeout: Duration, what: &str, mut check: impl FnMut(&[Seen]) -> Option<T>) -> T {
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&[Seen]) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -198,8 +229,17 @@ impl Dashboard {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let log = self.shared.lock().unwrap().log.clone();
-                let tail: Vec<String> = log.iter().rev().take(15).rev().map(|s| format!("{s:?}")).collect();
-                panic!("timed out after {timeout:?} waiting for {what}; last events:\n{}", tail.join("\n"));
+                let tail: Vec<String> = log
+                    .iter()
+                    .rev()
+                    .take(15)
+                    .rev()
+                    .map(|s| format!("{s:?}"))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last events:\n{}",
+                    tail.join("\n")
+                );
             }
         }
     }
@@ -207,22 +247,38 @@ impl Dashboard {
     /// Waits for the `n`-th (1-based) frame of a type and returns it.
     pub async fn wait_frame(&self, kind: &str, n: usize, timeout: Duration) -> Seen {
         self.wait_for(timeout, &format!("{kind} frame #{n}"), |log| {
-            log.iter().filter(|s| s.kind() == Some(kind)).nth(n - 1).cloned()
+            log.iter()
+                .filter(|s| s.kind() == Some(kind))
+                .nth(n - 1)
+                .cloned()
         })
         .await
     }
 
     /// Waits for a frame of a type matching `pred`.
-    pub async fn wait_frame_where(&self, kind: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Seen {
+    pub async fn wait_frame_where(
+        &self,
+        kind: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Seen {
         self.wait_for(timeout, &format!("{kind} frame matching"), |log| {
-            log.iter().find(|s| s.kind() == Some(kind) && pred(s.payload())).cloned()
+            log.iter()
+                .find(|s| s.kind() == Some(kind) && pred(s.payload()))
+                .cloned()
         })
         .await
     }
 
     /// The newest live connection.
     pub fn current_conn(&self) -> Option<u64> {
-        self.shared.lock().unwrap().connections.keys().max().copied()
+        self.shared
+            .lock()
+            .unwrap()
+            .connections
+            .keys()
+            .max()
+            .copied()
     }
 
     pub fn send_raw(&self, conn: u64, message: Message) {
@@ -237,7 +293,10 @@ impl Dashboard {
     }
 
     pub fn command(&self, conn: u64, name: &str) {
-        self.send_json(conn, serde_json::json!({"type": "command", "payload": {"command": name}}));
+        self.send_json(
+            conn,
+            serde_json::json!({"type": "command", "payload": {"command": name}}),
+        );
     }
 
     pub fn close(&self, conn: u64, code: u16, reason: &str) {
@@ -269,31 +328,41 @@ async fn serve(
 ) {
     let authorised = Arc::new(Mutex::new(false));
     let auth = authorised.clone();
-    let callback = move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let ok = request
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == format!("Bearer {TOKEN}"));
-        let status = match reject_with {
-            Some(code) => Some(StatusCode::from_u16(code).unwrap()),
-            None if !ok => Some(StatusCode::UNAUTHORIZED),
-            None => None,
+    let callback =
+        move |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+            let ok = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v == format!("Bearer {TOKEN}"));
+            let status = match reject_with {
+                Some(code) => Some(StatusCode::from_u16(code).unwrap()),
+                None if !ok => Some(StatusCode::UNAUTHORIZED),
+                None => None,
+            };
+            if let Some(status) = status {
+                let mut error = ErrorResponse::new(Some("no".into()));
+                *error.status_mut() = status;
+                return Err(error);
+            }
+            *auth.lock().unwrap() = true;
+            Ok(response)
         };
-        if let Some(status) = status {
-            let mut error = ErrorResponse::new(Some("no".into()));
-            *error.status_mut() = status;
-            return Err(error);
-        }
-        *auth.lock().unwrap() = true;
-        Ok(response)
-    };
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(4 << 20))
         .max_frame_size(Some(4 << 20));
-    let accepted = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
+    let accepted =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
     let ok = *authorised.lock().unwrap();
-    record(&shared, &changed, Seen::Upgrade { conn, accepted: ok && accepted.is_ok(), at: Instant::now() });
+    record(
+        &shared,
+        &changed,
+        Seen::Upgrade {
+            conn,
+            accepted: ok && accepted.is_ok(),
+            at: Instant::now(),
+        },
+    );
     let Ok(ws) = accepted else { return };
     let (tx, mut rx) = mpsc::unbounded_channel();
     shared.lock().unwrap().connections.insert(conn, tx);
@@ -331,7 +400,14 @@ async fn serve(
         }
     }
     shared.lock().unwrap().connections.remove(&conn);
-    record(&shared, &changed, Seen::Gone { conn, at: Instant::now() });
+    record(
+        &shared,
+        &changed,
+        Seen::Gone {
+            conn,
+            at: Instant::now(),
+        },
+    );
 }
 
 /// A TCP proxy in front of a dashboard that can be frozen: it then keeps
@@ -358,17 +434,27 @@ impl FreezableProxy {
         let (a, n) = (accepts.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 a.lock().unwrap().push(Instant::now());
                 n.notify_waiters();
-                let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::spawn(pipe(cr, sw, f.subscribe()));
                 tokio::spawn(pipe(sr, cw, f.subscribe()));
             }
         });
-        FreezableProxy { addr, frozen, task, accepts, accepted }
+        FreezableProxy {
+            addr,
+            frozen,
+            task,
+            accepts,
+            accepted,
+        }
     }
 
     /// Waits until `n` client connections have arrived; returns when the
@@ -515,7 +601,10 @@ impl Agent {
             m = options.metrics,
         );
         if !options.token_in_env {
-            toml.push_str(&format!("token_file = {:?}\n", dir.path().join("token").display().to_string()));
+            toml.push_str(&format!(
+                "token_file = {:?}\n",
+                dir.path().join("token").display().to_string()
+            ));
         }
         for line in &options.extra_toml {
             toml.push_str(line);
@@ -525,7 +614,11 @@ impl Agent {
         std::fs::write(&config, toml).unwrap();
         let stderr_path = dir.path().join("agent.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
         command
             .arg("--config")
@@ -544,7 +637,14 @@ impl Agent {
             command.env(k, v);
         }
         let child = command.spawn().expect("agent binary starts");
-        Agent { child, dir, repo_dir, state_dir, bin_dir, stderr_path }
+        Agent {
+            child,
+            dir,
+            repo_dir,
+            state_dir,
+            bin_dir,
+            stderr_path,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -561,7 +661,10 @@ impl Agent {
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => status.unwrap().code(),
-            Err(_) => panic!("agent did not exit within {timeout:?}; stderr:\n{}", self.stderr()),
+            Err(_) => panic!(
+                "agent did not exit within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            ),
         }
     }
 
