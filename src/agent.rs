@@ -12,14 +12,26 @@
 use crate::commands::{CommandKind, Progress, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
+use crate::handover::{CommandRecord, SelfImage, follow_adopted};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
-use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Status};
+use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
 use crate::watchdog::{Probe, probe_channel};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
+
+/// Exit code when the agent restarts itself to become the version a switch
+/// installed (EX_TEMPFAIL): non-zero, so `Restart=on-failure` would restart
+/// it too, and easy to tell apart in the journal.
+pub const EXIT_RESTART: u8 = 75;
+/// How long a restart after a switch waits for the status to reach the
+/// dashboard. If it cannot, the record in `state_dir` lets the next
+/// instance send it.
+const RESTART_DELIVERY_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> ExitCode {
@@ -48,23 +60,45 @@ pub async fn run(config: Config) -> ExitCode {
         },
     );
     let connection = tokio::spawn(connection.run());
-    tokio::spawn(forward_signals(shutdown_tx));
+    let shutdown_tx = Arc::new(shutdown_tx);
+    tokio::spawn(forward_signals(shutdown_tx.clone()));
 
-    let core = Core {
+    let self_image = SelfImage::capture();
+    if self_image.watches_a_unit() {
+        info!("will restart after a switch that changes this agent's unit or binary");
+    }
+    let mut core = Core {
         runner: Arc::new(Runner::new(config.clone(), outbox.clone())),
         outbox,
         replies: replies_tx,
         command_state: command_state_tx,
         running: None,
+        state_dir: config.state_dir.clone(),
+        repo_dir: config.repo_dir.clone(),
+        stop_grace: config.stop_grace,
+        self_image,
+        restart: None,
     };
-    core.run(inbound_rx, shutdown_rx, core_probes).await;
+    core.adopt_previous();
+    let ending = core.run(inbound_rx, shutdown_rx.clone(), core_probes).await;
+    // A restart stops the connection the same way as a shutdown (close
+    // 1000); after a signal this is already set.
+    shutdown_tx.send_replace(true);
     // The connection sends the close frame and waits for the answer.
     let _ = connection.await;
-    info!("stopped");
-    ExitCode::SUCCESS
+    match ending {
+        Ending::Shutdown => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Ending::Restart => {
+            info!("exiting so that systemd starts the new version");
+            ExitCode::from(EXIT_RESTART)
+        }
+    }
 }
 
-async fn forward_signals(shutdown: watch::Sender<bool>) {
+async fn forward_signals(shutdown: Arc<watch::Sender<bool>>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -87,6 +121,20 @@ struct Core {
     replies: mpsc::Sender<String>,
     command_state: watch::Sender<CommandState>,
     running: Option<Running>,
+    state_dir: PathBuf,
+    repo_dir: PathBuf,
+    stop_grace: Duration,
+    self_image: SelfImage,
+    /// Set after a switch that replaced this agent: exit once the status
+    /// with this delivery ticket has reached the dashboard.
+    restart: Option<u64>,
+}
+
+/// Why the core stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Shutdown,
+    Restart,
 }
 
 /// The command in progress.
@@ -99,14 +147,15 @@ struct Running {
 
 impl Core {
     async fn run(
-        mut self,
+        &mut self,
         mut inbound: mpsc::Receiver<Inbound>,
         mut shutdown: watch::Receiver<bool>,
         mut probes: mpsc::Receiver<Probe>,
-    ) {
-        loop {
+    ) -> Ending {
+        let ending = loop {
             tokio::select! {
-                () = shutdown_requested(&mut shutdown) => break,
+                () = shutdown_requested(&mut shutdown) => break Ending::Shutdown,
+                () = restart_due(&self.outbox, self.restart) => break Ending::Restart,
                 Some(message) = inbound.recv() => self.handle(message),
                 progress = next_progress(&mut self.running) => match progress {
                     Some(progress) => self.on_progress(progress),
@@ -114,16 +163,50 @@ impl Core {
                 },
                 Some(probe) = probes.recv() => probe.answer(),
             }
-        }
+        };
         if let Some(running) = &self.running {
             // Deliberately left running: a switch must not be cut short
             // because the agent restarts (the unit uses KillMode=process).
+            // The record in state_dir lets the next instance follow it.
             info!(
                 command = running.kind.name(),
                 pid = running.pid,
                 "leaving the running command to finish on its own"
             );
         }
+        ending
+    }
+
+    /// Takes over a command that a previous instance started and that may
+    /// still be running (or ended without its status being delivered).
+    fn adopt_previous(&mut self) {
+        let Some(record) = CommandRecord::load(&self.state_dir) else {
+            return;
+        };
+        let Some(kind) = CommandKind::parse(&record.command) else {
+            CommandRecord::clear(&self.state_dir, None);
+            return;
+        };
+        info!(
+            command = kind.name(),
+            pid = record.pid,
+            running = record.is_running(),
+            "following a command started by a previous agent"
+        );
+        let (stop_tx, mut stop_rx) = watch::channel(None);
+        let (progress_tx, progress_rx) = mpsc::channel(1);
+        let (repo_dir, grace, pid) = (self.repo_dir.clone(), self.stop_grace, record.pid);
+        tokio::spawn(async move {
+            let status = follow_adopted(record, kind, repo_dir, grace, &mut stop_rx).await;
+            let _ = progress_tx.send(Progress::Finished(status)).await;
+        });
+        self.running = Some(Running {
+            kind,
+            pid: Some(pid),
+            stop: stop_tx,
+            progress: progress_rx,
+        });
+        self.publish_state();
     }
 
     fn handle(&mut self, message: Inbound) {
@@ -163,6 +246,10 @@ impl Core {
             self.reject("command already running".to_owned());
             return;
         }
+        if self.restart.is_some() {
+            self.reject("the agent is restarting to run its new version".to_owned());
+            return;
+        }
         info!(command = kind.name(), "starting");
         let (stop_tx, mut stop_rx) = watch::channel(None);
         let (progress_tx, progress_rx) = mpsc::channel(8);
@@ -197,9 +284,13 @@ impl Core {
 
     fn on_progress(&mut self, progress: Progress) {
         match progress {
-            Progress::Started { pid } => {
-                if let Some(running) = &mut self.running {
-                    running.pid = Some(pid);
+            Progress::Started { pid, log } => {
+                let Some(running) = &mut self.running else {
+                    return;
+                };
+                running.pid = Some(pid);
+                if let Some(record) = CommandRecord::new(running.kind.name(), pid, log) {
+                    record.save(&self.state_dir);
                 }
                 self.publish_state();
             }
@@ -208,13 +299,30 @@ impl Core {
     }
 
     fn finish(&mut self, status: Status) {
-        self.running = None;
+        let finished = self.running.take();
         self.publish_state();
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         // Every output line of the command is already queued: the status
         // goes after them.
-        self.outbox
+        let ticket = self
+            .outbox
             .push_reliable(Outbound::Status(&status).to_json());
+        // The record stays until the status is out, so that an agent that
+        // dies in between leaves it for the next one to send.
+        let pid = finished.as_ref().and_then(|r| r.pid);
+        let (outbox, state_dir) = (self.outbox.clone(), self.state_dir.clone());
+        tokio::spawn(async move {
+            outbox.wait_delivered(ticket).await;
+            CommandRecord::clear(&state_dir, pid);
+        });
+        let activated = finished.is_some_and(|r| r.kind.activates());
+        if activated
+            && status.status == Outcome::Ok
+            && let Some(why) = self.self_image.changed()
+        {
+            info!("the switch updated this agent ({why}); restarting once the status is delivered");
+            self.restart = Some(ticket);
+        }
     }
 
     /// The command's task ended without a status (it can only have
@@ -222,11 +330,11 @@ impl Core {
     fn runner_vanished(&mut self) {
         let Some(running) = &self.running else { return };
         let status = Status {
-            status: crate::protocol::Outcome::Error,
+            status: Outcome::Error,
             command: running.kind.name().to_owned(),
             exit_code: -1,
             message: "internal error: the command's task ended unexpectedly".to_owned(),
-            generation: crate::heartbeat::generation(&self.runner.repo_dir()),
+            generation: crate::heartbeat::generation(&self.repo_dir),
         };
         self.finish(status);
     }
@@ -264,6 +372,24 @@ impl Core {
 /// the awaits of a `select!`.
 pub async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Completes when a pending restart may go ahead: the status was delivered,
+/// or waiting for that took too long. Never completes without a restart.
+async fn restart_due(outbox: &Outbox, restart: Option<u64>) {
+    match restart {
+        Some(ticket) => {
+            if tokio::time::timeout(RESTART_DELIVERY_WAIT, outbox.wait_delivered(ticket))
+                .await
+                .is_err()
+            {
+                warn!(
+                    "the status did not reach the dashboard in time; the next agent will send it"
+                );
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The next progress report of the running command; never ready when idle.

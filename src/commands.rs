@@ -28,6 +28,9 @@ use tracing::{info, warn};
 /// Longest output line sent; longer ones are cut with [`TRUNCATED_MARK`].
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 pub const TRUNCATED_MARK: &str = " …[truncated]";
+/// The last line of every command log starts with this, then the exit
+/// code: a restarted agent reads it back (see handover.rs).
+pub const EXIT_CODE_LOG_PREFIX: &str = "[nixfleet] exit code ";
 /// Command logs kept under `state_dir/logs`.
 pub const KEPT_LOGS: usize = 50;
 /// After a process exits, how long its output pipes may stay open (held by
@@ -99,6 +102,7 @@ pub enum Progress {
     /// A process of the command started (pull-switch and test run several).
     Started {
         pid: u32,
+        log: Option<PathBuf>,
     },
     Finished(Status),
 }
@@ -118,10 +122,6 @@ impl Runner {
             outbox,
             child_env,
         }
-    }
-
-    pub fn repo_dir(&self) -> PathBuf {
-        self.config.repo_dir.clone()
     }
 
     /// Runs one command to its end and returns its status. Output lines and
@@ -156,8 +156,10 @@ impl Runner {
             CommandKind::Rollback => job.rebuild_plain(&["switch", "--rollback"]).await,
             CommandKind::Test => job.test().await,
         };
-        job.output
-            .log_line(&format!("[nixfleet] {}: {message}", outcome_word(outcome)));
+        job.output.log_line(&format!(
+            "{EXIT_CODE_LOG_PREFIX}{exit_code}: {} ({message})",
+            outcome_word(outcome)
+        ));
         Status {
             status: outcome,
             command: kind.name().to_owned(),
@@ -459,7 +461,8 @@ impl Job<'_> {
             return Ended::NotStarted(format!("{program} exited before it could be tracked"));
         };
         info!(command = self.command, pid, "started {program}");
-        let _ = self.progress.send(Progress::Started { pid }).await;
+        let log = self.output.log_path();
+        let _ = self.progress.send(Progress::Started { pid, log }).await;
 
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -545,6 +548,11 @@ impl Output<'_> {
         }
     }
 
+    fn log_path(&self) -> Option<PathBuf> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.as_ref().map(|l| l.path.clone())
+    }
+
     fn log_line(&self, text: &str) {
         if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             log.write_line(text);
@@ -559,7 +567,6 @@ async fn supervise(
     grace: Duration,
     stop: &mut watch::Receiver<Option<StopRequest>>,
 ) -> Ended {
-    let group = rustix::process::Pid::from_raw(pid as i32);
     let requested = tokio::select! {
         status = child.wait() => return match status {
             Ok(status) => Ended::Exited(status),
@@ -575,48 +582,61 @@ async fn supervise(
             Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
         };
     };
-    let Some(group) = group else {
-        return Ended::NotStarted("invalid pid".into());
+    let mut status = None;
+    signal_group_until_gone(pid, request, grace, stop, || {
+        if status.is_none() {
+            status = child.try_wait().ok().flatten();
+        }
+        status.is_some()
+    })
+    .await;
+    match status {
+        Some(status) => Ended::Stopped(status),
+        None => Ended::NotStarted("Stopped by user".into()),
+    }
+}
+
+/// Stops the process group led by `pid`: the requested signal now, SIGKILL
+/// once `grace` has passed (or at once when a later request says so), until
+/// the leader is gone (`leader_gone`, which may also reap it) and no member
+/// of the group is left. No process of the group survives a stop.
+pub async fn signal_group_until_gone(
+    pid: u32,
+    request: StopRequest,
+    grace: Duration,
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+    mut leader_gone: impl FnMut() -> bool,
+) {
+    use rustix::process::{Signal, kill_process_group, test_kill_process_group};
+    let Some(group) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
     };
     let deadline = tokio::time::Instant::now() + grace;
     let mut signal = match request {
-        StopRequest::Terminate => rustix::process::Signal::TERM,
-        StopRequest::Kill => rustix::process::Signal::KILL,
+        StopRequest::Terminate => Signal::TERM,
+        StopRequest::Kill => Signal::KILL,
     };
     info!(pid, ?request, "stopping the command's process group");
-    let _ = rustix::process::kill_process_group(group, signal);
-    let mut status = None;
-    // Wait for the leader, then for the rest of the group, until the grace
-    // period runs out; then SIGKILL whatever is left. No member survives.
+    let _ = kill_process_group(group, signal);
     loop {
-        if status.is_some() && rustix::process::test_kill_process_group(group).is_err() {
-            break;
+        if leader_gone() && test_kill_process_group(group).is_err() {
+            return;
         }
-        if tokio::time::Instant::now() >= deadline && signal != rustix::process::Signal::KILL {
-            warn!(
-                pid,
-                "the command did not stop within the grace period; killing it"
-            );
-            signal = rustix::process::Signal::KILL;
-            let _ = rustix::process::kill_process_group(group, signal);
+        let kill_now = *stop.borrow_and_update() == Some(StopRequest::Kill);
+        if signal != Signal::KILL && (kill_now || tokio::time::Instant::now() >= deadline) {
+            if !kill_now {
+                warn!(
+                    pid,
+                    "the command did not stop within the grace period; killing it"
+                );
+            }
+            signal = Signal::KILL;
+            let _ = kill_process_group(group, signal);
         }
         tokio::select! {
-            exited = child.wait(), if status.is_none() => {
-                status = Some(exited.ok());
-            }
-            Ok(_) = stop.changed() => {
-                let kill_now = *stop.borrow() == Some(StopRequest::Kill);
-                if kill_now && signal != rustix::process::Signal::KILL {
-                    signal = rustix::process::Signal::KILL;
-                    let _ = rustix::process::kill_process_group(group, signal);
-                }
-            }
             _ = tokio::time::sleep(GROUP_POLL) => {}
+            Ok(_) = stop.changed() => {}
         }
-    }
-    match status.flatten() {
-        Some(status) => Ended::Stopped(status),
-        None => Ended::NotStarted("Stopped by user".into()),
     }
 }
 

@@ -481,7 +481,11 @@ async fn send_batch(
     }
     if failure.is_none() {
         match sink.flush().await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                let reliable = unconfirmed.iter().filter(|i| !i.droppable).count();
+                outbox.confirm_delivered(reliable as u64);
+                return Ok(());
+            }
             Err(error) => failure = Some(error.to_string()),
         }
     }

@@ -35,6 +35,8 @@ pub struct Item {
 pub struct Outbox {
     queue: Mutex<Queue>,
     ready: Notify,
+    /// Fired whenever reliable frames are confirmed written.
+    delivered: Notify,
     max_lines: usize,
     max_bytes: usize,
 }
@@ -54,6 +56,10 @@ struct Queue {
     /// The command whose lines were queued last: lines lost on a broken
     /// connection are reported against it.
     last_command: String,
+    /// Reliable frames ever queued, and how many of them were written out
+    /// (in order: requeued ones go back to the front).
+    reliable_queued: u64,
+    reliable_delivered: u64,
 }
 
 impl Default for Outbox {
@@ -67,6 +73,7 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
+            delivered: Notify::new(),
             max_lines,
             max_bytes,
         }
@@ -99,16 +106,41 @@ impl Outbox {
 
     /// Queues a frame that must not be dropped (status, test progress). Any
     /// pending "lines dropped" notice goes first, so that it stays with the
-    /// command it belongs to.
-    pub fn push_reliable(&self, frame: String) {
+    /// command it belongs to. Returns a ticket for [`Outbox::wait_delivered`].
+    pub fn push_reliable(&self, frame: String) -> u64 {
         let mut q = self.lock();
         q.flush_drop_notice();
         q.items.push_back(Item {
             frame,
             droppable: false,
         });
+        q.reliable_queued += 1;
+        let ticket = q.reliable_queued;
         drop(q);
         self.ready.notify_one();
+        ticket
+    }
+
+    /// The writer confirms that a batch, with `reliable` reliable frames in
+    /// it, was flushed to the socket.
+    pub fn confirm_delivered(&self, reliable: u64) {
+        if reliable == 0 {
+            return;
+        }
+        self.lock().reliable_delivered += reliable;
+        self.delivered.notify_waiters();
+    }
+
+    /// Waits until the reliable frame with this ticket (and everything
+    /// queued before it) has been written to a connection.
+    pub async fn wait_delivered(&self, ticket: u64) {
+        loop {
+            let notified = self.delivered.notified();
+            if self.lock().reliable_delivered >= ticket {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Takes up to `max_bytes` of frames (at least one if any is queued).
@@ -209,6 +241,7 @@ impl Queue {
             frame,
             droppable: false,
         });
+        self.reliable_queued += 1;
         self.dropped = 0;
     }
 }
@@ -313,6 +346,25 @@ mod tests {
             lines_of(&drain(&outbox)),
             ["<status>", "[nixfleet] 1 lines dropped", "after"]
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn delivery_tickets_complete_in_order() {
+        let outbox = std::sync::Arc::new(Outbox::new(1, usize::MAX));
+        outbox.push_line("switch", Stream::Stdout, "a");
+        outbox.push_line("switch", Stream::Stdout, "dropped");
+        // The notice counts as a reliable frame ahead of the status.
+        let ticket = outbox.push_reliable("{}".into());
+        assert_eq!(ticket, 2);
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.wait_delivered(ticket).await })
+        };
+        outbox.confirm_delivered(1);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        outbox.confirm_delivered(1);
+        waiter.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -668,6 +668,15 @@ impl Agent {
         }
     }
 
+    /// SIGKILLs the agent (a crash) and hands back its directory, so that a
+    /// new agent can start on the same state.
+    pub async fn crash(mut self) -> tempfile::TempDir {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+        let placeholder = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

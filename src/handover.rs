@@ -1,0 +1,405 @@
+//! What one agent instance hands to the next.
+//!
+//! The agent runs the `nixos-rebuild switch` that may replace it, and the
+//! unit uses `KillMode=process`, so a command can outlive the agent that
+//! started it (a crash, a watchdog restart, the agent's own restart after a
+//! switch). Two things make that safe:
+//!
+//! - A record of the running command under `state_dir`. A new instance that
+//!   finds the command still running reports it in its heartbeats and sends
+//!   its final status when it ends. Its exit code is taken from the command
+//!   log when the previous instance got to write it, else it is unknown.
+//! - A snapshot of the agent's own unit file and binary, taken at start. When
+//!   a successful switch changed either, the agent delivers the status and
+//!   exits so that systemd starts the new version.
+
+use crate::commands::{CommandKind, EXIT_CODE_LOG_PREFIX, StopRequest, signal_group_until_gone};
+use crate::heartbeat::generation;
+use crate::protocol::{Outcome, Status};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+const RECORD_FILE: &str = "running-command.json";
+/// How often an adopted command (not our child: no SIGCHLD) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
+/// Test-only: watch this file as the agent's own unit file instead of the
+/// one systemd started it from.
+pub const TEST_UNIT_FILE_ENV: &str = "NIXFLEET_TEST_UNIT_FILE";
+
+/// The command in progress, as written to `state_dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub command: String,
+    /// Leader of the command's process group.
+    pub pid: u32,
+    /// The process's start time (clock ticks since boot), so a recycled pid
+    /// is never mistaken for the command.
+    pub pid_start: u64,
+    pub log: Option<PathBuf>,
+}
+
+impl CommandRecord {
+    pub fn new(command: &str, pid: u32, log: Option<PathBuf>) -> Option<Self> {
+        Some(CommandRecord {
+            command: command.to_owned(),
+            pid,
+            pid_start: process_start_ticks(pid)?,
+            log,
+        })
+    }
+
+    /// Written atomically (temporary file, then rename).
+    pub fn save(&self, state_dir: &Path) {
+        let path = state_dir.join(RECORD_FILE);
+        let tmp = state_dir.join(format!("{RECORD_FILE}.tmp"));
+        let result = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|json| {
+                std::fs::create_dir_all(state_dir)?;
+                std::fs::write(&tmp, json)?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(error) = result {
+            warn!(error = %error, path = %path.display(), "cannot record the running command; a restarted agent would not know about it");
+        }
+    }
+
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        let text = std::fs::read(state_dir.join(RECORD_FILE)).ok()?;
+        match serde_json::from_slice(&text) {
+            Ok(record) => Some(record),
+            Err(error) => {
+                warn!(error = %error, "ignoring an unreadable running-command record");
+                Self::clear(state_dir, None);
+                None
+            }
+        }
+    }
+
+    /// Removes the record; with `pid`, only if it is still that command's.
+    pub fn clear(state_dir: &Path, pid: Option<u32>) {
+        let path = state_dir.join(RECORD_FILE);
+        if let Some(pid) = pid
+            && Self::load_quiet(state_dir).is_some_and(|r| r.pid != pid)
+        {
+            return;
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn load_quiet(state_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(RECORD_FILE)).ok()?).ok()
+    }
+
+    /// Whether the recorded process is still the one running.
+    pub fn is_running(&self) -> bool {
+        process_start_ticks(self.pid) == Some(self.pid_start)
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`; `None` when there is no such process or
+/// it is a zombie (it runs nothing any more).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start
+    // after the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // `state` was field 3; the start time is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+/// Follows a command started by a previous instance until it ends and
+/// returns its status. Stop requests signal its process group as usual.
+pub async fn follow_adopted(
+    record: CommandRecord,
+    kind: CommandKind,
+    repo_dir: PathBuf,
+    grace: Duration,
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+) -> Status {
+    let mut stopped = false;
+    while record.is_running() {
+        tokio::select! {
+            _ = tokio::time::sleep(ADOPTED_POLL) => {}
+            Ok(_) = stop.changed(), if !stopped => {
+                let request = (*stop.borrow()).unwrap_or(StopRequest::Terminate);
+                stopped = true;
+                signal_group_until_gone(record.pid, request, grace, stop, || !record.is_running()).await;
+            }
+        }
+    }
+    let exit_code = record.log.as_deref().and_then(exit_code_from_log);
+    let (status, exit_code, message) = match (stopped, exit_code) {
+        (true, code) => (
+            Outcome::Error,
+            code.unwrap_or(-1),
+            "Stopped by user".to_owned(),
+        ),
+        (false, Some(0)) => (Outcome::Ok, 0, format!("{} succeeded", kind.name())),
+        (false, Some(code)) => (Outcome::Error, code, format!("exit code {code}")),
+        (false, None) => (
+            Outcome::Error,
+            -1,
+            "ended while the agent was restarting; exit code unknown".to_owned(),
+        ),
+    };
+    info!(
+        command = kind.name(),
+        pid = record.pid,
+        exit_code,
+        "an adopted command ended: {message}"
+    );
+    Status {
+        status,
+        command: kind.name().to_owned(),
+        exit_code,
+        message,
+        generation: generation(&repo_dir),
+    }
+}
+
+/// The exit code the previous instance wrote at the end of the log.
+fn exit_code_from_log(log: &Path) -> Option<i32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    // The line is written last; the tail is enough.
+    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
+    tail.lines().rev().find_map(|line| {
+        let rest = line.strip_prefix(EXIT_CODE_LOG_PREFIX)?;
+        let digits: String = rest
+            .chars()
+            .take_while(|c| *c == '-' || c.is_ascii_digit())
+            .collect();
+        digits.parse().ok()
+    })
+}
+
+/// The agent's own unit file and binary as they were at start.
+#[derive(Debug, Clone)]
+pub struct SelfImage {
+    unit: Option<UnitSnapshot>,
+    exe: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UnitSnapshot {
+    path: PathBuf,
+    resolved: Option<PathBuf>,
+    content: Option<Vec<u8>>,
+}
+
+impl UnitSnapshot {
+    fn take(path: &Path) -> Self {
+        UnitSnapshot {
+            path: path.to_owned(),
+            resolved: std::fs::canonicalize(path).ok(),
+            content: std::fs::read(path).ok(),
+        }
+    }
+}
+
+impl SelfImage {
+    /// Snapshot at start. Outside systemd (no unit to find) there is nothing
+    /// to compare later, and the agent never restarts itself.
+    pub fn capture() -> Self {
+        let unit_file = std::env::var_os(TEST_UNIT_FILE_ENV)
+            .map(PathBuf::from)
+            .or_else(own_unit_file);
+        SelfImage {
+            unit: unit_file.as_deref().map(UnitSnapshot::take),
+            exe: std::fs::read_link("/proc/self/exe").ok(),
+        }
+    }
+
+    pub fn watches_a_unit(&self) -> bool {
+        self.unit.is_some()
+    }
+
+    /// Why the agent should restart to become the new version, if it should.
+    pub fn changed(&self) -> Option<String> {
+        let unit = self.unit.as_ref()?;
+        let now = UnitSnapshot::take(&unit.path);
+        if now.resolved != unit.resolved {
+            return Some(format!(
+                "its unit file {} now points to {}",
+                unit.path.display(),
+                now.resolved
+                    .as_deref()
+                    .unwrap_or(Path::new("(nothing)"))
+                    .display()
+            ));
+        }
+        if now.content != unit.content {
+            return Some(format!("its unit file {} changed", unit.path.display()));
+        }
+        let exe = self.exe.as_deref()?;
+        if exe.to_string_lossy().ends_with(" (deleted)") {
+            return Some("its binary was replaced".to_owned());
+        }
+        let started_from = now.content.as_deref().and_then(exec_start_program)?;
+        let started_from = std::fs::canonicalize(&started_from).unwrap_or(started_from);
+        let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_owned());
+        (started_from != exe).then(|| {
+            format!(
+                "its unit now starts {} instead of {}",
+                started_from.display(),
+                exe.display()
+            )
+        })
+    }
+}
+
+/// The unit file systemd started this process from, found through the
+/// cgroup (`0::/system.slice/nixfleet.service`).
+fn own_unit_file() -> Option<PathBuf> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let unit = cgroup.lines().find_map(|line| {
+        let path = line.rsplit(':').next()?;
+        path.rsplit('/')
+            .find(|c| c.ends_with(".service"))
+            .map(str::to_owned)
+    })?;
+    [
+        "/etc/systemd/system",
+        "/run/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join(&unit))
+    .find(|p| p.exists())
+}
+
+/// The program of the unit's `ExecStart=` (without systemd's `@-:+!`
+/// prefixes).
+fn exec_start_program(unit: &[u8]) -> Option<PathBuf> {
+    let text = String::from_utf8_lossy(unit);
+    let value = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ExecStart="))
+        .rfind(|v| !v.trim().is_empty())?;
+    let program = value.trim().trim_start_matches(['@', '-', ':', '+', '!']);
+    let program = program.split_whitespace().next()?;
+    Some(PathBuf::from(program.trim_matches('"')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_clear_only_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let record = CommandRecord::new("switch", me, Some("/x.log".into())).unwrap();
+        record.save(dir.path());
+        assert_eq!(CommandRecord::load(dir.path()), Some(record.clone()));
+        assert!(record.is_running());
+        CommandRecord::clear(dir.path(), Some(me + 1));
+        assert!(
+            CommandRecord::load(dir.path()).is_some(),
+            "another pid's clear leaves it"
+        );
+        CommandRecord::clear(dir.path(), Some(me));
+        assert_eq!(CommandRecord::load(dir.path()), None);
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_the_command() {
+        let mut record = CommandRecord::new("switch", std::process::id(), None).unwrap();
+        record.pid_start += 1;
+        assert!(!record.is_running());
+        assert_eq!(process_start_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn garbage_records_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RECORD_FILE), "{not json").unwrap();
+        assert_eq!(CommandRecord::load(dir.path()), None);
+        assert!(!dir.path().join(RECORD_FILE).exists());
+    }
+
+    #[test]
+    fn exit_codes_are_read_from_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(&log, format!("building\n{EXIT_CODE_LOG_PREFIX}0: ok\n")).unwrap();
+        assert_eq!(exit_code_from_log(&log), Some(0));
+        std::fs::write(
+            &log,
+            format!("{EXIT_CODE_LOG_PREFIX}-1: x\n{EXIT_CODE_LOG_PREFIX}4: error\n"),
+        )
+        .unwrap();
+        assert_eq!(exit_code_from_log(&log), Some(4));
+        std::fs::write(&log, "still building\n").unwrap();
+        assert_eq!(exit_code_from_log(&log), None);
+    }
+
+    #[test]
+    fn exec_start_programs_are_found() {
+        let unit = b"[Service]\nType=notify\nExecStart=\nExecStart=@/nix/store/abc-agent/bin/nixfleet-agent --config /x\n";
+        assert_eq!(
+            exec_start_program(unit),
+            Some(PathBuf::from("/nix/store/abc-agent/bin/nixfleet-agent"))
+        );
+        assert_eq!(exec_start_program(b"[Service]\n"), None);
+    }
+
+    #[test]
+    fn self_image_notices_retargeted_and_edited_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let old = dir.path().join("old.service");
+        std::fs::write(
+            &old,
+            format!("[Service]\nExecStart={} --config x\n", exe.display()),
+        )
+        .unwrap();
+        let link = dir.path().join("nixfleet.service");
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        let image = SelfImage {
+            unit: Some(UnitSnapshot::take(&link)),
+            exe: Some(exe.clone()),
+        };
+        assert_eq!(image.changed(), None);
+
+        let new = dir.path().join("new.service");
+        std::fs::write(
+            &new,
+            format!("[Service]\nExecStart={} --config x\n", exe.display()),
+        )
+        .unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        assert!(image.changed().unwrap().contains("now points to"));
+
+        let image = SelfImage {
+            unit: Some(UnitSnapshot::take(&link)),
+            exe: Some(exe),
+        };
+        std::fs::write(
+            &new,
+            "[Service]\nExecStart=/nix/store/other/bin/nixfleet-agent\n",
+        )
+        .unwrap();
+        assert!(image.changed().unwrap().contains("changed"));
+        let no_unit = SelfImage {
+            unit: None,
+            exe: None,
+        };
+        assert_eq!(no_unit.changed(), None);
+    }
+}

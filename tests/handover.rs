@@ -1,0 +1,245 @@
+//! Surviving a switch: the agent restarts itself only when the switch
+//! changed its own unit or binary, and a new agent follows a command that a
+//! previous one started.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nixfleet-agent");
+
+fn unit_text(program: &str, marker: &str) -> String {
+    format!("[Service]\nType=notify\nExecStart={program} --config /etc/nixfleet.toml\n# {marker}\n")
+}
+
+/// An agent whose "own unit file" is a symlink (as on NixOS) under `dir`.
+async fn agent_with_unit(dashboard: &Dashboard, rebuild: &str) -> (Agent, u64) {
+    let mut options = AgentOptions::new(dashboard.url());
+    let (dir, bin) = Agent::prepare(&options);
+    let units = dir.path().join("units");
+    std::fs::create_dir(&units).unwrap();
+    std::fs::write(units.join("old.service"), unit_text(AGENT, "old")).unwrap();
+    let link = dir.path().join("nixfleet.service");
+    std::os::unix::fs::symlink(units.join("old.service"), &link).unwrap();
+    options
+        .env
+        .push(("NIXFLEET_TEST_UNIT_FILE".into(), link.display().to_string()));
+    script(&bin, "nixos-rebuild", rebuild);
+    let agent = Agent::spawn(dir, options).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    (agent, conn)
+}
+
+#[tokio::test]
+async fn a_switch_that_replaces_the_agent_delivers_the_status_then_restarts() {
+    let dashboard = Dashboard::start().await;
+    // The "new system" points the unit at a new file, as a NixOS switch
+    // points /etc/systemd/system/nixfleet.service at a new store path.
+    let rebuild = format!(
+        "echo activating\nprintf '%s' '{}' > \"$HOME/units/new.service\"\nln -sfn \"$HOME/units/new.service\" \"$HOME/nixfleet.service\"",
+        unit_text("/nix/store/new-nixfleet-agent/bin/nixfleet-agent", "new")
+    );
+    let (mut agent, conn) = agent_with_unit(&dashboard, &rebuild).await;
+    dashboard.command(conn, "switch");
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok");
+    let code = agent.wait_exit(10 * SECOND).await;
+    assert_eq!(
+        code,
+        Some(75),
+        "exits with EX_TEMPFAIL so that systemd restarts it"
+    );
+    let close = dashboard
+        .wait_for(5 * SECOND, "close frame", |log| {
+            log.iter()
+                .find(|s| matches!(s, Seen::Close { .. }))
+                .cloned()
+        })
+        .await;
+    assert!(
+        close.at() >= status.at(),
+        "the status is delivered before the agent leaves"
+    );
+    if let Seen::Close { code, .. } = close {
+        assert_eq!(code, Some(1000));
+    }
+    let stderr = agent.stderr();
+    assert!(stderr.contains("the switch updated this agent"), "{stderr}");
+    assert!(
+        !agent.state_dir.join("running-command.json").exists(),
+        "nothing left to adopt"
+    );
+}
+
+#[tokio::test]
+async fn a_switch_that_leaves_the_agent_alone_keeps_it_running() {
+    let dashboard = Dashboard::start().await;
+    let (mut agent, conn) = agent_with_unit(&dashboard, "echo nothing of ours changed").await;
+    dashboard.command(conn, "switch");
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok");
+    let n = dashboard.frames("heartbeat").len();
+    dashboard.wait_frame("heartbeat", n + 2, 5 * SECOND).await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+    assert_eq!(dashboard.frames("register").len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_switch_never_restarts_the_agent() {
+    let dashboard = Dashboard::start().await;
+    let rebuild = format!(
+        "printf '%s' '{}' > \"$HOME/units/new.service\"\nln -sfn \"$HOME/units/new.service\" \"$HOME/nixfleet.service\"\nexit 1",
+        unit_text(AGENT, "new")
+    );
+    let (mut agent, conn) = agent_with_unit(&dashboard, &rebuild).await;
+    dashboard.command(conn, "switch");
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["status"], "error");
+    let n = dashboard.frames("heartbeat").len();
+    dashboard.wait_frame("heartbeat", n + 2, 5 * SECOND).await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+}
+
+fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A switch that announces itself, then waits for the test's word. It does
+/// not print after that: its output pipe dies with the first agent.
+const WAITING_REBUILD: &str =
+    "echo $$ > \"$HOME/pid\"\necho waiting\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
+
+#[tokio::test]
+async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, bin) = Agent::prepare(&options);
+    script(&bin, "nixos-rebuild", WAITING_REBUILD);
+    let first = Agent::spawn(dir, options.clone()).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    dashboard.command(conn, "switch");
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "waiting")
+        .await;
+    let pid = read_pid(&first.dir.path().join("pid"));
+
+    let dir = first.crash().await;
+    let second = Agent::spawn(dir, options).await;
+    let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    let beat = dashboard
+        .wait_for(5 * SECOND, "heartbeat of the new agent", |log| {
+            log.iter()
+                .find(|s| s.conn() == register.conn() && s.kind() == Some("heartbeat"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(beat.payload()["pending_command"], "switch");
+    assert_eq!(beat.payload()["command_pid"], pid);
+
+    std::fs::write(second.dir.path().join("go"), "").unwrap();
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.conn(), register.conn());
+    let p = status.payload();
+    assert_eq!(p["command"], "switch");
+    assert_eq!(p["exit_code"], -1);
+    assert!(
+        p["message"].as_str().unwrap().contains("exit code unknown"),
+        "{p}"
+    );
+    let after = dashboard
+        .wait_for(5 * SECOND, "idle heartbeat", |log| {
+            log.iter()
+                .find(|s| s.at() > status.at() && s.kind() == Some("heartbeat"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(after.payload()["pending_command"], Value::Null);
+    assert_eq!(dashboard.frames("status").len(), 1);
+}
+
+#[tokio::test]
+async fn an_adopted_command_can_be_stopped() {
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, bin) = Agent::prepare(&options);
+    script(&bin, "nixos-rebuild", WAITING_REBUILD);
+    let first = Agent::spawn(dir, options.clone()).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    dashboard.command(conn, "switch");
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "waiting")
+        .await;
+    let pid = read_pid(&first.dir.path().join("pid"));
+    let dir = first.crash().await;
+    let _second = Agent::spawn(dir, options).await;
+    let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    dashboard.command(register.conn(), "stop");
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["message"], "Stopped by user");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_status_the_predecessor_could_not_deliver_is_sent_from_the_log() {
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, _) = Agent::prepare(&options);
+    // What a predecessor leaves when it dies right after its command ended:
+    // the record, and the log with the exit code as its last line.
+    let log = dir
+        .path()
+        .join("state/logs/20260101T000000.000Z-switch.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(
+        &log,
+        "building\n[nixfleet] exit code 0: ok (switch succeeded)\n",
+    )
+    .unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let record = serde_json::json!({"command": "switch", "pid": pid, "pid_start": 1, "log": log});
+    std::fs::write(
+        dir.path().join("state/running-command.json"),
+        record.to_string(),
+    )
+    .unwrap();
+    let agent = Agent::spawn(dir, options).await;
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    let register = dashboard.wait_frame("register", 1, 1 * SECOND).await;
+    assert!(register.at() <= status.at(), "sent after register");
+    assert_eq!(status.payload()["status"], "ok");
+    assert_eq!(status.payload()["exit_code"], 0);
+    // Delivered: the record is gone, so a third agent sends nothing.
+    let record_path = agent.state_dir.join("running-command.json");
+    let deadline = tokio::time::Instant::now() + 5 * SECOND;
+    while record_path.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "record not cleared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
