@@ -1,0 +1,269 @@
+# NixOS module for the NixFleet agent (`services.nixfleet`).
+#
+# The agent keeps one WebSocket connection to a NixFleet dashboard, sends
+# heartbeats, and runs the dashboard's commands (`pull`, `switch`, …) in its
+# configuration repository. Its configuration keys are those of
+# `nixfleet-agent --config FILE`; the options below set the common ones and
+# `settings` takes any other. Secrets reach the agent only as systemd
+# credentials, never through the Nix store.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.nixfleet;
+
+  settingsFormat = pkgs.formats.toml { };
+  configFile = settingsFormat.generate "nixfleet.toml" cfg.settings;
+
+  # A secret is read by systemd (LoadCredential=) when the service starts.
+  # A relative path would not resolve, and a store path is world-readable.
+  secretFileAssertions = option: path: [
+    {
+      assertion = lib.hasPrefix "/" path;
+      message = "services.nixfleet.${option} must be an absolute path, not \"${path}\".";
+    }
+    {
+      assertion = !lib.hasPrefix "${builtins.storeDir}/" path;
+      message = "services.nixfleet.${option} is \"${path}\", inside the world-readable Nix store; point it at a root-only file outside the store (for example one managed by agenix or sops-nix).";
+    }
+  ];
+
+  # Keys of the configuration file that must come from a credential instead.
+  secretSettings = {
+    token = "tokenFile";
+    token_file = "tokenFile";
+    ssh_key = "sshKeyFile";
+  };
+
+  matches = regex: value: lib.isString value && builtins.match regex value != null;
+in
+{
+  options.services.nixfleet = {
+    enable = lib.mkEnableOption "the NixFleet agent, which keeps this host connected to a NixFleet dashboard and runs the commands it sends";
+
+    package = lib.mkPackageOption pkgs "nixfleet-agent" { };
+
+    url = lib.mkOption {
+      type = lib.types.str;
+      example = "wss://fleet.example.com/ws";
+      description = ''
+        WebSocket URL of the dashboard, `ws://` or `wss://`. Sets `settings.url`.
+      '';
+    };
+
+    tokenFile = lib.mkOption {
+      type = lib.types.str;
+      example = "/run/agenix/nixfleet-token";
+      description = ''
+        Absolute path of a file holding the agent's token. systemd reads it
+        when the service starts and passes it to the agent as the credential
+        `token` ({manpage}`systemd.exec(5)`, `LoadCredential=`), so the file
+        may be readable by root only and the token never enters the Nix
+        store. Give it as a string: a Nix path literal such as `./token`
+        would be copied into the store.
+      '';
+    };
+
+    hostname = lib.mkOption {
+      type = lib.types.str;
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      example = "web-01";
+      description = ''
+        Name of this host at the dashboard. It is also the
+        `nixosConfigurations` attribute that `switch` builds
+        (`nixos-rebuild switch --flake <repoDir>#<hostname>`), so only
+        letters, digits, `-`, `_` and `.` are allowed. Sets `settings.hostname`.
+      '';
+    };
+
+    repoDir = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/nixfleet/repo";
+      description = ''
+        Directory of the configuration repository (a flake) that `pull` and
+        `switch` work in. The default lies in the service's state directory.
+        Sets `settings.repo_dir`.
+      '';
+    };
+
+    repoUrl = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "git@github.com:example/fleet.git";
+      description = ''
+        Git URL of the configuration repository. When set, the agent owns the
+        clone in {option}`services.nixfleet.repoDir` (isolated mode): `pull`
+        clones it if missing and resets it hard to `origin/<branch>`. When
+        `null`, `pull` runs `git pull --ff-only` in an existing checkout.
+        Sets `settings.repo_url`.
+      '';
+    };
+
+    branch = lib.mkOption {
+      type = lib.types.str;
+      default = "main";
+      description = "Branch of the configuration repository to follow. Sets `settings.branch`.";
+    };
+
+    interval = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 30;
+      description = ''
+        Seconds between heartbeats. The dashboard marks the host offline after
+        three missed intervals. Sets `settings.interval`.
+      '';
+    };
+
+    sshKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/agenix/nixfleet-deploy-key";
+      description = ''
+        Absolute path of an SSH private key for git, passed to the agent as
+        the credential `ssh_key` like {option}`services.nixfleet.tokenFile`.
+        `null` leaves git to its usual SSH configuration.
+      '';
+    };
+
+    logLevel = lib.mkOption {
+      type = lib.types.str;
+      default = "info";
+      example = "debug";
+      description = ''
+        Log level: `debug`, `info`, `warn` or `error`, or a `RUST_LOG`-style
+        filter. Sets `settings.log_level`.
+      '';
+    };
+
+    metrics = lib.mkOption {
+      type = lib.types.enum [
+        "auto"
+        "stasysmo"
+        "proc"
+        "none"
+      ];
+      default = "auto";
+      description = ''
+        Source of the CPU, memory, swap and load figures in heartbeats:
+        `stasysmo` files, the kernel's own counters (`proc`), `auto` (StaSysMo
+        when its files are fresh, else `proc`) or `none`. Sets `settings.metrics`.
+      '';
+    };
+
+    watchdogSec = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 60;
+      description = ''
+        systemd watchdog timeout in seconds (`WatchdogSec=`): an agent that
+        stops answering for this long is killed and restarted. `0` disables
+        the watchdog.
+      '';
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.submodule { freeformType = settingsFormat.type; };
+      default = { };
+      example = lib.literalExpression ''
+        {
+          ping_interval = 15;
+          backoff_max = 120;
+          stop_grace = "30s";
+          ca_file = "/etc/ssl/certs/fleet-ca.pem";
+        }
+      '';
+      description = ''
+        Configuration of the agent, written to a TOML file in the Nix store
+        and passed with `--config`. Any key the agent knows may be set here
+        (`ping_interval`, `ping_timeout`, `backoff_max`, `stop_grace`,
+        `stasysmo_dir`, `ca_file`, …). The options of this module set their
+        keys with `lib.mkDefault`, so a value given here takes precedence.
+
+        Because the file is world-readable, `token`, `token_file` and
+        `ssh_key` are refused: use {option}`services.nixfleet.tokenFile` and
+        {option}`services.nixfleet.sshKeyFile`.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    services.nixfleet.settings = lib.mapAttrs (_: lib.mkDefault) (
+      {
+        inherit (cfg)
+          url
+          hostname
+          branch
+          interval
+          metrics
+          ;
+        repo_dir = cfg.repoDir;
+        log_level = cfg.logLevel;
+      }
+      // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
+    );
+
+    assertions = [
+      {
+        assertion = matches "wss?://.+" cfg.settings.url;
+        message = "services.nixfleet.url must start with ws:// or wss://, got \"${toString cfg.settings.url}\".";
+      }
+      {
+        assertion = matches "[A-Za-z0-9._-]+" cfg.settings.hostname;
+        message = "services.nixfleet.hostname \"${toString cfg.settings.hostname}\" must be non-empty and use only letters, digits, '-', '_' and '.': it names the nixosConfigurations attribute that switch builds. Set it explicitly if networking.hostName is empty.";
+      }
+    ]
+    ++ secretFileAssertions "tokenFile" cfg.tokenFile
+    ++ lib.optionals (cfg.sshKeyFile != null) (secretFileAssertions "sshKeyFile" cfg.sshKeyFile)
+    ++ lib.mapAttrsToList (key: option: {
+      assertion = !(cfg.settings ? ${key});
+      message = "services.nixfleet.settings.${key} is not allowed: the settings file is world-readable in the Nix store. Use services.nixfleet.${option}, which is passed as a systemd credential.";
+    }) secretSettings;
+
+    systemd.services.nixfleet = {
+      description = "NixFleet agent";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+
+      # What the dashboard's commands run.
+      path = [
+        config.system.build.nixos-rebuild
+        pkgs.git
+        config.nix.package
+        pkgs.openssh
+        config.systemd.package
+      ];
+
+      # The agent itself runs `nixos-rebuild switch`; restarting or stopping
+      # the unit during activation would kill it half-way, before it reports
+      # the result. Instead, after a successful switch the agent checks
+      # whether its own unit file or binary changed and, if so, exits after
+      # sending the status, and Restart=always starts the new version.
+      restartIfChanged = false;
+      stopIfChanged = false;
+
+      # Runs as root without sandboxing: `switch` and `rollback` activate
+      # system configurations, which needs full access to the system (bind
+      # mounts, /etc, /boot, systemd, the Nix daemon). Options such as
+      # ProtectSystem= or PrivateTmp= would also apply to that activation.
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
+        Restart = "always";
+        RestartSec = 2;
+        WatchdogSec = cfg.watchdogSec;
+        # A restarted agent must not kill a deployment in flight.
+        KillMode = "process";
+        StateDirectory = "nixfleet";
+        LoadCredential = [
+          "token:${cfg.tokenFile}"
+        ]
+        ++ lib.optional (cfg.sshKeyFile != null) "ssh_key:${cfg.sshKeyFile}";
+      };
+    };
+  };
+}

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Static checks of the Nix side of NixFleet: what can be verified without a
+# Nix store or Nixpkgs (nix build, nix flake check and the VM tests need a
+# NixOS machine). Prints one line per check, "ok: …", "FAIL: …" or
+# "skipped: …", and exits non-zero if any check failed.
+#
+# Tools (installed by the caller, never by this script):
+#   nix-instantiate  Debian's nix-bin (Nix 2.8 is enough)
+#   nixfmt           crates.io nixfmt_rs, or nixpkgs' nixfmt
+#   deadnix          crates.io deadnix
+#   python3
+#   pyflakes         optional (python3 -m pyflakes), lints the VM test scripts
+#
+# Environment:
+#   NIXPKGS_LIB   the `lib` directory of a nixpkgs.lib checkout; without it
+#                 the lib-only evaluations are skipped
+#   NIXPKGS_PIN   the pinned nixpkgs lock node
+#                 (default: ../shared/nix/nixpkgs-pin.json beside the repository)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+failures=0
+ok() { echo "ok: $*"; }
+fail() {
+  echo "FAIL: $*"
+  failures=$((failures + 1))
+}
+skip() { echo "skipped: $*"; }
+indent() { sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^/    /'; }
+
+have() {
+  if command -v "$1" >/dev/null 2>&1; then
+    return 0
+  fi
+  fail "$1 not found: $2"
+  return 1
+}
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# Every Nix file of the repository: tracked or new, not ignored (target/,
+# result links).
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  mapfile -t nix_files < <(git ls-files --cached --others --exclude-standard -- '*.nix' | sort -u)
+else
+  mapfile -t nix_files < <(find . -name '*.nix' -not -path './target/*' -not -path './.git/*' | sort)
+fi
+existing=()
+for f in "${nix_files[@]}"; do
+  [[ -f $f ]] && existing+=("$f")
+done
+nix_files=("${existing[@]}")
+if ((${#nix_files[@]} == 0)); then
+  fail "no .nix files found"
+  exit 1
+fi
+
+# (i) syntax
+if have nix-instantiate "install Debian's nix-bin (apt-get install nix-bin)"; then
+  bad=0
+  for f in "${nix_files[@]}"; do
+    if ! out=$(nix-instantiate --parse "$f" 2>&1 >/dev/null); then
+      fail "nix-instantiate --parse $f"
+      echo "$out" | indent
+      bad=1
+    fi
+  done
+  ((bad)) || ok "${#nix_files[@]} .nix files parse (nix-instantiate --parse)"
+fi
+
+# (ii) formatting, RFC 166 style
+if have nixfmt "install it with: cargo install --locked nixfmt_rs"; then
+  if out=$(nixfmt --check "${nix_files[@]}" 2>&1); then
+    ok "nixfmt --check ($(nixfmt --version 2>&1 | head -n1))"
+  else
+    fail "nixfmt --check: run nixfmt on these files"
+    echo "$out" | indent
+  fi
+fi
+
+# (iii) dead code
+if have deadnix "install it with: cargo install --locked deadnix"; then
+  if out=$(deadnix --fail "${nix_files[@]}" 2>&1); then
+    ok "deadnix --fail ($(deadnix --version 2>&1 | head -n1))"
+  else
+    fail "deadnix --fail"
+    echo "$out" | indent
+  fi
+fi
+
+# (iv) flake.lock: exactly the pinned nixpkgs node, and nothing else
+pin=${NIXPKGS_PIN:-../shared/nix/nixpkgs-pin.json}
+if have python3 "install python3"; then
+  if out=$(python3 - flake.lock "$pin" 2>&1 <<'EOF'
+import json
+import os
+import sys
+
+lock_path, pin_path = sys.argv[1], sys.argv[2]
+lock = json.load(open(lock_path))
+problems = []
+if lock.get("version") != 7:
+    problems.append(f"version is {lock.get('version')!r}, not 7")
+if lock.get("root") != "root":
+    problems.append("root node is not called root")
+nodes = lock.get("nodes", {})
+if sorted(nodes) != ["nixpkgs", "root"]:
+    problems.append(f"nodes are {sorted(nodes)}, expected nixpkgs and root only")
+if nodes.get("root") != {"inputs": {"nixpkgs": "nixpkgs"}}:
+    problems.append(f"root node is {nodes.get('root')}")
+node = nodes.get("nixpkgs", {})
+if sorted(node) != ["locked", "original"]:
+    problems.append(f"nixpkgs node has keys {sorted(node)}, expected locked and original")
+if os.path.exists(pin_path):
+    pin = json.load(open(pin_path))
+    for key in ("locked", "original"):
+        if node.get(key) != pin[key]:
+            problems.append(f"nixpkgs.{key} differs from {pin_path}: {node.get(key)} != {pin[key]}")
+    source = "the pin"
+else:
+    source = "no pin file, structure only"
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(source)
+EOF
+  ); then
+    ok "flake.lock: version 7, one input, nixpkgs node equals $out"
+  else
+    fail "flake.lock"
+    echo "$out" | indent
+  fi
+fi
+
+# (v) lib-only evaluation of the module, the package and the flake
+report() {
+  # Prints the results of an eval-*.nix run; returns 1 if any failed.
+  python3 - "$1" "$2" <<'EOF'
+import json
+import sys
+
+label, path = sys.argv[1], sys.argv[2]
+results = json.load(open(path))["results"]
+failed = [r for r in results if not r["ok"]]
+for r in failed:
+    print(f"FAIL: {label}: {r['name']}: {r['detail']}")
+if not failed:
+    print(f"ok: {label}: {len(results)} expectations hold")
+sys.exit(1 if failed else 0)
+EOF
+}
+
+evaluate() {
+  # evaluate NAME FILE OUT: nix-instantiate a nix/eval-*.nix file to JSON.
+  local err
+  if err=$(nix-instantiate --readonly-mode --eval --strict --json "$2" \
+    --arg lib "import $NIXPKGS_LIB" 2>&1 >"$3"); then
+    return 0
+  fi
+  fail "$1: evaluation failed"
+  echo "$err" | indent
+  return 1
+}
+
+if [[ -z ${NIXPKGS_LIB:-} ]]; then
+  skip "NIXPKGS_LIB not set (lib-only evaluation of the module, the package, the flake outputs and the VM test scripts)"
+elif [[ ! -f $NIXPKGS_LIB/default.nix ]]; then
+  fail "NIXPKGS_LIB=$NIXPKGS_LIB is not a nixpkgs lib directory (no default.nix)"
+elif have nix-instantiate "install Debian's nix-bin" && have python3 "install python3"; then
+  NIXPKGS_LIB=$(cd "$NIXPKGS_LIB" && pwd)
+
+  if evaluate "module and package" nix/eval-module.nix "$tmp/module.json"; then
+    report "module and package (nix/eval-module.nix)" "$tmp/module.json" || failures=$((failures + 1))
+
+    # The module's unit against the plain unit file used by the nspawn test.
+    if out=$(python3 - "$tmp/module.json" tests/systemd/nixfleet.service 2>&1 <<'EOF'
+import json
+import sys
+
+unit = json.load(open(sys.argv[1]))["unit"]
+placeholders = unit["placeholders"]
+
+
+def render(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def parse(path):
+    sections, section = {}, None
+    for raw in open(path):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        for name, real in placeholders.items():
+            value = value.replace(f"@{name}@", real)
+        section.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def as_lists(settings):
+    return {
+        key: [render(v) for v in (value if isinstance(value, list) else [value])]
+        for key, value in settings.items()
+    }
+
+
+expected = {
+    "Unit": {
+        "Description": [unit["description"]],
+        "Wants": unit["wants"],
+        "After": unit["after"],
+    },
+    "Service": as_lists(unit["serviceConfig"]),
+    "Install": {"WantedBy": unit["wantedBy"]},
+}
+actual = parse(sys.argv[2])
+problems = []
+for section in sorted(set(expected) | set(actual)):
+    want, have = expected.get(section, {}), actual.get(section, {})
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            problems.append(f"[{section}] {key}: set by the module, missing in the file")
+        elif key not in want:
+            problems.append(f"[{section}] {key}: in the file, not set by the module")
+        elif want[key] != have[key]:
+            problems.append(f"[{section}] {key}: module {want[key]} != file {have[key]}")
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(", ".join(sorted(expected["Service"])))
+EOF
+    ); then
+      ok "tests/systemd/nixfleet.service matches the module's unit ($out)"
+    else
+      fail "tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+      echo "$out" | indent
+    fi
+  fi
+
+  if evaluate "flake outputs" nix/eval-flake.nix "$tmp/flake.json"; then
+    report "flake outputs (nix/eval-flake.nix)" "$tmp/flake.json" || failures=$((failures + 1))
+
+    # The VM tests' Python, as the test driver would see it: its globals
+    # (machines and driver functions) declared first.
+    if out=$(python3 - "$tmp/flake.json" "$tmp" 2>&1 <<'EOF'
+import json
+import os
+import py_compile
+import subprocess
+import sys
+
+scripts = json.load(open(sys.argv[1]))["testScripts"]
+tmp = sys.argv[2]
+try:
+    import pyflakes  # noqa: F401
+
+    lint = True
+except ImportError:
+    lint = False
+driver_globals = ["start_all", "subtest", "retry", "join_all", "log", "machines", "driver"]
+problems = []
+for name, test in sorted(scripts.items()):
+    path = os.path.join(tmp, f"{name}.py")
+    with open(path, "w") as f:
+        for glob in driver_globals + test["nodes"]:
+            f.write(f"{glob}: object = None  # declared by the test driver\n")
+        f.write(test["script"])
+    try:
+        py_compile.compile(path, doraise=True)
+    except py_compile.PyCompileError as error:
+        problems.append(f"{name}: {error.msg}")
+        continue
+    if lint:
+        run = subprocess.run(
+            [sys.executable, "-m", "pyflakes", path], capture_output=True, text=True
+        )
+        if run.returncode != 0:
+            problems.append(f"{name}:\n{run.stdout}{run.stderr}")
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(("compile and pyflakes-clean" if lint else "compile (pyflakes not installed)") + ": " + ", ".join(sorted(scripts)))
+EOF
+    ); then
+      ok "VM test scripts $out"
+    else
+      fail "VM test scripts"
+      echo "$out" | indent
+    fi
+  fi
+fi
+
+if ((failures)); then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all Nix checks passed"

@@ -1,0 +1,293 @@
+# Evaluates modules/nixfleet.nix and nix/package.nix with nixpkgs' `lib`
+# alone, against the stand-ins of nix/stubs.nix for the NixOS options and
+# packages they use. Run by nix/check.sh:
+#
+#   nix-instantiate --readonly-mode --eval --strict --json nix/eval-module.nix \
+#     --arg lib 'import /path/to/nixpkgs.lib/lib'
+#
+# The result is { results = [ { name; ok; detail; } … ]; unit = …; }:
+# one entry per expectation, and the rendered unit of a minimal
+# configuration, which check.sh compares with tests/systemd/nixfleet.service.
+{ lib }:
+let
+  stubs = import ./stubs.nix { inherit lib; };
+  inherit (stubs) fakePackage fakeStorePath;
+  pkgs = stubs.pkgsFor "x86_64-linux";
+
+  evalConfig =
+    module:
+    stubs.evalNixos [
+      ../modules/nixfleet.nix
+      module
+    ];
+
+  tokenFile = "/run/keys/nixfleet-token";
+
+  minimal = {
+    networking.hostName = "web-01";
+    services.nixfleet = {
+      enable = true;
+      url = "wss://fleet.example.com/ws";
+      inherit tokenFile;
+    };
+  };
+
+  withMinimal = extra: evalConfig (lib.recursiveUpdate minimal extra);
+
+  failedMessages = config: map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+
+  expect = name: ok: detail: { inherit name ok detail; };
+
+  expectEqual =
+    name: actual: expected:
+    expect name (
+      actual == expected
+    ) "expected ${builtins.toJSON expected}, got ${builtins.toJSON actual}";
+
+  # A bad configuration must fail exactly one assertion, whose message
+  # contains `fragment`.
+  expectAssertion =
+    name: extra: fragment:
+    let
+      failed = failedMessages (withMinimal extra);
+    in
+    expect "assertion fires: ${name}" (
+      builtins.length failed == 1 && lib.hasInfix fragment (builtins.head failed)
+    ) "expected one failed assertion containing \"${fragment}\", got ${builtins.toJSON failed}";
+
+  # A value the option's type must refuse (evaluation throws).
+  expectTypeError =
+    name: extra: select:
+    expect "type refuses: ${name}" (
+      !(builtins.tryEval (builtins.deepSeq (select (withMinimal extra)) true)).success
+    ) "expected a type error, the value was accepted";
+
+  base = evalConfig minimal;
+  disabled = evalConfig { services.nixfleet.enable = false; };
+  unit = base.systemd.services.nixfleet;
+  sc = unit.serviceConfig;
+  agentExe = "${pkgs.nixfleet-agent.outPath}/bin/nixfleet-agent";
+  configFile = fakeStorePath "nixfleet.toml";
+
+  moduleResults = [
+    (expectEqual "minimal config passes every assertion" (failedMessages base) [ ])
+    (expectEqual "Type=notify" sc.Type "notify")
+    (expectEqual "NotifyAccess=main" sc.NotifyAccess "main")
+    (expectEqual "Restart=always" sc.Restart "always")
+    (expectEqual "RestartSec=2" sc.RestartSec 2)
+    (expectEqual "WatchdogSec defaults to 60" sc.WatchdogSec 60)
+    (expectEqual "KillMode=process" sc.KillMode "process")
+    (expectEqual "StateDirectory=nixfleet" sc.StateDirectory "nixfleet")
+    (expectEqual "LoadCredential=token:<tokenFile>" sc.LoadCredential [ "token:${tokenFile}" ])
+    (expectEqual "ExecStart runs the agent with --config" sc.ExecStart
+      "${agentExe} --config ${configFile}"
+    )
+    (expectEqual "restartIfChanged = false" unit.restartIfChanged false)
+    (expectEqual "stopIfChanged = false" unit.stopIfChanged false)
+    (expectEqual "wantedBy multi-user.target" unit.wantedBy [ "multi-user.target" ])
+    (expectEqual "wants network-online.target" unit.wants [ "network-online.target" ])
+    (expectEqual "after network-online.target" unit.after [ "network-online.target" ])
+    (expectEqual "path: nixos-rebuild, git, nix, openssh, systemd" (map (p: p.name) unit.path) [
+      "nixos-rebuild-ng-25.11"
+      "git-2.51.0"
+      "nix-2.31.2"
+      "openssh-10.0p2"
+      "systemd-258.2"
+    ])
+    (expectEqual "settings carry the options' keys" base.services.nixfleet.settings {
+      url = "wss://fleet.example.com/ws";
+      hostname = "web-01";
+      repo_dir = "/var/lib/nixfleet/repo";
+      branch = "main";
+      interval = 30;
+      log_level = "info";
+      metrics = "auto";
+    })
+    (expectEqual "no secret in the settings file" (lib.intersectLists
+      (builtins.attrNames base.services.nixfleet.settings)
+      [
+        "token"
+        "token_file"
+        "ssh_key"
+      ]
+    ) [ ])
+    (expectEqual "options map to settings keys"
+      (withMinimal {
+        services.nixfleet = {
+          hostname = "db-02";
+          repoDir = "/srv/fleet";
+          repoUrl = "git@example.com:fleet.git";
+          branch = "prod";
+          interval = 10;
+          logLevel = "debug";
+          metrics = "none";
+        };
+      }).services.nixfleet.settings
+      {
+        url = "wss://fleet.example.com/ws";
+        hostname = "db-02";
+        repo_dir = "/srv/fleet";
+        repo_url = "git@example.com:fleet.git";
+        branch = "prod";
+        interval = 10;
+        log_level = "debug";
+        metrics = "none";
+      }
+    )
+    (expectEqual "settings override the options and take extra keys"
+      (withMinimal {
+        services.nixfleet.settings = {
+          interval = 5;
+          ping_interval = 20;
+        };
+      }).services.nixfleet.settings
+      {
+        url = "wss://fleet.example.com/ws";
+        hostname = "web-01";
+        repo_dir = "/var/lib/nixfleet/repo";
+        branch = "main";
+        interval = 5;
+        log_level = "info";
+        metrics = "auto";
+        ping_interval = 20;
+      }
+    )
+    (expectEqual "sshKeyFile becomes the credential ssh_key"
+      (withMinimal { services.nixfleet.sshKeyFile = "/run/keys/deploy"; })
+      .systemd.services.nixfleet.serviceConfig.LoadCredential
+      [
+        "token:${tokenFile}"
+        "ssh_key:/run/keys/deploy"
+      ]
+    )
+    (expectEqual "watchdogSec = 0 disables the watchdog"
+      (withMinimal { services.nixfleet.watchdogSec = 0; })
+      .systemd.services.nixfleet.serviceConfig.WatchdogSec
+      0
+    )
+    (expectEqual "package option sets ExecStart"
+      (withMinimal {
+        services.nixfleet.package = fakePackage "nixfleet-agent-custom" "nixfleet-agent";
+      }).systemd.services.nixfleet.serviceConfig.ExecStart
+      "${fakeStorePath "nixfleet-agent-custom"}/bin/nixfleet-agent --config ${configFile}"
+    )
+    (expectEqual "disabled: no unit" (builtins.attrNames disabled.systemd.services) [ ])
+    (expectEqual "disabled: no assertions" disabled.assertions [ ])
+
+    (expectAssertion "url with http:// scheme" {
+      services.nixfleet.url = "https://fleet.example.com/ws";
+    } "must start with ws:// or wss://")
+    (expectAssertion "url overridden in settings" {
+      services.nixfleet.settings.url = "fleet.example.com";
+    } "must start with ws:// or wss://")
+    (expectAssertion "tokenFile in the Nix store" {
+      services.nixfleet.tokenFile = "${builtins.storeDir}/00000000000000000000000000000000-token";
+    } "services.nixfleet.tokenFile is \"${builtins.storeDir}/")
+    (expectAssertion "relative tokenFile" {
+      services.nixfleet.tokenFile = "secrets/token";
+    } "services.nixfleet.tokenFile must be an absolute path")
+    (expectAssertion "sshKeyFile in the Nix store" {
+      services.nixfleet.sshKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-id_ed25519";
+    } "services.nixfleet.sshKeyFile is \"${builtins.storeDir}/")
+    (expectAssertion "relative sshKeyFile" {
+      services.nixfleet.sshKeyFile = "id_ed25519";
+    } "services.nixfleet.sshKeyFile must be an absolute path")
+    (expectAssertion "hostname with a space" {
+      services.nixfleet.hostname = "web 01";
+    } "must be non-empty and use only letters")
+    (expectAssertion "empty networking.hostName" {
+      networking.hostName = "";
+    } "must be non-empty and use only letters")
+    (expectAssertion "token in settings" {
+      services.nixfleet.settings.token = "s3cr3t";
+    } "services.nixfleet.settings.token is not allowed")
+    (expectAssertion "token_file in settings" {
+      services.nixfleet.settings.token_file = "/run/keys/t";
+    } "services.nixfleet.settings.token_file is not allowed")
+    (expectAssertion "ssh_key in settings" {
+      services.nixfleet.settings.ssh_key = "/root/.ssh/id_ed25519";
+    } "services.nixfleet.settings.ssh_key is not allowed")
+
+    (expectTypeError "tokenFile as a Nix path literal (would be copied to the store)" {
+      services.nixfleet.tokenFile = ./eval-module.nix;
+    } (c: c.services.nixfleet.tokenFile))
+    (expectTypeError "interval = 0" { services.nixfleet.interval = 0; } (
+      c: c.services.nixfleet.interval
+    ))
+    (expectTypeError "metrics = \"bogus\"" { services.nixfleet.metrics = "bogus"; } (
+      c: c.services.nixfleet.metrics
+    ))
+    (expectTypeError "watchdogSec = -1" { services.nixfleet.watchdogSec = -1; } (
+      c: c.services.nixfleet.watchdogSec
+    ))
+  ];
+
+  # nix/package.nix with a buildRustPackage that returns its arguments and a
+  # lib.fileset.toSource that returns the file set, to list the sources.
+  cargoToml = lib.importTOML ../Cargo.toml;
+  package = import ../nix/package.nix {
+    lib = stubs.libCompat // {
+      fileset = stubs.libCompat.fileset // {
+        toSource = args: args;
+      };
+    };
+    rustPlatform.buildRustPackage = args: args;
+    inherit (pkgs) git;
+  };
+  root = toString ../.;
+  sourceFiles = map (f: lib.removePrefix "${root}/" (toString f)) (
+    stubs.libCompat.fileset.toList package.src.fileset
+  );
+  hasPrefixIn = prefixes: f: builtins.any (p: lib.hasPrefix p f) prefixes;
+  isCargoFile = f: f == "Cargo.toml" || f == "Cargo.lock";
+  cargoDirs = [
+    "src/"
+    "tests/"
+    "benches/"
+    "examples/"
+  ];
+
+  packageResults = [
+    (expectEqual "package: pname from Cargo.toml" package.pname cargoToml.package.name)
+    (expectEqual "package: version from Cargo.toml" package.version cargoToml.package.version)
+    (expectEqual "package: cargoLock.lockFile = ./Cargo.lock" (toString package.cargoLock.lockFile)
+      "${root}/Cargo.lock"
+    )
+    (expectEqual "package: meta.mainProgram" package.meta.mainProgram "nixfleet-agent")
+    (expectEqual "package: checkFlags skip the systemd-nspawn tests" package.checkFlags [
+      "--skip=systemd_nspawn"
+    ])
+    (expectEqual "package: source root is the repository" (toString package.src.root) root)
+    (expectEqual "package: source holds Cargo.toml, Cargo.lock, src/ and tests/ only" (builtins.filter (
+      f: !(isCargoFile f || hasPrefixIn cargoDirs f)
+    ) sourceFiles) [ ])
+    (expectEqual "package: source has Cargo.toml, Cargo.lock and src/main.rs" (lib.subtractLists
+      sourceFiles
+      [
+        "Cargo.toml"
+        "Cargo.lock"
+        "src/main.rs"
+      ]
+    ) [ ])
+  ];
+in
+{
+  results = moduleResults ++ packageResults;
+
+  # For the comparison with tests/systemd/nixfleet.service.
+  unit = {
+    inherit (unit)
+      description
+      wants
+      after
+      wantedBy
+      serviceConfig
+      ;
+    placeholders = {
+      agent = agentExe;
+      config = configFile;
+      token_file = tokenFile;
+      watchdog_sec = toString sc.WatchdogSec;
+    };
+  };
+}

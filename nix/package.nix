@@ -1,0 +1,48 @@
+# The agent and the mock dashboard: one Cargo package, one derivation.
+# Used by flake.nix (packages, overlays.default) and by the flake's NixOS
+# module, always through `callPackage`, so it builds with the caller's Nixpkgs.
+{
+  lib,
+  rustPlatform,
+  git,
+}:
+let
+  cargoToml = lib.importTOML ../Cargo.toml;
+in
+rustPlatform.buildRustPackage {
+  pname = cargoToml.package.name;
+  inherit (cargoToml.package) version;
+
+  # Only what Cargo reads: edits to Nix files, docs or CI do not rebuild.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../src
+      (lib.fileset.maybeMissing ../tests)
+      (lib.fileset.maybeMissing ../benches)
+      (lib.fileset.maybeMissing ../examples)
+    ];
+  };
+
+  # Every crate is pinned with its checksum in Cargo.lock: no cargoHash.
+  cargoLock.lockFile = ../Cargo.lock;
+
+  # Tests of the `pull` command drive a real git against local repositories.
+  nativeCheckInputs = [ git ];
+
+  # The integration tests talk to the binaries over loopback, which the
+  # build sandbox has. The systemd-nspawn test boots a container and cannot
+  # run there. `--skip` is the test harness's filter: it drops every test
+  # whose name contains the string, so the tests of that target carry the
+  # target's name (`systemd_nspawn::…` or a `systemd_nspawn_` prefix).
+  checkFlags = [ "--skip=systemd_nspawn" ];
+
+  meta = {
+    inherit (cargoToml.package) description;
+    license = lib.licenses.mit;
+    mainProgram = "nixfleet-agent";
+    platforms = lib.platforms.linux;
+  };
+}
