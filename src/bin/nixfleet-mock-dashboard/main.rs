@@ -1,1 +1,399 @@
-fn main() {}
+//! `nixfleet-mock-dashboard`: a small mock NixFleet v2 dashboard for the
+//! README demo, integration tests, the systemd-nspawn test and the NixOS VM
+//! tests. Agents connect to `/ws` exactly as they would to a real dashboard
+//! (see `shared/spec/protocol.md`); tests and humans drive and inspect it
+//! through a small HTTP JSON API. Logs go to stderr; stdout carries exactly
+//! one line.
+//!
+//! # Command line
+//!
+//! ```text
+//! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE)
+//!                         [--listen ADDR] [--record FILE]
+//!                         [--offline-after-intervals N]
+//!                         [--max-messages-per-host N] [--log-level FILTER]
+//! ```
+//!
+//! | flag | default | meaning |
+//! |---|---|---|
+//! | `--listen ADDR` | `127.0.0.1:8000` | `ip:port` to listen on; port `0` picks a free port |
+//! | `--token TOKEN` | | the bearer token agents must present |
+//! | `--token-file FILE` | | read the token from FILE (surrounding whitespace trimmed); exactly one of `--token`/`--token-file` is required |
+//! | `--record FILE` | off | append a JSON-lines journal of everything agents send (below) |
+//! | `--offline-after-intervals N` | `3` | a host is offline after N × its `heartbeat_interval` without a heartbeat |
+//! | `--max-messages-per-host N` | `1000000` | per-host message cap; the oldest are evicted and counted |
+//! | `--log-level FILTER` | `info` | `error`, `warn`, `info`, `debug`, `trace`, or a `tracing` target filter |
+//!
+//! Once listening it prints exactly one line to **stdout**,
+//! `listening on <ip>:<port>` (the actual address, so `--listen
+//! 127.0.0.1:0` works), and flushes it; under systemd it also sends
+//! `READY=1` (so `Type=notify` units work; `Type=simple` is fine too).
+//! The token is never logged (`--token-file` keeps it out of `ps`, e.g.
+//! with `LoadCredential=`).
+//!
+//! Exit status: `0` after SIGTERM/SIGINT (graceful: open agent connections
+//! get close code 1001 `dashboard shutting down`, the record file is
+//! flushed); `2` for bad usage (unknown flag, no token, unreadable or empty
+//! token file); `1` when it cannot listen or open the record file.
+//!
+//! # WebSocket: `GET /ws`
+//!
+//! Requires `Authorization: Bearer <token>`; otherwise `401` with
+//! `{"error": "unauthorized"}` and no upgrade (the attempt is listed by
+//! `GET /api/rejected`). Frames and messages up to 16 MiB are accepted; a
+//! larger one ends that connection (`closed_by: "transport"`, with the
+//! `error`) and nothing else. Pings are answered.
+//!
+//! * The connection belongs to the hostname of its `register`
+//!   (`payload.hostname`, a non-empty string). The mock replies
+//!   `{"type":"registered","payload":{"host_id":"<hostname>"}}`. A
+//!   `register` without a usable hostname is stored but not answered.
+//!   Frames before a valid `register` are kept under the pseudo-host
+//!   `(unregistered)` (host `""` in the record file).
+//! * Last connection wins: when a second connection registers a hostname
+//!   that already has a live connection, the older one is closed with
+//!   code 1008, reason `duplicate host`.
+//! * A host stops being `connected` as soon as either side sends a close
+//!   frame (or the connection drops); API frames then get `409`.
+//! * Every frame is stored, including malformed ones (not a JSON object
+//!   with a string `type`: type `_malformed`) and binary frames (type
+//!   `_binary`, bytes decoded lossily as UTF-8); the connection stays up.
+//!   The mock never validates what agents send.
+//! * Online rule: a host is `online` iff it has a live connection and its
+//!   last `register` or `heartbeat` on that connection is younger than
+//!   N × `heartbeat_interval` (seconds, from its `register`; 30 s if absent
+//!   or not a positive number).
+//! * Memory: at most `--max-messages-per-host` messages (default 1,000,000)
+//!   are kept per host; older ones are evicted (count in `evicted`). Each
+//!   costs about 100 bytes plus the frame's text: a host flooding small
+//!   `output` lines peaks around 200 MB at the default cap.
+//! * Throughput: per frame, one copy and one short lock; an optimised
+//!   build stores well over 300,000 small frames per second from one agent
+//!   (about half that rate with `--record`; see the ignored
+//!   `flood_throughput` test in `tests/mock_dashboard.rs`), and the API
+//!   stays responsive meanwhile.
+//!
+//! # HTTP API
+//!
+//! All responses are JSON. Errors are `{"error": "<text>"}` with status
+//! `400` (bad body or query), `404` (unknown host or path), `405`, `409`
+//! (host known but not connected). Timestamps are unix milliseconds.
+//! `{host}` is a hostname (URL-encoded) or `(unregistered)`.
+//!
+//! * `GET /` — a plain-text endpoint list, for humans.
+//! * `GET /health` → `{"status": "ok"}`.
+//! * `GET /api/hosts` → array of host objects (registered hosts only, in
+//!   order of first registration):
+//!   ```text
+//!   {"hostname": str, "online": bool, "connected": bool,
+//!    "live_connection": id|null, "last_seen": ms|null,
+//!    "connections": n (connections that registered this hostname, total),
+//!    "registered_at": ms|null, "register": <last register payload>|null,
+//!    "heartbeat_interval_ms": n, "last_heartbeat": <payload>|null,
+//!    "last_heartbeat_at": ms|null, "messages": n (stored in total),
+//!    "evicted": n}
+//!   ```
+//! * `GET /api/hosts/{host}` → one host object.
+//! * `GET /api/hosts/{host}/messages[?type=T][&since=I][&limit=N]` →
+//!   ```text
+//!   {"host": str, "next": I, "evicted": n, "messages": [
+//!     {"index": i, "t": ms, "conn": id, "type": str, "payload": <json>|null},
+//!     {"index": i, "t": ms, "conn": id, "type": "_malformed", "payload": null, "raw": "<text>"}, ...]}
+//!   ```
+//!   Messages are numbered from 0 per host, in arrival order. `type`
+//!   filters on the message type; `since` returns only messages with
+//!   `index >= since`; `limit` caps how many are returned. `next` is the
+//!   value to pass as `since` to get only newer messages (with `type`
+//!   too). Evicted messages are skipped silently (see `evicted`).
+//! * `GET /api/hosts/{host}/connections` → array, oldest first:
+//!   ```text
+//!   {"id": n, "host": str|null, "remote": "ip:port", "opened_at": ms,
+//!    "registered_at": ms|null, "closed_at": ms|null, "open": bool,
+//!    "live": bool, "frames": n,
+//!    "close_code": n|null, "close_reason": str|null,   (the agent's close frame)
+//!    "closed_by": "agent"|"dashboard"|"transport"|null,
+//!    "sent_close_code": n|null, "sent_close_reason": str|null,   (the mock's)
+//!    "error": str|null}
+//!   ```
+//!   `closed_by` says who started closing: the agent (close frame), the
+//!   dashboard (disconnect, duplicate host, shutdown), or `transport` (the
+//!   TCP connection ended or failed without a close frame).
+//! * `POST /api/hosts/{host}/command` `{"command": "<name>"}` → sends
+//!   `{"type":"command","payload":{"command":"<name>"}}` (names are not
+//!   validated).
+//! * `POST /api/hosts/{host}/kill` `{"signal": "SIGTERM", "pid": 0}` (both
+//!   optional, those are the defaults; the signal string is not validated)
+//!   → sends `{"type":"kill_command","payload":{"signal":…,"pid":…}}`.
+//! * `POST /api/hosts/{host}/send` with any JSON body → sends the body
+//!   verbatim as one text frame; `{"raw": "<text>"}` sends `<text>` (may be
+//!   malformed JSON); `{"binary": "<text>"}` sends a binary frame.
+//! * `POST /api/hosts/{host}/disconnect` `{"code": 1011, "reason": "…"}`
+//!   (defaults 1000 and `""`; code 1000–4999 except 1004/1005/1006/1015,
+//!   reason ≤ 123 bytes) → closes the live connection with that close
+//!   frame; `{"abort": true}` drops the TCP connection without one.
+//!
+//!   The four POSTs answer `200 {"ok": true, "conn": <id>}`, or `404`
+//!   (unknown host), `400` (bad body), `409` (not connected), checked in
+//!   that order. Request bodies up to 64 MiB; no Content-Type needed.
+//! * `GET /api/rejected` → the refused upgrades (newest 10,000):
+//!   `[{"t": ms, "remote": "ip:port", "reason": str}]`.
+//!
+//! # Record file (`--record FILE`)
+//!
+//! Appended, one JSON object per line, flushed as soon as the writer
+//! catches up:
+//!
+//! ```text
+//! {"t": ms, "host": "h", "conn": id, "frame": <the frame as JSON, or {"_raw": "<text>"} if not JSON, or {"_binary": "<text>"}>}
+//! {"t": ms, "host": "", "conn": id, "event": "open", "remote": "ip:port"}
+//! {"t": ms, "host": "h", "conn": id, "event": "close", "code": n|null, "reason": str|null,
+//!  "closed_by": str, "sent_code": n|null, "sent_reason": str|null}
+//! {"t": ms, "host": "", "conn": 0, "event": "rejected", "remote": "ip:port", "reason": str}
+//! ```
+//!
+//! `host` is `""` until the connection has registered. `code`/`reason` are
+//! from the agent's close frame; `sent_*` from the mock's.
+//!
+//! # Design
+//!
+//! One `State` behind one mutex (`state.rs`), locked briefly once per frame
+//! and per API call; one task per agent connection owns its socket and
+//! receives API requests over a channel (`ws.rs`); frames are stored as
+//! their received text (one copy, reference-counted) and the payload is
+//! extracted when the API serves it; the record file has its own writer
+//! thread (`record.rs`).
+
+mod api;
+mod record;
+mod state;
+mod ws;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use clap::{ArgGroup, Parser};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+use crate::record::Recorder;
+use crate::state::{Shared, State};
+
+/// Request bodies (e.g. `/send` with a large raw frame) up to this size.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// How long shutdown waits for agents to answer the close frame.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A mock NixFleet dashboard: agents connect to /ws, tests use the HTTP API.
+/// The full API is documented at the top of
+/// src/bin/nixfleet-mock-dashboard/main.rs.
+#[derive(Parser)]
+#[command(name = "nixfleet-mock-dashboard", version)]
+#[command(group(ArgGroup::new("auth").required(true).args(["token", "token_file"])))]
+struct Cli {
+    /// Address to listen on (ip:port; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Bearer token agents must send (prefer --token-file).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// File holding the bearer token (whitespace trimmed).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Append every frame and connection event as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// A host is offline after N heartbeat intervals without a heartbeat.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    offline_after_intervals: u32,
+    /// Messages kept per host; older ones are evicted.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_messages_per_host: u64,
+    /// Log filter: error, warn, info, debug, trace (or a tracing target filter).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Ok(filter) = cli.log_level.parse::<Targets>() else {
+        eprintln!("error: invalid --log-level {:?}", cli.log_level);
+        return ExitCode::from(2);
+    };
+    let token = match load_token(&cli) {
+        Ok(token) => token,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    tracing_subscriber::registry().with(fmt).with(filter).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(run(cli, token));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+fn load_token(cli: &Cli) -> Result<String, String> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => token.trim().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => return Err("one of --token or --token-file is required".into()),
+    };
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    Ok(token)
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(api::index))
+        .route("/health", get(api::health))
+        .route("/ws", get(ws::upgrade))
+        .route("/api/hosts", get(api::list_hosts))
+        .route("/api/hosts/{host}", get(api::get_host))
+        .route("/api/hosts/{host}/messages", get(api::messages))
+        .route("/api/hosts/{host}/connections", get(api::connections))
+        .route("/api/hosts/{host}/command", post(api::command))
+        .route("/api/hosts/{host}/kill", post(api::kill))
+        .route("/api/hosts/{host}/send", post(api::send))
+        .route("/api/hosts/{host}/disconnect", post(api::disconnect))
+        .route("/api/rejected", get(api::rejected))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+async fn run(cli: Cli, token: String) -> ExitCode {
+    let (recorder, writer) = match &cli.record {
+        Some(path) => match Recorder::open(path) {
+            Ok((recorder, writer)) => (Some(recorder), Some(writer)),
+            Err(e) => {
+                eprintln!("error: cannot open record file {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => (None, None),
+    };
+    let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
+    let state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    let shared = Arc::new(Shared::new(state, token));
+
+    let listener = match TcpListener::bind(cli.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", cli.listen);
+            return ExitCode::from(1);
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: cannot read the listening address: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Install the handlers before announcing the port, so a SIGTERM sent
+    // right after reading it is handled gracefully.
+    let (mut sigterm, mut sigint) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    let ticker = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                shared.lock().check_online();
+            }
+        }
+    });
+
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening on {addr}");
+        let _ = stdout.flush();
+    }
+    tracing::info!("listening on {addr}");
+    // For `Type=notify` units; a no-op without NOTIFY_SOCKET.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        result = &mut server => {
+            tracing::error!("the HTTP server stopped: {result:?}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!("{why}: shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    shared.lock().close_all(1001, "dashboard shutting down");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while shared.lock().open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+    ticker.abort();
+    drop(shared.lock().take_recorder());
+    if let Some(writer) = writer {
+        let join = tokio::task::spawn_blocking(move || writer.join());
+        let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
+    }
+    tracing::info!("bye");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,163 @@
+//! `GET /ws`: the bearer-token check, the upgrade, and one task per agent
+//! connection that reads frames into the state and writes what the HTTP API
+//! queued for it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::api::error;
+use crate::state::{ConnId, Outgoing, Shared, classify};
+
+/// Largest message (and frame) accepted from an agent.
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// How long to wait for the agent's close frame after sending ours.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an upgrade was refused (for the log and `/api/rejected`; never
+/// contains the token).
+fn auth_problem(shared: &Shared, headers: &HeaderMap) -> Option<&'static str> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Some("missing Authorization header");
+    };
+    let Some((scheme, token)) = value.to_str().ok().and_then(|v| v.trim().split_once(' ')) else {
+        return Some("malformed Authorization header");
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Some("Authorization is not a Bearer token");
+    }
+    if shared.token_matches(token.trim().as_bytes()) {
+        None
+    } else {
+        Some("wrong token")
+    }
+}
+
+pub async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if let Some(reason) = auth_problem(&shared, &headers) {
+        tracing::warn!(%remote, reason, "refused WebSocket upgrade: HTTP 401");
+        shared.lock().reject(remote, reason);
+        let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => {
+            let status = rejection.status();
+            let text = rejection.body_text();
+            tracing::warn!(%remote, %status, "not a WebSocket upgrade: {text}");
+            return error(status, &text);
+        }
+    };
+    if shared.shutting_down.load(Ordering::Relaxed) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    upgrade
+        .max_message_size(MAX_MESSAGE_SIZE)
+        .max_frame_size(MAX_MESSAGE_SIZE)
+        .on_failed_upgrade(move |e| tracing::warn!(%remote, "WebSocket upgrade failed: {e}"))
+        .on_upgrade(move |socket| run(socket, shared, remote))
+        .into_response()
+}
+
+async fn run(mut socket: WebSocket, shared: Arc<Shared>, remote: SocketAddr) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = shared.lock().open_conn(remote, tx);
+    tracing::info!(conn = id, %remote, "connection opened");
+    let error = serve(&mut socket, &shared, id, &mut rx).await;
+    if let Some(e) = &error {
+        tracing::info!(conn = id, "connection error: {e}");
+    }
+    shared.lock().conn_closed(id, error);
+}
+
+/// Runs the connection until it is over; returns a transport error, if any.
+async fn serve(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    id: ConnId,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+) -> Option<String> {
+    // Set once the mock has sent its close frame.
+    let mut closing: Option<Instant> = None;
+    // Set once the agent's close frame arrived: nothing may be sent after it.
+    let mut peer_closed = false;
+    loop {
+        tokio::select! {
+            biased;
+            out = rx.recv(), if closing.is_none() && !peer_closed => {
+                let message = match out {
+                    Some(Outgoing::Text(text)) => Message::Text(text.into()),
+                    Some(Outgoing::Binary(data)) => Message::Binary(data.into()),
+                    Some(Outgoing::Close { code, reason }) => {
+                        shared.lock().note_sent_close(id, code, &reason);
+                        closing = Some(Instant::now() + CLOSE_TIMEOUT);
+                        Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+                    }
+                    Some(Outgoing::Abort) => {
+                        shared.lock().note_abort(id);
+                        return None;
+                    }
+                    // The state dropped the sender: nothing left to do.
+                    None => return None,
+                };
+                if let Err(e) = socket.send(message).await {
+                    return Some(e.to_string());
+                }
+            }
+            _ = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
+                return Some("timed out waiting for the agent's close frame".into());
+            }
+            received = socket.recv() => match received {
+                Some(Ok(Message::Text(text))) => {
+                    let text = text.as_str();
+                    let incoming = classify(text);
+                    if incoming.is_malformed() {
+                        tracing::debug!(conn = id, len = text.len(), "malformed frame stored");
+                    }
+                    let reply = shared.lock().on_text(id, incoming, text);
+                    if let Some(reply) = reply
+                        && closing.is_none()
+                        && !peer_closed
+                        && let Err(e) = socket.send(Message::Text(reply.into())).await
+                    {
+                        return Some(e.to_string());
+                    }
+                }
+                Some(Ok(Message::Binary(data))) => shared.lock().on_binary(id, &data),
+                // Pings are answered by tungstenite itself.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = match &frame {
+                        Some(f) => (Some(f.code), Some(f.reason.as_str())),
+                        None => (None, None),
+                    };
+                    tracing::info!(conn = id, code, reason, "close frame from the agent");
+                    shared.lock().note_agent_close(id, code, reason);
+                    peer_closed = true;
+                    // Keep reading: that sends tungstenite's close reply and
+                    // then ends the stream.
+                }
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return None,
+            }
+        }
+    }
+}
