@@ -111,6 +111,7 @@ impl Connection {
                     let started = Instant::now();
                     let registered = AtomicBool::new(false);
                     let end = self.session(socket, &registered).await;
+                    self.links.outbox.requeue_in_flight();
                     if registered.load(Ordering::Relaxed) || started.elapsed() >= STABLE_CONNECTION
                     {
                         backoff.reset();
@@ -165,15 +166,16 @@ impl Connection {
             .max_message_size(Some(MAX_INBOUND_FRAME))
             .max_frame_size(Some(MAX_INBOUND_FRAME));
         let connect_timeout = self.config.ping_timeout;
-        let attempt = tokio::time::timeout(
-            connect_timeout,
-            tokio_tungstenite::connect_async_tls_with_config(
+        let attempt = tokio::time::timeout(connect_timeout, async move {
+            let stream = dial(&request).await.map_err(tungstenite::Error::Io)?;
+            tokio_tungstenite::client_async_tls_with_config(
                 request,
+                stream,
                 Some(ws_config),
-                true,
                 Some(connector),
-            ),
-        );
+            )
+            .await
+        });
         let mut shutdown = self.links.shutdown.clone();
         let attempt = async {
             tokio::select! {
@@ -287,6 +289,48 @@ impl Connection {
         }
         end
     }
+}
+
+/// The kernel's send buffer for the dashboard socket, kept small on purpose:
+/// output the dashboard has not read yet then waits in the outbox, where
+/// heartbeats overtake it and overflow is counted, instead of in the kernel,
+/// where a heartbeat would queue behind megabytes of build log.
+const SOCKET_SEND_BUFFER: u32 = 128 * 1024;
+
+/// Opens the TCP connection for `request`'s URL, trying each address.
+async fn dial(request: &tungstenite::handshake::client::Request) -> std::io::Result<TcpStream> {
+    use std::io::{Error, ErrorKind};
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "the url has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let mut last_error = Error::new(ErrorKind::NotFound, format!("{host} has no address"));
+    for address in tokio::net::lookup_host((host, port)).await? {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Best effort: a kernel that refuses still gives a working socket.
+        let _ = socket.set_send_buffer_size(SOCKET_SEND_BUFFER);
+        match socket.connect(address).await {
+            Ok(stream) => {
+                // Lines must leave within 100 ms, and batching is ours.
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
 }
 
 enum ConnectError {
@@ -447,50 +491,22 @@ async fn write_frames(
     }
 }
 
-/// Writes a batch with one flush. On failure, what may not have arrived is
-/// handed back to the outbox (see [`Outbox::requeue_undelivered`]).
+/// Writes a batch with one flush. What does not get confirmed here is put
+/// back by [`Outbox::requeue_in_flight`] when the session ends, whichever
+/// part of the session ended it.
 async fn send_batch(
     sink: &mut futures_util::stream::SplitSink<Socket, Message>,
     batch: &mut Vec<Item>,
     outbox: &Outbox,
 ) -> Result<(), String> {
-    let mut unconfirmed: Vec<Item> = Vec::new();
-    let mut failure = None;
     for item in batch.drain(..) {
-        if failure.is_some() {
-            unconfirmed.push(item);
-            continue;
-        }
-        // Reliable frames are kept until the flush succeeds; lines are not
-        // (they would only be counted as lost).
-        let keep = if item.droppable {
-            Item {
-                frame: String::new(),
-                droppable: true,
-            }
-        } else {
-            item.clone()
-        };
-        match sink.feed(Message::text(item.frame)).await {
-            Ok(()) => unconfirmed.push(keep),
-            Err(error) => {
-                failure = Some(error.to_string());
-                unconfirmed.push(keep);
-            }
-        }
+        sink.feed(Message::text(item.frame))
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    if failure.is_none() {
-        match sink.flush().await {
-            Ok(()) => {
-                let reliable = unconfirmed.iter().filter(|i| !i.droppable).count();
-                outbox.confirm_delivered(reliable as u64);
-                return Ok(());
-            }
-            Err(error) => failure = Some(error.to_string()),
-        }
-    }
-    outbox.requeue_undelivered(unconfirmed);
-    Err(failure.unwrap_or_default())
+    sink.flush().await.map_err(|e| e.to_string())?;
+    outbox.confirm_delivered();
+    Ok(())
 }
 
 /// Exponential reconnect delay: 1 s, 2 s, 4 s … up to the cap, ±10 %.

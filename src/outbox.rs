@@ -60,6 +60,11 @@ struct Queue {
     /// (in order: requeued ones go back to the front).
     reliable_queued: u64,
     reliable_delivered: u64,
+    /// What the writer took and has not confirmed yet: copies of the
+    /// reliable frames (to put back if the connection fails) and a count of
+    /// the lines (to report as lost).
+    in_flight_reliable: Vec<Item>,
+    in_flight_lines: u64,
 }
 
 impl Default for Outbox {
@@ -121,14 +126,17 @@ impl Outbox {
         ticket
     }
 
-    /// The writer confirms that a batch, with `reliable` reliable frames in
-    /// it, was flushed to the socket.
-    pub fn confirm_delivered(&self, reliable: u64) {
-        if reliable == 0 {
-            return;
+    /// The writer confirms that everything it took was flushed to the socket.
+    pub fn confirm_delivered(&self) {
+        let mut q = self.lock();
+        let reliable = q.in_flight_reliable.len() as u64;
+        q.in_flight_reliable.clear();
+        q.in_flight_lines = 0;
+        if reliable > 0 {
+            q.reliable_delivered += reliable;
+            drop(q);
+            self.delivered.notify_waiters();
         }
-        self.lock().reliable_delivered += reliable;
-        self.delivered.notify_waiters();
     }
 
     /// Waits until the reliable frame with this ticket (and everything
@@ -156,25 +164,25 @@ impl Outbox {
             if item.droppable {
                 q.lines -= 1;
                 q.line_bytes -= item.frame.len();
+                q.in_flight_lines += 1;
+            } else {
+                q.in_flight_reliable.push(item.clone());
             }
             batch.push(item);
         }
     }
 
-    /// Puts back what a broken connection could not deliver. Frames that
-    /// must not be lost go back to the front in order; lines are counted as
-    /// dropped, since re-sending them could duplicate lines the dashboard
-    /// already has.
-    pub fn requeue_undelivered(&self, undelivered: Vec<Item>) {
+    /// After a connection ended: what the writer took but could not confirm
+    /// goes back. Frames that must not be lost return to the front, in
+    /// order; lines are counted as dropped, since sending them again could
+    /// duplicate lines the dashboard already has.
+    pub fn requeue_in_flight(&self) {
         let mut q = self.lock();
-        let mut lost_lines = 0;
-        for item in undelivered.into_iter().rev() {
-            if item.droppable {
-                lost_lines += 1;
-            } else {
-                q.items.push_front(item);
-            }
+        let reliable = std::mem::take(&mut q.in_flight_reliable);
+        for item in reliable.into_iter().rev() {
+            q.items.push_front(item);
         }
+        let lost_lines = std::mem::take(&mut q.in_flight_lines);
         if lost_lines > 0 {
             let command = std::mem::take(&mut q.last_command);
             q.note_dropped(&command, lost_lines);
@@ -339,8 +347,9 @@ mod tests {
         outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
         let mut batch = Vec::new();
         outbox.take_batch(usize::MAX, &mut batch);
-        let undelivered: Vec<Item> = std::mem::take(&mut batch);
-        outbox.requeue_undelivered(undelivered);
+        // The connection broke before the writer could confirm the batch.
+        drop(batch);
+        outbox.requeue_in_flight();
         outbox.push_line("test", Stream::Stdout, "after");
         assert_eq!(
             lines_of(&drain(&outbox)),
@@ -360,10 +369,21 @@ mod tests {
             let outbox = outbox.clone();
             tokio::spawn(async move { outbox.wait_delivered(ticket).await })
         };
-        outbox.confirm_delivered(1);
+        let mut batch = Vec::new();
+        outbox.take_batch(1, &mut batch);
+        assert_eq!(batch.len(), 1, "only the line");
+        outbox.confirm_delivered();
+        batch.clear();
+        outbox.take_batch(1, &mut batch);
+        outbox.confirm_delivered();
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        outbox.confirm_delivered(1);
+        assert!(
+            !waiter.is_finished(),
+            "the notice is out, the status is not"
+        );
+        batch.clear();
+        outbox.take_batch(1, &mut batch);
+        outbox.confirm_delivered();
         waiter.await.unwrap();
     }
 
