@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs every check of the project: formatting, lints, the whole test suite
+# (unit, integration with the real binaries, the systemd-nspawn test) and the
+# static Nix checks. On a fresh Debian 12 machine with only Rust installed it
+# first installs what it needs (apt packages as root or through sudo, cargo
+# tools with `cargo install --locked`). CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- prerequisites ---------------------------------------------------------
+apt_packages=()
+command -v git >/dev/null || apt_packages+=(git)
+command -v python3 >/dev/null || apt_packages+=(python3)
+command -v nix-instantiate >/dev/null || apt_packages+=(nix-bin)
+command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
+command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  step "installing ${apt_packages[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+
+cargo_tool() { # binary crate@version
+  command -v "$1" >/dev/null || { step "installing $2"; cargo install --locked --quiet "$2"; }
+}
+cargo_tool nixfmt nixfmt_rs@0.5.3
+cargo_tool deadnix deadnix@1.3.1
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+# --- checks ----------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "cargo test"
+cargo test --all-targets
+
+step "Nix static checks"
+bash nix/check.sh
