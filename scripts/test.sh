@@ -45,3 +45,6 @@ cargo test --all-targets
 
 step "Nix static checks"
 bash nix/check.sh
+
+step "demo (scripts/demo.sh --check)"
+NIXFLEET_DEMO_PORT="${NIXFLEET_DEMO_PORT:-18000}" bash scripts/demo.sh --check

@@ -16,11 +16,12 @@ use crate::handover::{CommandRecord, SelfImage, follow_adopted};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
-use crate::watchdog::{Probe, probe_channel};
+use crate::systemd::{CommandStatus, ConnectionStatus, StatusLine, Systemd};
+use crate::watchdog::{Probe, Prober, probe_channel};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -40,10 +41,10 @@ pub async fn run(config: Config) -> ExitCode {
     let (inbound_tx, inbound_rx) = mpsc::channel(64);
     let (replies_tx, replies_rx) = mpsc::channel(64);
     let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
-    let (link_state_tx, _link_state_rx) = watch::channel(LinkState::Connecting);
+    let (link_state_tx, link_state_rx) = watch::channel(LinkState::Connecting);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (_core_prober, core_probes) = probe_channel("core");
-    let (_connection_prober, connection_probes) = probe_channel("connection");
+    let (core_prober, core_probes) = probe_channel("core");
+    let (connection_prober, connection_probes) = probe_channel("connection");
 
     let reporter = Reporter::new(&config, AgentIdentity::detect());
     let connection = Connection::new(
@@ -53,7 +54,7 @@ pub async fn run(config: Config) -> ExitCode {
             inbound: inbound_tx,
             replies: replies_rx,
             outbox: outbox.clone(),
-            command_state: command_state_rx,
+            command_state: command_state_rx.clone(),
             link_state: link_state_tx,
             probes: connection_probes,
             shutdown: shutdown_rx.clone(),
@@ -80,12 +81,21 @@ pub async fn run(config: Config) -> ExitCode {
         restart: None,
     };
     core.adopt_previous();
+    let systemd = tokio::spawn(report_to_systemd(
+        Systemd::from_env(),
+        config.url.clone(),
+        link_state_rx,
+        command_state_rx,
+        [core_prober, connection_prober],
+        shutdown_rx.clone(),
+    ));
     let ending = core.run(inbound_rx, shutdown_rx.clone(), core_probes).await;
     // A restart stops the connection the same way as a shutdown (close
     // 1000); after a signal this is already set.
     shutdown_tx.send_replace(true);
     // The connection sends the close frame and waits for the answer.
     let _ = connection.await;
+    let _ = systemd.await;
     match ending {
         Ending::Shutdown => {
             info!("stopped");
@@ -96,6 +106,60 @@ pub async fn run(config: Config) -> ExitCode {
             ExitCode::from(EXIT_RESTART)
         }
     }
+}
+
+/// Tells systemd the truth about the agent: READY once the loops run (not
+/// waiting for the dashboard, which may be down at boot), a STATUS= line
+/// that follows the connection and the command, WATCHDOG=1 only while the
+/// core and the connection answer probes, STOPPING=1 at the end.
+async fn report_to_systemd(
+    systemd: Systemd,
+    url: String,
+    mut link_state: watch::Receiver<LinkState>,
+    mut command_state: watch::Receiver<CommandState>,
+    loops: [Prober; 2],
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut line = StatusLine::new(url.clone());
+    line.publish(&systemd);
+    systemd.ready();
+    let watchdog_interval = systemd.watchdog_interval();
+    let mut watchdog =
+        tokio::time::interval(watchdog_interval.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown_requested(&mut shutdown) => break,
+            Ok(()) = link_state.changed() => {
+                let connection = match &*link_state.borrow_and_update() {
+                    LinkState::Connecting => ConnectionStatus::Connecting { url: url.clone() },
+                    LinkState::Connected => ConnectionStatus::Connected { url: url.clone() },
+                    LinkState::Reconnecting { delay, error } => ConnectionStatus::reconnecting(*delay, error.clone()),
+                };
+                line.set_connection(connection);
+            }
+            Ok(()) = command_state.changed() => {
+                let state = command_state.borrow_and_update();
+                line.set_command(state.name.as_ref().map(|name| CommandStatus {
+                    name: name.clone(),
+                    since: state.since.unwrap_or_else(SystemTime::now),
+                    pid: state.pid,
+                }));
+            }
+            _ = watchdog.tick(), if watchdog_interval.is_some() => {
+                let patience = watchdog_interval.unwrap_or_default() / 2;
+                let answers = futures_util::future::join_all(loops.iter().map(|l| l.check(patience))).await;
+                match answers.iter().find_map(|a| a.err()) {
+                    None => systemd.watchdog_ping(),
+                    Some(stuck) => warn!("the {stuck} loop did not answer; withholding the watchdog ping"),
+                }
+            }
+        }
+        line.publish(&systemd);
+    }
+    line.set_stopping();
+    line.publish(&systemd);
+    systemd.stopping();
 }
 
 async fn forward_signals(shutdown: Arc<watch::Sender<bool>>) {
@@ -140,6 +204,7 @@ enum Ending {
 /// The command in progress.
 struct Running {
     kind: CommandKind,
+    since: SystemTime,
     pid: Option<u32>,
     stop: watch::Sender<Option<StopRequest>>,
     progress: mpsc::Receiver<Progress>,
@@ -202,6 +267,7 @@ impl Core {
         });
         self.running = Some(Running {
             kind,
+            since: SystemTime::now(),
             pid: Some(pid),
             stop: stop_tx,
             progress: progress_rx,
@@ -260,6 +326,7 @@ impl Core {
         });
         self.running = Some(Running {
             kind,
+            since: SystemTime::now(),
             pid: None,
             stop: stop_tx,
             progress: progress_rx,
@@ -360,6 +427,7 @@ impl Core {
             Some(running) => CommandState {
                 name: Some(running.kind.name().to_owned()),
                 pid: running.pid,
+                since: Some(running.since),
             },
             None => CommandState::default(),
         };
@@ -397,5 +465,90 @@ async fn next_progress(running: &mut Option<Running>) -> Option<Progress> {
     match running {
         Some(running) => running.progress.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    /// Everything systemd would have received so far.
+    fn datagrams(socket: &UnixDatagram) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+
+    async fn run_reporter(core_answers: bool) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        // WatchdogSec=0.2 s: a ping is due every 100 ms.
+        let systemd = Systemd::new(Some(path), Some(200_000), None);
+        let (_link_tx, link_rx) = watch::channel(LinkState::Connecting);
+        let (command_tx, command_rx) = watch::channel(CommandState::default());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (core, mut core_probes) = probe_channel("core");
+        let (connection, mut connection_probes) = probe_channel("connection");
+        let answering = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(p) = connection_probes.recv() => p.answer(),
+                    Some(p) = core_probes.recv(), if core_answers => p.answer(),
+                }
+            }
+        });
+        let reporter = tokio::spawn(report_to_systemd(
+            systemd,
+            "ws://dash/ws".into(),
+            link_rx,
+            command_rx,
+            [core, connection],
+            shutdown_rx,
+        ));
+        command_tx.send_replace(CommandState {
+            name: Some("switch".into()),
+            pid: Some(42),
+            since: Some(SystemTime::UNIX_EPOCH),
+        });
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        shutdown_tx.send_replace(true);
+        reporter.await.unwrap();
+        answering.abort();
+        datagrams(&socket)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn systemd_hears_ready_status_pings_and_stopping() {
+        let seen = run_reporter(true).await;
+        assert_eq!(
+            seen.first().map(String::as_str),
+            Some("STATUS=connecting to ws://dash/ws")
+        );
+        assert!(seen.contains(&"READY=1".to_owned()), "{seen:?}");
+        assert!(
+            seen.contains(
+                &"STATUS=running switch since 00:00:00 UTC, pid 42; connecting to ws://dash/ws"
+                    .to_owned()
+            ),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter().filter(|d| *d == "WATCHDOG=1").count() >= 2,
+            "{seen:?}"
+        );
+        assert_eq!(seen.last().map(String::as_str), Some("STOPPING=1"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wedged_loop_gets_no_watchdog_pings() {
+        let seen = run_reporter(false).await;
+        assert!(seen.contains(&"READY=1".to_owned()), "{seen:?}");
+        assert!(!seen.iter().any(|d| d == "WATCHDOG=1"), "{seen:?}");
     }
 }

@@ -16,6 +16,8 @@ const NIXOS_VERSION_FILE: &str = "/run/current-system/nixos-version";
 pub struct CommandState {
     pub name: Option<String>,
     pub pid: Option<u32>,
+    /// When it started (for systemd's status line).
+    pub since: Option<std::time::SystemTime>,
 }
 
 /// Facts about the running agent that do not change while it runs.

@@ -13,5 +13,6 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod systemd;
 pub mod tls;
 pub mod watchdog;
