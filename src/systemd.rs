@@ -179,7 +179,10 @@ impl Notifier {
         if sent == message.len() {
             Ok(())
         } else {
-            Err(io::Error::new(io::ErrorKind::WriteZero, "incomplete datagram"))
+            Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "incomplete datagram",
+            ))
         }
     }
 }
@@ -290,7 +293,10 @@ impl StatusLine {
         match &self.command {
             None => connection,
             Some(command) => {
-                let pid = command.pid.map(|pid| format!(", pid {pid}")).unwrap_or_default();
+                let pid = command
+                    .pid
+                    .map(|pid| format!(", pid {pid}"))
+                    .unwrap_or_default();
                 format!(
                     "running {} since {} UTC{pid}; {connection}",
                     command.name,
@@ -398,10 +404,16 @@ mod tests {
         let me = std::process::id();
 
         let unset_pid = listener.systemd(Some(3_000_000), None);
-        assert_eq!(unset_pid.watchdog_interval(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            unset_pid.watchdog_interval(),
+            Some(Duration::from_millis(1500))
+        );
 
         let our_pid = listener.systemd(Some(3_000_000), Some(me));
-        assert_eq!(our_pid.watchdog_interval(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            our_pid.watchdog_interval(),
+            Some(Duration::from_millis(1500))
+        );
         our_pid.watchdog_ping();
         assert_eq!(listener.received(), ["WATCHDOG=1"]);
 
@@ -498,7 +510,10 @@ mod tests {
             Duration::from_millis(3200),
             "connection refused",
         ));
-        assert_eq!(line.render(), "reconnecting in 4s after error: connection refused");
+        assert_eq!(
+            line.render(),
+            "reconnecting in 4s after error: connection refused"
+        );
         line.set_connection(ConnectionStatus::Connected { url: url.into() });
         line.set_command(Some(CommandStatus {
             name: "switch".into(),
@@ -518,7 +533,10 @@ mod tests {
             line.render(),
             "running switch since 12:03:04 UTC, pid 1234; connected to ws://dash.example:8000/ws"
         );
-        line.set_connection(ConnectionStatus::reconnecting(Duration::from_secs(1), "timed out"));
+        line.set_connection(ConnectionStatus::reconnecting(
+            Duration::from_secs(1),
+            "timed out",
+        ));
         assert_eq!(
             line.render(),
             "running switch since 12:03:04 UTC, pid 1234; reconnecting in 1s after error: timed out"
@@ -526,10 +544,13 @@ mod tests {
         line.set_command(None);
         line.set_stopping();
         assert_eq!(line.render(), "stopping");
-        assert_eq!(ConnectionStatus::reconnecting(Duration::ZERO, "x"), ConnectionStatus::Reconnecting {
-            in_secs: 0,
-            error: "x".into()
-        });
+        assert_eq!(
+            ConnectionStatus::reconnecting(Duration::ZERO, "x"),
+            ConnectionStatus::Reconnecting {
+                in_secs: 0,
+                error: "x".into()
+            }
+        );
         assert_eq!(utc_time_of_day(at(0, 0, 0)), "00:00:00");
         assert_eq!(utc_time_of_day(at(23, 59, 59)), "23:59:59");
     }
