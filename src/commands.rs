@@ -36,6 +36,8 @@ pub const KEPT_LOGS: usize = 50;
 /// After a process exits, how long its output pipes may stay open (held by
 /// a leftover background process) before the agent stops reading them.
 const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Output read between two turns given to the socket writer.
+const YIELD_EVERY_BYTES: usize = 16 * 1024;
 /// How often a stop checks whether the process group is gone.
 const GROUP_POLL: Duration = Duration::from_millis(50);
 /// Longest error detail quoted in a status message.
@@ -504,7 +506,16 @@ impl Output<'_> {
         let mut reader = BufReader::with_capacity(64 * 1024, pipe);
         let mut line: Vec<u8> = Vec::with_capacity(256);
         let mut cut = false;
+        let mut since_yield = 0;
         loop {
+            // Give the writer its turn: on the agent's single thread, tokio
+            // would let this loop run for 128 pipe reads (about 8 MiB of
+            // output) before the writer could drain a line, and the outbox
+            // would overflow although the dashboard keeps up.
+            if since_yield >= YIELD_EVERY_BYTES {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
             let buf = match reader.fill_buf().await {
                 Ok(buf) => buf,
                 Err(error) => {
@@ -529,6 +540,7 @@ impl Output<'_> {
             }
             let used = chunk.len() + usize::from(newline.is_some());
             reader.consume(used);
+            since_yield += used;
             if newline.is_some() {
                 self.emit(stream, &line, cut);
                 line.clear();

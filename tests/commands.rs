@@ -652,6 +652,11 @@ awk 'BEGIN { for (i = 0; i < 300000; i++) printf "line %06d of the flood, padded
     dashboard.command(conn, "switch");
     let status = dashboard.wait_frame("status", 1, 120 * SECOND).await;
     assert_eq!(status.payload()["status"], "ok");
+    // Two more beats, so that the gaps span the whole flood.
+    let beats = dashboard.frames("heartbeat").len();
+    dashboard
+        .wait_frame("heartbeat", beats + 2, 5 * SECOND)
+        .await;
     let log = dashboard.log();
     let gaps = heartbeat_gaps(&log, conn);
     let worst = gaps.iter().max().copied().unwrap_or_default();
@@ -676,6 +681,9 @@ awk 'BEGIN { for (i = 0; i < 300000; i++) printf "line %06d of the flood, padded
         "every line delivered or accounted for ({dropped} dropped)"
     );
     let peak_kib = agent.hwm_kib();
+    eprintln!(
+        "flood: worst heartbeat gap {worst:?}, {dropped} lines dropped, RSS {before_kib} KiB before, {peak_kib} KiB peak"
+    );
     assert!(
         peak_kib < before_kib + 32 * 1024,
         "peak RSS {peak_kib} KiB (was {before_kib} KiB before)"

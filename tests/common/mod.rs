@@ -38,14 +38,15 @@ pub enum Seen {
         accepted: bool,
         at: Instant,
     },
-    /// A text frame: `kind` is the message type ("" if none), `json` the
-    /// parsed frame (Null if not JSON).
+    /// A text frame: `kind` is the message type ("" if none); the payload
+    /// is parsed from `raw` when a test first asks for it, so that recording
+    /// a flood stays cheap.
     Frame {
         conn: u64,
         at: Instant,
         kind: String,
-        payload: Value,
-        raw_len: usize,
+        raw: Arc<str>,
+        payload: Arc<std::sync::OnceLock<Value>>,
     },
     Close {
         conn: u64,
@@ -82,7 +83,10 @@ impl Seen {
     }
     pub fn payload(&self) -> &Value {
         match self {
-            Seen::Frame { payload, .. } => payload,
+            Seen::Frame { raw, payload, .. } => payload.get_or_init(|| {
+                let parsed: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+                parsed.get("payload").cloned().unwrap_or(Value::Null)
+            }),
             _ => &Value::Null,
         }
     }
@@ -96,6 +100,9 @@ enum Control {
 #[derive(Default)]
 struct Shared {
     log: Vec<Seen>,
+    /// Positions in `log` of the frames of each type, so that waiting for
+    /// the n-th frame of a type does not rescan a flood of output.
+    by_kind: HashMap<String, Vec<usize>>,
     connections: HashMap<u64, mpsc::UnboundedSender<Control>>,
     next_conn: u64,
 }
@@ -246,28 +253,62 @@ impl Dashboard {
 
     /// Waits for the `n`-th (1-based) frame of a type and returns it.
     pub async fn wait_frame(&self, kind: &str, n: usize, timeout: Duration) -> Seen {
-        self.wait_for(timeout, &format!("{kind} frame #{n}"), |log| {
-            log.iter()
-                .filter(|s| s.kind() == Some(kind))
-                .nth(n - 1)
-                .cloned()
+        self.wait_indexed(timeout, &format!("{kind} frame #{n}"), |s| {
+            let position = *s.by_kind.get(kind)?.get(n - 1)?;
+            Some(s.log[position].clone())
         })
         .await
     }
 
-    /// Waits for a frame of a type matching `pred`.
+    /// Waits for a frame of a type matching `pred`. Each frame is looked at
+    /// once, however long the wait.
     pub async fn wait_frame_where(
         &self,
         kind: &str,
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Seen {
-        self.wait_for(timeout, &format!("{kind} frame matching"), |log| {
-            log.iter()
-                .find(|s| s.kind() == Some(kind) && pred(s.payload()))
-                .cloned()
+        let mut checked = 0;
+        self.wait_indexed(timeout, &format!("{kind} frame matching"), |s| {
+            let positions = s.by_kind.get(kind)?;
+            let found = positions[checked..]
+                .iter()
+                .map(|&p| &s.log[p])
+                .find(|seen| pred(seen.payload()))
+                .cloned();
+            checked = positions.len();
+            found
         })
         .await
+    }
+
+    async fn wait_indexed<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&Shared) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(found) = check(&self.shared.lock().unwrap()) {
+                return found;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let log = self.shared.lock().unwrap().log.clone();
+                let tail: Vec<String> = log
+                    .iter()
+                    .rev()
+                    .take(15)
+                    .rev()
+                    .map(|s| format!("{s:?}"))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last events:\n{}",
+                    tail.join("\n")
+                );
+            }
+        }
     }
 
     /// The newest live connection.
@@ -314,8 +355,32 @@ impl Drop for Dashboard {
 }
 
 fn record(shared: &Mutex<Shared>, changed: &Notify, seen: Seen) {
-    shared.lock().unwrap().log.push(seen);
+    let mut s = shared.lock().unwrap();
+    if let Some(kind) = seen.kind() {
+        let position = s.log.len();
+        match s.by_kind.get_mut(kind) {
+            Some(positions) => positions.push(position),
+            None => {
+                s.by_kind.insert(kind.to_owned(), vec![position]);
+            }
+        }
+    }
+    s.log.push(seen);
+    drop(s);
     changed.notify_waiters();
+}
+
+/// The message type of a frame: a cheap look at the prefix the agent
+/// writes (`{"type":"…"`), else a full parse.
+fn frame_kind(text: &str) -> String {
+    if let Some(rest) = text.strip_prefix("{\"type\":\"")
+        && let Some(end) = rest.find('"')
+        && !rest[..end].contains('\\')
+    {
+        return rest[..end].to_owned();
+    }
+    let parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    parsed["type"].as_str().unwrap_or("").to_owned()
 }
 
 async fn serve(
@@ -383,10 +448,9 @@ async fn serve(
             _ = gate.changed() => {}
             message = stream.next(), if reading => match message {
                 Some(Ok(Message::Text(text))) => {
-                    let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                    let kind = parsed["type"].as_str().unwrap_or("").to_owned();
-                    let payload = parsed.get("payload").cloned().unwrap_or(Value::Null);
-                    record(&shared, &changed, Seen::Frame { conn, at: Instant::now(), kind, payload, raw_len: text.len() });
+                    let kind = frame_kind(&text);
+                    let raw: Arc<str> = Arc::from(text.as_str());
+                    record(&shared, &changed, Seen::Frame { conn, at: Instant::now(), kind, raw, payload: Default::default() });
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
