@@ -134,6 +134,47 @@ EOF
   fi
 fi
 
+# (iv b) the unit the systemd-nspawn test installs states the same service
+# settings as the module. A textual comparison that needs no nixpkgs, so it
+# runs everywhere; the lib evaluation below compares the evaluated unit.
+if out=$(
+  python3 - tests/systemd/nixfleet.service modules/nixfleet.nix <<'EOF'
+import re, sys
+unit_path, module_path = sys.argv[1], sys.argv[2]
+module = open(module_path).read()
+section, problems, compared = None, [], []
+for raw in open(unit_path):
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        continue
+    if line.startswith("["):
+        section = line
+        continue
+    if section != "[Service]":
+        continue
+    key, _, value = line.partition("=")
+    if "@" in value:
+        # A store path or an option fills it in: the key must be set there.
+        if not re.search(rf"\b{key}\s*=", module):
+            problems.append(f"{key}: set in the unit, not in the module")
+    else:
+        quoted = rf'\b{key}\s*=\s*"{re.escape(value)}"\s*;'
+        bare = rf"\b{key}\s*=\s*{re.escape(value)}\s*;"
+        if not (re.search(quoted, module) or re.search(bare, module)):
+            problems.append(f"{key}={value}: the module does not say {key} = {value}")
+    compared.append(key)
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(", ".join(compared))
+EOF
+); then
+  ok "tests/systemd/nixfleet.service and modules/nixfleet.nix state the same [Service] settings ($out)"
+else
+  fail "tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+  echo "$out" | indent
+fi
+
 # (v) lib-only evaluation of the module, the package and the flake
 report() {
   # Prints the results of an eval-*.nix run; returns 1 if any failed.
