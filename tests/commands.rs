@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Starts an agent whose PATH holds a stand-in `nixos-rebuild` with `body`.
@@ -52,27 +51,6 @@ fn dropped_notice(line: &str) -> Option<u64> {
         .strip_suffix(" lines dropped")?
         .parse()
         .ok()
-}
-
-fn read_pid(path: &Path) -> u32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes: it runs nothing.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test]
@@ -461,24 +439,6 @@ async fn commands_get_a_clean_environment_without_agent_secrets() {
     );
     let stdin = std::fs::read_to_string(agent.dir.path().join("stdin")).unwrap();
     assert!(stdin.contains("/dev/null"), "stdin is /dev/null: {stdin}");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@t")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@t")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test]

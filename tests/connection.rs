@@ -191,17 +191,8 @@ async fn oversized_frames_are_refused_with_1009_then_reconnect() {
         "a".repeat(1024 * 1024 + 10)
     );
     dashboard.send_raw(register.conn(), Message::text(huge));
-    let close = dashboard
-        .wait_for(5 * SECOND, "close frame", |log| {
-            log.iter()
-                .find(|s| matches!(s, Seen::Close { .. }))
-                .cloned()
-        })
-        .await;
-    match close {
-        Seen::Close { code, .. } => assert_eq!(code, Some(1009)),
-        _ => unreachable!(),
-    }
+    let (code, reason, _) = dashboard.wait_close(5 * SECOND).await;
+    assert_eq!(code, Some(1009), "{reason}");
     dashboard.wait_frame("register", 2, 10 * SECOND).await;
 }
 
@@ -211,20 +202,9 @@ async fn sigterm_closes_with_1000_shutdown_and_exits_zero() {
     let mut agent = Agent::start(AgentOptions::new(dashboard.url())).await;
     dashboard.wait_frame("heartbeat", 1, 10 * SECOND).await;
     agent.signal(15);
-    let close = dashboard
-        .wait_for(5 * SECOND, "close frame", |log| {
-            log.iter()
-                .find(|s| matches!(s, Seen::Close { .. }))
-                .cloned()
-        })
-        .await;
-    match close {
-        Seen::Close { code, reason, .. } => {
-            assert_eq!(code, Some(1000));
-            assert_eq!(reason, "shutdown");
-        }
-        _ => unreachable!(),
-    }
+    let (code, reason, _) = dashboard.wait_close(5 * SECOND).await;
+    assert_eq!(code, Some(1000));
+    assert_eq!(reason, "shutdown");
     assert_eq!(agent.wait_exit(6 * SECOND).await, Some(0));
 }
 
@@ -332,19 +312,7 @@ async fn generation_follows_the_repository_head() {
     let dashboard = Dashboard::start().await;
     let (dir, _) = Agent::prepare(&AgentOptions::new(dashboard.url()));
     let repo = dir.path().join("repo");
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t")
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let git = |args: &[&str]| git(&repo, args);
     git(&["init", "-q", "-b", "main"]);
     git(&["commit", "-q", "--allow-empty", "-m", "one"]);
     let first = git(&["rev-parse", "--short=7", "HEAD"]);

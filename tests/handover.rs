@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::Path;
 use std::time::Duration;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_nixfleet-agent");
@@ -55,20 +54,12 @@ async fn a_switch_that_replaces_the_agent_delivers_the_status_then_restarts() {
         Some(75),
         "exits with EX_TEMPFAIL so that systemd restarts it"
     );
-    let close = dashboard
-        .wait_for(5 * SECOND, "close frame", |log| {
-            log.iter()
-                .find(|s| matches!(s, Seen::Close { .. }))
-                .cloned()
-        })
-        .await;
+    let (code, _, closed_at) = dashboard.wait_close(5 * SECOND).await;
     assert!(
-        close.at() >= status.at(),
+        closed_at >= status.at(),
         "the status is delivered before the agent leaves"
     );
-    if let Seen::Close { code, .. } = close {
-        assert_eq!(code, Some(1000));
-    }
+    assert_eq!(code, Some(1000));
     let stderr = agent.stderr();
     assert!(stderr.contains("the switch updated this agent"), "{stderr}");
     assert!(
@@ -104,14 +95,6 @@ async fn a_failed_switch_never_restarts_the_agent() {
     let n = dashboard.frames("heartbeat").len();
     dashboard.wait_frame("heartbeat", n + 2, 5 * SECOND).await;
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
-}
-
-fn read_pid(path: &Path) -> u32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// A switch that announces itself, then waits for the test's word. It does
@@ -192,16 +175,7 @@ async fn an_adopted_command_can_be_stopped() {
     dashboard.command(register.conn(), "stop");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     assert_eq!(status.payload()["message"], "Stopped by user");
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists() || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        }
-    );
+    assert!(!alive(pid), "the adopted command {pid} survived the stop");
 }
 
 #[tokio::test]

@@ -311,6 +311,19 @@ impl Dashboard {
         }
     }
 
+    /// Waits for the first close frame an agent sent: (code, reason, when).
+    pub async fn wait_close(&self, timeout: Duration) -> (Option<u16>, String, Instant) {
+        self.wait_for(timeout, "close frame", |log| {
+            log.iter().find_map(|s| match s {
+                Seen::Close {
+                    code, reason, at, ..
+                } => Some((*code, reason.clone(), *at)),
+                _ => None,
+            })
+        })
+        .await
+    }
+
     /// The newest live connection.
     pub fn current_conn(&self) -> Option<u64> {
         self.shared
@@ -777,6 +790,47 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Runs git in `dir` with a fixed identity and returns its stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A pid a stand-in wrote to a file.
+pub fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether a process runs; a zombie counts as dead (it runs nothing).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 /// Gaps between consecutive heartbeats of one connection.
 pub fn heartbeat_gaps(log: &[Seen], conn: u64) -> Vec<Duration> {
     let beats: Vec<Instant> = log
@@ -788,3 +842,174 @@ pub fn heartbeat_gaps(log: &[Seen], conn: u64) -> Vec<Duration> {
 }
 
 pub const SECOND: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------
+// Added for tests/faults.rs, tests/secrets.rs and tests/tls.rs (issue 6).
+
+/// A TCP proxy in front of a dashboard that passes the agent's bytes on at
+/// a limited rate (a dashboard that reads very slowly), and the dashboard's
+/// bytes back at full speed.
+pub struct ThrottledProxy {
+    pub addr: SocketAddr,
+    /// Bytes per second from the agent; 0 = unlimited.
+    rate: Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl ThrottledProxy {
+    pub async fn start(upstream: SocketAddr, bytes_per_second: u64) -> ThrottledProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rate = Arc::new(std::sync::atomic::AtomicU64::new(bytes_per_second));
+        let r = rate.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(throttled_pipe(cr, sw, r.clone()));
+                tokio::spawn(throttled_pipe(
+                    sr,
+                    cw,
+                    Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                ));
+            }
+        });
+        ThrottledProxy { addr, rate, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn set_rate(&self, bytes_per_second: u64) {
+        self.rate
+            .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ThrottledProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn throttled_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rate: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Small reads, so that a slow rate is smooth rather than bursty.
+    let mut buf = vec![0u8; 4 * 1024];
+    let mut window_start = Instant::now();
+    let mut window_bytes: u64 = 0;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        let rate = rate.load(std::sync::atomic::Ordering::Relaxed);
+        if rate == 0 {
+            window_start = Instant::now();
+            window_bytes = 0;
+            continue;
+        }
+        window_bytes += n as u64;
+        let due = window_start + Duration::from_secs_f64(window_bytes as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
+        // Restart the window now and then so a rate change applies soon.
+        if window_bytes > rate {
+            window_start = Instant::now();
+            window_bytes = 0;
+        }
+    }
+}
+
+/// Waits (polling, with a deadline) until `path` exists and returns its
+/// content. For files a stand-in script writes when it is done.
+pub async fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.is_empty()
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Agent {
+    /// Open file descriptors of the agent process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Threads of the agent process.
+    pub fn thread_count(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (polling the log, with a deadline) until stderr contains
+    /// `needle`; returns the whole log.
+    pub async fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stderr = self.stderr();
+            if stderr.contains(needle) {
+                return stderr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent stderr lacks {needle:?} after {timeout:?}:\n{stderr}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Heartbeat arrivals (any connection) between `from` and `to`, and the
+/// longest time the dashboard went without one in that window (edges
+/// included).
+pub fn longest_heartbeat_silence(log: &[Seen], from: Instant, to: Instant) -> Duration {
+    let mut last = from;
+    let mut worst = Duration::ZERO;
+    for at in log
+        .iter()
+        .filter(|s| s.kind() == Some("heartbeat"))
+        .map(Seen::at)
+        .filter(|at| *at >= from && *at <= to)
+    {
+        worst = worst.max(at - last);
+        last = at;
+    }
+    worst.max(to.saturating_duration_since(last))
+}
