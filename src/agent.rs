@@ -304,7 +304,7 @@ impl Core {
     fn start(&mut self, name: &str) {
         let Some(kind) = CommandKind::parse(name) else {
             let shown: String = name.chars().take(64).collect();
-            warn!(command = %shown, "rejecting an unknown command");
+            warn!(command = ?shown, "rejecting an unknown command");
             self.reject(format!("unknown command: {shown}"));
             return;
         };

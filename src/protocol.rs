@@ -221,11 +221,13 @@ fn default_kill_signal() -> KillSignal {
 
 /// Longest message type echoed back into a log line.
 const MAX_LOGGED_TYPE_LEN: usize = 64;
+/// Longest `host_id` kept (it is only logged).
+const MAX_LOGGED_ID_LEN: usize = 128;
 
 /// Decodes one text frame from the dashboard.
 pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
     let envelope: Envelope<'_> =
-        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(short_error(&e)))?;
+        from_object(text).map_err(|e| DecodeError::Malformed(short_error(&e)))?;
     let kind = envelope.kind;
     let payload = envelope.payload.map(RawValue::get).unwrap_or("{}");
     let bad = |e: serde_json::Error| DecodeError::BadPayload {
@@ -234,7 +236,7 @@ pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
     };
     match kind.as_str() {
         "registered" => {
-            let p: RegisteredPayload = serde_json::from_str(payload).map_err(bad)?;
+            let p: RegisteredPayload = from_object(payload).map_err(bad)?;
             // Dashboards disagree on whether ids are strings or numbers; the
             // agent only logs it, so accept either.
             let host_id = match p.host_id {
@@ -242,14 +244,16 @@ pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
                 Some(serde_json::Value::Null) | None => String::new(),
                 Some(other) => other.to_string(),
             };
+            // Only logged: keep a hostile id from filling the log.
+            let host_id = truncate(&host_id, MAX_LOGGED_ID_LEN);
             Ok(Inbound::Registered { host_id })
         }
         "command" => {
-            let p: CommandPayload = serde_json::from_str(payload).map_err(bad)?;
+            let p: CommandPayload = from_object(payload).map_err(bad)?;
             Ok(Inbound::Command { command: p.command })
         }
         "kill_command" => {
-            let p: KillCommandPayload = serde_json::from_str(payload).map_err(bad)?;
+            let p: KillCommandPayload = from_object(payload).map_err(bad)?;
             Ok(Inbound::KillCommand {
                 signal: p.signal,
                 pid: p.pid,
@@ -261,10 +265,29 @@ pub fn decode(text: &str) -> Result<Inbound, DecodeError> {
     }
 }
 
+/// serde's derived structs also accept a JSON array (`["command", {…}]` would
+/// be a command); the envelope and the payloads are objects, so anything
+/// else is refused.
+fn from_object<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> {
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(serde::de::Error::custom("expected a JSON object"));
+    }
+    serde_json::from_str(text)
+}
+
 /// serde_json's messages quote offending input, which for a hostile frame
-/// can be long; keep what reaches the log short.
+/// can be long and hold line breaks; keep what reaches the log short and on
+/// one line.
 fn short_error(error: &serde_json::Error) -> String {
-    truncate(&error.to_string(), 200)
+    let text: String = error
+        .to_string()
+        .chars()
+        .flat_map(char::escape_debug)
+        .collect();
+    truncate(&text, 200)
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -849,6 +849,11 @@ pub const SECOND: Duration = Duration::from_secs(1);
 /// A TCP proxy in front of a dashboard that passes the agent's bytes on at
 /// a limited rate (a dashboard that reads very slowly), and the dashboard's
 /// bytes back at full speed.
+///
+/// Its receive buffer is pinned small ([`THROTTLED_RECV_BUFFER`]): otherwise
+/// the kernel grows it to hundreds of KiB, and at a slow rate that queue
+/// alone delays every frame by seconds, whatever the agent does. With it
+/// small, what delays a heartbeat is what the agent queued ahead of it.
 pub struct ThrottledProxy {
     pub addr: SocketAddr,
     /// Bytes per second from the agent; 0 = unlimited.
@@ -858,7 +863,11 @@ pub struct ThrottledProxy {
 
 impl ThrottledProxy {
     pub async fn start(upstream: SocketAddr, bytes_per_second: u64) -> ThrottledProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Accepted sockets inherit the listener's buffer size.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(THROTTLED_RECV_BUFFER).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
         let addr = listener.local_addr().unwrap();
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(bytes_per_second));
         let r = rate.clone();
@@ -893,6 +902,9 @@ impl ThrottledProxy {
             .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// SO_RCVBUF of the throttled proxy (the kernel doubles it).
+pub const THROTTLED_RECV_BUFFER: u32 = 32 * 1024;
 
 impl Drop for ThrottledProxy {
     fn drop(&mut self) {

@@ -1,0 +1,316 @@
+//! `wss://` with the real agent: a TLS front (tokio-rustls, ring) with a
+//! throw-away CA made in the test, forwarding to the in-test dashboard.
+//!
+//! - with `ca_file` naming that CA the agent connects and registers;
+//! - without it the agent refuses the certificate (UnknownIssuer), says so
+//!   in its log, keeps retrying with TLS, and nothing ever reaches the
+//!   dashboard: no fallback to anything insecure;
+//! - a certificate for another name, or an expired one, is refused too.
+//!
+//! The agent runs with a cleared environment (see `Agent::spawn`), so
+//! `SSL_CERT_FILE`/`SSL_CERT_DIR` cannot point at the test CA.
+
+mod common;
+
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// A CA made for one test.
+struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        TestCa { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names`, signed by this CA.
+    fn server(
+        &self,
+        names: &[&str],
+        expired: bool,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone(), self.issuer.der().clone()], key)
+    }
+}
+
+/// Terminates TLS and forwards the plaintext to the in-test dashboard.
+/// Records the outcome of every handshake.
+struct TlsFront {
+    addr: SocketAddr,
+    handshakes: Arc<Mutex<Vec<Result<(), String>>>>,
+    changed: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl TlsFront {
+    async fn start(
+        upstream: SocketAddr,
+        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ) -> TlsFront {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(Notify::new());
+        let (h, c) = (handshakes.clone(), changed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, h, c) = (acceptor.clone(), h.clone(), c.clone());
+                tokio::spawn(async move {
+                    let accepted = acceptor.accept(tcp).await;
+                    h.lock()
+                        .unwrap()
+                        .push(accepted.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    c.notify_waiters();
+                    let Ok(mut tls) = accepted else { return };
+                    let Ok(mut plain) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        TlsFront {
+            addr,
+            handshakes,
+            changed,
+            task,
+        }
+    }
+
+    /// The agent's URL: by name, so the name check applies.
+    fn url(&self) -> String {
+        format!("wss://localhost:{}/ws", self.addr.port())
+    }
+
+    /// Waits until `n` handshakes were attempted; returns their outcomes.
+    async fn wait_handshakes(&self, n: usize, timeout: Duration) -> Vec<Result<(), String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let seen = self.handshakes.lock().unwrap();
+                if seen.len() >= n {
+                    return seen.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "fewer than {n} TLS handshakes within {timeout:?}: {:?}",
+                    self.handshakes.lock().unwrap()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the agent against `front`, with `ca_file` holding `ca_pem` if any.
+async fn agent_for(front: &TlsFront, ca_pem: Option<String>) -> Agent {
+    let options = AgentOptions::new(front.url());
+    assert!(
+        !options
+            .env
+            .iter()
+            .any(|(k, _)| k == "SSL_CERT_FILE" || k == "SSL_CERT_DIR"),
+        "the agent must only trust what the test says"
+    );
+    let (dir, _) = Agent::prepare(&options);
+    let mut options = options;
+    if let Some(pem) = ca_pem {
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, pem).unwrap();
+        options
+            .extra_toml
+            .push(format!("ca_file = {:?}", path.display().to_string()));
+    }
+    Agent::spawn(dir, options).await
+}
+
+/// Whether this machine has a system trust store (then a refused
+/// certificate is refused for its issuer, not for an empty store).
+fn system_store_present() -> bool {
+    std::fs::metadata("/etc/ssl/certs/ca-certificates.crt").is_ok_and(|m| m.len() > 0)
+}
+
+/// The refusal: the agent keeps trying with TLS, logs the certificate error
+/// each time, and the dashboard never hears from it.
+async fn assert_refused(
+    front: &TlsFront,
+    dashboard: &Dashboard,
+    agent: &mut Agent,
+    expected: &[&str],
+) {
+    let handshakes = front.wait_handshakes(3, 15 * SECOND).await;
+    assert!(
+        handshakes.iter().all(Result::is_err),
+        "a handshake succeeded: {handshakes:?}"
+    );
+    // Each attempt is refused and logged (as the reason for reconnecting).
+    let deadline = Instant::now() + 5 * SECOND;
+    let stderr = loop {
+        let stderr = agent.stderr();
+        let refusals = stderr
+            .lines()
+            .filter(|l| l.contains("reconnecting") && l.contains(expected[0]))
+            .count();
+        if refusals >= 3 {
+            break stderr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 refusals logged:\n{stderr}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    for needle in expected {
+        assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    }
+    // Every attempt was a TLS handshake that the agent aborted: the front
+    // saw alerts from a TLS client, never plaintext or a WebSocket request.
+    for outcome in &handshakes {
+        let error = outcome.as_ref().unwrap_err();
+        assert!(
+            !error.contains("corrupt message") && !error.contains("InvalidContentType"),
+            "not a TLS client: {error}"
+        );
+    }
+    assert!(
+        dashboard.log().is_empty(),
+        "something reached the dashboard: {:?}",
+        dashboard.log()
+    );
+    assert!(agent.is_running());
+    assert!(!stderr.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn wss_with_the_ca_file_connects_and_registers() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let front = TlsFront::start(dashboard.addr, ca.server(&["localhost"], false)).await;
+    let agent = agent_for(&front, Some(ca.pem())).await;
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert_eq!(register.payload()["hostname"], "test-host");
+    dashboard.wait_frame("heartbeat", 2, 5 * SECOND).await;
+    let handshakes = front.wait_handshakes(1, SECOND).await;
+    assert_eq!(handshakes[0], Ok(()));
+    let stderr = agent.stderr();
+    assert!(stderr.contains("connected"), "{stderr}");
+    assert!(!stderr.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn wss_without_the_ca_file_is_refused_and_never_falls_back() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let front = TlsFront::start(dashboard.addr, ca.server(&["localhost"], false)).await;
+    let mut agent = agent_for(&front, None).await;
+    let expected: &[&str] = if system_store_present() {
+        &["invalid peer certificate: UnknownIssuer"]
+    } else {
+        &["no trusted CA certificates"]
+    };
+    assert_refused(&front, &dashboard, &mut agent, expected).await;
+}
+
+#[tokio::test]
+async fn wss_with_a_certificate_for_another_name_is_refused() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let front = TlsFront::start(dashboard.addr, ca.server(&["dashboard.example"], false)).await;
+    let mut agent = agent_for(&front, Some(ca.pem())).await;
+    assert_refused(
+        &front,
+        &dashboard,
+        &mut agent,
+        &[
+            "invalid peer certificate",
+            "not valid for name",
+            "localhost",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wss_with_an_expired_certificate_is_refused() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let front = TlsFront::start(dashboard.addr, ca.server(&["localhost"], true)).await;
+    let mut agent = agent_for(&front, Some(ca.pem())).await;
+    assert_refused(
+        &front,
+        &dashboard,
+        &mut agent,
+        &["invalid peer certificate", "xpired"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wss_signed_by_another_ca_than_the_ca_file_is_refused() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let other = TestCa::new("Some other CA");
+    let front = TlsFront::start(dashboard.addr, ca.server(&["localhost"], false)).await;
+    let mut agent = agent_for(&front, Some(other.pem())).await;
+    assert_refused(
+        &front,
+        &dashboard,
+        &mut agent,
+        &["invalid peer certificate: UnknownIssuer"],
+    )
+    .await;
+}
