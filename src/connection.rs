@@ -521,14 +521,33 @@ async fn send_batch(
 /// Exponential reconnect delay: 1 s, 2 s, 4 s … up to the cap, ±10 %.
 #[derive(Debug)]
 pub struct Backoff {
+    first: Duration,
     next: Duration,
     max: Duration,
 }
 
+/// Test-only, and only in debug builds: the first backoff step in
+/// milliseconds, so that a test can cycle through a thousand reconnects in
+/// seconds. Release builds (every package) never read it.
+pub const TEST_FIRST_BACKOFF_ENV: &str = "NIXFLEET_TEST_FIRST_BACKOFF_MS";
+
+fn first_backoff() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var(TEST_FIRST_BACKOFF_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    FIRST_BACKOFF
+}
+
 impl Backoff {
     pub fn new(max: Duration) -> Self {
+        let first = first_backoff();
         Backoff {
-            next: FIRST_BACKOFF.min(max),
+            first,
+            next: first.min(max),
             max,
         }
     }
@@ -540,7 +559,7 @@ impl Backoff {
     }
 
     pub fn reset(&mut self) {
-        self.next = FIRST_BACKOFF.min(self.max);
+        self.next = self.first.min(self.max);
     }
 }
 
