@@ -43,6 +43,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "cargo test"
 cargo test --all-targets
 
+step "fuzzing, CI-sized (scripts/fuzz.sh 10: 10 s per target)"
+bash scripts/fuzz.sh 10
+
 step "Nix static checks"
 bash nix/check.sh
 
