@@ -51,3 +51,8 @@ bash nix/check.sh
 
 step "demo (scripts/demo.sh --check)"
 NIXFLEET_DEMO_PORT="${NIXFLEET_DEMO_PORT:-18000}" bash scripts/demo.sh --check
+
+# Timings are noisy, so the benchmark never decides pass or fail; the quick
+# run only keeps it from rotting (issue 5).
+step "benchmark, quick mode (figures only, never fails the run)"
+cargo bench-agent --quick || echo "warning: the quick benchmark failed (not counted as a test failure)"
