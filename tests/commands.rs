@@ -13,11 +13,7 @@ async fn agent_with_rebuild(
     body: &str,
     tweak: impl FnOnce(&mut AgentOptions),
 ) -> (Agent, u64) {
-    let mut options = AgentOptions::new(dashboard.url());
-    tweak(&mut options);
-    let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", body);
-    let agent = Agent::spawn(dir, options).await;
+    let agent = start_with_rebuild(dashboard.url(), body, tweak).await;
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
     (agent, register.conn())
 }

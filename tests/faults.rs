@@ -17,19 +17,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Starts an agent with a stand-in `nixos-rebuild` and waits for register.
-async fn agent_with_rebuild(
-    url: String,
-    body: &str,
-    tweak: impl FnOnce(&mut AgentOptions),
-) -> Agent {
-    let mut options = AgentOptions::new(url);
-    tweak(&mut options);
-    let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", body);
-    Agent::spawn(dir, options).await
-}
-
 /// The numbers of `line N` output frames, per connection, in arrival order.
 fn numbered_lines(log: &[Seen]) -> Vec<(u64, u64)> {
     log.iter()
@@ -72,7 +59,7 @@ echo "$i" > "$HOME/total.tmp" && mv "$HOME/total.tmp" "$HOME/total"
 #[tokio::test]
 async fn dashboard_killed_mid_command_and_back_5s_later() {
     let mut dashboard = Dashboard::start().await;
-    let agent = agent_with_rebuild(dashboard.url(), NUMBERED_UNTIL_FINISH, |_| {}).await;
+    let agent = start_with_rebuild(dashboard.url(), NUMBERED_UNTIL_FINISH, |_| {}).await;
     let conn = dashboard
         .wait_frame("register", 1, 10 * SECOND)
         .await
@@ -176,7 +163,7 @@ while [ ! -e "$HOME/finish" ]; do
 done
 echo "finished after $i"
 "#;
-    let agent = agent_with_rebuild(proxy.url(), body, |o| {
+    let agent = start_with_rebuild(proxy.url(), body, |o| {
         o.ping_interval = 1;
         o.ping_timeout = 3;
     })
@@ -298,7 +285,7 @@ struct FloodRun {
 async fn flood(rate: u64) -> FloodRun {
     let dashboard = Dashboard::start().await;
     let proxy = ThrottledProxy::start(dashboard.addr, rate).await;
-    let mut agent = agent_with_rebuild(proxy.url(), FLOOD, |o| {
+    let mut agent = start_with_rebuild(proxy.url(), FLOOD, |o| {
         o.interval = 1;
         // A ping queued behind output takes a while to reach a slow reader.
         o.ping_interval = 2;

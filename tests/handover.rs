@@ -102,13 +102,11 @@ async fn a_failed_switch_never_restarts_the_agent() {
 const WAITING_REBUILD: &str =
     "echo $$ > \"$HOME/pid\"\necho waiting\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
 
-#[tokio::test]
-async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
-    let dashboard = Dashboard::start().await;
+/// Starts a switch, SIGKILLs the agent mid-way, and starts a second agent
+/// on the same state. Returns it and the switch's pid.
+async fn crash_mid_switch(dashboard: &Dashboard) -> (Agent, u32) {
     let options = AgentOptions::new(dashboard.url());
-    let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", WAITING_REBUILD);
-    let first = Agent::spawn(dir, options.clone()).await;
+    let first = start_with_rebuild(dashboard.url(), WAITING_REBUILD, |_| {}).await;
     let conn = dashboard
         .wait_frame("register", 1, 10 * SECOND)
         .await
@@ -118,9 +116,14 @@ async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
         .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "waiting")
         .await;
     let pid = read_pid(&first.dir.path().join("pid"));
-
     let dir = first.crash().await;
-    let second = Agent::spawn(dir, options).await;
+    (Agent::spawn(dir, options).await, pid)
+}
+
+#[tokio::test]
+async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
+    let dashboard = Dashboard::start().await;
+    let (second, pid) = crash_mid_switch(&dashboard).await;
     let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
     let beat = dashboard
         .wait_for(5 * SECOND, "heartbeat of the new agent", |log| {
@@ -156,21 +159,7 @@ async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
 #[tokio::test]
 async fn an_adopted_command_can_be_stopped() {
     let dashboard = Dashboard::start().await;
-    let options = AgentOptions::new(dashboard.url());
-    let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", WAITING_REBUILD);
-    let first = Agent::spawn(dir, options.clone()).await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
-    dashboard
-        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "waiting")
-        .await;
-    let pid = read_pid(&first.dir.path().join("pid"));
-    let dir = first.crash().await;
-    let _second = Agent::spawn(dir, options).await;
+    let (_second, pid) = crash_mid_switch(&dashboard).await;
     let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
     dashboard.command(register.conn(), "stop");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;

@@ -228,27 +228,7 @@ impl Dashboard {
         what: &str,
         mut check: impl FnMut(&[Seen]) -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.changed.notified();
-            if let Some(found) = check(&self.shared.lock().unwrap().log) {
-                return found;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let log = self.shared.lock().unwrap().log.clone();
-                let tail: Vec<String> = log
-                    .iter()
-                    .rev()
-                    .take(15)
-                    .rev()
-                    .map(|s| format!("{s:?}"))
-                    .collect();
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}; last events:\n{}",
-                    tail.join("\n")
-                );
-            }
-        }
+        self.wait_indexed(timeout, what, |s| check(&s.log)).await
     }
 
     /// Waits for the `n`-th (1-based) frame of a type and returns it.
@@ -788,6 +768,20 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
     set_mode(&path, 0o755);
     path
+}
+
+/// Starts the agent with a stand-in `nixos-rebuild` (running `body`)
+/// first on its PATH.
+pub async fn start_with_rebuild(
+    url: String,
+    body: &str,
+    tweak: impl FnOnce(&mut AgentOptions),
+) -> Agent {
+    let mut options = AgentOptions::new(url);
+    tweak(&mut options);
+    let (dir, bin) = Agent::prepare(&options);
+    script(&bin, "nixos-rebuild", body);
+    Agent::spawn(dir, options).await
 }
 
 /// Runs git in `dir` with a fixed identity and returns its stdout.
