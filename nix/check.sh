@@ -138,7 +138,7 @@ fi
 # settings as the module. A textual comparison that needs no nixpkgs, so it
 # runs everywhere; the lib evaluation below compares the evaluated unit.
 if out=$(
-  python3 - tests/systemd/nixfleet.service modules/nixfleet.nix <<'EOF'
+  python3 - crates/nixfleet-agent/tests/systemd/nixfleet.service modules/nixfleet.nix <<'EOF'
 import re, sys
 unit_path, module_path = sys.argv[1], sys.argv[2]
 module = open(module_path).read()
@@ -169,9 +169,9 @@ if problems:
 print(", ".join(compared))
 EOF
 ); then
-  ok "tests/systemd/nixfleet.service and modules/nixfleet.nix state the same [Service] settings ($out)"
+  ok "crates/nixfleet-agent/tests/systemd/nixfleet.service and modules/nixfleet.nix state the same [Service] settings ($out)"
 else
-  fail "tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+  fail "crates/nixfleet-agent/tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
   echo "$out" | indent
 fi
 
@@ -216,7 +216,7 @@ elif have nix-instantiate "install Debian's nix-bin" && have python3 "install py
     report "module and package (nix/eval-module.nix)" "$tmp/module.json" || failures=$((failures + 1))
 
     # The module's unit against the plain unit file used by the nspawn test.
-    if out=$(python3 - "$tmp/module.json" tests/systemd/nixfleet.service 2>&1 <<'EOF'
+    if out=$(python3 - "$tmp/module.json" crates/nixfleet-agent/tests/systemd/nixfleet.service 2>&1 <<'EOF'
 import json
 import sys
 
@@ -279,9 +279,9 @@ if problems:
 print(", ".join(sorted(expected["Service"])))
 EOF
     ); then
-      ok "tests/systemd/nixfleet.service matches the module's unit ($out)"
+      ok "crates/nixfleet-agent/tests/systemd/nixfleet.service matches the module's unit ($out)"
     else
-      fail "tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+      fail "crates/nixfleet-agent/tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
       echo "$out" | indent
     fi
   fi

@@ -7,7 +7,7 @@
 #
 # The result is { results = [ { name; ok; detail; } … ]; unit = …; }:
 # one entry per expectation, and the rendered unit of a minimal
-# configuration, which check.sh compares with tests/systemd/nixfleet.service.
+# configuration, which check.sh compares with crates/nixfleet-agent/tests/systemd/nixfleet.service.
 { lib }:
 let
   stubs = import ./stubs.nix { inherit lib; };
@@ -224,7 +224,8 @@ let
 
   # nix/package.nix with a buildRustPackage that returns its arguments and a
   # lib.fileset.toSource that returns the file set, to list the sources.
-  cargoToml = lib.importTOML ../Cargo.toml;
+  workspaceToml = lib.importTOML ../Cargo.toml;
+  agentToml = lib.importTOML ../crates/nixfleet-agent/Cargo.toml;
   package = import ../nix/package.nix {
     lib = stubs.libCompat // {
       fileset = stubs.libCompat.fileset // {
@@ -240,16 +241,13 @@ let
   );
   hasPrefixIn = prefixes: f: builtins.any (p: lib.hasPrefix p f) prefixes;
   isCargoFile = f: f == "Cargo.toml" || f == "Cargo.lock";
-  cargoDirs = [
-    "src/"
-    "tests/"
-    "benches/"
-    "examples/"
-  ];
+  cargoDirs = [ "crates/" ];
 
   packageResults = [
-    (expectEqual "package: pname from Cargo.toml" package.pname cargoToml.package.name)
-    (expectEqual "package: version from Cargo.toml" package.version cargoToml.package.version)
+    (expectEqual "package: pname from the agent's Cargo.toml" package.pname agentToml.package.name)
+    (expectEqual "package: version from the workspace's Cargo.toml" package.version
+      workspaceToml.workspace.package.version
+    )
     (expectEqual "package: cargoLock.lockFile = ./Cargo.lock" (toString package.cargoLock.lockFile)
       "${root}/Cargo.lock"
     )
@@ -258,23 +256,24 @@ let
       "--skip=systemd_nspawn"
     ])
     (expectEqual "package: source root is the repository" (toString package.src.root) root)
-    (expectEqual "package: source holds Cargo.toml, Cargo.lock, src/ and tests/ only" (builtins.filter (
+    (expectEqual "package: source holds Cargo.toml, Cargo.lock and crates/ only" (builtins.filter (
       f: !(isCargoFile f || hasPrefixIn cargoDirs f)
     ) sourceFiles) [ ])
-    (expectEqual "package: source has Cargo.toml, Cargo.lock and src/main.rs" (lib.subtractLists
-      sourceFiles
-      [
-        "Cargo.toml"
-        "Cargo.lock"
-        "src/main.rs"
-      ]
+    (expectEqual "package: source has both programs of the workspace" (lib.subtractLists sourceFiles [
+      "Cargo.toml"
+      "Cargo.lock"
+      "crates/nixfleet-agent/Cargo.toml"
+      "crates/nixfleet-agent/src/main.rs"
+      "crates/nixfleet-mock-dashboard/Cargo.toml"
+      "crates/nixfleet-mock-dashboard/src/main.rs"
+    ]
     ) [ ])
   ];
 in
 {
   results = moduleResults ++ packageResults;
 
-  # For the comparison with tests/systemd/nixfleet.service.
+  # For the comparison with crates/nixfleet-agent/tests/systemd/nixfleet.service.
   unit = {
     inherit (unit)
       description

@@ -1,4 +1,5 @@
-# The agent and the mock dashboard: one Cargo package, one derivation.
+# The agent and the mock dashboard: one Cargo workspace (crates/), one
+# derivation that builds and installs both programs.
 # Used by flake.nix (packages, overlays.default) and by the flake's NixOS
 # module, always through `callPackage`, so it builds with the caller's Nixpkgs.
 {
@@ -7,11 +8,12 @@
   git,
 }:
 let
-  cargoToml = lib.importTOML ../Cargo.toml;
+  workspace = (lib.importTOML ../Cargo.toml).workspace.package;
+  agentToml = (lib.importTOML ../crates/nixfleet-agent/Cargo.toml).package;
 in
 rustPlatform.buildRustPackage {
-  pname = cargoToml.package.name;
-  inherit (cargoToml.package) version;
+  pname = agentToml.name;
+  inherit (workspace) version;
 
   # Only what Cargo reads: edits to Nix files, docs or CI do not rebuild.
   src = lib.fileset.toSource {
@@ -19,10 +21,7 @@ rustPlatform.buildRustPackage {
     fileset = lib.fileset.unions [
       ../Cargo.toml
       ../Cargo.lock
-      ../src
-      (lib.fileset.maybeMissing ../tests)
-      (lib.fileset.maybeMissing ../benches)
-      (lib.fileset.maybeMissing ../examples)
+      ../crates
     ];
   };
 
@@ -40,7 +39,7 @@ rustPlatform.buildRustPackage {
   checkFlags = [ "--skip=systemd_nspawn" ];
 
   meta = {
-    inherit (cargoToml.package) description;
+    inherit (agentToml) description;
     license = lib.licenses.mit;
     mainProgram = "nixfleet-agent";
     platforms = lib.platforms.linux;

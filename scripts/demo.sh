@@ -17,7 +17,7 @@ host="$(hostname)"
 
 command -v python3 >/dev/null || { echo "demo.sh needs python3 (apt-get install python3)" >&2; exit 1; }
 echo "building nixfleet-agent and nixfleet-mock-dashboard ..."
-cargo build --quiet --bins
+cargo build --quiet --workspace --bins
 
 work="$(mktemp -d)"
 pids=()

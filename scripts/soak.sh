@@ -10,10 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "==> property tests, PROPTEST_CASES=12800 (50x)"
-PROPTEST_CASES=12800 cargo test --quiet --test properties
+PROPTEST_CASES=12800 cargo test --quiet -p nixfleet-agent --test properties
 
 echo "==> 1,000 connect/disconnect cycles"
-NIXFLEET_FAULT_FULL_BACKOFF=1 NIXFLEET_FAULT_CYCLES=1000 cargo test --quiet --test faults connect_disconnect -- --nocapture 2>&1 \
+NIXFLEET_FAULT_FULL_BACKOFF=1 NIXFLEET_FAULT_CYCLES=1000 cargo test --quiet -p nixfleet-agent --test faults connect_disconnect -- --nocapture 2>&1 \
   | grep -E '^figures:|test result|panicked|FAILED'
 
 echo "==> fuzzing"

@@ -37,11 +37,11 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "cargo test"
-cargo test --all-targets
+step "cargo test --workspace"
+cargo test --workspace --all-targets
 
 step "fuzzing, CI-sized (scripts/fuzz.sh 10: 10 s per target)"
 bash scripts/fuzz.sh 10

@@ -11,11 +11,11 @@
 //! queued command output, and takes output in bounded batches, so a
 //! heartbeat waits for at most one batch however much output is queued.
 
-use crate::agent::shutdown_requested;
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
 use crate::protocol::{self, Inbound, Outbound};
+use crate::shutdown;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
@@ -66,7 +66,7 @@ pub struct Links {
     pub command_state: watch::Receiver<CommandState>,
     pub link_state: watch::Sender<LinkState>,
     pub probes: mpsc::Receiver<Probe>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: shutdown::Listener,
 }
 
 pub struct Connection {
@@ -142,7 +142,7 @@ impl Connection {
             let wait = async {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => false,
-                    () = shutdown_requested(&mut shutdown) => true,
+                    () = shutdown::requested(&mut shutdown) => true,
                 }
             };
             if answering_probes(wait, &mut self.links.probes).await {
@@ -188,7 +188,7 @@ impl Connection {
         let attempt = async {
             tokio::select! {
                 result = attempt => Some(result),
-                () = shutdown_requested(&mut shutdown) => None,
+                () = shutdown::requested(&mut shutdown) => None,
             }
         };
         match answering_probes(attempt, &mut self.links.probes).await {
@@ -447,7 +447,7 @@ struct Outgoing<'a> {
     outbox: &'a Outbox,
     command_state: &'a watch::Receiver<CommandState>,
     probes: &'a mut mpsc::Receiver<Probe>,
-    shutdown: &'a mut watch::Receiver<bool>,
+    shutdown: &'a mut shutdown::Listener,
 }
 
 async fn write_frames(
@@ -471,7 +471,7 @@ async fn write_frames(
     loop {
         tokio::select! {
             biased;
-            () = shutdown_requested(links.shutdown) => return SessionEnd::Shutdown,
+            () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
             _ = beat.tick() => {
                 let heartbeat = reporter.heartbeat(&links.command_state.borrow());
                 let frame = Outbound::Heartbeat(&heartbeat).to_json();

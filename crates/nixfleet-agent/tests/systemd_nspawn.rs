@@ -1281,10 +1281,10 @@ fn private_binaries() -> tempfile::TempDir {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("temp dir for binaries");
     for source in [
-        env!("CARGO_BIN_EXE_nixfleet-agent"),
-        env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"),
+        PathBuf::from(env!("CARGO_BIN_EXE_nixfleet-agent")),
+        mock_dashboard_binary(),
     ] {
-        let source = Path::new(source);
+        let source = source.as_path();
         let target = dir.path().join(source.file_name().expect("file name"));
         if fs::hard_link(source, &target).is_err() {
             fs::copy(source, &target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
@@ -1292,6 +1292,32 @@ fn private_binaries() -> tempfile::TempDir {
     }
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
+}
+
+/// The mock dashboard is its own crate, so Cargo gives this test no
+/// `CARGO_BIN_EXE_` for it; it sits beside the agent in the same target
+/// directory. `cargo test --workspace` (what scripts/test.sh runs) builds
+/// it; run alone, this test builds it first.
+fn mock_dashboard_binary() -> PathBuf {
+    let agent = Path::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+    let beside = agent.with_file_name("nixfleet-mock-dashboard");
+    if !beside.exists() {
+        let profile_dir = agent.parent().expect("profile directory");
+        let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        build.args(["build", "--quiet", "-p", "nixfleet-mock-dashboard"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            build.arg("--target-dir").arg(target_dir);
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p nixfleet-mock-dashboard failed"
+        );
+    }
+    beside
 }
 
 // ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ use crate::handover::{CommandRecord, SelfImage, follow_adopted};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
+use crate::shutdown;
 use crate::systemd::{CommandStatus, ConnectionStatus, StatusLine, Systemd};
 use crate::watchdog::{Probe, Prober, probe_channel};
 use std::path::PathBuf;
@@ -42,7 +43,7 @@ pub async fn run(config: Config) -> ExitCode {
     let (replies_tx, replies_rx) = mpsc::channel(64);
     let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
     let (link_state_tx, link_state_rx) = watch::channel(LinkState::Connecting);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = shutdown::channel();
     let (core_prober, core_probes) = probe_channel("core");
     let (connection_prober, connection_probes) = probe_channel("connection");
 
@@ -62,7 +63,7 @@ pub async fn run(config: Config) -> ExitCode {
     );
     let connection = tokio::spawn(connection.run());
     let shutdown_tx = Arc::new(shutdown_tx);
-    tokio::spawn(forward_signals(shutdown_tx.clone()));
+    tokio::spawn(shutdown::on_signals(shutdown_tx.clone()));
 
     let self_image = SelfImage::capture();
     if self_image.watches_a_unit() {
@@ -118,7 +119,7 @@ async fn report_to_systemd(
     mut link_state: watch::Receiver<LinkState>,
     mut command_state: watch::Receiver<CommandState>,
     loops: [Prober; 2],
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: shutdown::Listener,
 ) {
     let mut line = StatusLine::new(url.clone());
     line.publish(&systemd);
@@ -129,7 +130,7 @@ async fn report_to_systemd(
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shutdown_requested(&mut shutdown) => break,
+            () = shutdown::requested(&mut shutdown) => break,
             Ok(()) = link_state.changed() => {
                 let connection = match &*link_state.borrow_and_update() {
                     LinkState::Connecting => ConnectionStatus::Connecting { url: url.clone() },
@@ -160,22 +161,6 @@ async fn report_to_systemd(
     line.set_stopping();
     line.publish(&systemd);
     systemd.stopping();
-}
-
-async fn forward_signals(shutdown: Arc<watch::Sender<bool>>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot listen for SIGTERM/SIGINT");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received, shutting down"),
-        _ = int.recv() => info!("SIGINT received, shutting down"),
-    }
-    shutdown.send_replace(true);
 }
 
 struct Core {
@@ -214,12 +199,12 @@ impl Core {
     async fn run(
         &mut self,
         mut inbound: mpsc::Receiver<Inbound>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: shutdown::Listener,
         mut probes: mpsc::Receiver<Probe>,
     ) -> Ending {
         let ending = loop {
             tokio::select! {
-                () = shutdown_requested(&mut shutdown) => break Ending::Shutdown,
+                () = shutdown::requested(&mut shutdown) => break Ending::Shutdown,
                 () = restart_due(&self.outbox, self.restart) => break Ending::Restart,
                 Some(message) = inbound.recv() => self.handle(message),
                 progress = next_progress(&mut self.running) => match progress {
@@ -435,13 +420,6 @@ impl Core {
     }
 }
 
-/// Completes once shutdown is requested (or whoever could request it is
-/// gone). Returns `()` so that no lock guard of the channel is held across
-/// the awaits of a `select!`.
-pub async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Completes when a pending restart may go ahead: the status was delivered,
 /// or waiting for that took too long. Never completes without a restart.
 async fn restart_due(outbox: &Outbox, restart: Option<u64>) {
@@ -492,7 +470,7 @@ mod tests {
         let systemd = Systemd::new(Some(path), Some(200_000), None);
         let (_link_tx, link_rx) = watch::channel(LinkState::Connecting);
         let (command_tx, command_rx) = watch::channel(CommandState::default());
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = shutdown::channel();
         let (core, mut core_probes) = probe_channel("core");
         let (connection, mut connection_probes) = probe_channel("connection");
         let answering = tokio::spawn(async move {

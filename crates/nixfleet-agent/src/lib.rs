@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod shutdown;
 pub mod systemd;
 pub mod tls;
 pub mod watchdog;
