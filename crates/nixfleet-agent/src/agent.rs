@@ -12,7 +12,9 @@
 use crate::commands::{CommandKind, Progress, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
-use crate::handover::{CommandRecord, SelfImage, follow_adopted};
+use crate::follower::{Followed, follow};
+use crate::handover::{self, CommandRecord, SelfImage, follow_legacy};
+use crate::outbox::DeliveryCursor;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
@@ -190,7 +192,10 @@ enum Ending {
 struct Running {
     kind: CommandKind,
     since: SystemTime,
+    /// The process the command runs now (reported in heartbeats).
     pid: Option<u32>,
+    /// The command's supervisor, which the running-command record names.
+    supervisor: Option<u32>,
     stop: watch::Sender<Option<StopRequest>>,
     progress: mpsc::Receiver<Progress>,
 }
@@ -244,16 +249,47 @@ impl Core {
             "following a command started by a previous agent"
         );
         let (stop_tx, mut stop_rx) = watch::channel(None);
-        let (progress_tx, progress_rx) = mpsc::channel(1);
-        let (repo_dir, grace, pid) = (self.repo_dir.clone(), self.stop_grace, record.pid);
-        tokio::spawn(async move {
-            let status = follow_adopted(record, kind, repo_dir, grace, &mut stop_rx).await;
-            let _ = progress_tx.send(Progress::Finished(status)).await;
-        });
+        let (progress_tx, progress_rx) = mpsc::channel(8);
+        let (repo_dir, grace) = (self.repo_dir.clone(), self.stop_grace);
+        let legacy_pid = (!record.supervised).then_some(record.pid);
+        let supervisor_pid = record.supervised.then_some(record.pid);
+        match (record.supervised, record.log.clone()) {
+            (true, Some(log)) => {
+                let (cursor, resume_at) = match DeliveryCursor::resume(&handover::sent_path(&self.state_dir)) {
+                    Ok(resumed) => resumed,
+                    Err(error) => {
+                        warn!(error = %error, "cannot open the delivery cursor; not following the command");
+                        CommandRecord::clear(&self.state_dir, None);
+                        return;
+                    }
+                };
+                let followed = Followed {
+                    kind,
+                    log,
+                    supervisor: (record.pid, record.pid_start),
+                    resume_at,
+                    log_id: self.outbox.track(cursor),
+                    stop_file: handover::stop_path(&self.state_dir),
+                    repo_dir,
+                };
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move {
+                    let status = follow(followed, &outbox, &progress_tx, &mut stop_rx).await;
+                    let _ = progress_tx.send(Progress::Finished(status)).await;
+                });
+            }
+            _ => {
+                tokio::spawn(async move {
+                    let status = follow_legacy(record, kind, repo_dir, grace, &mut stop_rx).await;
+                    let _ = progress_tx.send(Progress::Finished(status)).await;
+                });
+            }
+        }
         self.running = Some(Running {
             kind,
             since: SystemTime::now(),
-            pid: Some(pid),
+            pid: legacy_pid,
+            supervisor: supervisor_pid,
             stop: stop_tx,
             progress: progress_rx,
         });
@@ -313,6 +349,7 @@ impl Core {
             kind,
             since: SystemTime::now(),
             pid: None,
+            supervisor: None,
             stop: stop_tx,
             progress: progress_rx,
         });
@@ -336,14 +373,17 @@ impl Core {
 
     fn on_progress(&mut self, progress: Progress) {
         match progress {
-            Progress::Started { pid, log } => {
+            Progress::Launched(record) => {
+                if let Some(running) = &mut self.running {
+                    running.supervisor = Some(record.pid);
+                }
+                record.save(&self.state_dir);
+            }
+            Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {
                     return;
                 };
                 running.pid = Some(pid);
-                if let Some(record) = CommandRecord::new(running.kind.name(), pid, log) {
-                    record.save(&self.state_dir);
-                }
                 self.publish_state();
             }
             Progress::Finished(status) => self.finish(status),
@@ -356,12 +396,10 @@ impl Core {
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         // Every output line of the command is already queued: the status
         // goes after them.
-        let ticket = self
-            .outbox
-            .push_reliable(Outbound::Status(&status).to_json());
+        let ticket = self.outbox.push_frame(Outbound::Status(&status).to_json());
         // The record stays until the status is out, so that an agent that
         // dies in between leaves it for the next one to send.
-        let pid = finished.as_ref().and_then(|r| r.pid);
+        let pid = finished.as_ref().and_then(|r| r.supervisor.or(r.pid));
         let (outbox, state_dir) = (self.outbox.clone(), self.state_dir.clone());
         tokio::spawn(async move {
             outbox.wait_delivered(ticket).await;

@@ -3,48 +3,40 @@
 //! A command is a name from a fixed table; nothing the dashboard sends ever
 //! becomes an argument or reaches a shell. Programs come from `PATH`.
 //!
-//! Each process runs in its own session (so its own process group), with
-//! stdin from /dev/null and a small whitelisted environment: the agent's own
-//! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
-//! from both pipes concurrently, split into lines, written to the command's
-//! log file and queued in the outbox, which never blocks; so a child is
-//! never held up by a slow or absent dashboard.
+//! Each command is a list of steps (processes) decided up front and run
+//! by a supervisor process (supervisor.rs) that writes their output and
+//! exit codes into the command log; the agent follows that log
+//! (follower.rs). Each process runs in its own session (so its own process
+//! group), with stdin from /dev/null and a small whitelisted environment:
+//! the agent's own secrets (`NIXFLEET_*`, the token) never reach a child
+//! or the supervisor.
 
+use crate::command_log::{self, Plan, Step};
 use crate::config::Config;
+use crate::follower::{Followed, follow};
+use crate::handover::{self, CommandRecord};
 use crate::heartbeat::generation;
-use crate::outbox::Outbox;
-use crate::protocol::{Outbound, Outcome, Status, Stream, TestProgress};
+use crate::outbox::{DeliveryCursor, Outbox};
+use crate::protocol::{Outcome, Status};
+use crate::supervisor::SUPERVISE_ARG;
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-/// Longest output line sent; longer ones are cut with [`TRUNCATED_MARK`].
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub use crate::command_log::MAX_LINE_BYTES;
 pub const TRUNCATED_MARK: &str = " …[truncated]";
-/// The last line of every command log starts with this, then the exit
-/// code: a restarted agent reads it back (see handover.rs).
+/// The last line of a command log written by agents before 0.2 (no
+/// supervisor) starts with this, then the exit code; a newer agent that
+/// takes over such a command reads it back (see handover.rs).
 pub const EXIT_CODE_LOG_PREFIX: &str = "[nixfleet] exit code ";
-/// Command logs kept under `state_dir/logs`.
-pub const KEPT_LOGS: usize = 50;
-/// After a process exits, how long its output pipes may stay open (held by
-/// a leftover background process) before the agent stops reading them.
-const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// Output read between two turns given to the socket writer.
-const YIELD_EVERY_BYTES: usize = 16 * 1024;
 /// How often a stop checks whether the process group is gone.
 const GROUP_POLL: Duration = Duration::from_millis(50);
-/// Longest error detail quoted in a status message.
-const MAX_DETAIL_CHARS: usize = 200;
 
-/// The command table (protocol.md, "Commands"). `stop` is not here: it acts
-/// on the running command rather than being one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandKind {
     Pull,
@@ -101,11 +93,10 @@ pub enum StopRequest {
 /// What a running command tells the agent core.
 #[derive(Debug)]
 pub enum Progress {
+    /// The supervisor runs: the record a next agent needs to take over.
+    Launched(CommandRecord),
     /// A process of the command started (pull-switch and test run several).
-    Started {
-        pid: u32,
-        log: Option<PathBuf>,
-    },
+    Started { pid: u32 },
     Finished(Status),
 }
 
@@ -135,90 +126,59 @@ impl Runner {
         progress: &mpsc::Sender<Progress>,
         stop: &mut watch::Receiver<Option<StopRequest>>,
     ) -> Status {
-        let mut job = Job {
-            runner: self,
-            command: kind.name(),
-            output: Output {
-                command: kind.name(),
-                outbox: &self.outbox,
-                log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
-                last_stderr: Mutex::new(String::new()),
-            },
-            progress,
-            stop,
+        let failed = |message: String, exit_code: i32| {
+            warn!(command = kind.name(), "{message}");
+            Status {
+                status: Outcome::Error,
+                command: kind.name().to_owned(),
+                exit_code,
+                message,
+                generation: generation(&self.config.repo_dir),
+            }
         };
-        let (outcome, message, exit_code) = match kind {
-            CommandKind::Pull => job.pull().await,
-            CommandKind::PullSwitch => match job.pull().await {
-                (Outcome::Ok, ..) => job.rebuild(&["switch"]).await,
-                failed => failed,
-            },
-            CommandKind::Switch => job.rebuild(&["switch"]).await,
-            CommandKind::Boot => job.rebuild(&["boot"]).await,
-            CommandKind::Rollback => job.rebuild_plain(&["switch", "--rollback"]).await,
-            CommandKind::Test => job.test().await,
-        };
-        job.output.log_line(&format!(
-            "{EXIT_CODE_LOG_PREFIX}{exit_code}: {} ({message})",
-            outcome_word(outcome)
-        ));
-        Status {
-            status: outcome,
-            command: kind.name().to_owned(),
-            exit_code,
-            message,
-            generation: generation(&self.config.repo_dir),
+        if stop.borrow().is_some() {
+            return failed("Stopped by user".to_owned(), -1);
         }
-    }
-}
-
-fn outcome_word(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Ok => "ok",
-        Outcome::Error => "error",
-    }
-}
-
-type StepOutcome = (Outcome, String, i32);
-
-/// How one process ended.
-enum Ended {
-    Exited(ExitStatus),
-    Stopped(ExitStatus),
-    NotStarted(String),
-}
-
-/// One command in progress.
-struct Job<'a> {
-    runner: &'a Runner,
-    command: &'static str,
-    output: Output<'a>,
-    progress: &'a mpsc::Sender<Progress>,
-    stop: &'a mut watch::Receiver<Option<StopRequest>>,
-}
-
-/// Where a command's output goes. Both pipes are read concurrently and share
-/// it, hence the (uncontended) locks.
-struct Output<'a> {
-    command: &'static str,
-    outbox: &'a Outbox,
-    log: Mutex<Option<CommandLog>>,
-    /// The last non-empty stderr line of the current process, for messages.
-    last_stderr: Mutex<String>,
-}
-
-impl Job<'_> {
-    fn config(&self) -> &Config {
-        &self.runner.config
+        let steps = match self.steps(kind) {
+            Ok(steps) => steps,
+            Err(message) => return failed(message, 1),
+        };
+        let launched = match self.launch(kind, steps).await {
+            Ok(launched) => launched,
+            Err(error) => return failed(format!("cannot start the command: {error}"), -1),
+        };
+        let _ = progress.send(Progress::Launched(launched.record)).await;
+        follow(launched.followed, &self.outbox, progress, stop).await
     }
 
-    async fn pull(&mut self) -> StepOutcome {
-        let config = self.runner.config.clone();
+    /// The processes a command runs, decided before any of them starts.
+    fn steps(&self, kind: CommandKind) -> Result<Vec<Step>, String> {
+        Ok(match kind {
+            CommandKind::Pull => self.pull_steps()?,
+            CommandKind::PullSwitch => {
+                let mut steps = self.pull_steps()?;
+                steps.push(self.rebuild(&["switch"], true));
+                steps
+            }
+            CommandKind::Switch => vec![self.rebuild(&["switch"], true)],
+            CommandKind::Boot => vec![self.rebuild(&["boot"], true)],
+            CommandKind::Rollback => vec![self.rebuild(&["switch", "--rollback"], false)],
+            CommandKind::Test => self.test_steps(),
+        })
+    }
+
+    fn pull_steps(&self) -> Result<Vec<Step>, String> {
+        let config = &self.config;
         let repo = config.repo_dir.as_path();
+        let git = |label: &str, cwd: &Path, args: &[&str]| Step {
+            label: label.to_owned(),
+            program: "git".to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            cwd: cwd.to_owned(),
+            stop_on_failure: true,
+        };
         let Some(url) = config.repo_url.as_deref() else {
-            return self
-                .git_step("git pull", repo, &["pull", "--ff-only"])
-                .await;
+            return Ok(vec![git("git pull", repo, &["pull", "--ff-only"])]);
         };
         if !repo.join(".git").exists() {
             if repo.exists()
@@ -226,23 +186,14 @@ impl Job<'_> {
                     .map(|mut d| d.next().is_some())
                     .unwrap_or(true)
             {
-                return (
-                    Outcome::Error,
-                    format!(
-                        "repo_dir {} exists and is not a git repository",
-                        repo.display()
-                    ),
-                    1,
-                );
+                return Err(format!(
+                    "repo_dir {} exists and is not a git repository",
+                    repo.display()
+                ));
             }
             let parent = repo.parent().unwrap_or(Path::new("/"));
-            if let Err(e) = std::fs::create_dir_all(parent) {
-                return (
-                    Outcome::Error,
-                    format!("cannot create {}: {e}", parent.display()),
-                    1,
-                );
-            }
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
             let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
             let args = [
                 "clone",
@@ -253,141 +204,66 @@ impl Job<'_> {
                 url,
                 repo_arg,
             ];
-            return match self.git_step("git clone", parent, &args).await {
-                (Outcome::Ok, ..) => self.pulled(),
-                failed => failed,
-            };
+            return Ok(vec![git("git clone", parent, &args)]);
         }
         let branch = config.branch.as_str();
         let remote_branch = format!("origin/{branch}");
-        let steps: [(&str, Vec<&str>); 3] = [
-            ("git fetch", vec!["fetch", "origin", branch]),
-            ("git reset", vec!["reset", "--hard", &remote_branch]),
-            ("git clean", vec!["clean", "-fd"]),
-        ];
-        for (what, args) in steps {
-            if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
-                return failed;
-            }
+        Ok(vec![
+            git("git fetch", repo, &["fetch", "origin", branch]),
+            git("git reset", repo, &["reset", "--hard", &remote_branch]),
+            git("git clean", repo, &["clean", "-fd"]),
+        ])
+    }
+
+    /// `nixos-rebuild <op> [--flake <repo_dir>#<hostname>]`.
+    fn rebuild(&self, op: &[&str], flake: bool) -> Step {
+        let mut args: Vec<String> = op.iter().map(|a| (*a).to_owned()).collect();
+        if flake {
+            args.push("--flake".to_owned());
+            args.push(format!(
+                "{}#{}",
+                self.config.repo_dir.display(),
+                self.config.hostname
+            ));
         }
-        self.pulled()
-    }
-
-    fn pulled(&self) -> StepOutcome {
-        let generation = generation(&self.config().repo_dir);
-        (Outcome::Ok, format!("at {generation}"), 0)
-    }
-
-    async fn git_step(&mut self, what: &str, cwd: &Path, args: &[&str]) -> StepOutcome {
-        match self.run_process("git", args, cwd).await {
-            Ended::Exited(status) if status.success() => (Outcome::Ok, String::new(), 0),
-            Ended::Exited(status) => {
-                let detail = self.failure_detail(status);
-                (
-                    Outcome::Error,
-                    format!("{what} failed: {detail}"),
-                    exit_code_of(status),
-                )
-            }
-            ended => self.not_ok(ended),
-        }
-    }
-
-    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`.
-    async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
-        let flake = format!(
-            "{}#{}",
-            self.config().repo_dir.display(),
-            self.config().hostname
-        );
-        let mut args = op.to_vec();
-        args.extend(["--flake", &flake]);
-        self.rebuild_plain(&args).await
-    }
-
-    async fn rebuild_plain(&mut self, args: &[&str]) -> StepOutcome {
-        let cwd = self.working_dir();
-        match self.run_process("nixos-rebuild", args, &cwd).await {
-            Ended::Exited(status) if status.success() => {
-                (Outcome::Ok, format!("{} succeeded", self.command), 0)
-            }
-            Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
-            ended => self.not_ok(ended),
+        Step {
+            label: format!("nixos-rebuild {}", op.join(" ")),
+            program: "nixos-rebuild".to_owned(),
+            args,
+            cwd: self.working_dir(),
+            stop_on_failure: true,
         }
     }
 
     /// Every executable `hosts/<hostname>/tests/T*.sh`, in name order.
-    async fn test(&mut self) -> StepOutcome {
+    fn test_steps(&self) -> Vec<Step> {
         let dir = self
-            .config()
+            .config
             .repo_dir
             .join("hosts")
-            .join(&self.config().hostname)
+            .join(&self.config.hostname)
             .join("tests");
-        let scripts = find_test_scripts(&dir);
-        let total = scripts.len() as u32;
         let cwd = self.working_dir();
-        let mut passed = 0;
-        for (index, script) in scripts.iter().enumerate() {
-            let current = index as u32 + 1;
-            let name = script
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let script_arg = script.to_string_lossy().into_owned();
-            let ended = self.run_process(&script_arg, &[], &cwd).await;
-            let ok = matches!(&ended, Ended::Exited(status) if status.success());
-            passed += ok as u32;
-            let stopped = matches!(ended, Ended::Stopped(_));
-            let last = current == total || stopped;
-            let result = if last {
-                format!("{passed}/{total} passed")
-            } else {
-                format!("{name} {}", if ok { "passed" } else { "failed" })
-            };
-            self.send_progress(TestProgress {
-                current,
-                total,
-                passed,
-                running: !last,
-                result,
-            });
-            if stopped {
-                return self.not_ok(ended);
-            }
-        }
-        let summary = format!("{passed}/{total} passed");
-        if total == 0 {
-            self.send_progress(TestProgress {
-                current: 0,
-                total: 0,
-                passed: 0,
-                running: false,
-                result: summary.clone(),
-            });
-        }
-        if passed == total {
-            (Outcome::Ok, summary, 0)
-        } else {
-            (Outcome::Error, summary, 1)
-        }
-    }
-
-    fn send_progress(&self, progress: TestProgress) {
-        self.output.log_line(&format!(
-            "[nixfleet] test {}/{}: {}",
-            progress.current, progress.total, progress.result
-        ));
-        self.runner
-            .outbox
-            .push_reliable(Outbound::TestProgress(&progress).to_json());
+        find_test_scripts(&dir)
+            .into_iter()
+            .map(|script| Step {
+                label: script
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                program: script.to_string_lossy().into_owned(),
+                args: Vec::new(),
+                cwd: cwd.clone(),
+                stop_on_failure: false,
+            })
+            .collect()
     }
 
     /// Commands run in the repository when it exists, else in `/` (so that
     /// `rollback` works before the first pull).
     fn working_dir(&self) -> PathBuf {
-        let repo = &self.config().repo_dir;
+        let repo = &self.config.repo_dir;
         if repo.is_dir() {
             repo.clone()
         } else {
@@ -395,223 +271,85 @@ impl Job<'_> {
         }
     }
 
-    fn not_ok(&self, ended: Ended) -> StepOutcome {
-        match ended {
-            Ended::Stopped(status) => (
-                Outcome::Error,
-                "Stopped by user".to_owned(),
-                exit_code_of(status),
-            ),
-            Ended::NotStarted(why) => (Outcome::Error, why, 127),
-            Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
-        }
-    }
-
-    fn failure_detail(&self, status: ExitStatus) -> String {
-        let last = self
-            .output
-            .last_stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if last.is_empty() {
-            describe_exit(status)
-        } else {
-            last.clone()
-        }
-    }
-
-    /// Runs one process to its end, streaming its output, honouring stop
-    /// requests.
-    async fn run_process(&mut self, program: &str, args: &[&str], cwd: &Path) -> Ended {
-        if self.stop.borrow().is_some() {
-            return Ended::NotStarted("Stopped by user".to_owned());
-        }
-        self.output
-            .last_stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.output
-            .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
-        let mut command = tokio::process::Command::new(program);
+    /// Creates the command log and starts the supervisor on it.
+    async fn launch(&self, kind: CommandKind, steps: Vec<Step>) -> std::io::Result<Launched> {
+        use tokio::io::AsyncWriteExt;
+        let state_dir = &self.config.state_dir;
+        let log = command_log::create(
+            state_dir,
+            kind.name(),
+            self.config.log_max_bytes,
+            self.config.logs_max_bytes,
+        )?;
+        let stop_file = handover::stop_path(state_dir);
+        let _ = std::fs::remove_file(&stop_file);
+        let cursor = DeliveryCursor::create(&handover::sent_path(state_dir))?;
+        let plan = Plan {
+            log: log.clone(),
+            stop_file: stop_file.clone(),
+            stop_grace_ms: self.config.stop_grace.as_millis() as u64,
+            max_bytes: self.config.log_max_bytes,
+            steps,
+        };
+        // The running binary, even when a switch replaced the file: the
+        // supervisor is always this very version.
+        let mut command = tokio::process::Command::new("/proc/self/exe");
         command
-            .args(args)
-            .current_dir(cwd)
+            .arg0("nixfleet-agent")
+            .arg(SUPERVISE_ARG)
+            .current_dir("/")
             .env_clear()
-            .envs(self.runner.child_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .envs(self.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .kill_on_drop(false);
         // SAFETY: setsid is async-signal-safe and touches no memory of ours.
-        // A new session makes the child the leader of its own process group,
-        // so a stop can signal everything it started, and a signal meant for
-        // the agent (Ctrl-C in a terminal) does not reach the deployment.
+        // Its own session: a signal meant for the agent (Ctrl-C in a
+        // terminal) reaches neither the supervisor nor the deployment.
         unsafe {
             command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
         }
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(error) => {
-                let why = format!("cannot run {program}: {error}");
-                warn!(command = self.command, error = %error, "{why}");
-                self.output.log_line(&format!("[nixfleet] {why}"));
-                return Ended::NotStarted(why);
-            }
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+        let json = serde_json::to_vec(&plan).map_err(std::io::Error::other)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&json).await?;
+        }
+        // Reaps the supervisor when it ends (a next agent cannot: it is
+        // then init's child).
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
+        let log_id = self.outbox.track(cursor);
+        let record = CommandRecord::supervised(kind.name(), pid, log.clone())
+            .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+        let followed = Followed {
+            kind,
+            log,
+            supervisor: (pid, record.pid_start),
+            resume_at: 0,
+            log_id,
+            stop_file,
+            repo_dir: self.config.repo_dir.clone(),
         };
-        let Some(pid) = child.id() else {
-            return Ended::NotStarted(format!("{program} exited before it could be tracked"));
-        };
-        info!(command = self.command, pid, "started {program}");
-        let log = self.output.log_path();
-        let _ = self.progress.send(Progress::Started { pid, log }).await;
-
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let grace = self.config().stop_grace;
-        let output = &self.output;
-        let stop = &mut *self.stop;
-        let exited = tokio::sync::Notify::new();
-        let reap = async {
-            let ended = supervise(&mut child, pid, grace, stop).await;
-            exited.notify_one();
-            ended
-        };
-        let drain = async {
-            let pumps = async {
-                tokio::join!(
-                    output.pump(stdout, Stream::Stdout),
-                    output.pump(stderr, Stream::Stderr)
-                );
-            };
-            let exit_then_grace = async {
-                exited.notified().await;
-                tokio::time::sleep(PIPE_DRAIN_GRACE).await;
-            };
-            tokio::select! {
-                () = pumps => {}
-                () = exit_then_grace => {
-                    warn!(command = output.command, pid, "output pipes still open after the process exited; not reading them further");
-                }
-            }
-        };
-        let (ended, ()) = tokio::join!(reap, drain);
-        ended
+        Ok(Launched { record, followed })
     }
 }
 
-impl Output<'_> {
-    async fn pump(&self, pipe: Option<impl AsyncRead + Unpin>, stream: Stream) {
-        let Some(pipe) = pipe else { return };
-        let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-        let mut line: Vec<u8> = Vec::with_capacity(256);
-        let mut cut = false;
-        let mut since_yield = 0;
-        loop {
-            // Give the writer its turn: on the agent's single thread, tokio
-            // would let this loop run for 128 pipe reads (about 8 MiB of
-            // output) before the writer could drain a line, and the outbox
-            // would overflow although the dashboard keeps up.
-            if since_yield >= YIELD_EVERY_BYTES {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
-            let buf = match reader.fill_buf().await {
-                Ok(buf) => buf,
-                Err(error) => {
-                    warn!(command = self.command, error = %error, "reading command output failed");
-                    break;
-                }
-            };
-            if buf.is_empty() {
-                if !line.is_empty() || cut {
-                    self.emit(stream, &line, cut);
-                }
-                break;
-            }
-            let newline = memchr::memchr(b'\n', buf);
-            let chunk = &buf[..newline.unwrap_or(buf.len())];
-            let room = MAX_LINE_BYTES - line.len();
-            if chunk.len() > room {
-                line.extend_from_slice(&chunk[..room]);
-                cut = true;
-            } else {
-                line.extend_from_slice(chunk);
-            }
-            let used = chunk.len() + usize::from(newline.is_some());
-            reader.consume(used);
-            since_yield += used;
-            if newline.is_some() {
-                self.emit(stream, &line, cut);
-                line.clear();
-                cut = false;
-            }
-        }
-    }
-
-    fn emit(&self, stream: Stream, raw: &[u8], cut: bool) {
-        let text = line_text(raw, cut);
-        self.log_line(&text);
-        self.outbox.push_line(self.command, stream, &text);
-        if stream == Stream::Stderr && !text.trim().is_empty() {
-            let mut last = self.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
-            last.clear();
-            last.extend(text.trim().chars().take(MAX_DETAIL_CHARS));
-        }
-    }
-
-    fn log_path(&self) -> Option<PathBuf> {
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.as_ref().map(|l| l.path.clone())
-    }
-
-    fn log_line(&self, text: &str) {
-        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            log.write_line(text);
-        }
-    }
-}
-
-/// Waits for the process, applying stop requests to its whole group.
-async fn supervise(
-    child: &mut tokio::process::Child,
-    pid: u32,
-    grace: Duration,
-    stop: &mut watch::Receiver<Option<StopRequest>>,
-) -> Ended {
-    let requested = tokio::select! {
-        status = child.wait() => return match status {
-            Ok(status) => Ended::Exited(status),
-            Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
-        },
-        request = stop.wait_for(Option::is_some) => request.map(|r| r.unwrap_or(StopRequest::Terminate)),
-    };
-    let Ok(request) = requested else {
-        // The core is gone: the agent is exiting and leaves the command
-        // running on purpose (see agent.rs); just wait for it.
-        return match child.wait().await {
-            Ok(status) => Ended::Exited(status),
-            Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
-        };
-    };
-    let mut status = None;
-    signal_group_until_gone(pid, request, grace, stop, || {
-        if status.is_none() {
-            status = child.try_wait().ok().flatten();
-        }
-        status.is_some()
-    })
-    .await;
-    match status {
-        Some(status) => Ended::Stopped(status),
-        None => Ended::NotStarted("Stopped by user".into()),
-    }
+struct Launched {
+    record: CommandRecord,
+    followed: Followed,
 }
 
 /// Stops the process group led by `pid`: the requested signal now, SIGKILL
 /// once `grace` has passed (or at once when a later request says so), until
 /// the leader is gone (`leader_gone`, which may also reap it) and no member
-/// of the group is left. No process of the group survives a stop.
+/// of the group is left. Used for commands an older agent started without
+/// a supervisor.
 pub async fn signal_group_until_gone(
     pid: u32,
     request: StopRequest,
@@ -670,23 +408,6 @@ pub fn line_text(raw: &[u8], cut: bool) -> String {
         text.push_str(TRUNCATED_MARK);
     }
     text
-}
-
-fn exit_code_of(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-fn describe_exit(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => "ended abnormally".to_owned(),
-    }
 }
 
 fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {
@@ -766,86 +487,6 @@ pub fn child_environment(
 fn git_ssh_command(key: &Path) -> String {
     let quoted = key.to_string_lossy().replace('\'', r"'\''");
     format!("ssh -i '{quoted}' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new")
-}
-
-/// The full output of one command in `state_dir/logs`, before any dropping.
-struct CommandLog {
-    file: std::io::BufWriter<std::fs::File>,
-    path: PathBuf,
-    failed: bool,
-}
-
-impl CommandLog {
-    /// Opens a new log and prunes old ones; on failure the command runs
-    /// without a log (a full disk must not stop a rollback).
-    fn create(state_dir: &Path, command: &str) -> Option<CommandLog> {
-        let dir = state_dir.join("logs");
-        let result = std::fs::create_dir_all(&dir).and_then(|()| {
-            let stamp = humantime::format_rfc3339_millis(SystemTime::now())
-                .to_string()
-                .replace([':', '-'], "");
-            let path = dir.join(format!("{stamp}-{command}.log"));
-            let file = std::fs::OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&path)?;
-            Ok((file, path))
-        });
-        match result {
-            Ok((file, path)) => {
-                prune_logs(&dir, KEPT_LOGS);
-                Some(CommandLog {
-                    file: std::io::BufWriter::with_capacity(64 * 1024, file),
-                    path,
-                    failed: false,
-                })
-            }
-            Err(error) => {
-                warn!(command, error = %error, dir = %dir.display(), "cannot write the command log");
-                None
-            }
-        }
-    }
-
-    fn write_line(&mut self, text: &str) {
-        if self.failed {
-            return;
-        }
-        let result = self
-            .file
-            .write_all(text.as_bytes())
-            .and_then(|()| self.file.write_all(b"\n"));
-        if let Err(error) = result {
-            warn!(error = %error, path = %self.path.display(), "writing the command log failed; the rest of this command is not logged");
-            self.failed = true;
-        }
-    }
-}
-
-impl Drop for CommandLog {
-    fn drop(&mut self) {
-        let _ = self.file.flush();
-    }
-}
-
-/// Keeps the newest `keep` logs. Names start with a UTC timestamp, so name
-/// order is age order.
-fn prune_logs(dir: &Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut logs: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    if logs.len() <= keep {
-        return;
-    }
-    logs.sort();
-    for old in &logs[..logs.len() - keep] {
-        let _ = std::fs::remove_file(old);
-    }
 }
 
 #[cfg(test)]
@@ -930,27 +571,5 @@ mod tests {
             .collect();
         assert_eq!(names, ["T02-early.sh", "T10-late.sh"]);
         assert!(find_test_scripts(&dir.path().join("missing")).is_empty());
-    }
-
-    #[test]
-    fn logs_are_pruned_to_the_newest() {
-        let dir = tempfile::tempdir().unwrap();
-        for i in 0..7 {
-            std::fs::write(dir.path().join(format!("2026010{i}T000000Z-pull.log")), "").unwrap();
-        }
-        prune_logs(dir.path(), 3);
-        let mut left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                "20260104T000000Z-pull.log",
-                "20260105T000000Z-pull.log",
-                "20260106T000000Z-pull.log"
-            ]
-        );
     }
 }

@@ -199,6 +199,11 @@ pub struct Config {
     pub stop_grace: Duration,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// Cap on one command's log: the disk backlog of output the dashboard
+    /// has not read yet; past it lines are counted and dropped.
+    pub log_max_bytes: u64,
+    /// Budget for all command logs together (older logs are removed).
+    pub logs_max_bytes: u64,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the
@@ -745,6 +750,8 @@ fn build(
         stop_grace,
         state_dir: PathBuf::from(state_dir),
         ca_file,
+        log_max_bytes: crate::command_log::DEFAULT_LOG_MAX_BYTES,
+        logs_max_bytes: crate::command_log::DEFAULT_LOGS_MAX_BYTES,
         token_source,
         warnings,
         origins,

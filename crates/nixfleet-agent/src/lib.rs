@@ -4,9 +4,11 @@
 //! One module per concern; `main.rs` only wires them together.
 
 pub mod agent;
+pub mod command_log;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod follower;
 pub mod handover;
 pub mod heartbeat;
 pub mod logging;
@@ -14,6 +16,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod shutdown;
+pub mod supervisor;
 pub mod systemd;
 pub mod tls;
 pub mod watchdog;

@@ -1,0 +1,523 @@
+//! Follows a command log (command_log.rs) as its supervisor writes it and
+//! turns it into frames for the dashboard: output lines, test progress, and
+//! in the end the command's status, computed from the exit codes the
+//! supervisor recorded.
+//!
+//! The same code serves a command this agent started and one a previous
+//! agent started: records before the delivery cursor are replayed without
+//! sending (to rebuild what the status needs: step results, the current
+//! pid, the last stderr line), the rest is sent. Reading waits for room in
+//! the outbox, so a slow dashboard costs disk, not memory, and never slows
+//! the command, whose output goes to the supervisor, not to us.
+
+use crate::command_log::{Record, parse};
+use crate::commands::{CommandKind, Progress, StopRequest, line_text};
+use crate::handover::process_start_ticks;
+use crate::heartbeat::generation;
+use crate::outbox::{Item, Outbox};
+use crate::protocol::{Outbound, OutputLine, Outcome, Status, Stream, TestProgress};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Bytes read from the log at once; a record is at most 64 KiB + 3.
+const READ_CHUNK: usize = 128 * 1024;
+/// Log bytes handled between two turns given to the socket writer (the
+/// agent has one thread).
+const YIELD_EVERY_BYTES: usize = 16 * 1024;
+/// How often the supervisor's life is checked while the log is quiet.
+const LIVENESS_POLL: Duration = Duration::from_millis(250);
+/// Without inotify, how often the log is read for new records.
+const FALLBACK_POLL: Duration = Duration::from_millis(20);
+/// Longest error detail quoted in a status message.
+const MAX_DETAIL_CHARS: usize = 200;
+
+/// The command to follow.
+pub struct Followed {
+    pub kind: CommandKind,
+    pub log: PathBuf,
+    /// The supervisor: pid and start time (so a recycled pid is not it).
+    pub supervisor: (u32, u64),
+    /// Log offset up to which everything was delivered.
+    pub resume_at: u64,
+    /// The id the outbox gave this log's delivery cursor.
+    pub log_id: u64,
+    /// Where a stop request is written for the supervisor.
+    pub stop_file: PathBuf,
+    pub repo_dir: PathBuf,
+}
+
+/// Follows the command until its supervisor is done (or gone) and every
+/// record was queued; returns its status, which the caller queues next.
+pub async fn follow(
+    followed: Followed,
+    outbox: &Outbox,
+    progress: &mpsc::Sender<Progress>,
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+) -> Status {
+    let stop_file = followed.stop_file.clone();
+    tokio::select! {
+        status = read_log(&followed, outbox, progress) => status,
+        () = forward_stops(stop, &stop_file) => unreachable!("forward_stops never ends"),
+    }
+}
+
+/// Hands stop requests to the supervisor, which signals the step's group
+/// (and keeps doing so should this agent die).
+async fn forward_stops(stop: &mut watch::Receiver<Option<StopRequest>>, stop_file: &Path) {
+    loop {
+        let request = *stop.borrow_and_update();
+        if let Some(request) = request {
+            let word: &[u8] = match request {
+                StopRequest::Terminate => b"TERM",
+                StopRequest::Kill => b"KILL",
+            };
+            if let Err(error) = crate::command_log::write_private(stop_file, word) {
+                warn!(error = %error, "cannot hand the stop request to the command's supervisor");
+            }
+        }
+        if stop.changed().await.is_err() {
+            // The core is gone (the agent is exiting): nothing more to forward.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn read_log(followed: &Followed, outbox: &Outbox, progress: &mpsc::Sender<Progress>) -> Status {
+    let mut summary = Summary::new(followed.kind);
+    let watch = LogWatch::new(&followed.log);
+    if watch.is_none() {
+        warn!("inotify unavailable; polling the command log");
+    }
+    let mut file = match File::open(&followed.log) {
+        Ok(file) => Some(file),
+        Err(error) => {
+            warn!(error = %error, log = %followed.log.display(), "cannot read the command log");
+            None
+        }
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // Log offset of buf[0].
+    let mut base: u64 = 0;
+    let mut since_yield = 0;
+    let mut supervisor_gone = false;
+    loop {
+        let read = match file.as_mut() {
+            Some(file) => read_more(file, &mut buf),
+            None => 0,
+        };
+        let mut consumed = 0;
+        while let Some(newline) = memchr::memchr(b'\n', &buf[consumed..]) {
+            let record = &buf[consumed..consumed + newline];
+            consumed += newline + 1;
+            let end = base + consumed as u64;
+            let sending = end > followed.resume_at;
+            match summary.on_record(parse(record), sending) {
+                Emit::Nothing => {}
+                Emit::Frame(frame) => {
+                    outbox.wait_room().await;
+                    outbox.push(Item {
+                        frame,
+                        log_offset: Some((followed.log_id, end)),
+                    });
+                }
+                Emit::Started(pid) => {
+                    let _ = progress.send(Progress::Started { pid }).await;
+                }
+            }
+            since_yield += newline + 1;
+            if since_yield >= YIELD_EVERY_BYTES {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        buf.drain(..consumed);
+        base += consumed as u64;
+        if read > 0 {
+            continue;
+        }
+        if summary.done || supervisor_gone {
+            break;
+        }
+        let (pid, start) = followed.supervisor;
+        if process_start_ticks(pid) != Some(start) {
+            // Read once more: the supervisor may have written its last
+            // records just before it ended.
+            supervisor_gone = true;
+            continue;
+        }
+        match &watch {
+            Some(watch) => {
+                let _ = tokio::time::timeout(LIVENESS_POLL, watch.changed()).await;
+            }
+            None => tokio::time::sleep(FALLBACK_POLL).await,
+        }
+    }
+    if !summary.done {
+        warn!(
+            command = followed.kind.name(),
+            "the command's supervisor ended without recording the end"
+        );
+    }
+    let status = summary.status(generation(&followed.repo_dir));
+    info!(command = followed.kind.name(), exit_code = status.exit_code, "the command log ends: {}", status.message);
+    status
+}
+
+/// Appends what the file has beyond what was read; returns the byte count.
+fn read_more(file: &mut File, buf: &mut Vec<u8>) -> usize {
+    if buf.len() >= READ_CHUNK {
+        // Cannot happen with the supervisor's records (at most 64 KiB + 3);
+        // a damaged log must not make the agent grow without bound.
+        warn!("skipping an over-long record in the command log");
+        buf.clear();
+    }
+    let start = buf.len();
+    buf.resize(READ_CHUNK, 0);
+    let n = loop {
+        match file.read(&mut buf[start..]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                warn!(error = %error, "reading the command log failed");
+                break 0;
+            }
+        }
+    };
+    buf.truncate(start + n);
+    n
+}
+
+/// Wakes the follower when the log changes.
+struct LogWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl LogWatch {
+    fn new(log: &Path) -> Option<Self> {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok()?;
+        inotify::add_watch(
+            &fd,
+            log,
+            inotify::WatchFlags::MODIFY | inotify::WatchFlags::CLOSE_WRITE,
+        )
+        .ok()?;
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the
+        // same descriptor, until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+        Some(LogWatch { fd: fd.ok()? })
+    }
+
+    async fn changed(&self) {
+        let Ok(mut guard) = self.fd.readable().await else {
+            return std::future::pending().await;
+        };
+        let mut events = [0u8; 1024];
+        // Drain: one wake-up is enough for any number of writes.
+        while let Ok(n) = rustix::io::read(self.fd.get_ref(), &mut events) {
+            if n == 0 {
+                break;
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// What a record turns into.
+enum Emit {
+    Nothing,
+    Frame(String),
+    Started(u32),
+}
+
+/// The one place a line of the command's output becomes an `output` frame.
+pub fn output_frame(command: &str, stream: Stream, text: &str) -> String {
+    Outbound::Output(OutputLine::new(command, stream, text)).to_json()
+}
+
+#[derive(Debug, Clone)]
+struct StepResult {
+    label: String,
+    code: i32,
+    how: String,
+    ok: bool,
+    /// The step's last non-empty stderr line, for messages.
+    last_stderr: String,
+    not_started: bool,
+}
+
+/// Everything the log said so far that the status and progress need.
+struct Summary {
+    kind: CommandKind,
+    steps: usize,
+    current_label: String,
+    current_not_started: bool,
+    last_stderr: String,
+    results: Vec<StepResult>,
+    stopped: bool,
+    done: bool,
+    final_progress: bool,
+}
+
+impl Summary {
+    fn new(kind: CommandKind) -> Self {
+        Summary {
+            kind,
+            steps: 0,
+            current_label: String::new(),
+            current_not_started: false,
+            last_stderr: String::new(),
+            results: Vec::new(),
+            stopped: false,
+            done: false,
+            final_progress: false,
+        }
+    }
+
+    /// Updates the summary; returns what to send when `sending` (records
+    /// before the delivery cursor are only replayed).
+    fn on_record(&mut self, record: Record<'_>, sending: bool) -> Emit {
+        let command = self.kind.name();
+        match record {
+            Record::Line { stderr, cut, raw } => {
+                if !stderr && !sending {
+                    return Emit::Nothing;
+                }
+                let text = line_text(raw, cut);
+                if stderr && !text.trim().is_empty() {
+                    self.last_stderr.clear();
+                    self.last_stderr
+                        .extend(text.trim().chars().take(MAX_DETAIL_CHARS));
+                }
+                if !sending {
+                    return Emit::Nothing;
+                }
+                let stream = if stderr { Stream::Stderr } else { Stream::Stdout };
+                Emit::Frame(output_frame(command, stream, &text))
+            }
+            Record::Steps(n) => {
+                self.steps = n;
+                Emit::Nothing
+            }
+            Record::Start { pid, label, .. } => {
+                self.current_label = label.to_owned();
+                self.current_not_started = false;
+                self.last_stderr.clear();
+                Emit::Started(pid)
+            }
+            Record::NotStarted { .. } => {
+                self.current_not_started = true;
+                Emit::Nothing
+            }
+            Record::Stopped => {
+                self.stopped = true;
+                Emit::Nothing
+            }
+            Record::End { code, how, .. } => {
+                self.results.push(StepResult {
+                    label: std::mem::take(&mut self.current_label),
+                    code,
+                    how: how.to_owned(),
+                    ok: code == 0 && !self.stopped && !self.current_not_started,
+                    last_stderr: std::mem::take(&mut self.last_stderr),
+                    not_started: self.current_not_started,
+                });
+                if self.kind != CommandKind::Test {
+                    return Emit::Nothing;
+                }
+                let progress = self.test_progress();
+                self.progress_frame(progress, sending)
+            }
+            Record::Dropped(n) if sending => {
+                let notice = format!("[nixfleet] {n} lines dropped");
+                Emit::Frame(output_frame(command, Stream::Stderr, &notice))
+            }
+            Record::Done => {
+                self.done = true;
+                if self.kind == CommandKind::Test && !self.final_progress {
+                    let passed = self.passed();
+                    let progress = TestProgress {
+                        current: self.results.len() as u32,
+                        total: self.steps as u32,
+                        passed,
+                        running: false,
+                        result: format!("{passed}/{} passed", self.steps),
+                    };
+                    return self.progress_frame(progress, sending);
+                }
+                Emit::Nothing
+            }
+            Record::Dropped(_) | Record::Cut | Record::Unknown => Emit::Nothing,
+        }
+    }
+
+    fn passed(&self) -> u32 {
+        self.results.iter().filter(|r| r.ok).count() as u32
+    }
+
+    /// After a test script ended.
+    fn test_progress(&self) -> TestProgress {
+        let current = self.results.len() as u32;
+        let total = self.steps as u32;
+        let passed = self.passed();
+        let last = current >= total || self.stopped;
+        let result = match self.results.last() {
+            _ if last => format!("{passed}/{total} passed"),
+            Some(step) => format!(
+                "{} {}",
+                step.label,
+                if step.ok { "passed" } else { "failed" }
+            ),
+            None => String::new(),
+        };
+        TestProgress {
+            current,
+            total,
+            passed,
+            running: !last,
+            result,
+        }
+    }
+
+    fn progress_frame(&mut self, progress: TestProgress, sending: bool) -> Emit {
+        self.final_progress |= !progress.running;
+        if sending {
+            Emit::Frame(Outbound::TestProgress(&progress).to_json())
+        } else {
+            Emit::Nothing
+        }
+    }
+
+    fn status(&self, generation: String) -> Status {
+        let (status, message, exit_code) = self.outcome(&generation);
+        Status {
+            status,
+            command: self.kind.name().to_owned(),
+            exit_code,
+            message,
+            generation,
+        }
+    }
+
+    fn outcome(&self, generation: &str) -> (Outcome, String, i32) {
+        if self.stopped {
+            let code = self.results.last().map_or(-1, |r| r.code);
+            return (Outcome::Error, "Stopped by user".to_owned(), code);
+        }
+        if !self.done {
+            return (
+                Outcome::Error,
+                "the command's supervisor ended unexpectedly; exit code unknown".to_owned(),
+                -1,
+            );
+        }
+        if self.kind == CommandKind::Test {
+            let (passed, total) = (self.passed(), self.steps);
+            let summary = format!("{passed}/{total} passed");
+            return if passed as usize == total {
+                (Outcome::Ok, summary, 0)
+            } else {
+                (Outcome::Error, summary, 1)
+            };
+        }
+        if let Some(failed) = self.results.iter().find(|r| !r.ok) {
+            let message = if failed.not_started {
+                failed.how.clone()
+            } else if failed.label.starts_with("git ") {
+                let detail = if failed.last_stderr.is_empty() {
+                    &failed.how
+                } else {
+                    &failed.last_stderr
+                };
+                format!("{} failed: {detail}", failed.label)
+            } else {
+                failed.how.clone()
+            };
+            return (Outcome::Error, message, failed.code);
+        }
+        if self.results.len() < self.steps {
+            return (
+                Outcome::Error,
+                "the command ended before all its steps ran".to_owned(),
+                -1,
+            );
+        }
+        match self.kind {
+            CommandKind::Pull => (Outcome::Ok, format!("at {generation}"), 0),
+            kind => (Outcome::Ok, format!("{} succeeded", kind.name()), 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summarise(kind: CommandKind, log: &str, resume_at: usize) -> (Vec<String>, Status) {
+        let mut summary = Summary::new(kind);
+        let mut frames = Vec::new();
+        let mut offset = 0;
+        for record in log.split_inclusive('\n') {
+            offset += record.len();
+            let record = record.strip_suffix('\n').unwrap();
+            if let Emit::Frame(frame) = summary.on_record(parse(record.as_bytes()), offset > resume_at) {
+                frames.push(frame);
+            }
+        }
+        (frames, summary.status("abc".into()))
+    }
+
+    #[test]
+    fn a_failed_git_step_names_its_last_stderr_line() {
+        let log = "# steps 3\n# start 0 5 git fetch\ne fatal: no remote\ne \n# end 0 128 exit code 128\n# done\n";
+        let (frames, status) = summarise(CommandKind::Pull, log, 0);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(status.status, Outcome::Error);
+        assert_eq!(status.exit_code, 128);
+        assert_eq!(status.message, "git fetch failed: fatal: no remote");
+    }
+
+    #[test]
+    fn replayed_records_count_for_the_status_but_are_not_sent() {
+        let log = "# steps 1\n# start 0 5 nixos-rebuild switch\no one\no two\n# end 0 0 exit code 0\n# done\n";
+        let upto_one = log.find("o two").unwrap();
+        let (frames, status) = summarise(CommandKind::Switch, log, upto_one);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("\"two\""));
+        assert_eq!(status.message, "switch succeeded");
+        assert_eq!(status.exit_code, 0);
+    }
+
+    #[test]
+    fn tests_send_progress_after_each_script_and_a_summary() {
+        let log = "# steps 2\n# start 0 5 T1.sh\no a\n# end 0 0 exit code 0\n# start 1 6 T2.sh\n# end 1 1 exit code 1\n# done\n";
+        let (frames, status) = summarise(CommandKind::Test, log, 0);
+        assert_eq!(frames.len(), 3);
+        assert!(frames[1].contains("\"T1.sh passed\"") && frames[1].contains("\"running\":true"));
+        assert!(frames[2].contains("\"1/2 passed\"") && frames[2].contains("\"running\":false"));
+        assert_eq!((status.status, status.exit_code), (Outcome::Error, 1));
+        let (frames, status) = summarise(CommandKind::Test, "# steps 0\n# done\n", 0);
+        assert!(frames[0].contains("\"0/0 passed\""));
+        assert_eq!(status.status, Outcome::Ok);
+    }
+
+    #[test]
+    fn stops_unstarted_programs_and_dead_supervisors() {
+        let log = "# steps 1\n# start 0 5 nixos-rebuild switch\n# stopped\n# end 0 143 killed by signal 15\n# done\n";
+        let (_, status) = summarise(CommandKind::Switch, log, 0);
+        assert_eq!((status.message.as_str(), status.exit_code), ("Stopped by user", 143));
+        let log = "# steps 1\n# notstarted 0 cannot run nixos-rebuild: nope\n# end 0 127 cannot run nixos-rebuild: nope\n# done\n";
+        let (_, status) = summarise(CommandKind::Switch, log, 0);
+        assert_eq!((status.message.as_str(), status.exit_code), ("cannot run nixos-rebuild: nope", 127));
+        let (_, status) = summarise(CommandKind::Switch, "# steps 1\n# start 0 5 x\no a\n", 0);
+        assert_eq!(status.exit_code, -1);
+        let (frames, _) = summarise(CommandKind::Switch, "# steps 1\n# dropped 3\n# done\n", 0);
+        assert!(frames[0].contains("[nixfleet] 3 lines dropped"));
+    }
+}
