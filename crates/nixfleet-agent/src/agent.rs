@@ -14,8 +14,8 @@ use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
 use crate::follower::{Followed, follow};
 use crate::handover::{self, CommandRecord, SelfImage, follow_legacy};
-use crate::outbox::DeliveryCursor;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
+use crate::outbox::DeliveryCursor;
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
 use crate::shutdown;
@@ -255,7 +255,9 @@ impl Core {
         let supervisor_pid = record.supervised.then_some(record.pid);
         match (record.supervised, record.log.clone()) {
             (true, Some(log)) => {
-                let (cursor, resume_at) = match DeliveryCursor::resume(&handover::sent_path(&self.state_dir)) {
+                let (cursor, resume_at) = match DeliveryCursor::resume(&handover::sent_path(
+                    &self.state_dir,
+                )) {
                     Ok(resumed) => resumed,
                     Err(error) => {
                         warn!(error = %error, "cannot open the delivery cursor; not following the command");

@@ -178,7 +178,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Creates a new, empty command log and prunes old ones so that at most
 /// [`KEPT_LOGS`] remain and, with the new one's cap, they fit `total_budget`.
-pub fn create(state_dir: &Path, command: &str, max_bytes: u64, total_budget: u64) -> io::Result<PathBuf> {
+pub fn create(
+    state_dir: &Path,
+    command: &str,
+    max_bytes: u64,
+    total_budget: u64,
+) -> io::Result<PathBuf> {
     private_dir(state_dir)?;
     let dir = state_dir.join("logs");
     private_dir(&dir)?;

@@ -96,7 +96,9 @@ pub enum Progress {
     /// The supervisor runs: the record a next agent needs to take over.
     Launched(CommandRecord),
     /// A process of the command started (pull-switch and test run several).
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Finished(Status),
 }
 

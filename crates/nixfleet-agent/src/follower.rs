@@ -15,7 +15,7 @@ use crate::commands::{CommandKind, Progress, StopRequest, line_text};
 use crate::handover::process_start_ticks;
 use crate::heartbeat::generation;
 use crate::outbox::{Item, Outbox};
-use crate::protocol::{Outbound, OutputLine, Outcome, Status, Stream, TestProgress};
+use crate::protocol::{Outbound, Outcome, OutputLine, Status, Stream, TestProgress};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -88,7 +88,11 @@ async fn forward_stops(stop: &mut watch::Receiver<Option<StopRequest>>, stop_fil
     }
 }
 
-async fn read_log(followed: &Followed, outbox: &Outbox, progress: &mpsc::Sender<Progress>) -> Status {
+async fn read_log(
+    followed: &Followed,
+    outbox: &Outbox,
+    progress: &mpsc::Sender<Progress>,
+) -> Status {
     let mut summary = Summary::new(followed.kind);
     let watch = LogWatch::new(&followed.log);
     if watch.is_none() {
@@ -121,10 +125,7 @@ async fn read_log(followed: &Followed, outbox: &Outbox, progress: &mpsc::Sender<
                 Emit::Nothing => {}
                 Emit::Frame(frame) => {
                     outbox.wait_room().await;
-                    outbox.push(Item {
-                        frame,
-                        log_offset: Some((followed.log_id, end)),
-                    });
+                    outbox.push(Item::from_log(frame, followed.log_id, end));
                 }
                 Emit::Started(pid) => {
                     let _ = progress.send(Progress::Started { pid }).await;
@@ -165,7 +166,12 @@ async fn read_log(followed: &Followed, outbox: &Outbox, progress: &mpsc::Sender<
         );
     }
     let status = summary.status(generation(&followed.repo_dir));
-    info!(command = followed.kind.name(), exit_code = status.exit_code, "the command log ends: {}", status.message);
+    info!(
+        command = followed.kind.name(),
+        exit_code = status.exit_code,
+        "the command log ends: {}",
+        status.message
+    );
     status
 }
 
@@ -201,7 +207,8 @@ struct LogWatch {
 impl LogWatch {
     fn new(log: &Path) -> Option<Self> {
         use rustix::fs::inotify;
-        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok()?;
+        let fd =
+            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok()?;
         inotify::add_watch(
             &fd,
             log,
@@ -298,7 +305,11 @@ impl Summary {
                 if !sending {
                     return Emit::Nothing;
                 }
-                let stream = if stderr { Stream::Stderr } else { Stream::Stdout };
+                let stream = if stderr {
+                    Stream::Stderr
+                } else {
+                    Stream::Stdout
+                };
                 Emit::Frame(output_frame(command, stream, &text))
             }
             Record::Steps(n) => {
@@ -466,7 +477,9 @@ mod tests {
         for record in log.split_inclusive('\n') {
             offset += record.len();
             let record = record.strip_suffix('\n').unwrap();
-            if let Emit::Frame(frame) = summary.on_record(parse(record.as_bytes()), offset > resume_at) {
+            if let Emit::Frame(frame) =
+                summary.on_record(parse(record.as_bytes()), offset > resume_at)
+            {
                 frames.push(frame);
             }
         }
@@ -511,10 +524,16 @@ mod tests {
     fn stops_unstarted_programs_and_dead_supervisors() {
         let log = "# steps 1\n# start 0 5 nixos-rebuild switch\n# stopped\n# end 0 143 killed by signal 15\n# done\n";
         let (_, status) = summarise(CommandKind::Switch, log, 0);
-        assert_eq!((status.message.as_str(), status.exit_code), ("Stopped by user", 143));
+        assert_eq!(
+            (status.message.as_str(), status.exit_code),
+            ("Stopped by user", 143)
+        );
         let log = "# steps 1\n# notstarted 0 cannot run nixos-rebuild: nope\n# end 0 127 cannot run nixos-rebuild: nope\n# done\n";
         let (_, status) = summarise(CommandKind::Switch, log, 0);
-        assert_eq!((status.message.as_str(), status.exit_code), ("cannot run nixos-rebuild: nope", 127));
+        assert_eq!(
+            (status.message.as_str(), status.exit_code),
+            ("cannot run nixos-rebuild: nope", 127)
+        );
         let (_, status) = summarise(CommandKind::Switch, "# steps 1\n# start 0 5 x\no a\n", 0);
         assert_eq!(status.exit_code, -1);
         let (frames, _) = summarise(CommandKind::Switch, "# steps 1\n# dropped 3\n# done\n", 0);

@@ -342,7 +342,8 @@ mod tests {
 
     #[test]
     fn a_recycled_pid_is_not_the_command() {
-        let mut record = CommandRecord::supervised("switch", std::process::id(), "/x".into()).unwrap();
+        let mut record =
+            CommandRecord::supervised("switch", std::process::id(), "/x".into()).unwrap();
         record.pid_start += 1;
         assert!(!record.is_running());
         assert_eq!(process_start_ticks(u32::MAX), None);

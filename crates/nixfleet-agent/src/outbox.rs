@@ -10,9 +10,14 @@
 //! Frames that come from the command log carry the log offset just past
 //! their record. When the writer confirms a batch written to the socket,
 //! the last such offset is stored in the delivery cursor: a restarted
-//! agent resumes the log there. A batch that could not be confirmed (the
-//! connection broke) goes back to the front and is sent again, so the
-//! dashboard may see the frames of one batch twice, never a gap.
+//! agent resumes the log there (the kernel still sends what a dead agent
+//! had written to its socket).
+//!
+//! When a connection ends, what the writer took but could not confirm goes
+//! back to the front, and so do the log frames confirmed last (up to
+//! [`REWIND_BYTES`], never back past a status): bytes the kernel accepted
+//! may still have been in the socket buffers when the peer or the network
+//! went away. The dashboard may see those frames twice, never a gap.
 //!
 //! Heartbeats, `register` and rejections do not go through here: the
 //! connection sends those itself, ahead of anything queued.
@@ -28,20 +33,38 @@ use tokio::sync::Notify;
 /// the writer never runs dry while the follower refills.
 pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
+/// Log frames kept after they were written, to send again after a broken
+/// connection: about what the socket buffers hold (the agent asks for a
+/// 128 KiB send buffer, which the kernel doubles).
+pub const REWIND_BYTES: usize = 256 * 1024;
+
 /// One frame, already serialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub frame: String,
+    /// Position in the order of pushes (set by the outbox).
+    seq: u64,
     /// If the frame came from a command log: which one (the id
     /// [`Outbox::track`] gave it) and the offset just past its record.
     pub log_offset: Option<(u64, u64)>,
 }
 
 impl Item {
+    /// A frame that is not part of a command log (a status).
     pub fn new(frame: String) -> Self {
         Item {
             frame,
+            seq: 0,
             log_offset: None,
+        }
+    }
+
+    /// A frame read from a command log.
+    pub fn from_log(frame: String, log_id: u64, offset: u64) -> Self {
+        Item {
+            frame,
+            seq: 0,
+            log_offset: Some((log_id, offset)),
         }
     }
 }
@@ -58,12 +81,14 @@ pub struct Outbox {
 struct Queue {
     items: VecDeque<Item>,
     bytes: usize,
-    /// Frames ever queued, and how many were confirmed written (in order:
-    /// requeued ones go back to the front).
+    /// Frames ever queued, and the highest `seq` confirmed written.
     queued: u64,
     confirmed: u64,
     /// What the writer took and has not confirmed yet.
     in_flight: Vec<Item>,
+    /// Log frames confirmed last, oldest first, and their bytes.
+    recent: VecDeque<Item>,
+    recent_bytes: usize,
     /// The cursor of the log being followed, with its id.
     cursor: Option<(u64, DeliveryCursor)>,
     last_log_id: u64,
@@ -88,12 +113,13 @@ impl Outbox {
     /// Queues a frame. Never waits and never drops; producers of many
     /// frames call [`Outbox::wait_room`] first. Returns a ticket for
     /// [`Outbox::wait_delivered`].
-    pub fn push(&self, item: Item) -> u64 {
+    pub fn push(&self, mut item: Item) -> u64 {
         let mut q = self.lock();
         q.bytes += item.frame.len();
-        q.items.push_back(item);
         q.queued += 1;
         let ticket = q.queued;
+        item.seq = ticket;
+        q.items.push_back(item);
         drop(q);
         self.ready.notify_one();
         ticket
@@ -129,20 +155,35 @@ impl Outbox {
     /// The writer confirms that everything it took was flushed to the socket.
     pub fn confirm_delivered(&self) {
         let mut q = self.lock();
-        let confirmed = q.in_flight.len() as u64;
+        let in_flight = std::mem::take(&mut q.in_flight);
+        let Some(last) = in_flight.last() else { return };
+        q.confirmed = q.confirmed.max(last.seq);
         let tracked = q.cursor.as_ref().map(|(id, _)| *id);
-        let offset = q
-            .in_flight
+        let offset = in_flight
             .iter()
             .rev()
             .find_map(|i| i.log_offset.filter(|(log, _)| Some(*log) == tracked));
-        q.in_flight.clear();
-        q.confirmed += confirmed;
         if let (Some((_, offset)), Some((_, cursor))) = (offset, q.cursor.as_mut()) {
             cursor.store(offset);
         }
+        for item in in_flight {
+            if item.log_offset.is_none() {
+                // Never send anything from before a status again.
+                q.recent.clear();
+                q.recent_bytes = 0;
+                continue;
+            }
+            q.recent_bytes += item.frame.len();
+            q.recent.push_back(item);
+        }
+        while q.recent_bytes > REWIND_BYTES {
+            let Some(old) = q.recent.pop_front() else {
+                break;
+            };
+            q.recent_bytes -= old.frame.len();
+        }
         drop(q);
-        if confirmed > 0 {
+        {
             self.delivered.notify_waiters();
         }
     }
@@ -175,12 +216,15 @@ impl Outbox {
         }
     }
 
-    /// After a connection ended: what the writer took but could not confirm
-    /// goes back to the front, in order, to be sent again.
+    /// After a connection ended: what the writer took but could not
+    /// confirm, and the log frames confirmed last, go back to the front in
+    /// order, to be sent again.
     pub fn requeue_in_flight(&self) {
         let mut q = self.lock();
         let in_flight = std::mem::take(&mut q.in_flight);
-        for item in in_flight.into_iter().rev() {
+        let recent = std::mem::take(&mut q.recent);
+        q.recent_bytes = 0;
+        for item in recent.into_iter().chain(in_flight).rev() {
             q.bytes += item.frame.len();
             q.items.push_front(item);
         }
@@ -285,10 +329,7 @@ mod tests {
     }
 
     fn logged(frame: &str, offset: u64) -> Item {
-        Item {
-            frame: frame.into(),
-            log_offset: Some((1, offset)),
-        }
+        Item::from_log(frame.into(), 1, offset)
     }
 
     #[test]
@@ -306,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn requeue_sends_the_unconfirmed_batch_again_in_order() {
+    fn requeue_sends_recent_and_unconfirmed_frames_again_in_order() {
         let outbox = Outbox::default();
         outbox.push(logged("a", 10));
         outbox.push(logged("b", 20));
@@ -318,7 +359,40 @@ mod tests {
         // The connection broke before the writer could confirm the batch.
         outbox.requeue_in_flight();
         outbox.push_frame("status".into());
-        assert_eq!(frames(&drain(&outbox)), ["b", "status"]);
+        assert_eq!(frames(&drain(&outbox)), ["a", "b", "status"]);
+        outbox.confirm_delivered();
+        // Nothing from before a confirmed status is sent again.
+        outbox.push(logged("c", 30));
+        drain(&outbox);
+        outbox.requeue_in_flight();
+        assert_eq!(frames(&drain(&outbox)), ["c"]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_sent_again_do_not_advance_delivery_tickets() {
+        let outbox = std::sync::Arc::new(Outbox::default());
+        for i in 0..3 {
+            outbox.push(logged(&format!("{i}"), i));
+        }
+        drain(&outbox);
+        outbox.confirm_delivered();
+        let ticket = outbox.push_frame("status".into());
+        outbox.requeue_in_flight();
+        // Three lines again, then the status: sending the lines again must
+        // not count as delivering the status.
+        let mut batch = Vec::new();
+        outbox.take_batch(3, &mut batch);
+        assert_eq!(frames(&batch), ["0", "1", "2"]);
+        outbox.confirm_delivered();
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.wait_delivered(ticket).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drain(&outbox);
+        outbox.confirm_delivered();
+        waiter.await.unwrap();
     }
 
     #[test]
@@ -332,7 +406,11 @@ mod tests {
         outbox.push(logged("b", 1234));
         let mut batch = Vec::new();
         outbox.take_batch(1, &mut batch);
-        assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 0, "not confirmed yet");
+        assert_eq!(
+            DeliveryCursor::resume(&path).unwrap().1,
+            0,
+            "not confirmed yet"
+        );
         outbox.confirm_delivered();
         assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 7);
         batch.clear();

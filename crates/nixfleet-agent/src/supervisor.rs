@@ -122,8 +122,20 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
     let (drained_tx, drained_rx) = mpsc::channel();
     let mut pumps = 0;
     for (pipe, stderr) in [
-        (child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), false),
-        (child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), true),
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            false,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            true,
+        ),
     ] {
         if let Some(pipe) = pipe {
             let (log, done) = (log.clone(), drained_tx.clone());
@@ -434,7 +446,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan(
             dir.path(),
-            vec![sh("flood", "for i in $(seq 1 1000); do echo line$i; done", false)],
+            vec![sh(
+                "flood",
+                "for i in $(seq 1 1000); do echo line$i; done",
+                false,
+            )],
             1000,
         );
         let records = run_plan(&plan);
@@ -453,7 +469,11 @@ mod tests {
         let plan = plan(
             dir.path(),
             vec![
-                sh("long", "head -c 70000 /dev/zero | tr '\\0' x; echo; echo after", false),
+                sh(
+                    "long",
+                    "head -c 70000 /dev/zero | tr '\\0' x; echo; echo after",
+                    false,
+                ),
                 missing,
             ],
             u64::MAX,
@@ -462,7 +482,11 @@ mod tests {
         let cut = records.iter().find(|r| r.starts_with("O ")).unwrap();
         assert_eq!(cut.len(), 2 + MAX_LINE_BYTES);
         assert!(records.contains(&"o after".to_owned()));
-        assert!(records.iter().any(|r| r.starts_with("# notstarted 1 cannot run /nonexistent/program")));
+        assert!(
+            records
+                .iter()
+                .any(|r| r.starts_with("# notstarted 1 cannot run /nonexistent/program"))
+        );
         assert!(records.contains(&"# end 1 127 cannot run /nonexistent/program: No such file or directory (os error 2)".to_owned()), "{records:?}");
     }
 
@@ -471,7 +495,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan(
             dir.path(),
-            vec![sh("sleeper", "sleep 30 & sleep 30", false), sh("next", "echo next", false)],
+            vec![
+                sh("sleeper", "sleep 30 & sleep 30", false),
+                sh("next", "echo next", false),
+            ],
             u64::MAX,
         );
         let stop = plan.stop_file.clone();
@@ -484,7 +511,10 @@ mod tests {
         stopper.join().unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(records.contains(&"# stopped".to_owned()), "{records:?}");
-        assert!(records.contains(&"# end 0 143 killed by signal 15".to_owned()), "{records:?}");
+        assert!(
+            records.contains(&"# end 0 143 killed by signal 15".to_owned()),
+            "{records:?}"
+        );
         assert!(!records.iter().any(|r| r.contains("next")));
     }
 }

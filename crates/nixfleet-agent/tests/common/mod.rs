@@ -118,6 +118,8 @@ pub struct Dashboard {
     /// When set, the dashboard does not read frames (simulates a stalled
     /// reader) until cleared.
     read_gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Frames read per second and connection; 0: as fast as they come.
+    read_rate: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Dashboard {
@@ -136,6 +138,7 @@ impl Dashboard {
             acceptor: None,
             reject_with: Arc::new(Mutex::new(None)),
             read_gate: Arc::new(gate),
+            read_rate: Arc::default(),
         };
         dashboard.acceptor = Some(dashboard.spawn_acceptor(listener));
         dashboard
@@ -155,11 +158,21 @@ impl Dashboard {
         self.read_gate.send_replace(reading);
     }
 
+    /// Read at most this many frames per second (None: as fast as they
+    /// come), like a dashboard on a slow link or a busy server.
+    pub fn set_read_rate(&self, frames_per_second: Option<u32>) {
+        self.read_rate.store(
+            frames_per_second.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     fn spawn_acceptor(&self, listener: TcpListener) -> JoinHandle<()> {
         let shared = self.shared.clone();
         let changed = self.changed.clone();
         let reject_with = self.reject_with.clone();
         let gate = self.read_gate.clone();
+        let rate = self.read_rate.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -178,6 +191,7 @@ impl Dashboard {
                     changed.clone(),
                     *reject_with.lock().unwrap(),
                     gate.subscribe(),
+                    rate.clone(),
                 ));
             }
         })
@@ -383,7 +397,10 @@ async fn serve(
     changed: Arc<Notify>,
     reject_with: Option<u16>,
     mut gate: tokio::sync::watch::Receiver<bool>,
+    rate: Arc<std::sync::atomic::AtomicU32>,
 ) {
+    // Pacing: frames read since `paced_from` at the rate in force then.
+    let (mut paced_from, mut paced_frames, mut paced_rate) = (Instant::now(), 0u64, 0u32);
     let authorised = Arc::new(Mutex::new(false));
     let auth = authorised.clone();
     let callback =
@@ -444,6 +461,15 @@ async fn serve(
                     let kind = frame_kind(&text);
                     let raw: Arc<str> = Arc::from(text.as_str());
                     record(&shared, &changed, Seen::Frame { conn, at: Instant::now(), kind, raw, payload: Default::default() });
+                    let per_second = rate.load(std::sync::atomic::Ordering::Relaxed);
+                    if per_second != paced_rate {
+                        (paced_from, paced_frames, paced_rate) = (Instant::now(), 0, per_second);
+                    }
+                    if per_second > 0 {
+                        paced_frames += 1;
+                        let due = paced_from + Duration::from_secs_f64(paced_frames as f64 / f64::from(per_second));
+                        tokio::time::sleep_until(due).await;
+                    }
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
@@ -588,6 +614,8 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Put the token in the environment instead of a token file.
     pub token_in_env: bool,
+    /// The agent's umask (None: the test's).
+    pub umask: Option<u32>,
 }
 
 impl AgentOptions {
@@ -604,6 +632,7 @@ impl AgentOptions {
             extra_toml: Vec::new(),
             env: Vec::new(),
             token_in_env: false,
+            umask: None,
         }
     }
 }
@@ -692,6 +721,16 @@ impl Agent {
         }
         for (k, v) in &options.env {
             command.env(k, v);
+        }
+        if let Some(mask) = options.umask {
+            let mask = rustix::fs::Mode::from_raw_mode(mask);
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::umask(mask);
+                    Ok(())
+                });
+            }
         }
         let child = command.spawn().expect("agent binary starts");
         Agent {
