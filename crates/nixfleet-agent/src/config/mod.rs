@@ -12,19 +12,19 @@
 //!
 //! The parts, in the order a value passes through them:
 //!
-//! - [`keys`]: the list of keys, their built-in defaults and limits, and how
+//! - `keys`: the list of keys, their built-in defaults and limits, and how
 //!   a key is spelt as an environment variable and as a flag.
-//! - [`cli`]: the command-line flags and the flag layer.
-//! - [`layers`]: the layer type, the system, environment and credential
-//!   layers, and naming the source of a value; [`toml_file`]: the file layer.
-//! - [`build`]: merges the layers, extracts `Raw` and validates it key by
+//! - `cli`: the command-line flags and the flag layer.
+//! - `layers`: the layer type, the system, environment and credential
+//!   layers, and naming the source of a value; `toml_file`: the file layer.
+//! - `build`: merges the layers, extracts `Raw` and validates it key by
 //!   key, in a fixed order (the first problem is the one reported).
-//! - [`validate`]: one method per key on `Validator`, grouped by what the
+//! - `validate`: one method per key on `Validator`, grouped by what the
 //!   keys are about (`dashboard`, `repository`, `host`, `runtime`), and
 //!   durations.
-//! - [`token`]: where the token comes from and how token files are read.
-//! - [`errors`]: the one-line error, and showing values without secrets.
-//! - [`render`]: `--check-config`'s TOML output with sources.
+//! - `token`: where the token comes from and how token files are read.
+//! - `errors`: the one-line error, and showing values without secrets.
+//! - `render`: `--check-config`'s TOML output with sources.
 //!
 //! # Adding a key
 //!
