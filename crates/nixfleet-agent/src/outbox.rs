@@ -8,16 +8,16 @@
 //! supervisor, never waits at all. Nothing is ever dropped here.
 //!
 //! Frames that come from the command log carry the log offset just past
-//! their record. When the writer confirms a batch written to the socket,
-//! the last such offset is stored in the delivery cursor: a restarted
-//! agent resumes the log there (the kernel still sends what a dead agent
-//! had written to its socket).
-//!
-//! When a connection ends, what the writer took but could not confirm goes
-//! back to the front, and so do the log frames confirmed last (up to
-//! [`REWIND_BYTES`], never back past a status): bytes the kernel accepted
-//! may still have been in the socket buffers when the peer or the network
-//! went away. The dashboard may see those frames twice, never a gap.
+//! their record. A frame is *delivered* when the dashboard has read it:
+//! the connection follows each write batch with a WebSocket ping and the
+//! dashboard's pong (which it can only send after reading everything before
+//! the ping) acknowledges the batch ([`Outbox::acknowledge`]). Then the
+//! last offset is stored in the delivery cursor, where a restarted agent
+//! resumes the log. Frames written but not yet acknowledged are kept; when
+//! the connection ends they go back to the front, ahead of the rest, and
+//! are sent again. So the dashboard may see the frames in flight on a
+//! broken connection twice (at most the connection's unacknowledged
+//! window), and never misses one.
 //!
 //! Heartbeats, `register` and rejections do not go through here: the
 //! connection sends those itself, ahead of anything queued.
@@ -33,17 +33,13 @@ use tokio::sync::Notify;
 /// the writer never runs dry while the follower refills.
 pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
-/// Log frames kept after they were written, to send again after a broken
-/// connection: about what the socket buffers hold (the agent asks for a
-/// 128 KiB send buffer, which the kernel doubles).
-pub const REWIND_BYTES: usize = 256 * 1024;
-
 /// One frame, already serialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub frame: String,
-    /// Position in the order of pushes (set by the outbox).
-    seq: u64,
+    /// Position in the order of pushes (set by the outbox), for
+    /// [`Outbox::acknowledge`].
+    pub seq: u64,
     /// If the frame came from a command log: which one (the id
     /// [`Outbox::track`] gave it) and the offset just past its record.
     pub log_offset: Option<(u64, u64)>,
@@ -72,7 +68,7 @@ impl Item {
 pub struct Outbox {
     queue: Mutex<Queue>,
     ready: Notify,
-    /// Fired whenever frames are confirmed written or room frees up.
+    /// Fired whenever frames are acknowledged or room frees up.
     delivered: Notify,
     max_bytes: usize,
 }
@@ -81,14 +77,13 @@ pub struct Outbox {
 struct Queue {
     items: VecDeque<Item>,
     bytes: usize,
-    /// Frames ever queued, and the highest `seq` confirmed written.
+    /// Frames ever queued, and the highest `seq` acknowledged.
     queued: u64,
-    confirmed: u64,
-    /// What the writer took and has not confirmed yet.
+    acknowledged: u64,
+    /// What the writer took and has not confirmed written yet.
     in_flight: Vec<Item>,
-    /// Log frames confirmed last, oldest first, and their bytes.
-    recent: VecDeque<Item>,
-    recent_bytes: usize,
+    /// Written, not yet acknowledged, oldest first.
+    unacknowledged: VecDeque<Item>,
     /// The cursor of the log being followed, with its id.
     cursor: Option<(u64, DeliveryCursor)>,
     last_log_id: u64,
@@ -152,48 +147,44 @@ impl Outbox {
         id
     }
 
-    /// The writer confirms that everything it took was flushed to the socket.
-    pub fn confirm_delivered(&self) {
+    /// The writer confirms that everything it took was flushed to the
+    /// socket; it stays kept until acknowledged.
+    pub fn confirm_written(&self) {
         let mut q = self.lock();
         let in_flight = std::mem::take(&mut q.in_flight);
-        let Some(last) = in_flight.last() else { return };
-        q.confirmed = q.confirmed.max(last.seq);
+        q.unacknowledged.extend(in_flight);
+        drop(q);
+        // take_batch made room.
+        self.delivered.notify_waiters();
+    }
+
+    /// The dashboard has read every frame up to `seq`.
+    pub fn acknowledge(&self, seq: u64) {
+        let mut q = self.lock();
         let tracked = q.cursor.as_ref().map(|(id, _)| *id);
-        let offset = in_flight
-            .iter()
-            .rev()
-            .find_map(|i| i.log_offset.filter(|(log, _)| Some(*log) == tracked));
-        if let (Some((_, offset)), Some((_, cursor))) = (offset, q.cursor.as_mut()) {
+        let mut offset = None;
+        while q.unacknowledged.front().is_some_and(|i| i.seq <= seq) {
+            let item = q.unacknowledged.pop_front().expect("front was Some");
+            if let Some((log, end)) = item.log_offset
+                && Some(log) == tracked
+            {
+                offset = Some(end);
+            }
+        }
+        q.acknowledged = q.acknowledged.max(seq);
+        if let (Some(offset), Some((_, cursor))) = (offset, q.cursor.as_mut()) {
             cursor.store(offset);
         }
-        for item in in_flight {
-            if item.log_offset.is_none() {
-                // Never send anything from before a status again.
-                q.recent.clear();
-                q.recent_bytes = 0;
-                continue;
-            }
-            q.recent_bytes += item.frame.len();
-            q.recent.push_back(item);
-        }
-        while q.recent_bytes > REWIND_BYTES {
-            let Some(old) = q.recent.pop_front() else {
-                break;
-            };
-            q.recent_bytes -= old.frame.len();
-        }
         drop(q);
-        {
-            self.delivered.notify_waiters();
-        }
+        self.delivered.notify_waiters();
     }
 
     /// Waits until the frame with this ticket (and everything queued
-    /// before it) has been written to a connection.
+    /// before it) has been read by the dashboard.
     pub async fn wait_delivered(&self, ticket: u64) {
         loop {
             let notified = self.delivered.notified();
-            if self.lock().confirmed >= ticket {
+            if self.lock().acknowledged >= ticket {
                 return;
             }
             notified.await;
@@ -216,15 +207,13 @@ impl Outbox {
         }
     }
 
-    /// After a connection ended: what the writer took but could not
-    /// confirm, and the log frames confirmed last, go back to the front in
-    /// order, to be sent again.
+    /// After a connection ended: everything not acknowledged goes back to
+    /// the front, in order, to be sent again.
     pub fn requeue_in_flight(&self) {
         let mut q = self.lock();
         let in_flight = std::mem::take(&mut q.in_flight);
-        let recent = std::mem::take(&mut q.recent);
-        q.recent_bytes = 0;
-        for item in recent.into_iter().chain(in_flight).rev() {
+        let unacknowledged = std::mem::take(&mut q.unacknowledged);
+        for item in unacknowledged.into_iter().chain(in_flight).rev() {
             q.bytes += item.frame.len();
             q.items.push_front(item);
         }
@@ -346,57 +335,55 @@ mod tests {
         assert_eq!(frames(&batch), ["1", "2", "3"]);
     }
 
+    /// Writes and acknowledges everything queued.
+    fn deliver(outbox: &Outbox) -> Vec<Item> {
+        let batch = drain(outbox);
+        outbox.confirm_written();
+        if let Some(last) = batch.last() {
+            outbox.acknowledge(last.seq);
+        }
+        batch
+    }
+
     #[test]
-    fn requeue_sends_recent_and_unconfirmed_frames_again_in_order() {
+    fn unacknowledged_frames_are_sent_again_in_order() {
         let outbox = Outbox::default();
         outbox.push(logged("a", 10));
         outbox.push(logged("b", 20));
         let mut batch = Vec::new();
         outbox.take_batch(1, &mut batch);
-        outbox.confirm_delivered();
+        outbox.confirm_written();
+        outbox.acknowledge(batch[0].seq);
         batch.clear();
         outbox.take_batch(usize::MAX, &mut batch);
-        // The connection broke before the writer could confirm the batch.
-        outbox.requeue_in_flight();
         outbox.push_frame("status".into());
-        assert_eq!(frames(&drain(&outbox)), ["a", "b", "status"]);
-        outbox.confirm_delivered();
-        // Nothing from before a confirmed status is sent again.
-        outbox.push(logged("c", 30));
-        drain(&outbox);
+        outbox.take_batch(usize::MAX, &mut batch);
+        outbox.confirm_written();
+        // The connection broke before the dashboard's pong.
         outbox.requeue_in_flight();
-        assert_eq!(frames(&drain(&outbox)), ["c"]);
+        assert_eq!(frames(&deliver(&outbox)), ["b", "status"]);
+        outbox.requeue_in_flight();
+        assert!(outbox.is_empty(), "nothing acknowledged is sent again");
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn frames_sent_again_do_not_advance_delivery_tickets() {
+    async fn tickets_complete_when_acknowledged() {
         let outbox = std::sync::Arc::new(Outbox::default());
-        for i in 0..3 {
-            outbox.push(logged(&format!("{i}"), i));
-        }
-        drain(&outbox);
-        outbox.confirm_delivered();
         let ticket = outbox.push_frame("status".into());
-        outbox.requeue_in_flight();
-        // Three lines again, then the status: sending the lines again must
-        // not count as delivering the status.
-        let mut batch = Vec::new();
-        outbox.take_batch(3, &mut batch);
-        assert_eq!(frames(&batch), ["0", "1", "2"]);
-        outbox.confirm_delivered();
         let waiter = {
             let outbox = outbox.clone();
             tokio::spawn(async move { outbox.wait_delivered(ticket).await })
         };
+        let batch = drain(&outbox);
+        outbox.confirm_written();
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        drain(&outbox);
-        outbox.confirm_delivered();
+        assert!(!waiter.is_finished(), "written is not read");
+        outbox.acknowledge(batch[0].seq);
         waiter.await.unwrap();
     }
 
     #[test]
-    fn confirmed_offsets_reach_the_cursor() {
+    fn acknowledged_offsets_reach_the_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sent");
         let outbox = Outbox::default();
@@ -406,22 +393,20 @@ mod tests {
         outbox.push(logged("b", 1234));
         let mut batch = Vec::new();
         outbox.take_batch(1, &mut batch);
+        outbox.confirm_written();
         assert_eq!(
             DeliveryCursor::resume(&path).unwrap().1,
             0,
-            "not confirmed yet"
+            "not acknowledged yet"
         );
-        outbox.confirm_delivered();
+        outbox.acknowledge(batch[0].seq);
         assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 7);
-        batch.clear();
-        outbox.take_batch(usize::MAX, &mut batch);
-        outbox.confirm_delivered();
+        deliver(&outbox);
         assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 1234);
         // Frames of an earlier log do not move a newer log's cursor.
         outbox.track(DeliveryCursor::resume(&path).unwrap().0);
         outbox.push(logged("old", 99999));
-        drain(&outbox);
-        outbox.confirm_delivered();
+        deliver(&outbox);
         assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 1234);
         // A shorter number overwrites a longer one cleanly.
         let (mut cursor, _) = DeliveryCursor::resume(&path).unwrap();
@@ -430,27 +415,19 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn room_and_delivery_are_awaited() {
+    async fn room_is_awaited() {
         let outbox = std::sync::Arc::new(Outbox::new(4));
         outbox.push_frame("12".into());
-        let ticket = outbox.push_frame("34".into());
+        outbox.push_frame("34".into());
         let waiter = {
             let outbox = outbox.clone();
-            tokio::spawn(async move {
-                outbox.wait_room().await;
-                outbox.wait_delivered(ticket).await;
-            })
+            tokio::spawn(async move { outbox.wait_room().await })
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "full");
         let mut batch = Vec::new();
         outbox.take_batch(2, &mut batch);
-        outbox.confirm_delivered();
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "room, but the ticket is not out");
-        batch.clear();
-        outbox.take_batch(2, &mut batch);
-        outbox.confirm_delivered();
+        outbox.confirm_written();
         waiter.await.unwrap();
     }
 

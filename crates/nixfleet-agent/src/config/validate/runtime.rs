@@ -72,7 +72,8 @@ pub fn check_log_level(filter: &str) -> Result<(), String> {
 
 /// `log_max_bytes`, `logs_max_bytes`.
 pub fn parse_byte_size(value: &Value) -> Result<u64, String> {
-    const EXPECTED: &str = "expected a number of bytes like 1073741824 or \"1G\" (K, M, G: binary units)";
+    const EXPECTED: &str =
+        "expected a number of bytes like 1073741824 or \"1G\" (K, M, G: binary units)";
     let bytes: Option<u64> = match value {
         Value::Num(_, Num::F32(_) | Num::F64(_)) => None,
         Value::Num(_, n) => super::duration::num_to_i128(*n).and_then(|n| u64::try_from(n).ok()),
@@ -98,7 +99,9 @@ pub fn parse_byte_size(value: &Value) -> Result<u64, String> {
     };
     let bytes = bytes.ok_or_else(|| EXPECTED.to_owned())?;
     if bytes < MIN_LOG_BYTES {
-        return Err(format!("must be at least {MIN_LOG_BYTES} bytes; {EXPECTED}"));
+        return Err(format!(
+            "must be at least {MIN_LOG_BYTES} bytes; {EXPECTED}"
+        ));
     }
     Ok(bytes)
 }
