@@ -304,25 +304,12 @@ async fn after_a_sigkill_the_log_holds_every_line_the_dashboard_saw() {
     drop(dir);
 }
 
-#[tokio::test]
-async fn state_is_private_whatever_the_umask() {
-    let dashboard = Dashboard::start().await;
-    let agent = start_with_rebuild(dashboard.url(), "echo secret-ish output", |o| {
-        o.umask = Some(0o000);
-    })
-    .await;
-    // The state directory exists before the agent starts, world-readable.
-    set_mode(&agent.state_dir, 0o755);
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
-    dashboard.wait_frame("status", 1, 10 * SECOND).await;
+/// Checks every file and directory under `dir`; returns how many.
+fn assert_private(dir: &Path) -> usize {
+    use std::os::unix::fs::PermissionsExt;
     let mut checked = 0;
-    let mut pending = vec![agent.state_dir.clone()];
+    let mut pending = vec![dir.to_owned()];
     while let Some(path) = pending.pop() {
-        use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(&path).unwrap();
         let mode = meta.permissions().mode() & 0o777;
         if meta.is_dir() {
@@ -333,10 +320,33 @@ async fn state_is_private_whatever_the_umask() {
         }
         checked += 1;
     }
-    assert!(
-        checked >= 4,
-        "state dir, logs dir, a log, the record or cursor"
-    );
+    checked
+}
+
+#[tokio::test]
+async fn state_is_private_whatever_the_umask() {
+    let dashboard = Dashboard::start().await;
+    let body = "echo secret-ish output
+while [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
+    let agent = start_with_rebuild(dashboard.url(), body, |o| {
+        o.umask = Some(0o000);
+    })
+    .await;
+    // The state directory existed before, world-readable.
+    set_mode(&agent.state_dir, 0o755);
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    dashboard.command(conn, "switch");
+    dashboard
+        .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "secret-ish output")
+        .await;
+    // While it runs: state_dir, logs/, the log, the record, the cursor.
+    assert_eq!(assert_private(&agent.state_dir), 5);
+    dashboard.command(conn, "stop");
+    dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert!(assert_private(&agent.state_dir) >= 3);
 }
 
 #[tokio::test]
