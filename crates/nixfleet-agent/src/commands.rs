@@ -1036,6 +1036,61 @@ mod tests {
     }
 
     #[test]
+    fn build_progress_reports_only_changes_and_never_goes_backwards() {
+        let mut progress = BuildProgress::new();
+        let mut feed = |p: &mut BuildProgress, line: &str| {
+            p.log.feed(line, &mut |_| {});
+        };
+        let step = |report: Option<OperationProgress>| {
+            report.map(|r| {
+                let s = r.progress.system.unwrap();
+                (s.current, s.total, s.status)
+            })
+        };
+        feed(
+            &mut progress,
+            r#"@nix {"action":"start","id":1,"type":104}"#,
+        );
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[1,5,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((1, 5, PhaseStatus::InProgress))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            None,
+            "no change, no report"
+        );
+        // Nix lowers what it expects: the dots stay where they were.
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,3,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((2, 5, PhaseStatus::InProgress))
+        );
+        // Success fills the dots; a failure keeps what was done.
+        let mut failed = BuildProgress::new();
+        feed(&mut failed, r#"@nix {"action":"start","id":1,"type":104}"#);
+        feed(
+            &mut failed,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,5,0,1]}"#,
+        );
+        assert_eq!(
+            step(failed.report(PhaseStatus::Error)),
+            Some((2, 5, PhaseStatus::Error))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::Complete)),
+            Some((5, 5, PhaseStatus::Complete))
+        );
+    }
+
+    #[test]
     fn line_text_strips_cr_replaces_bad_utf8_and_marks_cuts() {
         assert_eq!(line_text(b"hello\r", false), "hello");
         assert_eq!(line_text(b"a\rb", false), "a\rb");

@@ -259,3 +259,39 @@ echo '@nix {"action":"stop","id":1}' >&2
         assert_eq!(last_line, 20_000);
     }
 }
+
+#[tokio::test]
+async fn a_change_held_back_by_the_throttle_is_sent_while_the_build_is_quiet() {
+    let dashboard = Dashboard::start().await;
+    // The first report goes out at once; the phase change right after it
+    // is held back, and then the build prints nothing for a long while.
+    let body = r#"
+store=/nix/store/0123456789abcdfghijklmnpqrsvwxyz
+echo '@nix {"action":"start","id":1,"level":0,"type":104,"text":""}' >&2
+echo '@nix {"action":"result","id":1,"type":105,"fields":[0,1,1,0]}' >&2
+echo "@nix {\"action\":\"start\",\"id\":2,\"level\":3,\"type\":105,\"text\":\"building '$store-quiet-1.0.drv'\",\"fields\":[\"$store-quiet-1.0.drv\",\"\",1,1]}" >&2
+echo '@nix {"action":"result","id":2,"type":104,"fields":["buildPhase"]}' >&2
+sleep 3
+"#;
+    let (_agent, conn) = agent_replaying(&dashboard, body).await;
+    dashboard.command(conn, "switch");
+    let first = dashboard
+        .wait_frame("operation_progress", 1, 10 * SECOND)
+        .await;
+    let phase_reported = dashboard
+        .wait_frame_where("operation_progress", 10 * SECOND, |p| {
+            p["progress"]["system"]["detail"]["running"][0]["phase"] == "buildPhase"
+        })
+        .await;
+    let waited = phase_reported.at().duration_since(first.at());
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the held-back report came {waited:?} after the first"
+    );
+    assert!(
+        dashboard.frames("status").is_empty(),
+        "reported only at the end"
+    );
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok");
+}
