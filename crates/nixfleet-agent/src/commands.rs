@@ -1038,7 +1038,7 @@ mod tests {
     #[test]
     fn build_progress_reports_only_changes_and_never_goes_backwards() {
         let mut progress = BuildProgress::new();
-        let mut feed = |p: &mut BuildProgress, line: &str| {
+        let feed = |p: &mut BuildProgress, line: &str| {
             p.log.feed(line, &mut |_| {});
         };
         let step = |report: Option<OperationProgress>| {
