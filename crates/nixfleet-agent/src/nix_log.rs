@@ -601,6 +601,28 @@ mod tests {
         assert_eq!(last.steps(), (1, 3));
     }
 
+    /// Recorded from Nix 2.8 (`nix-build --log-format internal-json -v`,
+    /// three small derivations); the expected rendering is the plain run
+    /// of the same derivations with each build's lines prefixed.
+    #[test]
+    fn a_real_nix_build_renders_like_its_plain_run() {
+        let (_, nix) = assert_renders_as_expected("real-nix-2.8-build");
+        let last = nix.snapshot();
+        assert_eq!((last.builds.done, last.builds.expected), (3, 3));
+        assert_eq!(last.builds.failed, 0);
+        assert_eq!(last.steps(), (3, 3));
+    }
+
+    #[test]
+    fn a_real_nix_failure_renders_like_its_plain_run() {
+        let (snapshots, nix) = assert_renders_as_expected("real-nix-2.8-failure");
+        let last = nix.snapshot();
+        assert_eq!(last.builds.failed, 1);
+        assert_eq!(last.builds.done, 0);
+        // Nix announced two builds before the failure cancelled the second.
+        assert!(snapshots.iter().any(|s| s.builds.expected == 2));
+    }
+
     #[test]
     fn plain_output_passes_through_unchanged() {
         let mut nix = NixLog::new();

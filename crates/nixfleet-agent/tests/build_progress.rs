@@ -295,3 +295,15 @@ sleep 3
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     assert_eq!(status.payload()["status"], "ok");
 }
+
+#[tokio::test]
+async fn a_real_nix_recording_is_replayed_line_for_line() {
+    // Recorded from Nix 2.8 itself (see the fixtures' README).
+    let (_, last) = replay("real-nix-2.8-build", 0).await;
+    assert_eq!(last["status"], "complete");
+    assert_eq!(
+        (last["current"].as_u64(), last["total"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(last["detail"]["builds"]["done"], 3);
+}
