@@ -8,7 +8,9 @@
 //! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
 //! from both pipes concurrently, split into lines, written to the command's
 //! log file and queued in the outbox, which never blocks; so a child is
-//! never held up by a slow or absent dashboard.
+//! never held up by a slow or absent dashboard. A rebuild's output is Nix's
+//! structured log, rendered back to plain lines on the way, with build
+//! progress reports (see nix_log.rs and `Output::emit`).
 
 use crate::config::Config;
 use crate::heartbeat::generation;
@@ -365,7 +367,8 @@ impl Job<'_> {
         }
     }
 
-    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`.
+    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`, with Nix's
+    /// structured log, reporting build progress.
     async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
         let flake = format!(
             "{}#{}",
