@@ -36,6 +36,15 @@ pub const TRUNCATED_MARK: &str = " …[truncated]";
 pub const EXIT_CODE_LOG_PREFIX: &str = "[nixfleet] exit code ";
 /// How often a stop checks whether the process group is gone.
 const GROUP_POLL: Duration = Duration::from_millis(50);
+/// `nixos-rebuild` flags for Nix's structured log, which the agent turns
+/// back into plain lines plus build progress (see nix_log.rs and
+/// follower.rs). Both are common flags of nixos-rebuild (the Python
+/// `nixos-rebuild-ng` and the older shell script), passed on to every `nix`
+/// build it runs.
+const STRUCTURED_LOG_ARGS: [&str; 3] = ["--log-format", "internal-json", "-v"];
+/// Least time between two intermediate build progress reports (at most
+/// four a second); the final one is never held back.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandKind {
@@ -217,7 +226,9 @@ impl Runner {
         ])
     }
 
-    /// `nixos-rebuild <op> [--flake <repo_dir>#<hostname>]`.
+    /// `nixos-rebuild <op> [--flake <repo_dir>#<hostname>]`; with the
+    /// flake (a build), Nix's structured log for build progress. A rollback
+    /// builds nothing and runs plain.
     fn rebuild(&self, op: &[&str], flake: bool) -> Step {
         let mut args: Vec<String> = op.iter().map(|a| (*a).to_owned()).collect();
         if flake {
@@ -227,6 +238,7 @@ impl Runner {
                 self.config.repo_dir.display(),
                 self.config.hostname
             ));
+            args.extend(STRUCTURED_LOG_ARGS.map(str::to_owned));
         }
         Step {
             label: format!("nixos-rebuild {}", op.join(" ")),

@@ -11,16 +11,20 @@
 //! the command, whose output goes to the supervisor, not to us.
 
 use crate::command_log::{Record, parse};
-use crate::commands::{CommandKind, Progress, StopRequest, line_text};
+use crate::commands::{CommandKind, PROGRESS_INTERVAL, Progress, StopRequest, line_text};
 use crate::handover::process_start_ticks;
 use crate::heartbeat::generation;
+use crate::nix_log::{Effect, NixLog};
 use crate::outbox::{Item, Outbox};
-use crate::protocol::{Outbound, Outcome, OutputLine, Status, Stream, TestProgress};
+use crate::protocol::{
+    OperationProgress, Outbound, Outcome, OutputLine, PhaseProgress, PhaseStatus, Phases, Status,
+    Stream, TestProgress,
+};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -110,6 +114,7 @@ async fn read_log(
     let mut base: u64 = 0;
     let mut since_yield = 0;
     let mut supervisor_gone = false;
+    let mut emitted = Vec::new();
     loop {
         let read = match file.as_mut() {
             Some(file) => read_more(file, &mut buf),
@@ -121,15 +126,10 @@ async fn read_log(
             consumed += newline + 1;
             let end = base + consumed as u64;
             let sending = end > followed.resume_at;
-            match summary.on_record(parse(record), sending) {
-                Emit::Nothing => {}
-                Emit::Frame(frame) => {
-                    outbox.wait_room().await;
-                    outbox.push(Item::from_log(frame, followed.log_id, end));
-                }
-                Emit::Started(pid) => {
-                    let _ = progress.send(Progress::Started { pid }).await;
-                }
+            summary.on_record(parse(record), sending, &mut emitted);
+            for emit in emitted.drain(..) {
+                let item = Item::from_log(String::new(), followed.log_id, end);
+                send(emit, item, outbox, progress).await;
             }
             since_yield += newline + 1;
             if since_yield >= YIELD_EVERY_BYTES {
@@ -152,11 +152,23 @@ async fn read_log(
             supervisor_gone = true;
             continue;
         }
+        // A quiet log: wake for new records, the supervisor's end, or a
+        // build progress report the throttle held back.
+        let poll = match summary.progress_due() {
+            Some(due) => due
+                .saturating_duration_since(Instant::now())
+                .min(LIVENESS_POLL),
+            None => LIVENESS_POLL,
+        };
         match &watch {
             Some(watch) => {
-                let _ = tokio::time::timeout(LIVENESS_POLL, watch.changed()).await;
+                let _ = tokio::time::timeout(poll, watch.changed()).await;
             }
-            None => tokio::time::sleep(FALLBACK_POLL).await,
+            None => tokio::time::sleep(FALLBACK_POLL.min(poll)).await,
+        }
+        if let Some(emit) = summary.held_back_progress() {
+            let item = Item::from_log(String::new(), followed.log_id, base);
+            send(emit, item, outbox, progress).await;
         }
     }
     if !summary.done {
@@ -173,6 +185,25 @@ async fn read_log(
         status.message
     );
     status
+}
+
+/// Queues one frame (as `item`, which carries its log position) or passes
+/// a pid to the core.
+async fn send(emit: Emit, mut item: Item, outbox: &Outbox, progress: &mpsc::Sender<Progress>) {
+    match emit {
+        Emit::Frame(frame) => {
+            item.frame = frame;
+            outbox.wait_room().await;
+            outbox.push(item);
+        }
+        Emit::Progress(frame) => {
+            item.frame = frame;
+            outbox.push_progress(item);
+        }
+        Emit::Started(pid) => {
+            let _ = progress.send(Progress::Started { pid }).await;
+        }
+    }
 }
 
 /// Appends what the file has beyond what was read; returns the byte count.
@@ -237,9 +268,11 @@ impl LogWatch {
 }
 
 /// What a record turns into.
+#[derive(Debug)]
 enum Emit {
-    Nothing,
     Frame(String),
+    /// An intermediate build progress report (a newer one replaces it).
+    Progress(String),
     Started(u32),
 }
 
@@ -259,9 +292,88 @@ struct StepResult {
     not_started: bool,
 }
 
+/// A rebuild's structured log and what was last reported of it.
+struct BuildProgress {
+    log: NixLog,
+    /// Counts changed since the last report.
+    dirty: bool,
+    last_report: Option<Instant>,
+    /// The last `system` step sent; reports never go backwards.
+    sent: Option<PhaseProgress>,
+}
+
+impl BuildProgress {
+    fn new() -> Self {
+        BuildProgress {
+            log: NixLog::new(),
+            dirty: false,
+            last_report: None,
+            sent: None,
+        }
+    }
+
+    /// The report for the counts now, or `None` when it would repeat the
+    /// last one. `current`/`total` count builds plus downloaded paths; Nix
+    /// may lower an expected total (a path it no longer needs), but the
+    /// dots only move forward, so both are kept at their highest.
+    fn report(&mut self, status: PhaseStatus) -> Option<OperationProgress> {
+        let snapshot = self.log.snapshot();
+        let (done, expected) = snapshot.steps();
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (mut current, mut total) = (clamp(done), clamp(expected));
+        if let Some(sent) = &self.sent {
+            current = current.max(sent.current);
+            total = total.max(sent.total);
+        }
+        if status == PhaseStatus::Complete {
+            // Success means everything expected was done.
+            current = current.max(total);
+        }
+        total = total.max(current);
+        let step = PhaseProgress {
+            current,
+            total,
+            status,
+            detail: serde_json::to_value(&snapshot).ok(),
+        };
+        if self.sent.as_ref() == Some(&step) {
+            return None;
+        }
+        self.sent = Some(step.clone());
+        Some(OperationProgress {
+            progress: Phases {
+                system: Some(step),
+                ..Phases::default()
+            },
+        })
+    }
+
+    /// An intermediate report when the counts changed and the last report
+    /// is at least [`PROGRESS_INTERVAL`] old.
+    fn throttled(&mut self) -> Option<String> {
+        if !self.dirty || !self.log.is_structured() {
+            return None;
+        }
+        let now = Instant::now();
+        if self
+            .last_report
+            .is_some_and(|last| now.duration_since(last) < PROGRESS_INTERVAL)
+        {
+            return None;
+        }
+        self.dirty = false;
+        self.last_report = Some(now);
+        let report = self.report(PhaseStatus::InProgress)?;
+        Some(Outbound::OperationProgress(&report).to_json())
+    }
+}
+
 /// Everything the log said so far that the status and progress need.
 struct Summary {
     kind: CommandKind,
+    /// While a `nixos-rebuild` that builds runs: its structured log's state
+    /// (rebuilt by replay after a restart, so counts stay right).
+    build: Option<BuildProgress>,
     steps: usize,
     current_label: String,
     current_not_started: bool,
@@ -276,6 +388,7 @@ impl Summary {
     fn new(kind: CommandKind) -> Self {
         Summary {
             kind,
+            build: None,
             steps: 0,
             current_label: String::new(),
             current_not_started: false,
@@ -287,67 +400,94 @@ impl Summary {
         }
     }
 
-    /// Updates the summary; returns what to send when `sending` (records
-    /// before the delivery cursor are only replayed).
-    fn on_record(&mut self, record: Record<'_>, sending: bool) -> Emit {
+    /// Updates the summary; adds to `out` what to send when `sending`
+    /// (records before the delivery cursor are only replayed).
+    fn on_record(&mut self, record: Record<'_>, sending: bool, out: &mut Vec<Emit>) {
         let command = self.kind.name();
         match record {
             Record::Line { stderr, cut, raw } => {
-                if !stderr && !sending {
-                    return Emit::Nothing;
-                }
-                let text = line_text(raw, cut);
-                if stderr && !text.trim().is_empty() {
-                    self.last_stderr.clear();
-                    self.last_stderr
-                        .extend(text.trim().chars().take(MAX_DETAIL_CHARS));
-                }
-                if !sending {
-                    return Emit::Nothing;
-                }
                 let stream = if stderr {
                     Stream::Stderr
                 } else {
                     Stream::Stdout
                 };
-                Emit::Frame(output_frame(command, stream, &text))
+                if self.build.is_none() && !stderr && !sending {
+                    return;
+                }
+                let text = line_text(raw, cut);
+                let last_stderr = &mut self.last_stderr;
+                let mut line = |plain: &str| {
+                    if stderr && !plain.trim().is_empty() {
+                        last_stderr.clear();
+                        last_stderr.extend(plain.trim().chars().take(MAX_DETAIL_CHARS));
+                    }
+                    if sending {
+                        out.push(Emit::Frame(output_frame(command, stream, plain)));
+                    }
+                };
+                // Where a line of the command becomes what the dashboard
+                // gets: a rebuild's structured log is rendered to plain
+                // lines and its counts reported; anything else goes as is.
+                match self.build.as_mut() {
+                    Some(build) => {
+                        if build.log.feed(&text, &mut line) == Effect::Counts {
+                            build.dirty = true;
+                            if sending && let Some(report) = build.throttled() {
+                                out.push(Emit::Progress(report));
+                            }
+                        }
+                    }
+                    None => line(&text),
+                }
             }
-            Record::Steps(n) => {
-                self.steps = n;
-                Emit::Nothing
-            }
+            Record::Steps(n) => self.steps = n,
             Record::Start { pid, label, .. } => {
                 self.current_label = label.to_owned();
                 self.current_not_started = false;
                 self.last_stderr.clear();
-                Emit::Started(pid)
+                let builds =
+                    label.starts_with("nixos-rebuild") && self.kind != CommandKind::Rollback;
+                self.build = builds.then(BuildProgress::new);
+                out.push(Emit::Started(pid));
             }
-            Record::NotStarted { .. } => {
-                self.current_not_started = true;
-                Emit::Nothing
-            }
-            Record::Stopped => {
-                self.stopped = true;
-                Emit::Nothing
-            }
+            Record::NotStarted { .. } => self.current_not_started = true,
+            Record::Stopped => self.stopped = true,
             Record::End { code, how, .. } => {
+                let ok = code == 0 && !self.stopped && !self.current_not_started;
+                if let Some(mut build) = self.build.take()
+                    && build.log.is_structured()
+                {
+                    // The final report, whatever the throttle says: it is
+                    // what the dots end on.
+                    let status = if ok {
+                        PhaseStatus::Complete
+                    } else {
+                        PhaseStatus::Error
+                    };
+                    if let Some(report) = build.report(status)
+                        && sending
+                    {
+                        out.push(Emit::Frame(Outbound::OperationProgress(&report).to_json()));
+                    }
+                }
                 self.results.push(StepResult {
                     label: std::mem::take(&mut self.current_label),
                     code,
                     how: how.to_owned(),
-                    ok: code == 0 && !self.stopped && !self.current_not_started,
+                    ok,
                     last_stderr: std::mem::take(&mut self.last_stderr),
                     not_started: self.current_not_started,
                 });
-                if self.kind != CommandKind::Test {
-                    return Emit::Nothing;
+                if self.kind == CommandKind::Test {
+                    let progress = self.test_progress();
+                    self.progress_frame(progress, sending, out);
                 }
-                let progress = self.test_progress();
-                self.progress_frame(progress, sending)
             }
-            Record::Dropped(n) if sending => {
-                let notice = format!("[nixfleet] {n} lines dropped");
-                Emit::Frame(output_frame(command, Stream::Stderr, &notice))
+            Record::Dropped(n) => {
+                if sending {
+                    let notice = format!("[nixfleet] {n} lines dropped");
+                    out.push(Emit::Frame(output_frame(command, Stream::Stderr, &notice)));
+                }
             }
             Record::Done => {
                 self.done = true;
@@ -360,12 +500,30 @@ impl Summary {
                         running: false,
                         result: format!("{passed}/{} passed", self.steps),
                     };
-                    return self.progress_frame(progress, sending);
+                    self.progress_frame(progress, sending, out);
                 }
-                Emit::Nothing
             }
-            Record::Dropped(_) | Record::Cut | Record::Unknown => Emit::Nothing,
+            Record::Cut | Record::Unknown => {}
         }
+    }
+
+    /// When a held-back build progress report is due, if one is.
+    fn progress_due(&self) -> Option<Instant> {
+        let build = self.build.as_ref()?;
+        if !build.dirty {
+            return None;
+        }
+        Some(
+            build
+                .last_report
+                .map_or_else(Instant::now, |last| last + PROGRESS_INTERVAL),
+        )
+    }
+
+    /// The report the throttle held back, once its interval is over, while
+    /// the log is quiet (a long build phase prints nothing).
+    fn held_back_progress(&mut self) -> Option<Emit> {
+        self.build.as_mut()?.throttled().map(Emit::Progress)
     }
 
     fn passed(&self) -> u32 {
@@ -396,12 +554,10 @@ impl Summary {
         }
     }
 
-    fn progress_frame(&mut self, progress: TestProgress, sending: bool) -> Emit {
+    fn progress_frame(&mut self, progress: TestProgress, sending: bool, out: &mut Vec<Emit>) {
         self.final_progress |= !progress.running;
         if sending {
-            Emit::Frame(Outbound::TestProgress(&progress).to_json())
-        } else {
-            Emit::Nothing
+            out.push(Emit::Frame(Outbound::TestProgress(&progress).to_json()));
         }
     }
 
@@ -477,13 +633,69 @@ mod tests {
         for record in log.split_inclusive('\n') {
             offset += record.len();
             let record = record.strip_suffix('\n').unwrap();
-            if let Emit::Frame(frame) =
-                summary.on_record(parse(record.as_bytes()), offset > resume_at)
-            {
-                frames.push(frame);
-            }
+            let mut out = Vec::new();
+            summary.on_record(parse(record.as_bytes()), offset > resume_at, &mut out);
+            frames.extend(out.into_iter().filter_map(|e| match e {
+                Emit::Frame(frame) | Emit::Progress(frame) => Some(frame),
+                Emit::Started(_) => None,
+            }));
         }
         (frames, summary.status("abc".into()))
+    }
+
+    #[test]
+    fn build_progress_reports_only_changes_and_never_goes_backwards() {
+        let mut progress = BuildProgress::new();
+        let feed = |p: &mut BuildProgress, line: &str| {
+            p.log.feed(line, &mut |_| {});
+        };
+        let step = |report: Option<OperationProgress>| {
+            report.map(|r| {
+                let s = r.progress.system.unwrap();
+                (s.current, s.total, s.status)
+            })
+        };
+        feed(
+            &mut progress,
+            r#"@nix {"action":"start","id":1,"type":104}"#,
+        );
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[1,5,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((1, 5, PhaseStatus::InProgress))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            None,
+            "no change, no report"
+        );
+        // Nix lowers what it expects: the dots stay where they were.
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,3,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((2, 5, PhaseStatus::InProgress))
+        );
+        // Success fills the dots; a failure keeps what was done.
+        let mut failed = BuildProgress::new();
+        feed(&mut failed, r#"@nix {"action":"start","id":1,"type":104}"#);
+        feed(
+            &mut failed,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,5,0,1]}"#,
+        );
+        assert_eq!(
+            step(failed.report(PhaseStatus::Error)),
+            Some((2, 5, PhaseStatus::Error))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::Complete)),
+            Some((5, 5, PhaseStatus::Complete))
+        );
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct Item {
     /// If the frame came from a command log: which one (the id
     /// [`Outbox::track`] gave it) and the offset just past its record.
     pub log_offset: Option<(u64, u64)>,
+    /// An intermediate progress report: a newer one replaces it while it
+    /// is queued, and it is not sent again after a broken connection.
+    pub replaceable: bool,
 }
 
 impl Item {
@@ -52,6 +55,7 @@ impl Item {
             frame,
             seq: 0,
             log_offset: None,
+            replaceable: false,
         }
     }
 
@@ -61,6 +65,7 @@ impl Item {
             frame,
             seq: 0,
             log_offset: Some((log_id, offset)),
+            replaceable: false,
         }
     }
 }
@@ -118,6 +123,24 @@ impl Outbox {
         drop(q);
         self.ready.notify_one();
         ticket
+    }
+
+    /// Queues an intermediate progress report, of which only the newest
+    /// matters: one still queued is removed and the new one goes to the
+    /// back, so that a report never overtakes the lines it describes and
+    /// an absent dashboard costs one queued report, not one per interval.
+    /// A final report goes through [`Outbox::push`].
+    pub fn push_progress(&self, mut item: Item) -> u64 {
+        item.replaceable = true;
+        {
+            let mut q = self.lock();
+            if let Some(stale) = q.items.iter().rposition(|i| i.replaceable)
+                && let Some(stale) = q.items.remove(stale)
+            {
+                q.bytes -= stale.frame.len();
+            }
+        }
+        self.push(item)
     }
 
     /// Queues a frame that is not part of a command log.
@@ -213,7 +236,13 @@ impl Outbox {
         let mut q = self.lock();
         let in_flight = std::mem::take(&mut q.in_flight);
         let unacknowledged = std::mem::take(&mut q.unacknowledged);
-        for item in unacknowledged.into_iter().chain(in_flight).rev() {
+        // Progress reports are not sent again: a newer one follows.
+        for item in unacknowledged
+            .into_iter()
+            .chain(in_flight)
+            .rev()
+            .filter(|i| !i.replaceable)
+        {
             q.bytes += item.frame.len();
             q.items.push_front(item);
         }
@@ -364,6 +393,21 @@ mod tests {
         assert_eq!(frames(&deliver(&outbox)), ["b", "status"]);
         outbox.requeue_in_flight();
         assert!(outbox.is_empty(), "nothing acknowledged is sent again");
+    }
+
+    #[test]
+    fn only_the_newest_progress_waits_and_it_is_not_sent_again() {
+        let outbox = Outbox::default();
+        outbox.push(logged("a", 1));
+        outbox.push_progress(logged("p1", 2));
+        outbox.push(logged("b", 3));
+        outbox.push_progress(logged("p2", 4));
+        outbox.push_progress(logged("p3", 5));
+        outbox.push(logged("c", 6));
+        assert_eq!(frames(&drain(&outbox)), ["a", "b", "p3", "c"]);
+        outbox.confirm_written();
+        outbox.requeue_in_flight();
+        assert_eq!(frames(&drain(&outbox)), ["a", "b", "c"]);
     }
 
     #[tokio::test(flavor = "current_thread")]
