@@ -14,7 +14,7 @@
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
-use crate::protocol::{self, Inbound, Outbound};
+use crate::protocol::{self, FrameBuffer, Inbound, Outbound};
 use crate::shutdown;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
@@ -457,6 +457,7 @@ async fn write_frames(
     links: Outgoing<'_>,
 ) -> SessionEnd {
     let register = Outbound::Register(&reporter.register()).to_json();
+    let mut frames = FrameBuffer::default();
     if let Err(error) = sink.send(Message::text(register)).await {
         return SessionEnd::Broken(error.to_string());
     }
@@ -473,9 +474,11 @@ async fn write_frames(
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
             _ = beat.tick() => {
-                let heartbeat = reporter.heartbeat(&links.command_state.borrow());
-                let frame = Outbound::Heartbeat(&heartbeat).to_json();
-                if let Err(error) = sink.send(Message::text(frame)).await {
+                let frame = {
+                    let command = links.command_state.borrow();
+                    frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))
+                };
+                if let Err(error) = sink.send(text_frame(frame)).await {
                     return SessionEnd::Broken(error.to_string());
                 }
             }
@@ -498,6 +501,12 @@ async fn write_frames(
             }
         }
     }
+}
+
+/// A text message of JSON bytes; serde_json writes only UTF-8, so the check
+/// never fails (an empty frame if it somehow did).
+fn text_frame(json: bytes::Bytes) -> Message {
+    Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
 }
 
 /// Writes a batch with one flush. What does not get confirmed here is put

@@ -5,6 +5,7 @@
 //! a heartbeat every second must cost next to nothing.
 
 use crate::config::Config;
+use crate::file_cache::{Derived, Reads};
 use crate::metrics::Sampler;
 use crate::protocol::{Heartbeat, Register};
 use std::path::{Path, PathBuf};
@@ -39,7 +40,9 @@ impl AgentIdentity {
     }
 }
 
-/// Builds `register` and `heartbeat` payloads.
+/// Builds `register` and `heartbeat` payloads. What they report from files
+/// is re-read only when the files changed (see [`crate::file_cache`]): an
+/// idle heartbeat costs a few `statx` calls, no reads.
 pub struct Reporter {
     hostname: String,
     repo_dir: PathBuf,
@@ -48,6 +51,8 @@ pub struct Reporter {
     identity: AgentIdentity,
     nixos_version_file: PathBuf,
     sampler: Sampler,
+    generation: Derived<String>,
+    nixpkgs_version: Derived<String>,
 }
 
 impl Reporter {
@@ -60,18 +65,21 @@ impl Reporter {
             identity,
             nixos_version_file: NIXOS_VERSION_FILE.into(),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
+            generation: Derived::default(),
+            nixpkgs_version: Derived::default(),
         }
     }
 
-    pub fn register(&self) -> Register {
-        let nixpkgs_version = self.nixpkgs_version();
+    pub fn register(&mut self) -> Register {
+        let nixpkgs_version =
+            cached_text(&mut self.nixpkgs_version, &self.nixos_version_file).to_owned();
         Register {
             hostname: self.hostname.clone(),
             host_type: self.identity.host_type.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             os_version: os_version(&nixpkgs_version),
             nixpkgs_version,
-            generation: generation(&self.repo_dir),
+            generation: cached_generation(&mut self.generation, &self.repo_dir).to_owned(),
             heartbeat_interval: self.interval_secs,
             repo_url: self.repo_url.clone(),
             repo_dir: Some(self.repo_dir.display().to_string()),
@@ -80,19 +88,26 @@ impl Reporter {
         }
     }
 
-    pub fn heartbeat(&mut self, command: &CommandState) -> Heartbeat {
+    /// The heartbeat, borrowing from the reporter's cached values and from
+    /// `command`: building one allocates nothing.
+    pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> Heartbeat<'a> {
         Heartbeat {
-            generation: generation(&self.repo_dir),
-            nixpkgs_version: self.nixpkgs_version(),
-            pending_command: command.name.clone(),
-            command_pid: command.pid,
             metrics: self.sampler.sample(),
+            generation: cached_generation(&mut self.generation, &self.repo_dir),
+            nixpkgs_version: cached_text(&mut self.nixpkgs_version, &self.nixos_version_file),
+            pending_command: command.name.as_deref(),
+            command_pid: command.pid,
         }
     }
+}
 
-    fn nixpkgs_version(&self) -> String {
-        read_trimmed(&self.nixos_version_file).unwrap_or_default()
-    }
+fn cached_generation<'a>(cache: &'a mut Derived<String>, repo_dir: &Path) -> &'a str {
+    cache.get(|reads| short_commit(head_commit(repo_dir, reads)))
+}
+
+/// A file's trimmed text, `""` when it cannot be read.
+fn cached_text<'a>(cache: &'a mut Derived<String>, path: &Path) -> &'a str {
+    cache.get(|reads| read_trimmed(reads, path).unwrap_or_default())
 }
 
 fn host_type(nixos_marker: &Path) -> &'static str {
@@ -155,10 +170,8 @@ fn sha256_hex_of_file(path: &Path) -> Option<String> {
     )
 }
 
-fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
+fn read_trimmed(reads: &mut Reads<'_>, path: &Path) -> Option<String> {
+    reads.read_to_string(path).map(|s| s.trim().to_owned())
 }
 
 /// Length of the short commit id the dashboard shows.
@@ -169,17 +182,23 @@ const SHORT_COMMIT_LEN: usize = 7;
 /// `packed-refs`; follows `gitdir:` files (worktrees, submodules) and
 /// `commondir`.
 pub fn generation(repo_dir: &Path) -> String {
-    head_commit(repo_dir)
-        .map(|id| id[..SHORT_COMMIT_LEN].to_owned())
+    cached_generation(&mut Derived::default(), repo_dir).to_owned()
+}
+
+fn short_commit(id: Option<String>) -> String {
+    id.map(|id| id[..SHORT_COMMIT_LEN].to_owned())
         .unwrap_or_default()
 }
 
-fn head_commit(repo_dir: &Path) -> Option<String> {
-    let git_dir = git_dir(repo_dir)?;
-    let common_dir = read_trimmed(&git_dir.join("commondir"))
+/// Every file looked at goes through `reads`, so that a cached generation
+/// is recomputed when any of them changes (a commit, a checkout, `git gc`
+/// packing the refs).
+fn head_commit(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
+    let git_dir = git_dir(repo_dir, reads)?;
+    let common_dir = read_trimmed(reads, &git_dir.join("commondir"))
         .map(|c| git_dir.join(c))
         .unwrap_or_else(|| git_dir.clone());
-    let head = read_trimmed(&git_dir.join("HEAD"))?;
+    let head = read_trimmed(reads, &git_dir.join("HEAD"))?;
     let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
         return valid_commit(&head);
     };
@@ -187,24 +206,24 @@ fn head_commit(repo_dir: &Path) -> Option<String> {
         return None;
     }
     for dir in [&git_dir, &common_dir] {
-        if let Some(id) = read_trimmed(&dir.join(reference)) {
+        if let Some(id) = read_trimmed(reads, &dir.join(reference)) {
             return valid_commit(&id);
         }
     }
-    let packed = std::fs::read_to_string(common_dir.join("packed-refs")).ok()?;
+    let packed = reads.read_to_string(&common_dir.join("packed-refs"))?;
     packed.lines().find_map(|line| {
         let (id, name) = line.split_once(' ')?;
         (name == reference).then(|| valid_commit(id)).flatten()
     })
 }
 
-fn git_dir(repo_dir: &Path) -> Option<PathBuf> {
+fn git_dir(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<PathBuf> {
     let dot_git = repo_dir.join(".git");
-    let meta = std::fs::metadata(&dot_git).ok()?;
+    let meta = reads.metadata(&dot_git)?;
     if meta.is_dir() {
         return Some(dot_git);
     }
-    let text = read_trimmed(&dot_git)?;
+    let text = read_trimmed(reads, &dot_git)?;
     let target = text.strip_prefix("gitdir:")?.trim();
     Some(repo_dir.join(target))
 }
@@ -252,6 +271,49 @@ mod tests {
         assert_eq!(generation(repo), short(repo));
         git(repo, &["checkout", "-q", "--detach", "HEAD~1"]);
         assert_eq!(generation(repo), short(repo));
+    }
+
+    /// Backdates `path` and everything under it, so that a cached value
+    /// read from there is settled and only a change in the metadata of its
+    /// inputs can refresh it.
+    fn backdate_tree(path: &Path) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap().flatten() {
+                backdate_tree(&entry.path());
+            }
+        }
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(path)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+    }
+
+    #[test]
+    fn cached_generation_follows_commits_packing_and_checkouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let short = |r: &Path| git(r, &["rev-parse", "--short=7", "HEAD"]);
+        let mut cache = Derived::default();
+        // Each step but the packing moves HEAD; the packing moves the
+        // branch's ref from its own file into packed-refs.
+        let steps: [&[&str]; 5] = [
+            &["commit", "-q", "--allow-empty", "-m", "two"],
+            &["pack-refs", "--all", "--prune"],
+            &["checkout", "-q", "--detach", "HEAD~1"],
+            &["checkout", "-q", "main"],
+            &["commit", "-q", "--allow-empty", "-m", "three"],
+        ];
+        for step in steps {
+            backdate_tree(&repo.join(".git"));
+            let before = short(repo);
+            assert_eq!(cached_generation(&mut cache, repo), before);
+            assert_eq!(cached_generation(&mut cache, repo), before);
+            git(repo, step);
+            assert_eq!(cached_generation(&mut cache, repo), short(repo), "{step:?}");
+        }
     }
 
     #[test]

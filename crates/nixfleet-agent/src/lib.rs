@@ -7,6 +7,7 @@ pub mod agent;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod file_cache;
 pub mod handover;
 pub mod heartbeat;
 pub mod logging;
