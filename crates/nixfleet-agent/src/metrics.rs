@@ -120,18 +120,17 @@ impl ProcFiles {
 }
 
 /// The file's current content from offset 0, as much as fits in `buf`. The
-/// kernel regenerates a `/proc` file on each read from offset 0.
+/// kernel regenerates a `/proc` file on each read from offset 0, and hands
+/// over all of it that fits in one read: a short read is the whole file, so
+/// no second read to see the end.
 fn read_from_start<'a>(file: &File, buf: &'a mut [u8]) -> Option<&'a [u8]> {
-    let mut len = 0;
-    while len < buf.len() {
-        match file.read_at(&mut buf[len..], len as u64) {
-            Ok(0) => break,
-            Ok(n) => len += n,
+    loop {
+        match file.read_at(buf, 0) {
+            Ok(n) => return Some(&buf[..n]),
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return None,
         }
     }
-    Some(&buf[..len])
 }
 
 /// The aggregate `cpu` line of `/proc/stat`: user nice system idle iowait
