@@ -16,6 +16,7 @@ use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
 use crate::protocol::{self, FrameBuffer, Inbound, Outbound};
 use crate::shutdown;
+use crate::ticker::Ticker;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
@@ -462,8 +463,12 @@ async fn write_frames(
         return SessionEnd::Broken(error.to_string());
     }
     // The first tick is immediate: the first heartbeat follows `register`.
-    let mut beat = tokio::time::interval(config.interval);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut beat = match Ticker::new(config.interval) {
+        Ok(ticker) => ticker,
+        Err(error) => {
+            return SessionEnd::Broken(format!("cannot start the heartbeat timer: {error}"));
+        }
+    };
     let mut ping =
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -473,7 +478,10 @@ async fn write_frames(
         tokio::select! {
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
-            _ = beat.tick() => {
+            beat_result = beat.tick() => {
+                if let Err(error) = beat_result {
+                    return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
+                }
                 let frame = {
                     let command = links.command_state.borrow();
                     frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))

@@ -16,5 +16,6 @@ pub mod outbox;
 pub mod protocol;
 pub mod shutdown;
 pub mod systemd;
+pub mod ticker;
 pub mod tls;
 pub mod watchdog;
