@@ -85,6 +85,10 @@ impl Reporter {
             repo_dir: Some(self.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
+            theme_color: None,
+            location: None,
+            device_type: None,
+            source_commit: None,
         }
     }
 
@@ -97,6 +101,11 @@ impl Reporter {
             nixpkgs_version: cached_text(&mut self.nixpkgs_version, &self.nixos_version_file),
             pending_command: command.name.as_deref(),
             command_pid: command.pid,
+            update_status: None,
+            source_commit: None,
+            store_path: None,
+            binary_hash: None,
+            lock_hash: None,
         }
     }
 }
