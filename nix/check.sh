@@ -186,6 +186,29 @@ else
   echo "$out" | indent
 fi
 
+# (iv c) docs/nixos.md documents exactly the module's options (textual:
+# the option declarations at the top level of services.nixfleet).
+if out=$(
+  python3 - modules/nixfleet.nix docs/nixos.md <<'EOF'
+import re, sys
+module, doc = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+declared = set(re.findall(r"^    (\w+) = lib\.mk(?:Option|EnableOption|PackageOption)\b", module, re.M))
+options = doc.split("\n## Options\n", 1)[-1].split("\n## ", 1)[0]
+documented = set(re.findall(r"^\| `(\w+)` \|", options, re.M))
+problems = [f"option {o} is not in docs/nixos.md's Options table" for o in sorted(declared - documented)]
+problems += [f"docs/nixos.md documents {o}, which the module does not declare" for o in sorted(documented - declared)]
+if problems or not declared:
+    print("\n".join(problems) or "no options found in the module")
+    sys.exit(1)
+print(len(declared))
+EOF
+); then
+  ok "docs/nixos.md documents the module's $out options"
+else
+  fail "docs/nixos.md and modules/nixfleet.nix disagree"
+  echo "$out" | indent
+fi
+
 # (v) lib-only evaluation of the module, the package and the flake
 report() {
   # Prints the results of an eval-*.nix run; returns 1 if any failed.
