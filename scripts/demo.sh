@@ -52,8 +52,8 @@ if [ -x target/debug/nixfleet-agent ] && [ -x target/debug/nixfleet-mock-dashboa
   echo "building nixfleet-agent and nixfleet-mock-dashboard (seconds when nothing changed) ..."
 else
   echo "building nixfleet-agent and nixfleet-mock-dashboard for the first time:"
-  echo "cargo compiles about 200 crates, which took 10-15 minutes on a busy 2-core"
-  echo "machine (measured: see README, \"Try it\"); later runs take seconds."
+  echo "cargo compiles about 130 crates, several minutes on a 2-core machine (README:"
+  echo "\"How long it takes here\"); later runs take seconds."
 fi
 started=$SECONDS
 cargo build --workspace --bins
