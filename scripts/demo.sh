@@ -97,6 +97,9 @@ rm -rf "$seed"
 
 # `switch` runs nixos-rebuild. The demo's repository is not a NixOS
 # configuration, so by default a labelled stand-in plays nixos-rebuild.
+# Asked for Nix's structured log (as the agent does for switch and boot),
+# it replays a recorded one, paced, so the dashboard shows the rendered
+# build log and live build progress.
 mkdir -p "$work/bin"
 if [ -n "${NIXFLEET_DEMO_REBUILD:-}" ]; then
   rebuild="$(command -v "$NIXFLEET_DEMO_REBUILD")" ||
@@ -104,10 +107,15 @@ if [ -n "${NIXFLEET_DEMO_REBUILD:-}" ]; then
   ln -s "$rebuild" "$work/bin/nixos-rebuild"
   echo "switch runs: $NIXFLEET_DEMO_REBUILD"
 else
-  cat > "$work/bin/nixos-rebuild" <<'STANDIN'
+  recording="$PWD/crates/nixfleet-agent/tests/fixtures/nix-log/mixed.log"
+  cat > "$work/bin/nixos-rebuild" <<STANDIN
 #!/bin/sh
-echo "[demo stand-in] nixos-rebuild $*"
-for i in 1 2 3 4 5; do echo "building step $i/5"; sleep 1; done
+echo "[demo stand-in] nixos-rebuild \$*"
+case " \$* " in
+  *" --log-format internal-json "*)
+    while IFS= read -r line; do printf '%s\n' "\$line" >&2; sleep 0.05; done < '$recording' ;;
+  *) for i in 1 2 3 4 5; do echo "building step \$i/5"; sleep 1; done ;;
+esac
 echo "[demo stand-in] done"
 STANDIN
   chmod +x "$work/bin/nixos-rebuild"
@@ -164,6 +172,11 @@ def status_line(h):
         parts.append(f"cpu {metrics['cpu']:.0f}%  ram {metrics['ram']:.0f}%  load {metrics['load']:.2f}")
     command = beat.get("pending_command")
     parts.append(f"running {command} (pid {beat.get('command_pid')})" if command else "idle")
+    system = (h.get("progress") or {}).get("system")
+    if system:
+        builds = (system.get("detail") or {}).get("builds") or {}
+        parts.append(f"build {system.get('current')}/{system.get('total')} {system.get('status')}"
+                     f" ({builds.get('done', 0)}/{builds.get('expected', 0)} derivations)")
     return "  ".join(parts)
 
 
