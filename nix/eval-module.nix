@@ -252,8 +252,9 @@ let
       "${root}/Cargo.lock"
     )
     (expectEqual "package: meta.mainProgram" package.meta.mainProgram "nixfleet-agent")
-    (expectEqual "package: checkFlags skip the systemd-nspawn tests" package.checkFlags [
+    (expectEqual "package: checkFlags skip the systemd-nspawn and docs tests" package.checkFlags [
       "--skip=systemd_nspawn"
+      "--skip=docs_"
     ])
     (expectEqual "package: source root is the repository" (toString package.src.root) root)
     (expectEqual "package: source holds Cargo.toml, Cargo.lock and crates/ only" (builtins.filter (
@@ -266,8 +267,7 @@ let
       "crates/nixfleet-agent/src/main.rs"
       "crates/nixfleet-mock-dashboard/Cargo.toml"
       "crates/nixfleet-mock-dashboard/src/main.rs"
-    ]
-    ) [ ])
+    ]) [ ])
   ];
 in
 {
