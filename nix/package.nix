@@ -5,12 +5,19 @@
 {
   lib,
   rustPlatform,
-  git,
+  rustc,
+  gitMinimal,
 }:
 let
   workspace = (lib.importTOML ../Cargo.toml).workspace.package;
   agentToml = (lib.importTOML ../crates/nixfleet-agent/Cargo.toml).package;
 in
+# Older channels would fail deep inside cargo ("package requires rustc
+# 1.88"); say what to do instead.
+assert lib.assertMsg (lib.versionAtLeast rustc.version workspace.rust-version) ''
+  nixfleet-agent needs rustc ${workspace.rust-version} or newer (rust-version in Cargo.toml), but this
+  Nixpkgs has rustc ${rustc.version}. Build it with nixos-25.11 or newer, for example the flake's own
+  package (packages.<system>.nixfleet-agent), which the flake's NixOS module uses on such hosts.'';
 rustPlatform.buildRustPackage {
   pname = agentToml.name;
   inherit (workspace) version;
@@ -28,8 +35,16 @@ rustPlatform.buildRustPackage {
   # Every crate is pinned with its checksum in Cargo.lock: no cargoHash.
   cargoLock.lockFile = ../Cargo.lock;
 
+  # The tests run in the debug profile, not the release profile the
+  # programs are built in: the test-only hooks (such as a short first
+  # reconnect delay, NIXFLEET_TEST_FIRST_BACKOFF_MS) exist only with debug
+  # assertions, and without them the 1,000-reconnect test waits out real
+  # one-second backoffs for over 20 minutes. The installed binaries are the
+  # release build either way.
+  checkType = "debug";
+
   # Tests of the `pull` command drive a real git against local repositories.
-  nativeCheckInputs = [ git ];
+  nativeCheckInputs = [ gitMinimal ];
 
   # The integration tests talk to the binaries over loopback, which the
   # build sandbox has. The systemd-nspawn test boots a container and cannot
