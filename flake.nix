@@ -123,6 +123,9 @@
         };
       });
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt);
+      # `nix fmt` with no arguments formats every Nix file of the tree
+      # (treefmt running nixfmt); `pkgs.nixfmt` alone would need the files
+      # named.
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
     };
 }

@@ -208,8 +208,9 @@ in
         "deadnix"
       ]
     ))
-    (expectEqual "flake: formatter is nixfmt" self.formatter.${x86}
-      nixpkgs.legacyPackages.${x86}.nixfmt
+    (expectEqual "flake: formatter is nixfmt-tree (nix fmt formats the whole tree)"
+      self.formatter.${x86}
+      nixpkgs.legacyPackages.${x86}.nixfmt-tree
     )
   ];
 

@@ -124,6 +124,7 @@ let
         gnused = fakePackage "gnused-4.9" "sed";
         gitMinimal = fakePackage "git-minimal-2.51.0" "git";
         nixfmt = fakePackage "nixfmt-1.1.0" "nixfmt";
+        nixfmt-tree = fakePackage "nixfmt-tree" "treefmt";
         openssh = fakePackage "openssh-10.0p2" "ssh";
         rust-analyzer = fakePackage "rust-analyzer-2025-10-06" "rust-analyzer";
         rustc = fakePackage "rustc-1.91.1" "rustc" // {
