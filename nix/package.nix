@@ -16,8 +16,8 @@ in
 # 1.88"); say what to do instead.
 assert lib.assertMsg (lib.versionAtLeast rustc.version workspace.rust-version) ''
   nixfleet-agent needs rustc ${workspace.rust-version} or newer (rust-version in Cargo.toml), but this
-  Nixpkgs has rustc ${rustc.version}. Build it with nixos-25.11 or newer, for example the flake's own
-  package (packages.<system>.nixfleet-agent), which the flake's NixOS module uses on such hosts.'';
+  Nixpkgs has rustc ${rustc.version}: build it with nixos-25.11 or newer. Through the flake, do not make
+  its nixpkgs input follow an older channel; its NixOS module then uses the flake's own package.'';
 rustPlatform.buildRustPackage {
   pname = agentToml.name;
   inherit (workspace) version;
