@@ -287,6 +287,15 @@ let
       };
     };
   root = toString ../.;
+  skipped = map (lib.removePrefix "--skip=") (
+    builtins.filter (lib.hasPrefix "--skip=") package.checkFlags
+  );
+  # lib.hasInfix is a regular expression match, which overflows the stack
+  # on text this long; replaceStrings is a plain search.
+  containsText = needle: text: builtins.replaceStrings [ needle ] [ "" ] text != text;
+  rustSources = lib.concatMapStrings builtins.readFile (
+    builtins.filter (lib.hasSuffix ".rs") (lib.filesystem.listFilesRecursive ../crates)
+  );
   sourceFiles = map (f: lib.removePrefix "${root}/" (toString f)) (
     stubs.libCompat.fileset.toList package.src.fileset
   );
@@ -308,6 +317,9 @@ let
       (builtins.elem "--skip=systemd_nspawn" package.checkFlags)
       "checkFlags are ${builtins.toJSON package.checkFlags}"
     )
+    (expectEqual "package: every --skip names a test of the workspace" (builtins.filter (
+      name: !containsText "fn ${name}" rustSources
+    ) skipped) [ ])
     (expect "package: refuses a rustc older than rust-version with a readable message"
       (
         !(builtins.tryEval (packageWithRustc "1.86.0").outPath).success
