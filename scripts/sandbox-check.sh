@@ -23,9 +23,12 @@
 #   scripts/sandbox-check.sh --clean    start from an empty target directory
 #   scripts/sandbox-check.sh --runs 5   run the tests 5 times (one build)
 #
-# It is a separate build (another --target layout, another user): on a
-# loaded 2-core machine the first run takes minutes (see README), later
-# runs reuse it. Exits non-zero if any run failed.
+# It is a separate build (another --target layout, another user): the first
+# run built for 35 minutes on a 2-core machine shared with seven other builds
+# (load 15-18); the tests then take about 90 s, and later runs reuse the
+# build. Inside, a self-check refuses to test as root, with an existing
+# HOME, with anything in /etc/ssl or with a network link besides lo.
+# Exits non-zero if any run failed.
 #
 # Environment:
 #   NIXPKGS_LIB          nixpkgs' lib directory (default: ../shared/nix/nixpkgs/lib)
@@ -136,8 +139,24 @@ exec unshare --pid --fork --mount-proc \
     RUST_LOG= \
     CARGO_HOME="$WORK/cargo-home" \
     CARGO_TARGET_DIR="$WORK/target" \
-    bash -c "cd \"$WORK/source\" && \"\$@\"; exit \$?" check "$@"
+    bash -c "bash \"$WORK/self-check.sh\" && cd \"$WORK/source\" && \"\$@\"; exit \$?" check "$@"
 '
+
+# Runs first inside the sandbox: refuses to test in an environment that is
+# not the one this script promises.
+cat >"$work/self-check.sh" <<'CHECK'
+fail() {
+  echo "sandbox: $*" >&2
+  exit 1
+}
+[ "$(id -u)" != 0 ] || fail "running as root"
+[ ! -e "$HOME" ] || fail "HOME=$HOME exists"
+[ -z "$(ls -A /etc/ssl)" ] || fail "/etc/ssl is not empty"
+links=$(awk -F: 'NR > 2 { gsub(/ /, "", $1); print $1 }' /proc/net/dev)
+[ "$links" = lo ] || fail "network links besides lo: $links"
+echo "sandbox: uid $(id -u), HOME=$HOME absent, /etc/ssl empty, network links: $links, PID $$"
+CHECK
+chmod a+r "$work/self-check.sh"
 
 failed=0
 for ((run = 1; run <= runs; run++)); do
@@ -155,7 +174,7 @@ for ((run = 1; run <= runs; run++)); do
   build=$(sed -n 's/^ *Finished .* in \(.*\)$/build \1, /p' "$log" | head -n 1)
   echo "run $run/$runs: $result in ${took}s (${build}$summary; log: $log)"
   if [[ $result == FAILED ]]; then
-    grep -E '^(failures:|    [a-z_:0-9]+$|test .* FAILED|error)' "$log" | head -n 40 | sed 's/^/    /'
+    grep -E '^(sandbox:|failures:|    [a-z_:0-9]+$|test .* FAILED|error)' "$log" | head -n 40 | sed 's/^/    /' || true
   fi
 done
 ((failed == 0))
