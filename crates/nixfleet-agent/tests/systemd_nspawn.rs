@@ -10,7 +10,7 @@
 //! the test installs that text with its own paths for the store paths. The
 //! module is the only source of the unit.
 //!
-//! How (see `shared/notes/systemd-testbed.md`):
+//! How:
 //!
 //! - A Debian bookworm tree is built once per machine with `debootstrap`
 //!   into `$NIXFLEET_NSPAWN_CACHE` (default `/var/cache/nixfleet-nspawn`),
