@@ -49,6 +49,13 @@ bash scripts/fuzz.sh 10
 step "Nix static checks"
 bash nix/check.sh
 
+# The package's check phase as the Nix build sandbox runs it: a second
+# build of the workspace (another target layout), so only on request.
+if [ "${NIXFLEET_SANDBOX_CHECK:-0}" = 1 ]; then
+  step "the package's check phase in a sandbox like Nix's (scripts/sandbox-check.sh)"
+  as_root bash scripts/sandbox-check.sh
+fi
+
 step "demo (scripts/demo.sh --check)"
 NIXFLEET_DEMO_PORT="${NIXFLEET_DEMO_PORT:-18000}" bash scripts/demo.sh --check
 
