@@ -164,8 +164,11 @@
 //! thread (`record.rs`).
 
 mod api;
+mod live;
+mod page;
 mod record;
 mod state;
+mod view;
 mod ws;
 
 use std::io::Write;
@@ -278,7 +281,11 @@ fn load_token(cli: &Cli) -> Result<String, String> {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/", get(api::index))
+        .route("/", get(page::index))
+        .route("/page.css", get(page::stylesheet))
+        .route("/page.js", get(page::script))
+        .route("/events", get(live::events))
+        .route("/api", get(api::index))
         .route("/health", get(api::health))
         .route("/ws", get(ws::upgrade))
         .route("/api/hosts", get(api::list_hosts))
