@@ -16,6 +16,7 @@ port="${NIXFLEET_DEMO_PORT:-8000}"
 host="$(hostname)"
 
 command -v python3 >/dev/null || { echo "demo.sh needs python3 (apt-get install python3)" >&2; exit 1; }
+echo "the dashboard page will be at http://127.0.0.1:$port/ (open it in a browser; on another machine: ssh -L $port:127.0.0.1:$port <this host>)"
 echo "building nixfleet-agent and nixfleet-mock-dashboard ..."
 cargo build --quiet --workspace --bins
 
@@ -42,7 +43,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 grep -q '^listening on' "$work/dashboard.out" || { cat "$work/dashboard.log" >&2; exit 1; }
-echo "mock dashboard: http://127.0.0.1:$port (API: /api/hosts, /api/hosts/$host/messages)"
+echo "mock dashboard: http://127.0.0.1:$port/ (the live page; API: /api/hosts, /api/hosts/$host/messages)"
 
 # A small config repository, so generation and the `test` command show something.
 repo="$work/repo"

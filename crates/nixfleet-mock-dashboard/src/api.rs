@@ -64,6 +64,8 @@ pub async fn index() -> Response {
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "nixfleet-mock-dashboard: a mock NixFleet dashboard for tests and demos.\n\
          \n\
+         GET  /                               the live web page\n\
+         GET  /events                         its feed (Server-Sent Events)   ?host=<name>\n\
          GET  /health\n\
          GET  /ws                             (agents; Authorization: Bearer <token>)\n\
          GET  /api/hosts\n\

@@ -68,7 +68,7 @@ impl Browser {
                 "--disable-component-update",
                 "--disable-sync",
                 "--disable-dev-shm-usage",
-                "--window-size=1400,1000",
+                "--window-size=1280,1280",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
             ])
