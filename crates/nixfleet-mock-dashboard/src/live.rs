@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -132,7 +133,12 @@ impl Subscriber {
                 return Some(event);
             }
             if !self.more && self.changes.changed().await.is_err() {
-                // The state is gone: the mock is shutting down.
+                return None;
+            }
+            // End the stream at shutdown (the mock wakes every subscriber
+            // when it closes the agents' connections), so that open pages
+            // do not hold up the graceful shutdown.
+            if self.shared.shutting_down.load(Ordering::Relaxed) {
                 return None;
             }
             if let Some(last) = self.last_read {

@@ -1412,3 +1412,32 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// An open page must not hold up a graceful shutdown: its event stream
+/// ends right away (the HTTP server would otherwise wait for it, then give
+/// up after 2 s).
+#[tokio::test]
+async fn sigterm_ends_open_event_streams() {
+    let mut mock = Mock::start(&[]).await;
+    let mut page = SseClient::connect(&mock.addr, "/events").await;
+    page.wait("hosts", |_| true).await;
+    let start = Instant::now();
+    mock.sigterm();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(DEADLINE, page.stream.read(&mut chunk))
+            .await
+            .expect("the event stream stayed open")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    let (status, _) = mock.wait_exit().await;
+    assert!(status.success());
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "shutdown with an open page took {:?}",
+        start.elapsed()
+    );
+}
