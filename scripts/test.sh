@@ -20,6 +20,9 @@ command -v python3 >/dev/null || apt_packages+=(python3)
 command -v nix-instantiate >/dev/null || apt_packages+=(nix-bin)
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
+# The mock dashboard's page is tested in a real headless browser, driven over
+# the DevTools protocol (so no chromium-driver is needed).
+command -v chromium >/dev/null || apt_packages+=(chromium)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   step "installing ${apt_packages[*]}"
   as_root apt-get update -qq
