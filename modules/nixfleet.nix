@@ -228,12 +228,13 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
 
-      # What the dashboard's commands run.
+      # What the dashboard's commands run: the host's own nixos-rebuild,
+      # Nix, ssh client (for git over SSH) and systemd.
       path = [
         config.system.build.nixos-rebuild
         pkgs.git
         config.nix.package
-        pkgs.openssh
+        config.programs.ssh.package
         config.systemd.package
       ];
 

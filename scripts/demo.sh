@@ -28,6 +28,7 @@ host="$(hostname)"
 
 command -v python3 >/dev/null || { echo "demo.sh needs python3 (apt-get install python3)" >&2; exit 1; }
 command -v git >/dev/null || { echo "demo.sh needs git (apt-get install git)" >&2; exit 1; }
+echo "the dashboard page will be at http://127.0.0.1:$port/ (open it in a browser; on another machine: ssh -L $port:127.0.0.1:$port <this host>)"
 
 work=""
 pids=()
@@ -79,7 +80,7 @@ if ! grep -q '^listening on' "$work/dashboard.out"; then
   tail -n 5 "$work/dashboard.log" >&2
   exit 1
 fi
-echo "mock dashboard: http://127.0.0.1:$port (API: /api/hosts, /api/hosts/$host/messages)"
+echo "mock dashboard: http://127.0.0.1:$port/ (the live page; API: /api/hosts, /api/hosts/$host/messages)"
 
 # A small configuration repository, so generation, `pull` and `test` show
 # something: a bare "origin" and the agent's clone of it.

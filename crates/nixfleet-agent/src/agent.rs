@@ -79,6 +79,9 @@ pub async fn run(config: Config) -> ExitCode {
         repo_dir: config.repo_dir.clone(),
         stop_grace: config.stop_grace,
         self_image,
+        self_check_every: config.interval,
+        suspected_replacement: None,
+        last_status: None,
         restart: None,
     };
     core.adopt_previous();
@@ -174,6 +177,14 @@ struct Core {
     repo_dir: PathBuf,
     stop_grace: Duration,
     self_image: SelfImage,
+    /// How often an idle agent compares itself with `self_image` (the
+    /// heartbeat interval).
+    self_check_every: Duration,
+    /// What the last idle comparison found changed; a restart needs the
+    /// same finding twice in a row.
+    suspected_replacement: Option<String>,
+    /// Delivery ticket of the last status queued.
+    last_status: Option<u64>,
     /// Set after a switch that replaced this agent: exit once the status
     /// with this delivery ticket has reached the dashboard.
     restart: Option<u64>,
@@ -202,7 +213,13 @@ impl Core {
         mut shutdown: shutdown::Listener,
         mut probes: mpsc::Receiver<Probe>,
     ) -> Ending {
+        let every = self.self_check_every.max(Duration::from_secs(1));
+        let mut self_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ending = loop {
+            let idle_and_watching = self.running.is_none()
+                && self.restart.is_none()
+                && self.self_image.watches_a_unit();
             tokio::select! {
                 () = shutdown::requested(&mut shutdown) => break Ending::Shutdown,
                 () = restart_due(&self.outbox, self.restart) => break Ending::Restart,
@@ -212,6 +229,7 @@ impl Core {
                     None => self.runner_vanished(),
                 },
                 Some(probe) = probes.recv() => probe.answer(),
+                _ = self_check.tick(), if idle_and_watching => self.check_self_image(),
             }
         };
         if let Some(running) = &self.running {
@@ -225,6 +243,26 @@ impl Core {
             );
         }
         ending
+    }
+
+    /// Notices a switch this agent did not run (a manual `nixos-rebuild
+    /// switch`, `system.autoUpgrade`): its unit or binary differs from the
+    /// snapshot taken at start. It restarts the way it does after its own
+    /// switch (a status still queued is delivered first), once the same
+    /// change is seen at two checks in a row: the switch's activation then
+    /// had an interval to reload systemd, so the restart starts the new
+    /// version.
+    fn check_self_image(&mut self) {
+        let now = self.self_image.replaced_since_start();
+        if let Some(why) = &now
+            && self.suspected_replacement.as_ref() == Some(why)
+        {
+            info!(
+                "this agent was replaced by a switch it did not run ({why}); restarting to run the new version"
+            );
+            self.restart = Some(self.last_status.unwrap_or(0));
+        }
+        self.suspected_replacement = now;
     }
 
     /// Takes over a command that a previous instance started and that may
@@ -359,6 +397,7 @@ impl Core {
         let ticket = self
             .outbox
             .push_reliable(Outbound::Status(&status).to_json());
+        self.last_status = Some(ticket);
         // The record stays until the status is out, so that an agent that
         // dies in between leaves it for the next one to send.
         let pid = finished.as_ref().and_then(|r| r.pid);
@@ -368,12 +407,20 @@ impl Core {
             CommandRecord::clear(&state_dir, pid);
         });
         let activated = finished.is_some_and(|r| r.kind.activates());
-        if activated
-            && status.status == Outcome::Ok
+        if !activated {
+            return;
+        }
+        if status.status == Outcome::Ok
             && let Some(why) = self.self_image.changed()
         {
             info!("the switch updated this agent ({why}); restarting once the status is delivered");
             self.restart = Some(ticket);
+        } else if status.status != Outcome::Ok {
+            // A failed switch never restarts the agent, not even later when
+            // idle: the running agent stays to report and to roll back.
+            // Whatever the switch left in place becomes the new baseline.
+            self.self_image = self.self_image.rebased();
+            self.suspected_replacement = None;
         }
     }
 

@@ -3,8 +3,9 @@
 //! tests. Agents connect to `/ws` exactly as they would to a real dashboard
 //! (the protocol is described in `docs/protocol.md` at the top of the
 //! repository; this program implements it on its own, sharing no code with
-//! the agent); tests and humans drive and inspect it through a small HTTP
-//! JSON API. Logs go to stderr; stdout carries exactly one line.
+//! the agent); people watch and drive it in a browser at `/` (a live page,
+//! below); tests drive and inspect it through a small HTTP JSON API. Logs
+//! go to stderr; stdout carries exactly one line.
 //!
 //! # Command line
 //!
@@ -74,6 +75,18 @@
 //!   `flood_throughput` test in `tests/mock_dashboard.rs`), and the API
 //!   stays responsive meanwhile.
 //!
+//! # Web page: `GET /`
+//!
+//! One page, its stylesheet and script compiled into the binary
+//! (`src/page/`; no build step, nothing fetched at run time): the host
+//! list and a host view with live output, progress, command buttons and a
+//! timeline. It needs no token, like the API: anyone who can reach the
+//! port can send commands, which is why the default is loopback. Updates
+//! are pushed by `GET /events[?host=NAME]` (Server-Sent Events; `live.rs`
+//! documents the events). A browser that falls behind never slows an
+//! agent's connection or grows the mock's memory: it skips ahead and the
+//! page says how many lines it missed, with a link to the messages API.
+//!
 //! # HTTP API
 //!
 //! All responses are JSON. Errors are `{"error": "<text>"}` with status
@@ -81,7 +94,7 @@
 //! (host known but not connected). Timestamps are unix milliseconds.
 //! `{host}` is a hostname (URL-encoded) or `(unregistered)`.
 //!
-//! * `GET /` — a plain-text endpoint list, for humans.
+//! * `GET /api` — a plain-text endpoint list, for humans.
 //! * `GET /health` → `{"status": "ok"}`.
 //! * `GET /api/hosts` → array of host objects (registered hosts only, in
 //!   order of first registration):
@@ -162,11 +175,17 @@
 //! receives API requests over a channel (`ws.rs`); frames are stored as
 //! their received text (one copy, reference-counted) and the payload is
 //! extracted when the API serves it; the record file has its own writer
-//! thread (`record.rs`).
+//! thread (`record.rs`). The page's feed (`live.rs`) keeps a cursor per
+//! browser and reads the store only when the browser can take more; what
+//! the page shows beyond raw messages (metrics history, running command,
+//! timeline) is small and bounded per host (`view.rs`).
 
 mod api;
+mod live;
+mod page;
 mod record;
 mod state;
+mod view;
 mod ws;
 
 use std::io::Write;
@@ -279,7 +298,11 @@ fn load_token(cli: &Cli) -> Result<String, String> {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/", get(api::index))
+        .route("/", get(page::index))
+        .route("/page.css", get(page::stylesheet))
+        .route("/page.js", get(page::script))
+        .route("/events", get(live::events))
+        .route("/api", get(api::index))
         .route("/health", get(api::health))
         .route("/ws", get(ws::upgrade))
         .route("/api/hosts", get(api::list_hosts))

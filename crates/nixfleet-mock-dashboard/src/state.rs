@@ -16,8 +16,10 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::record::Recorder;
+use crate::view::HostView;
 
 /// Name under which frames from connections that have not (validly)
 /// registered yet are kept. Not a valid hostname for `register`.
@@ -25,6 +27,9 @@ pub const UNREGISTERED: &str = "(unregistered)";
 
 /// Used when a `register` has no usable `heartbeat_interval`.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 30_000;
+
+/// The v3 progress message (`operation_progress`).
+const OPERATION_PROGRESS: &str = "operation_progress";
 
 /// How many rejected upgrade attempts `/api/rejected` keeps.
 const MAX_REJECTED: usize = 10_000;
@@ -117,7 +122,8 @@ pub struct Incoming {
     kind: Kind,
     /// The text is valid JSON (even when it is not a valid envelope).
     is_json: bool,
-    /// The parsed payload, only for `register` and `heartbeat`.
+    /// The parsed payload, only for `register`, `heartbeat` and the rare
+    /// kinds the web page shows (status, rejection, progress).
     payload: Option<Value>,
 }
 
@@ -150,13 +156,22 @@ pub fn classify(text: &str) -> Incoming {
     match probe.and_then(|p| p.kind) {
         Some(t) => {
             let kind = Kind::from_type(&t);
-            let payload = match kind {
-                Kind::Register | Kind::Heartbeat => Some(
+            let parse = match &kind {
+                Kind::Register
+                | Kind::Heartbeat
+                | Kind::Status
+                | Kind::CommandRejected
+                | Kind::TestProgress => true,
+                Kind::Other(t) => &**t == OPERATION_PROGRESS,
+                _ => false,
+            };
+            let payload = match parse {
+                true => Some(
                     serde_json::from_str::<PayloadOnly>(text)
                         .map(|p| p.payload)
                         .unwrap_or(Value::Null),
                 ),
-                _ => None,
+                false => None,
             };
             Incoming {
                 kind,
@@ -195,6 +210,8 @@ pub struct Host {
     /// The connection commands go to.
     pub live: Option<ConnId>,
     was_online: bool,
+    /// What the web page shows beyond the raw messages.
+    pub view: HostView,
 }
 
 impl Host {
@@ -220,6 +237,7 @@ impl Host {
             connections: 0,
             live: None,
             was_online: false,
+            view: HostView::default(),
         }
     }
 
@@ -278,6 +296,11 @@ pub struct State {
     recorder: Option<Recorder>,
     max_messages: usize,
     offline_after: u32,
+    /// Bumped whenever something the host list shows changed (not for
+    /// every stored message: subscribers compare `next_index` for those).
+    pub summary_version: u64,
+    /// Wakes the web page's event streams after any change.
+    changes: watch::Sender<()>,
 }
 
 /// Why the API could not queue a frame for a host.
@@ -298,7 +321,20 @@ impl State {
             recorder,
             max_messages: max_messages.max(1),
             offline_after,
+            summary_version: 0,
+            changes: watch::Sender::new(()),
         }
+    }
+
+    /// A receiver that wakes after every change of the state.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    /// Something the host list shows changed: bump and wake subscribers.
+    fn summary_changed(&mut self) {
+        self.summary_version += 1;
+        self.changes.send_replace(());
     }
 
     pub fn host_index(&self, name: &str) -> Option<usize> {
@@ -378,6 +414,7 @@ impl State {
             payload,
         } = incoming;
         let mut reply = None;
+        let mut summary_changed = false;
         let mut idx = match self.conn_mut(id) {
             Some(conn) => {
                 conn.frames += 1;
@@ -392,6 +429,7 @@ impl State {
                     Some(name) if !name.is_empty() && name != UNREGISTERED => {
                         let name = name.to_owned();
                         idx = self.attach(id, &name, payload, t);
+                        summary_changed = true;
                         reply = Some(
                             json!({"type": "registered", "payload": {"host_id": name}}).to_string(),
                         );
@@ -404,10 +442,16 @@ impl State {
             Kind::Heartbeat => {
                 let host = &mut self.hosts[idx];
                 if idx != 0 && host.live == Some(id) {
-                    host.last_heartbeat = Some(payload.unwrap_or(Value::Null));
+                    let payload = payload.unwrap_or(Value::Null);
+                    host.view.on_heartbeat(t, &payload);
+                    host.last_heartbeat = Some(payload);
                     host.last_heartbeat_at = Some(t);
                     host.last_alive = Some(Instant::now());
+                    summary_changed = true;
                 }
+            }
+            _ if idx != 0 => {
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
             }
             _ => {}
         }
@@ -433,6 +477,11 @@ impl State {
             },
             self.max_messages,
         );
+        if summary_changed {
+            self.summary_changed();
+        } else {
+            self.changes.send_replace(());
+        }
         reply
     }
 
@@ -463,6 +512,7 @@ impl State {
             },
             self.max_messages,
         );
+        self.changes.send_replace(());
     }
 
     /// Binds connection `id` to hostname `name` (creating the host), makes
@@ -506,7 +556,12 @@ impl State {
             .map(|s| (s * 1000.0).min(1e15) as u64)
             .filter(|&ms| ms > 0)
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS);
+        let remote = self
+            .conn_index(id)
+            .map(|i| self.conns[i].remote.to_string())
+            .unwrap_or_default();
         let host = &mut self.hosts[idx];
+        host.view.on_register(t, id, &remote, &payload);
         host.live = Some(id);
         host.register = payload;
         host.registered_at = Some(t);
@@ -538,6 +593,7 @@ impl State {
             if self.hosts[idx].live == Some(id) {
                 self.hosts[idx].live = None;
             }
+            self.summary_changed();
         }
     }
 
@@ -553,6 +609,7 @@ impl State {
         }
         if closing {
             self.hosts[idx].live = None;
+            self.summary_changed();
         }
         Ok(id)
     }
@@ -570,6 +627,7 @@ impl State {
         for host in &mut self.hosts {
             host.live = None;
         }
+        self.summary_changed();
     }
 
     pub fn note_sent_close(&mut self, id: ConnId, code: u16, reason: &str) {
@@ -597,6 +655,7 @@ impl State {
         if self.hosts[idx].live == Some(id) {
             self.hosts[idx].live = None;
         }
+        self.summary_changed();
     }
 
     /// The connection task has ended.
@@ -634,16 +693,23 @@ impl State {
         if self.hosts[idx].live == Some(id) {
             self.hosts[idx].live = None;
         }
+        if idx != 0 {
+            let conn = self.conn_json(&self.conns[i]);
+            self.hosts[idx].view.on_closed(t, &conn);
+        }
         self.record(line);
+        self.summary_changed();
     }
 
     /// Logs online/offline transitions; called periodically.
     pub fn check_online(&mut self) {
         let now = Instant::now();
         let offline_after = self.offline_after;
+        let mut changed = false;
         for host in self.hosts.iter_mut().skip(1) {
             let online = host.online(now, offline_after);
             if online != host.was_online {
+                changed = true;
                 host.was_online = online;
                 if online {
                     tracing::info!(host = host.name.as_str(), "host online");
@@ -652,6 +718,33 @@ impl State {
                 }
             }
         }
+        if changed {
+            self.summary_changed();
+        }
+    }
+
+    /// Notes a command or kill the API sent to `host` (for the page's
+    /// timeline and the command's duration).
+    pub fn note_sent(&mut self, host: &str, what: &str, detail: Value) {
+        if let Some(idx) = self.host_index(host) {
+            self.hosts[idx].view.on_sent(now_ms(), what, detail);
+            self.summary_changed();
+        }
+    }
+
+    /// The host list as the web page shows it: every registered host's API
+    /// object plus its `view` (metrics history, running command, progress).
+    pub fn page_hosts(&self) -> Value {
+        let hosts = (1..self.hosts.len())
+            .map(|i| {
+                let mut host = self.host_json(i);
+                if let Value::Object(map) = &mut host {
+                    map.insert("view".into(), self.hosts[i].view.summary());
+                }
+                host
+            })
+            .collect();
+        Value::Array(hosts)
     }
 
     pub fn host_json(&self, idx: usize) -> Value {
@@ -691,6 +784,37 @@ impl State {
             "sent_close_reason": conn.sent_close_reason,
             "error": conn.error,
         })
+    }
+}
+
+/// Feeds a registered host's view with a frame it shows; returns whether
+/// the host list changed. Output is parsed only for a command's first line.
+fn observe(view: &mut HostView, t: u64, kind: &Kind, payload: Option<Value>, text: &str) -> bool {
+    match kind {
+        Kind::Output if view.wants_output_command() => {
+            let payload = serde_json::from_str::<PayloadOnly>(text)
+                .map(|p| p.payload)
+                .unwrap_or(Value::Null);
+            view.on_output(t, &payload);
+            true
+        }
+        Kind::Status => {
+            view.on_status(t, &payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::CommandRejected => {
+            view.on_rejected(t, &payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::TestProgress => {
+            view.on_test_progress(payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::Other(name) if &**name == OPERATION_PROGRESS => {
+            view.on_progress(payload.unwrap_or(Value::Null));
+            true
+        }
+        _ => false,
     }
 }
 
