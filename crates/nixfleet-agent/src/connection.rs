@@ -45,8 +45,22 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a re-register waits for the dashboard's close frame.
+const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the agent core asks of the connection after a status went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Send a heartbeat now: a v3 dashboard completes a command on the
+    /// first heartbeat after its status.
+    Heartbeat,
+    /// Send a heartbeat, close with 1000 and connect again at once: a v3
+    /// dashboard completes a switch only when the agent registers again
+    /// (with the new system's versions).
+    Reregister,
+}
 
 /// The link as a human would describe it (for logs and systemd's STATUS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +81,7 @@ pub struct Links {
     pub link_state: watch::Sender<LinkState>,
     pub probes: mpsc::Receiver<Probe>,
     pub shutdown: shutdown::Listener,
+    pub control: mpsc::Receiver<Control>,
 }
 
 pub struct Connection {
@@ -80,6 +95,8 @@ pub struct Connection {
 #[derive(Debug)]
 enum SessionEnd {
     Shutdown,
+    /// Asked to register again on a fresh connection.
+    Reregister,
     /// Nothing heard for `ping_timeout`.
     Silent,
     ClosedByPeer(String),
@@ -120,6 +137,11 @@ impl Connection {
                     }
                     match end {
                         SessionEnd::Shutdown => return,
+                        SessionEnd::Reregister => {
+                            info!("registering again on a fresh connection");
+                            backoff.reset();
+                            continue;
+                        }
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
                             self.config.ping_timeout.as_secs()
@@ -242,6 +264,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
                 ..
             } = &mut self.links;
             let reader = read_frames(&mut stream, epoch, &last_heard_ms, registered, inbound);
@@ -251,6 +274,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
             let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
@@ -281,6 +305,23 @@ impl Connection {
                 if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
                     warn!("the dashboard did not answer the close frame within 5s");
                 }
+            }
+            SessionEnd::Reregister => {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "re-register".into(),
+                }));
+                let closing = async {
+                    if sink.send(close).await.is_ok() {
+                        while let Some(Ok(message)) = stream.next().await {
+                            if matches!(message, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                };
+                // Brief: the point is a quick fresh register.
+                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
@@ -448,6 +489,7 @@ struct Outgoing<'a> {
     command_state: &'a watch::Receiver<CommandState>,
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
+    control: &'a mut mpsc::Receiver<Control>,
 }
 
 async fn write_frames(
@@ -473,10 +515,16 @@ async fn write_frames(
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
             _ = beat.tick() => {
-                let heartbeat = reporter.heartbeat(&links.command_state.borrow());
-                let frame = Outbound::Heartbeat(&heartbeat).to_json();
-                if let Err(error) = sink.send(Message::text(frame)).await {
-                    return SessionEnd::Broken(error.to_string());
+                if let Err(error) = send_heartbeat(sink, reporter, links.command_state).await {
+                    return SessionEnd::Broken(error);
+                }
+            }
+            Some(control) = links.control.recv() => {
+                if let Err(error) = send_heartbeat(sink, reporter, links.command_state).await {
+                    return SessionEnd::Broken(error);
+                }
+                if control == Control::Reregister {
+                    return SessionEnd::Reregister;
                 }
             }
             Some(reply) = links.replies.recv() => {
@@ -498,6 +546,18 @@ async fn write_frames(
             }
         }
     }
+}
+
+async fn send_heartbeat(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    reporter: &mut Reporter,
+    command_state: &watch::Receiver<CommandState>,
+) -> Result<(), String> {
+    let heartbeat = reporter.heartbeat(&command_state.borrow());
+    let frame = Outbound::Heartbeat(&heartbeat).to_json();
+    sink.send(Message::text(frame))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Writes a batch with one flush. What does not get confirmed here is put

@@ -6,8 +6,9 @@
 
 use crate::config::Config;
 use crate::metrics::Sampler;
-use crate::protocol::{Heartbeat, Register};
+use crate::protocol::{Heartbeat, Register, UpdateStatus};
 use std::path::{Path, PathBuf};
+use tokio::sync::watch;
 
 const NIXOS_VERSION_FILE: &str = "/run/current-system/nixos-version";
 
@@ -26,6 +27,17 @@ pub struct AgentIdentity {
     pub host_type: String,
     pub store_path: Option<String>,
     pub binary_hash: Option<String>,
+    /// The git commit this binary was built from (see build.rs).
+    pub source_commit: Option<String>,
+}
+
+/// The commit the flake (`self.rev`/`self.dirtyRev`) or `git` at build time
+/// said this binary was built from; `None` when neither knew.
+pub fn source_commit() -> Option<String> {
+    option_env!("NIXFLEET_SOURCE_COMMIT")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
 }
 
 impl AgentIdentity {
@@ -35,6 +47,7 @@ impl AgentIdentity {
             host_type: host_type(Path::new("/etc/NIXOS")).into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
+            source_commit: source_commit(),
         }
     }
 }
@@ -48,6 +61,36 @@ pub struct Reporter {
     identity: AgentIdentity,
     nixos_version_file: PathBuf,
     sampler: Sampler,
+    theme_color: Option<String>,
+    location: Option<String>,
+    device_type: Option<String>,
+    update_status: Option<watch::Receiver<UpdateStatus>>,
+    lock_hash: LockHash,
+}
+
+/// sha256 of `flake.lock`, recomputed only when its size, mtime or inode
+/// changed: a heartbeat costs one `stat`.
+#[derive(Debug, Default)]
+pub struct LockHash {
+    key: Option<(u64, i64, i64, u64)>,
+    hash: Option<String>,
+}
+
+impl LockHash {
+    pub fn get(&mut self, path: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            self.key = None;
+            self.hash = None;
+            return None;
+        };
+        let key = (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino());
+        if self.key != Some(key) {
+            self.key = Some(key);
+            self.hash = sha256_hex_of_file(path);
+        }
+        self.hash.clone()
+    }
 }
 
 impl Reporter {
@@ -60,7 +103,18 @@ impl Reporter {
             identity,
             nixos_version_file: NIXOS_VERSION_FILE.into(),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
+            theme_color: None,
+            location: None,
+            device_type: None,
+            update_status: None,
+            lock_hash: LockHash::default(),
         }
+    }
+
+    /// Heartbeats carry the compartments published here.
+    pub fn with_update_status(mut self, status: watch::Receiver<UpdateStatus>) -> Self {
+        self.update_status = Some(status);
+        self
     }
 
     pub fn register(&self) -> Register {
@@ -77,10 +131,10 @@ impl Reporter {
             repo_dir: Some(self.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
-            theme_color: None,
-            location: None,
-            device_type: None,
-            source_commit: None,
+            theme_color: self.theme_color.clone(),
+            location: self.location.clone(),
+            device_type: self.device_type.clone(),
+            source_commit: self.identity.source_commit.clone(),
         }
     }
 
@@ -91,11 +145,11 @@ impl Reporter {
             pending_command: command.name.clone(),
             command_pid: command.pid,
             metrics: self.sampler.sample(),
-            update_status: None,
-            source_commit: None,
-            store_path: None,
-            binary_hash: None,
-            lock_hash: None,
+            update_status: self.update_status.as_ref().map(|s| s.borrow().clone()),
+            source_commit: self.identity.source_commit.clone(),
+            store_path: self.identity.store_path.clone(),
+            binary_hash: self.identity.binary_hash.clone(),
+            lock_hash: self.lock_hash.get(&self.repo_dir.join("flake.lock")),
         }
     }
 
@@ -142,7 +196,7 @@ fn store_path_of(exe: &Path) -> Option<String> {
     Some(format!("/nix/store/{entry}"))
 }
 
-fn sha256_hex_of_file(path: &Path) -> Option<String> {
+pub fn sha256_hex_of_file(path: &Path) -> Option<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
@@ -183,15 +237,26 @@ pub fn generation(repo_dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn head_commit(repo_dir: &Path) -> Option<String> {
+/// The full commit id of the repository's HEAD.
+pub fn head_commit(repo_dir: &Path) -> Option<String> {
     let git_dir = git_dir(repo_dir)?;
-    let common_dir = read_trimmed(&git_dir.join("commondir"))
-        .map(|c| git_dir.join(c))
-        .unwrap_or_else(|| git_dir.clone());
     let head = read_trimmed(&git_dir.join("HEAD"))?;
     let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
         return valid_commit(&head);
     };
+    resolve_in(&git_dir, reference)
+}
+
+/// The commit a full ref name (`refs/remotes/origin/main`) points to.
+pub fn resolve_ref(repo_dir: &Path, reference: &str) -> Option<String> {
+    resolve_in(&git_dir(repo_dir)?, reference)
+}
+
+fn resolve_in(git_dir: &Path, reference: &str) -> Option<String> {
+    let git_dir = git_dir.to_owned();
+    let common_dir = read_trimmed(&git_dir.join("commondir"))
+        .map(|c| git_dir.join(c))
+        .unwrap_or_else(|| git_dir.clone());
     if !reference.starts_with("refs/") || reference.split('/').any(|c| c == "..") {
         return None;
     }
@@ -307,6 +372,48 @@ mod tests {
         assert_eq!(host_type(&dir.path().join("NIXOS")), "linux");
         std::fs::write(dir.path().join("NIXOS"), "").unwrap();
         assert_eq!(host_type(&dir.path().join("NIXOS")), "nixos");
+    }
+
+    #[test]
+    fn lock_hash_follows_the_file_and_its_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("flake.lock");
+        let mut cache = LockHash::default();
+        assert_eq!(cache.get(&lock), None);
+        std::fs::write(&lock, "abc").unwrap();
+        assert_eq!(
+            cache.get(&lock).as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        std::fs::write(&lock, "abcd").unwrap();
+        assert_ne!(
+            cache.get(&lock).as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        std::fs::remove_file(&lock).unwrap();
+        assert_eq!(cache.get(&lock), None);
+    }
+
+    #[test]
+    fn remote_refs_resolve_loose_and_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let head = git(repo, &["rev-parse", "HEAD"]);
+        git(repo, &["update-ref", "refs/remotes/origin/main", &head]);
+        assert_eq!(head_commit(repo).as_deref(), Some(head.as_str()));
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        git(repo, &["pack-refs", "--all", "--prune"]);
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        assert_eq!(resolve_ref(repo, "refs/remotes/origin/other"), None);
+        assert_eq!(resolve_ref(repo, "refs/../../x"), None);
     }
 
     #[test]

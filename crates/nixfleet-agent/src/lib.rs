@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod shutdown;
+pub mod status;
 pub mod systemd;
 pub mod tls;
 pub mod watchdog;
