@@ -101,7 +101,10 @@ impl Reporter {
             repo_url: config.repo_url.clone(),
             interval_secs: config.interval.as_secs(),
             identity,
-            nixos_version_file: NIXOS_VERSION_FILE.into(),
+            // The test stand-in for /run/current-system brings its own.
+            nixos_version_file: std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
+                .map(|link| PathBuf::from(link).join("nixos-version"))
+                .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
             theme_color: None,
             location: None,

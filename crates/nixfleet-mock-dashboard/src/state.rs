@@ -17,6 +17,7 @@ use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::lifecycle::{Commands, merge_progress};
 use crate::record::Recorder;
 
 /// Name under which frames from connections that have not (validly)
@@ -60,6 +61,7 @@ pub enum Kind {
     Status,
     CommandRejected,
     TestProgress,
+    OperationProgress,
     Other(Arc<str>),
     /// A text frame that is not a JSON object with a string `type`.
     Malformed,
@@ -76,6 +78,7 @@ impl Kind {
             "status" => Kind::Status,
             "command_rejected" => Kind::CommandRejected,
             "test_progress" => Kind::TestProgress,
+            "operation_progress" => Kind::OperationProgress,
             other => Kind::Other(Arc::from(other)),
         }
     }
@@ -88,6 +91,7 @@ impl Kind {
             Kind::Status => "status",
             Kind::CommandRejected => "command_rejected",
             Kind::TestProgress => "test_progress",
+            Kind::OperationProgress => "operation_progress",
             Kind::Other(t) => t,
             Kind::Malformed => "_malformed",
             Kind::Binary => "_binary",
@@ -117,7 +121,8 @@ pub struct Incoming {
     kind: Kind,
     /// The text is valid JSON (even when it is not a valid envelope).
     is_json: bool,
-    /// The parsed payload, only for `register` and `heartbeat`.
+    /// The parsed payload, only for the types the mock acts on (not for
+    /// the many `output` lines).
     payload: Option<Value>,
 }
 
@@ -151,7 +156,11 @@ pub fn classify(text: &str) -> Incoming {
         Some(t) => {
             let kind = Kind::from_type(&t);
             let payload = match kind {
-                Kind::Register | Kind::Heartbeat => Some(
+                Kind::Register
+                | Kind::Heartbeat
+                | Kind::Status
+                | Kind::CommandRejected
+                | Kind::OperationProgress => Some(
                     serde_json::from_str::<PayloadOnly>(text)
                         .map(|p| p.payload)
                         .unwrap_or(Value::Null),
@@ -195,6 +204,11 @@ pub struct Host {
     /// The connection commands go to.
     pub live: Option<ConnId>,
     was_online: bool,
+    /// v3: the latest `operation_progress` phases, merged (reset when a
+    /// command is sent).
+    pub progress: serde_json::Map<String, Value>,
+    /// v3: the commands sent through the API and where they stand.
+    pub commands: Commands,
 }
 
 impl Host {
@@ -220,6 +234,8 @@ impl Host {
             connections: 0,
             live: None,
             was_online: false,
+            progress: serde_json::Map::new(),
+            commands: Commands::default(),
         }
     }
 
@@ -278,6 +294,8 @@ pub struct State {
     recorder: Option<Recorder>,
     max_messages: usize,
     offline_after: u32,
+    /// How long a successful switch waits for the agent's new `register`.
+    pub reconnect_timeout: Duration,
 }
 
 /// Why the API could not queue a frame for a host.
@@ -298,6 +316,7 @@ impl State {
             recorder,
             max_messages: max_messages.max(1),
             offline_after,
+            reconnect_timeout: Duration::from_secs(90),
         }
     }
 
@@ -392,6 +411,7 @@ impl State {
                     Some(name) if !name.is_empty() && name != UNREGISTERED => {
                         let name = name.to_owned();
                         idx = self.attach(id, &name, payload, t);
+                        self.hosts[idx].commands.on_register(t);
                         reply = Some(
                             json!({"type": "registered", "payload": {"host_id": name}}).to_string(),
                         );
@@ -407,6 +427,23 @@ impl State {
                     host.last_heartbeat = Some(payload.unwrap_or(Value::Null));
                     host.last_heartbeat_at = Some(t);
                     host.last_alive = Some(Instant::now());
+                    host.commands.on_heartbeat(t);
+                }
+            }
+            Kind::Status => {
+                let timeout = self.reconnect_timeout;
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_status(payload, t, timeout);
+                }
+            }
+            Kind::CommandRejected => {
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_rejected(payload, t);
+                }
+            }
+            Kind::OperationProgress => {
+                if let Some(payload) = &payload {
+                    merge_progress(&mut self.hosts[idx].progress, payload);
                 }
             }
             _ => {}
@@ -637,11 +674,32 @@ impl State {
         self.record(line);
     }
 
-    /// Logs online/offline transitions; called periodically.
+    /// The API sent `command` to `host`.
+    pub fn note_command(&mut self, host: &str, command: &str) {
+        if let Some(idx) = self.host_index(host) {
+            let host = &mut self.hosts[idx];
+            if !matches!(command, "stop" | "kill") {
+                host.progress.clear();
+            }
+            host.commands.sent(command, now_ms());
+        }
+    }
+
+    /// Logs online/offline transitions and ends switches whose agent did
+    /// not register again in time; called periodically.
     pub fn check_online(&mut self) {
         let now = Instant::now();
         let offline_after = self.offline_after;
+        let t = now_ms();
         for host in self.hosts.iter_mut().skip(1) {
+            for command in host.commands.check_deadlines(t) {
+                tracing::warn!(
+                    host = host.name.as_str(),
+                    command,
+                    "{}",
+                    crate::lifecycle::RECONNECT_TIMEOUT_ERROR
+                );
+            }
             let online = host.online(now, offline_after);
             if online != host.was_online {
                 host.was_online = online;
@@ -670,6 +728,18 @@ impl State {
             "last_heartbeat_at": host.last_heartbeat_at,
             "messages": host.next_index,
             "evicted": host.evicted,
+            // v3: identity from the register, freshness from the newest of
+            // register and heartbeat, the compartments and the progress.
+            "theme_color": host.register.get("theme_color"),
+            "location": host.register.get("location"),
+            "device_type": host.register.get("device_type"),
+            "source_commit": freshest(host, "source_commit"),
+            "store_path": freshest(host, "store_path"),
+            "binary_hash": freshest(host, "binary_hash"),
+            "lock_hash": host.last_heartbeat.as_ref().and_then(|h| h.get("lock_hash")),
+            "update_status": host.last_heartbeat.as_ref().and_then(|h| h.get("update_status")),
+            "progress": host.progress,
+            "command": host.commands.latest_json(),
         })
     }
 
@@ -692,6 +762,14 @@ impl State {
             "error": conn.error,
         })
     }
+}
+
+/// A field from the last heartbeat, else from the last register.
+fn freshest<'a>(host: &'a Host, field: &str) -> Option<&'a Value> {
+    host.last_heartbeat
+        .as_ref()
+        .and_then(|h| h.get(field))
+        .or_else(|| host.register.get(field))
 }
 
 fn push_capped(host: &mut Host, msg: Msg, max: usize) {
