@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> ExitCode {
         compartments,
         control: control_tx,
         identity,
-        allow_reboot: false, // CONFIG-PENDING: config.allow_reboot after the config split
+        allow_reboot: config.allow_reboot,
     };
     core.adopt_previous();
     let systemd = tokio::spawn(report_to_systemd(

@@ -106,9 +106,9 @@ impl Reporter {
                 .map(|link| PathBuf::from(link).join("nixos-version"))
                 .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
-            theme_color: None,
-            location: None,
-            device_type: None,
+            theme_color: config.theme_color.clone(),
+            location: config.location.clone(),
+            device_type: config.device_type.clone(),
             update_status: None,
             lock_hash: LockHash::default(),
         }
