@@ -356,7 +356,7 @@ impl Core {
             self.reject("command already running".to_owned());
             return;
         }
-        if self.restart.is_some() || self.restart_after_command {
+        if self.restart.is_some() {
             self.reject("the agent is restarting".to_owned());
             return;
         }

@@ -384,7 +384,7 @@ async fn restart_when_idle_exits_for_the_service_manager() {
 async fn restart_while_busy_waits_for_the_command() {
     let dashboard = Dashboard::start().await;
     let rebuild =
-        "touch \"$HOME/started\"\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done\necho done";
+        "echo x > \"$HOME/started\"\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done\necho done";
     let mut h = host(&dashboard, rebuild, &[], |_| {}).await;
     send(&dashboard, "boot");
     wait_for_file(&h.agent.dir.path().join("started"), 10 * SECOND).await;
@@ -392,12 +392,12 @@ async fn restart_while_busy_waits_for_the_command() {
     let status = status_of(&dashboard, 1).await;
     assert_eq!(status["command"], "restart");
     assert_eq!(status["message"], "restarting once boot has ended");
-    // Meanwhile nothing new starts, and the agent is still there.
+    // Meanwhile the command runs on, and so does the agent.
     send(&dashboard, "pull");
     let rejected = dashboard
         .wait_frame("command_rejected", 1, 10 * SECOND)
         .await;
-    assert_eq!(rejected.payload()["reason"], "the agent is restarting");
+    assert_eq!(rejected.payload()["reason"], "command already running");
     assert!(h.agent.is_running());
     std::fs::write(h.agent.dir.path().join("go"), "").unwrap();
     let status = status_of(&dashboard, 2).await;
@@ -572,7 +572,7 @@ async fn refresh_system_runs_a_low_priority_dry_run() {
 #[tokio::test]
 async fn refresh_system_shows_working_while_it_runs_and_heartbeats_go_on() {
     let dashboard = Dashboard::start().await;
-    let slow_nix = "touch \"$HOME/nix-started\"\nwhile [ ! -e \"$HOME/nix-go\" ]; do sleep 0.05; done\necho '[]'";
+    let slow_nix = "echo x > \"$HOME/nix-started\"\nwhile [ ! -e \"$HOME/nix-go\" ]; do sleep 0.05; done\necho '[]'";
     let h = host(&dashboard, "true", &[("nix", slow_nix)], |_| {}).await;
     send(&dashboard, "refresh-system");
     wait_for_file(&h.agent.dir.path().join("nix-started"), 10 * SECOND).await;
