@@ -515,7 +515,7 @@ async fn refresh_git_and_lock_on_an_idle_host() {
 /// dry run prints the JSON of a toplevel whose output is `$OUT`.
 const NIX: &str = r#"printf '%s\n' "$@" > "$HOME/nix-argv"
 nice > "$HOME/nix-nice"
-cat /proc/self/stat > "$HOME/nix-stat"
+ionice -p $$ > "$HOME/nix-ionice"
 case "$*" in
   *--dry-run*) printf '[{"drvPath":"/nix/store/x.drv","outputs":{"out":"%s"}}]\n' "$(cat "$HOME/nix-out")";;
 esac"#;
@@ -547,6 +547,8 @@ async fn refresh_system_runs_a_low_priority_dry_run() {
             .trim(),
         "19"
     );
+    let io_class = std::fs::read_to_string(home.join("nix-ionice")).unwrap();
+    assert_eq!(io_class.trim(), "idle");
     heartbeat_where(&dashboard, "system ok", |p| {
         p["update_status"]["system"]["status"] == "ok"
     })
