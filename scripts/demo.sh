@@ -101,6 +101,11 @@ while True:
             print(f"{time.strftime('%H:%M:%S')}  {host}: {'online' if h['online'] else 'offline'}, "
                   f"{len(beats)} heartbeats, generation {last.get('generation', '?')!r}, "
                   f"running {last.get('pending_command')!r}, metrics {last.get('metrics')}", flush=True)
+            compartments = h.get("update_status") or {}
+            if compartments:
+                print("          " + ", ".join(f"{k} {v.get('status')}" for k, v in compartments.items())
+                      + (f"; command {h['command']['command']} {h['command']['state']}" if h.get("command") else ""),
+                      flush=True)
             if check_only and h["online"] and len(beats) >= 2:
                 print("demo check passed: the host is online with heartbeats")
                 break
