@@ -235,6 +235,8 @@ struct Running {
     /// Whether `nixos-rebuild` ran and succeeded (for the system
     /// compartment: a pull-switch whose pull failed changed nothing).
     rebuilt: Option<bool>,
+    /// Started by a previous instance: no `Rebuilt` report will come.
+    adopted: bool,
 }
 
 impl Core {
@@ -307,6 +309,7 @@ impl Core {
             stop: stop_tx,
             progress: progress_rx,
             rebuilt: None,
+            adopted: true,
         });
         self.compartments
             .start_working(kind.compartments(), &format!("{} in progress", kind.name()));
@@ -375,6 +378,7 @@ impl Core {
             stop: stop_tx,
             progress: progress_rx,
             rebuilt: None,
+            adopted: false,
         });
         self.compartments
             .start_working(kind.compartments(), &format!("{} in progress", kind.name()));
@@ -386,11 +390,10 @@ impl Core {
     /// end with this process, so it would die at its next line; the
     /// restart waits for it to end instead.
     fn restart_requested(&mut self) {
-        if self.restart.is_some() || self.restart_after_command {
-            info!("restart already under way");
-            return;
-        }
         let message = match &self.running {
+            _ if self.restart.is_some() || self.restart_after_command => {
+                "a restart is already under way".to_owned()
+            }
             Some(running) => {
                 self.restart_after_command = true;
                 format!("restarting once {} has ended", running.kind.name())
@@ -408,7 +411,7 @@ impl Core {
             },
             Control::Heartbeat,
         );
-        if self.running.is_none() {
+        if self.running.is_none() && self.restart.is_none() {
             self.restart = Some(ticket);
         }
     }
@@ -585,12 +588,14 @@ impl Core {
             && running.kind.activates()
         {
             // An adopted command reports no `Rebuilt`: its status decides.
+            // Otherwise only a rebuild that ran and failed counts (a
+            // pull-switch whose pull failed changed nothing).
             match (running.rebuilt, succeeded) {
                 (_, true) => self
                     .compartments
                     .activated(running.kind == CommandKind::Rollback),
                 (Some(false), false) => self.compartments.activation_failed(&status.message),
-                (None, false) if status.message != STOPPED_BY_USER => {
+                (None, false) if running.adopted && status.message != STOPPED_BY_USER => {
                     self.compartments.activation_failed(&status.message)
                 }
                 _ => {}

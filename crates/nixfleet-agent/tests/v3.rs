@@ -646,3 +646,37 @@ async fn update_and_force_update_drive_nix_and_nixos_rebuild() {
     // An activation: the agent registers again.
     dashboard.wait_frame("register", 2, 5 * SECOND).await;
 }
+
+#[tokio::test]
+async fn a_pull_switch_whose_pull_failed_leaves_the_system_compartment_alone() {
+    let dashboard = Dashboard::start().await;
+    // No upstream: `git pull --ff-only` fails before any rebuild.
+    let h = host(&dashboard, SWITCH_TO_NEW, &[], |_| {}).await;
+    send(&dashboard, "pull-switch");
+    let status = status_of(&dashboard, 1).await;
+    assert_eq!(status["status"], "error", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("git pull failed"),
+        "{status}"
+    );
+    let after = dashboard.frames("status")[0].at();
+    let compartments = dashboard
+        .wait_for(5 * SECOND, "a heartbeat after the status", |log| {
+            log.iter()
+                .find(|s| s.kind() == Some("heartbeat") && s.at() >= after)
+                .map(|s| s.payload()["update_status"].clone())
+        })
+        .await;
+    assert_eq!(
+        compartments["system"]["status"], "unknown",
+        "{compartments}"
+    );
+    assert_ne!(
+        std::fs::canonicalize(&h.link).unwrap(),
+        std::fs::canonicalize(&h.new_system).unwrap(),
+        "nothing was rebuilt"
+    );
+}
