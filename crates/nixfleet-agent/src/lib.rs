@@ -11,6 +11,7 @@ pub mod handover;
 pub mod heartbeat;
 pub mod logging;
 pub mod metrics;
+pub mod nix_log;
 pub mod outbox;
 pub mod protocol;
 pub mod shutdown;
