@@ -12,10 +12,16 @@
 #   pyflakes         optional (python3 -m pyflakes), lints the VM test scripts
 #
 # Environment:
-#   NIXPKGS_LIB   the `lib` directory of a nixpkgs.lib checkout; without it
-#                 the lib-only evaluations are skipped
-#   NIXPKGS_PIN   the pinned nixpkgs lock node
-#                 (default: ../shared/nix/nixpkgs-pin.json beside the repository)
+#   NIXPKGS_LIB   the `lib` directory of a nixpkgs.lib checkout, for the
+#                 lib-only evaluation of the module, the package and the
+#                 flake; without it those checks print "skipped: …"
+#   NIXPKGS_PIN   a nixpkgs lock node verified elsewhere (JSON with `locked`
+#                 and `original`), for comparing flake.lock's nixpkgs node
+#                 with it. Default: ../shared/nix/nixpkgs-pin.json, a file
+#                 beside the repository on the machine it was developed on;
+#                 where it does not exist (a fresh clone) the comparison
+#                 prints "skipped: …" and only flake.lock's structure is
+#                 checked.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -118,16 +124,21 @@ if os.path.exists(pin_path):
     for key in ("locked", "original"):
         if node.get(key) != pin[key]:
             problems.append(f"nixpkgs.{key} differs from {pin_path}: {node.get(key)} != {pin[key]}")
-    source = "the pin"
+    source = "pinned"
 else:
-    source = "no pin file, structure only"
+    source = "no pin"
 if problems:
     print("\n".join(problems))
     sys.exit(1)
 print(source)
 EOF
   ); then
-    ok "flake.lock: version 7, one input, nixpkgs node equals $out"
+    ok "flake.lock: version 7, nixpkgs as the only input"
+    if [[ $out == pinned ]]; then
+      ok "flake.lock: the nixpkgs node equals the pin $pin"
+    else
+      skip "flake.lock's nixpkgs node not compared with a pin: no pin file at $pin (set NIXPKGS_PIN)"
+    fi
   else
     fail "flake.lock"
     echo "$out" | indent
@@ -172,6 +183,29 @@ EOF
   ok "crates/nixfleet-agent/tests/systemd/nixfleet.service and modules/nixfleet.nix state the same [Service] settings ($out)"
 else
   fail "crates/nixfleet-agent/tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+  echo "$out" | indent
+fi
+
+# (iv c) docs/nixos.md documents exactly the module's options (textual:
+# the option declarations at the top level of services.nixfleet).
+if out=$(
+  python3 - modules/nixfleet.nix docs/nixos.md <<'EOF'
+import re, sys
+module, doc = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+declared = set(re.findall(r"^    (\w+) = lib\.mk(?:Option|EnableOption|PackageOption)\b", module, re.M))
+options = doc.split("\n## Options\n", 1)[-1].split("\n## ", 1)[0]
+documented = set(re.findall(r"^\| `(\w+)` \|", options, re.M))
+problems = [f"option {o} is not in docs/nixos.md's Options table" for o in sorted(declared - documented)]
+problems += [f"docs/nixos.md documents {o}, which the module does not declare" for o in sorted(documented - declared)]
+if problems or not declared:
+    print("\n".join(problems) or "no options found in the module")
+    sys.exit(1)
+print(len(declared))
+EOF
+); then
+  ok "docs/nixos.md documents the module's $out options"
+else
+  fail "docs/nixos.md and modules/nixfleet.nix disagree"
   echo "$out" | indent
 fi
 

@@ -275,8 +275,9 @@ let
       "${root}/Cargo.lock"
     )
     (expectEqual "package: meta.mainProgram" package.meta.mainProgram "nixfleet-agent")
-    (expectEqual "package: checkFlags skip the systemd-nspawn tests" package.checkFlags [
+    (expectEqual "package: checkFlags skip the systemd-nspawn and docs tests" package.checkFlags [
       "--skip=systemd_nspawn"
+      "--skip=docs_"
     ])
     (expectEqual "package: source root is the repository" (toString package.src.root) root)
     (expectEqual "package: source holds Cargo.toml, Cargo.lock and crates/ only" (builtins.filter (

@@ -253,7 +253,7 @@ impl Runner {
                 command: kind.name(),
                 outbox: &self.outbox,
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
-                last_stderr: Mutex::new(String::new()),
+                error_detail: Mutex::new(ErrorDetail::default()),
                 captured: Mutex::new(None),
                 build: Mutex::new(None),
             },
@@ -326,12 +326,44 @@ struct Output<'a> {
     command: &'static str,
     outbox: &'a Outbox,
     log: Mutex<Option<CommandLog>>,
-    /// The last non-empty stderr line of the current process, for messages.
-    last_stderr: Mutex<String>,
+    /// The current process's stderr line that best says what went wrong.
+    error_detail: Mutex<ErrorDetail>,
     /// Stdout of the current process when it is kept for parsing.
     captured: Mutex<Option<String>>,
     /// While a `nixos-rebuild` runs: its structured log's state.
     build: Mutex<Option<BuildProgress>>,
+}
+
+/// Picks the line of a failed process's stderr that a status message
+/// quotes. git (and nix) prefix the actual error with `fatal:` or `error:`
+/// and follow it with hints, so the last such line wins; without one, the
+/// first line (the lead sentence: hints come after it).
+#[derive(Debug, Default)]
+struct ErrorDetail {
+    first: String,
+    error: String,
+}
+
+impl ErrorDetail {
+    fn note(&mut self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        if line.starts_with("fatal:") || line.starts_with("error:") {
+            self.error.clear();
+            self.error.extend(line.chars().take(MAX_DETAIL_CHARS));
+        } else if self.first.is_empty() {
+            self.first.extend(line.chars().take(MAX_DETAIL_CHARS));
+        }
+    }
+
+    fn get(&self) -> Option<&str> {
+        [&self.error, &self.first]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(String::as_str)
+    }
 }
 
 /// A rebuild's structured log and what was last reported of it.
@@ -863,15 +895,14 @@ impl Job<'_> {
     }
 
     fn failure_detail(&self, status: ExitStatus) -> String {
-        let last = self
+        let detail = self
             .output
-            .last_stderr
+            .error_detail
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if last.is_empty() {
-            describe_exit(status)
-        } else {
-            last.clone()
+        match detail.get() {
+            Some(line) => line.to_owned(),
+            None => describe_exit(status),
         }
     }
 
@@ -892,11 +923,11 @@ impl Job<'_> {
         if self.stop.borrow().is_some() {
             return Ended::NotStarted("Stopped by user".to_owned());
         }
-        self.output
-            .last_stderr
+        *self
+            .output
+            .error_detail
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .unwrap_or_else(|e| e.into_inner()) = ErrorDetail::default();
         self.output
             .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
         let mut command = tokio::process::Command::new(program);
@@ -1134,10 +1165,11 @@ impl Output<'_> {
     fn send_line(&self, stream: Stream, text: &str) {
         self.log_line(text);
         self.outbox.push_line(self.command, stream, text);
-        if stream == Stream::Stderr && !text.trim().is_empty() {
-            let mut last = self.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
-            last.clear();
-            last.extend(text.trim().chars().take(MAX_DETAIL_CHARS));
+        if stream == Stream::Stderr {
+            self.error_detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(text);
         }
     }
 
@@ -1522,6 +1554,40 @@ mod tests {
         assert!(!flake_has_input(dir.path(), "other"));
         std::fs::write(dir.path().join("flake.lock"), "{broken").unwrap();
         assert!(!flake_has_input(dir.path(), "nixfleet"));
+    }
+
+    #[test]
+    fn error_detail_prefers_git_errors_over_hints() {
+        let detail = |lines: &[&str]| {
+            let mut d = ErrorDetail::default();
+            lines.iter().for_each(|l| d.note(l));
+            d.get().map(str::to_owned)
+        };
+        // `git pull` with no upstream: no fatal line, the lead sentence.
+        assert_eq!(
+            detail(&[
+                "There is no tracking information for the current branch.",
+                "Please specify which branch you want to merge with.",
+                "",
+                "    git branch --set-upstream-to=<remote>/<branch> main",
+            ])
+            .as_deref(),
+            Some("There is no tracking information for the current branch.")
+        );
+        assert_eq!(
+            detail(&[
+                "Cloning into 'repo'...",
+                "fatal: repository '/x' does not exist",
+                "hint: try again",
+            ])
+            .as_deref(),
+            Some("fatal: repository '/x' does not exist")
+        );
+        assert_eq!(
+            detail(&["error: one", "error: two", "hint: h"]).as_deref(),
+            Some("error: two")
+        );
+        assert_eq!(detail(&["", "  "]), None);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The NixFleet v2 wire protocol (`../shared/spec/protocol.md`): the JSON
+//! The NixFleet v2 wire protocol (`docs/protocol.md`): the JSON
 //! envelope `{"type": …, "payload": {…}}` and every message in it.
 //!
 //! Outgoing messages borrow their data and serialise straight into the

@@ -527,6 +527,57 @@ async fn pull_failure_names_the_git_step() {
     );
 }
 
+/// Runs `pull` in plain mode (`git pull --ff-only` in `repo_dir`) and
+/// returns the status message; `prepare` may set up the repo and a
+/// stand-in `git` in the bin directory.
+async fn plain_pull_message(prepare: impl FnOnce(&std::path::Path, &std::path::Path)) -> String {
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, bin) = Agent::prepare(&options);
+    prepare(&dir.path().join("repo"), &bin);
+    let _agent = Agent::spawn(dir, options).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    dashboard.command(conn, "pull");
+    let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
+    let p = status.payload();
+    assert_eq!(p["status"], "error", "{p}");
+    p["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn pull_failure_quotes_gits_error_not_its_hint() {
+    let message = plain_pull_message(|_, bin| {
+        script(
+            bin,
+            "git",
+            "echo 'fatal: unable to access the remote' >&2\n\
+             echo 'hint: see git help remote' >&2\nexit 128",
+        );
+    })
+    .await;
+    assert_eq!(
+        message,
+        "git pull failed: fatal: unable to access the remote"
+    );
+}
+
+#[tokio::test]
+async fn pull_without_upstream_quotes_gits_lead_sentence() {
+    // A repository with no remote, as a newcomer's first try has: git
+    // prints no "fatal:" line, only a sentence and then hints.
+    let message = plain_pull_message(|repo, _| {
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+    })
+    .await;
+    assert!(message.starts_with("git pull failed: "), "{message}");
+    assert!(!message.contains("set-upstream-to"), "{message}");
+    assert!(!message.contains("git pull <remote>"), "{message}");
+}
+
 #[tokio::test]
 async fn test_command_reports_progress_and_the_result() {
     let dashboard = Dashboard::start().await;

@@ -5,7 +5,7 @@
 //! real systemd and the real binaries, through the unit file the NixOS module
 //! renders (`tests/systemd/nixfleet.service`).
 //!
-//! How (see `shared/notes/systemd-testbed.md`):
+//! How:
 //!
 //! - A Debian bookworm tree is built once per machine with `debootstrap`
 //!   into `$NIXFLEET_NSPAWN_CACHE` (default `/var/cache/nixfleet-nspawn`),

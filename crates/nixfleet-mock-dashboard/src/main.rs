@@ -1,9 +1,10 @@
 //! `nixfleet-mock-dashboard`: a small mock NixFleet v2 dashboard for the
 //! README demo, integration tests, the systemd-nspawn test and the NixOS VM
 //! tests. Agents connect to `/ws` exactly as they would to a real dashboard
-//! (see `shared/spec/protocol.md`); tests and humans drive and inspect it
-//! through a small HTTP JSON API. Logs go to stderr; stdout carries exactly
-//! one line.
+//! (the protocol is described in `docs/protocol.md` at the top of the
+//! repository; this program implements it on its own, sharing no code with
+//! the agent); tests and humans drive and inspect it through a small HTTP
+//! JSON API. Logs go to stderr; stdout carries exactly one line.
 //!
 //! # Command line
 //!
