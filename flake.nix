@@ -16,6 +16,11 @@
           "aarch64-linux"
         ] (system: f nixpkgs.legacyPackages.${system});
 
+      # Reported by the agent as `source_commit` (v3 dashboards compare it
+      # before and after a switch).
+      sourceCommit = self.rev or self.dirtyRev or "";
+      buildAgent = pkgs: pkgs.callPackage ./nix/package.nix { inherit sourceCommit; };
+
       mkApp = drv: {
         type = "app";
         program = lib.getExe drv;
@@ -26,7 +31,7 @@
       packages = forAllSystems (
         pkgs:
         let
-          nixfleet-agent = pkgs.callPackage ./nix/package.nix { };
+          nixfleet-agent = buildAgent pkgs;
         in
         {
           inherit nixfleet-agent;
@@ -44,7 +49,7 @@
       });
 
       overlays.default = final: _prev: {
-        nixfleet-agent = final.callPackage ./nix/package.nix { };
+        nixfleet-agent = buildAgent final;
       };
 
       # The module proper lives in modules/nixfleet.nix and, like a Nixpkgs
@@ -70,7 +75,7 @@
             imports = [ ./modules/nixfleet.nix ];
             services.nixfleet.package = lib.mkDefault (
               if lib.versionAtLeast pkgs.rustc.version rustVersion then
-                pkgs.callPackage ./nix/package.nix { }
+                buildAgent pkgs
               else
                 self.packages.${system}.nixfleet-agent
                   or (throw "services.nixfleet: this host's Nixpkgs has rustc ${pkgs.rustc.version}, older than the ${rustVersion} the agent needs, and the flake has no package for ${system}; set services.nixfleet.package")

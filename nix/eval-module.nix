@@ -177,6 +177,29 @@ let
         metrics = "none";
       }
     )
+    (expectEqual "v3 presentation options and allowReboot map to settings keys"
+      (withMinimal {
+        services.nixfleet = {
+          themeColor = "#7aa2f7";
+          location = "cloud";
+          deviceType = "server";
+          allowReboot = true;
+        };
+      }).services.nixfleet.settings
+      {
+        url = "wss://fleet.example.com/ws";
+        hostname = "web-01";
+        repo_dir = "/var/lib/nixfleet/repo";
+        branch = "main";
+        interval = 30;
+        log_level = "info";
+        metrics = "auto";
+        theme_color = "#7aa2f7";
+        location = "cloud";
+        device_type = "server";
+        allow_reboot = true;
+      }
+    )
     (expectEqual "settings override the options and take extra keys"
       (withMinimal {
         services.nixfleet.settings = {

@@ -7,6 +7,10 @@
   rustPlatform,
   rustc,
   gitMinimal,
+  # The git commit the agent is built from (the flake passes `self.rev` or
+  # `self.dirtyRev`); reported to v3 dashboards as `source_commit`. The
+  # sandbox has no .git, so without it the field is left out.
+  sourceCommit ? "",
 }:
 let
   workspace = (lib.importTOML ../Cargo.toml).workspace.package;
@@ -31,6 +35,9 @@ rustPlatform.buildRustPackage {
       ../crates
     ];
   };
+
+  # Read by crates/nixfleet-agent/build.rs.
+  env.NIXFLEET_SOURCE_COMMIT = sourceCommit;
 
   # Every crate is pinned with its checksum in Cargo.lock: no cargoHash.
   cargoLock.lockFile = ../Cargo.lock;

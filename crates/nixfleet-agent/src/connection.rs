@@ -46,8 +46,22 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a re-register waits for the dashboard's close frame.
+const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the agent core asks of the connection after a status went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Send a heartbeat now: a v3 dashboard completes a command on the
+    /// first heartbeat after its status.
+    Heartbeat,
+    /// Send a heartbeat, close with 1000 and connect again at once: a v3
+    /// dashboard completes a switch only when the agent registers again
+    /// (with the new system's versions).
+    Reregister,
+}
 
 /// The link as a human would describe it (for logs and systemd's STATUS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +82,7 @@ pub struct Links {
     pub link_state: watch::Sender<LinkState>,
     pub probes: mpsc::Receiver<Probe>,
     pub shutdown: shutdown::Listener,
+    pub control: mpsc::Receiver<Control>,
 }
 
 pub struct Connection {
@@ -81,6 +96,8 @@ pub struct Connection {
 #[derive(Debug)]
 enum SessionEnd {
     Shutdown,
+    /// Asked to register again on a fresh connection.
+    Reregister,
     /// Nothing heard for `ping_timeout`.
     Silent,
     ClosedByPeer(String),
@@ -121,6 +138,11 @@ impl Connection {
                     }
                     match end {
                         SessionEnd::Shutdown => return,
+                        SessionEnd::Reregister => {
+                            info!("registering again on a fresh connection");
+                            backoff.reset();
+                            continue;
+                        }
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
                             self.config.ping_timeout.as_secs()
@@ -243,6 +265,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
                 ..
             } = &mut self.links;
             let reader = read_frames(&mut stream, epoch, &last_heard_ms, registered, inbound);
@@ -252,6 +275,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
             let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
@@ -282,6 +306,23 @@ impl Connection {
                 if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
                     warn!("the dashboard did not answer the close frame within 5s");
                 }
+            }
+            SessionEnd::Reregister => {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "re-register".into(),
+                }));
+                let closing = async {
+                    if sink.send(close).await.is_ok() {
+                        while let Some(Ok(message)) = stream.next().await {
+                            if matches!(message, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                };
+                // Brief: the point is a quick fresh register.
+                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
@@ -449,6 +490,7 @@ struct Outgoing<'a> {
     command_state: &'a watch::Receiver<CommandState>,
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
+    control: &'a mut mpsc::Receiver<Control>,
 }
 
 async fn write_frames(
@@ -482,12 +524,20 @@ async fn write_frames(
                 if let Err(error) = beat_result {
                     return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
                 }
-                let frame = {
-                    let command = links.command_state.borrow();
-                    frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))
-                };
-                if let Err(error) = sink.send(text_frame(frame)).await {
-                    return SessionEnd::Broken(error.to_string());
+                if let Err(error) =
+                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
+                {
+                    return SessionEnd::Broken(error);
+                }
+            }
+            Some(control) = links.control.recv() => {
+                if let Err(error) =
+                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
+                {
+                    return SessionEnd::Broken(error);
+                }
+                if control == Control::Reregister {
+                    return SessionEnd::Reregister;
                 }
             }
             Some(reply) = links.replies.recv() => {
@@ -515,6 +565,21 @@ async fn write_frames(
 /// never fails (an empty frame if it somehow did).
 fn text_frame(json: bytes::Bytes) -> Message {
     Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
+}
+
+async fn send_heartbeat(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    reporter: &mut Reporter,
+    command_state: &watch::Receiver<CommandState>,
+    frames: &mut FrameBuffer,
+) -> Result<(), String> {
+    let frame = {
+        let command = command_state.borrow();
+        frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))
+    };
+    sink.send(text_frame(frame))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Writes a batch with one flush. What does not get confirmed here is put

@@ -7,8 +7,9 @@
 use crate::config::Config;
 use crate::file_cache::{Derived, Reads};
 use crate::metrics::Sampler;
-use crate::protocol::{Heartbeat, Register};
+use crate::protocol::{Heartbeat, Register, UpdateStatus};
 use std::path::{Path, PathBuf};
+use tokio::sync::watch;
 
 const NIXOS_VERSION_FILE: &str = "/run/current-system/nixos-version";
 
@@ -27,6 +28,17 @@ pub struct AgentIdentity {
     pub host_type: String,
     pub store_path: Option<String>,
     pub binary_hash: Option<String>,
+    /// The git commit this binary was built from (see build.rs).
+    pub source_commit: Option<String>,
+}
+
+/// The commit the flake (`self.rev`/`self.dirtyRev`) or `git` at build time
+/// said this binary was built from; `None` when neither knew.
+pub fn source_commit() -> Option<String> {
+    option_env!("NIXFLEET_SOURCE_COMMIT")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
 }
 
 impl AgentIdentity {
@@ -36,6 +48,7 @@ impl AgentIdentity {
             host_type: host_type(Path::new("/etc/NIXOS")).into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
+            source_commit: source_commit(),
         }
     }
 }
@@ -53,6 +66,14 @@ pub struct Reporter {
     sampler: Sampler,
     generation: Derived<String>,
     nixpkgs_version: Derived<String>,
+    theme_color: Option<String>,
+    location: Option<String>,
+    device_type: Option<String>,
+    update_status: Option<watch::Receiver<UpdateStatus>>,
+    /// The compartments as of the last heartbeat: heartbeats borrow them.
+    update_status_now: Option<UpdateStatus>,
+    /// sha256 of `flake.lock`, re-hashed only when the file changed.
+    lock_hash: Derived<Option<String>>,
 }
 
 impl Reporter {
@@ -63,11 +84,26 @@ impl Reporter {
             repo_url: config.repo_url.clone(),
             interval_secs: config.interval.as_secs(),
             identity,
-            nixos_version_file: NIXOS_VERSION_FILE.into(),
+            // The test stand-in for /run/current-system brings its own.
+            nixos_version_file: std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
+                .map(|link| PathBuf::from(link).join("nixos-version"))
+                .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
             generation: Derived::default(),
             nixpkgs_version: Derived::default(),
+            theme_color: config.theme_color.clone(),
+            location: config.location.clone(),
+            device_type: config.device_type.clone(),
+            update_status: None,
+            update_status_now: None,
+            lock_hash: Derived::default(),
         }
+    }
+
+    /// Heartbeats carry the compartments published here.
+    pub fn with_update_status(mut self, status: watch::Receiver<UpdateStatus>) -> Self {
+        self.update_status = Some(status);
+        self
     }
 
     pub fn register(&mut self) -> Register {
@@ -85,33 +121,53 @@ impl Reporter {
             repo_dir: Some(self.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
-            theme_color: None,
-            location: None,
-            device_type: None,
-            source_commit: None,
+            theme_color: self.theme_color.clone(),
+            location: self.location.clone(),
+            device_type: self.device_type.clone(),
+            source_commit: self.identity.source_commit.clone(),
         }
     }
 
     /// The heartbeat, borrowing from the reporter's cached values and from
     /// `command`: building one allocates nothing.
     pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> Heartbeat<'a> {
+        // The compartments change a few times a day: copy them only then.
+        if let Some(published) = self.update_status.as_mut()
+            && (self.update_status_now.is_none() || published.has_changed().unwrap_or(false))
+        {
+            self.update_status_now = Some(published.borrow_and_update().clone());
+        }
         Heartbeat {
             metrics: self.sampler.sample(),
             generation: cached_generation(&mut self.generation, &self.repo_dir),
             nixpkgs_version: cached_text(&mut self.nixpkgs_version, &self.nixos_version_file),
             pending_command: command.name.as_deref(),
             command_pid: command.pid,
-            update_status: None,
-            source_commit: None,
-            store_path: None,
-            binary_hash: None,
-            lock_hash: None,
+            update_status: self.update_status_now.as_ref(),
+            source_commit: self.identity.source_commit.as_deref(),
+            store_path: self.identity.store_path.as_deref(),
+            binary_hash: self.identity.binary_hash.as_deref(),
+            lock_hash: cached_lock_hash(&mut self.lock_hash, &self.repo_dir),
         }
     }
 }
 
 fn cached_generation<'a>(cache: &'a mut Derived<String>, repo_dir: &Path) -> &'a str {
-    cache.get(|reads| short_commit(head_commit(repo_dir, reads)))
+    cache.get(|reads| short_commit(head_commit_in(repo_dir, reads)))
+}
+
+/// sha256 hex of the repository's `flake.lock`, hashed again only when the
+/// file changed: an idle heartbeat costs one `statx`.
+fn cached_lock_hash<'a>(
+    cache: &'a mut Derived<Option<String>>,
+    repo_dir: &Path,
+) -> Option<&'a str> {
+    cache
+        .get(|reads| {
+            let mut file = reads.open(&repo_dir.join("flake.lock"))?;
+            sha256_hex_of_reader(&mut file)
+        })
+        .as_deref()
 }
 
 /// A file's trimmed text, `""` when it cannot be read.
@@ -157,10 +213,12 @@ fn store_path_of(exe: &Path) -> Option<String> {
     Some(format!("/nix/store/{entry}"))
 }
 
-fn sha256_hex_of_file(path: &Path) -> Option<String> {
+pub fn sha256_hex_of_file(path: &Path) -> Option<String> {
+    sha256_hex_of_reader(&mut std::fs::File::open(path).ok()?)
+}
+
+fn sha256_hex_of_reader(file: &mut impl std::io::Read) -> Option<String> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
     let mut hasher = Sha256::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -199,22 +257,41 @@ fn short_commit(id: Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// The full commit id of the repository's HEAD, read afresh (for callers
+/// outside the heartbeat path, which keeps its own cache).
+pub fn head_commit(repo_dir: &Path) -> Option<String> {
+    Derived::default()
+        .get(|reads| head_commit_in(repo_dir, reads))
+        .clone()
+}
+
+/// The commit a full ref name (`refs/remotes/origin/main`) points to.
+pub fn resolve_ref(repo_dir: &Path, reference: &str) -> Option<String> {
+    Derived::default()
+        .get(|reads| resolve_in(&git_dir(repo_dir, reads)?, reference, reads))
+        .clone()
+}
+
 /// Every file looked at goes through `reads`, so that a cached generation
 /// is recomputed when any of them changes (a commit, a checkout, `git gc`
 /// packing the refs).
-fn head_commit(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
+fn head_commit_in(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
     let git_dir = git_dir(repo_dir, reads)?;
-    let common_dir = read_trimmed(reads, &git_dir.join("commondir"))
-        .map(|c| git_dir.join(c))
-        .unwrap_or_else(|| git_dir.clone());
     let head = read_trimmed(reads, &git_dir.join("HEAD"))?;
     let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
         return valid_commit(&head);
     };
+    resolve_in(&git_dir, reference, reads)
+}
+
+fn resolve_in(git_dir: &Path, reference: &str, reads: &mut Reads<'_>) -> Option<String> {
+    let common_dir = read_trimmed(reads, &git_dir.join("commondir"))
+        .map(|c| git_dir.join(c))
+        .unwrap_or_else(|| git_dir.to_owned());
     if !reference.starts_with("refs/") || reference.split('/').any(|c| c == "..") {
         return None;
     }
-    for dir in [&git_dir, &common_dir] {
+    for dir in [git_dir, common_dir.as_path()] {
         if let Some(id) = read_trimmed(reads, &dir.join(reference)) {
             return valid_commit(&id);
         }
@@ -369,6 +446,43 @@ mod tests {
         assert_eq!(host_type(&dir.path().join("NIXOS")), "linux");
         std::fs::write(dir.path().join("NIXOS"), "").unwrap();
         assert_eq!(host_type(&dir.path().join("NIXOS")), "nixos");
+    }
+
+    #[test]
+    fn lock_hash_follows_the_file_and_its_absence() {
+        const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("flake.lock");
+        let mut cache = Derived::default();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+        std::fs::write(&lock, "abc").unwrap();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        std::fs::write(&lock, "abcd").unwrap();
+        assert_ne!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        std::fs::remove_file(&lock).unwrap();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+    }
+
+    #[test]
+    fn remote_refs_resolve_loose_and_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let head = git(repo, &["rev-parse", "HEAD"]);
+        git(repo, &["update-ref", "refs/remotes/origin/main", &head]);
+        assert_eq!(head_commit(repo).as_deref(), Some(head.as_str()));
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        git(repo, &["pack-refs", "--all", "--prune"]);
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        assert_eq!(resolve_ref(repo, "refs/remotes/origin/other"), None);
+        assert_eq!(resolve_ref(repo, "refs/../../x"), None);
     }
 
     #[test]

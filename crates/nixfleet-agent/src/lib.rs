@@ -16,6 +16,7 @@ pub mod nix_log;
 pub mod outbox;
 pub mod protocol;
 pub mod shutdown;
+pub mod status;
 pub mod systemd;
 pub mod ticker;
 pub mod tls;

@@ -263,6 +263,8 @@ impl<'a> OutputLine<'a> {
 pub enum Outcome {
     Ok,
     Error,
+    /// Only for `check-version` (v3): running, but not the installed agent.
+    Warning,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

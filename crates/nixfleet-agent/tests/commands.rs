@@ -353,11 +353,18 @@ async fn switch_boot_and_rollback_run_nixos_rebuild_with_the_right_argv_and_cwd(
     let dashboard = Dashboard::start().await;
     let body =
         "printf '%s\\n' \"$@\" >> \"$HOME/argv\"\necho --- >> \"$HOME/argv\"\npwd >> \"$HOME/cwd\"";
-    let (agent, conn) = agent_with_rebuild(&dashboard, body, |_| {}).await;
+    let (agent, _) = agent_with_rebuild(&dashboard, body, |_| {}).await;
     for (i, name) in ["switch", "boot", "rollback"].iter().enumerate() {
-        dashboard.command(conn, name);
+        let registers = dashboard.frames("register").len();
+        dashboard.command(dashboard.current_conn().unwrap(), name);
         let status = dashboard.wait_frame("status", i + 1, 10 * SECOND).await;
         assert_eq!(status.payload()["status"], "ok", "{name}");
+        if *name != "boot" {
+            // A successful activation registers again on a new connection.
+            dashboard
+                .wait_frame("register", registers + 1, 10 * SECOND)
+                .await;
+        }
     }
     let repo = agent.repo_dir.display().to_string();
     let argv = std::fs::read_to_string(agent.dir.path().join("argv")).unwrap();

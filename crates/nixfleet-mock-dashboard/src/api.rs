@@ -72,6 +72,7 @@ pub async fn index() -> Response {
          GET  /api/hosts/{host}\n\
          GET  /api/hosts/{host}/messages      ?type=<type>&since=<index>&limit=<n>\n\
          GET  /api/hosts/{host}/connections\n\
+         GET  /api/hosts/{host}/commands\n\
          POST /api/hosts/{host}/command       {\"command\": \"switch\"}\n\
          POST /api/hosts/{host}/kill          {\"signal\": \"SIGTERM\", \"pid\": 0}\n\
          POST /api/hosts/{host}/send          any JSON, {\"raw\": \"text\"} or {\"binary\": \"text\"}\n\
@@ -299,14 +300,35 @@ pub async fn command(
         Ok(v) => match v.get("command").and_then(Value::as_str) {
             Some(command) => {
                 timeline = Some(("command", json!(command)));
-                Ok(Outgoing::Text(
-                    json!({ "type": "command", "payload": { "command": command } }).to_string(),
+                Ok((
+                    command.to_owned(),
+                    Outgoing::Text(
+                        json!({ "type": "command", "payload": { "command": command } }).to_string(),
+                    ),
                 ))
             }
             None => Err("body must be {\"command\": \"<name>\"}".to_owned()),
         },
     };
-    dispatch(&shared, &host, "command", out, timeline)
+    let (name, out) = match out {
+        Ok((name, out)) => (Some(name), Ok(out)),
+        Err(e) => (None, Err(e)),
+    };
+    let response = dispatch(&shared, &host, "command", out, timeline)?;
+    if let Some(name) = name {
+        shared.lock().note_command(&host, &name);
+    }
+    Ok(response)
+}
+
+pub async fn commands(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let host = host_param(path)?;
+    let state = shared.lock();
+    let idx = state.host_index(&host).ok_or_else(|| unknown_host(&host))?;
+    Ok(Json(state.hosts[idx].commands.all_json()).into_response())
 }
 
 pub async fn kill(

@@ -13,7 +13,8 @@
 //! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE)
 //!                         [--listen ADDR] [--record FILE]
 //!                         [--offline-after-intervals N]
-//!                         [--max-messages-per-host N] [--log-level FILTER]
+//!                         [--max-messages-per-host N] [--reconnect-timeout SECS]
+//!                         [--log-level FILTER]
 //! ```
 //!
 //! | flag | default | meaning |
@@ -24,6 +25,7 @@
 //! | `--record FILE` | off | append a JSON-lines journal of everything agents send (below) |
 //! | `--offline-after-intervals N` | `3` | a host is offline after N × its `heartbeat_interval` without a heartbeat |
 //! | `--max-messages-per-host N` | `1000000` | per-host message cap; the oldest are evicted and counted |
+//! | `--reconnect-timeout SECS` | `90` | after a `switch`/`pull-switch` status `ok`, how long to wait for the agent's new `register` before recording "Agent did not reconnect in time" (v3 behaviour) |
 //! | `--log-level FILTER` | `info` | `error`, `warn`, `info`, `debug`, `trace`, or a `tracing` target filter |
 //!
 //! Once listening it prints exactly one line to **stdout**,
@@ -105,7 +107,13 @@
 //!    "registered_at": ms|null, "register": <last register payload>|null,
 //!    "heartbeat_interval_ms": n, "last_heartbeat": <payload>|null,
 //!    "last_heartbeat_at": ms|null, "messages": n (stored in total),
-//!    "evicted": n}
+//!    "evicted": n,
+//!    "theme_color", "location", "device_type": <from register>|null,
+//!    "source_commit", "store_path", "binary_hash": <last heartbeat, else register>|null,
+//!    "lock_hash": <last heartbeat>|null,
+//!    "update_status": <last heartbeat's {"git", "lock", "system", "tests"}>|null,
+//!    "progress": {<phase>: <latest operation_progress for it>, …} (reset when a command is sent),
+//!    "command": <the newest command sent through the API, as in /commands>|null}
 //!   ```
 //! * `GET /api/hosts/{host}` → one host object.
 //! * `GET /api/hosts/{host}/messages[?type=T][&since=I][&limit=N]` →
@@ -132,9 +140,23 @@
 //!   `closed_by` says who started closing: the agent (close frame), the
 //!   dashboard (disconnect, duplicate host, shutdown), or `transport` (the
 //!   TCP connection ended or failed without a close frame).
+//! * `GET /api/hosts/{host}/commands` → the newest 100 commands sent
+//!   through the API, oldest first, tracked like a v3 dashboard does:
+//!   ```text
+//!   {"id": n, "command": str, "state": "executing"|"awaiting_heartbeat"|
+//!    "awaiting_reconnect"|"ok"|"error"|"rejected"|"timeout",
+//!    "sent_at": ms, "finished_at": ms|null, "status": <status payload>|null,
+//!    "error": str|null, "kill_requested": bool}
+//!   ```
+//!   A `status` `error` or a `command_rejected` ends a command; `ok` (or
+//!   `warning`) completes it on the next heartbeat, except after `switch`
+//!   and `pull-switch`, which wait for a new `register` (then `ok`) for
+//!   `--reconnect-timeout` seconds (else `timeout`, error "Agent did not
+//!   reconnect in time"). `stop`/`kill` mark the running command.
 //! * `POST /api/hosts/{host}/command` `{"command": "<name>"}` → sends
 //!   `{"type":"command","payload":{"command":"<name>"}}` (names are not
-//!   validated).
+//!   validated: every v3 name — `restart`, `reboot`, `check-version`,
+//!   `refresh-*`, `update`, `force-update`, `kill`, … — goes through).
 //! * `POST /api/hosts/{host}/kill` `{"signal": "SIGTERM", "pid": 0}` (both
 //!   optional, those are the defaults; the signal string is not validated)
 //!   → sends `{"type":"kill_command","payload":{"signal":…,"pid":…}}`.
@@ -181,6 +203,7 @@
 //! timeline) is small and bounded per host (`view.rs`).
 
 mod api;
+mod lifecycle;
 mod live;
 mod page;
 mod record;
@@ -242,6 +265,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_messages_per_host: u64,
+    /// Seconds a successful switch/pull-switch waits for the agent to
+    /// register again before it is recorded as "Agent did not reconnect in
+    /// time" (the v3 dashboard waits 90).
+    #[arg(long, value_name = "SECS", default_value_t = 90)]
+    reconnect_timeout: u64,
     /// Log filter: error, warn, info, debug, trace (or a tracing target filter).
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log_level: String,
@@ -309,6 +337,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/hosts/{host}", get(api::get_host))
         .route("/api/hosts/{host}/messages", get(api::messages))
         .route("/api/hosts/{host}/connections", get(api::connections))
+        .route("/api/hosts/{host}/commands", get(api::commands))
         .route("/api/hosts/{host}/command", post(api::command))
         .route("/api/hosts/{host}/kill", post(api::kill))
         .route("/api/hosts/{host}/send", post(api::send))
@@ -332,7 +361,8 @@ async fn run(cli: Cli, token: String) -> ExitCode {
         None => (None, None),
     };
     let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
-    let state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    let mut state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
     let shared = Arc::new(Shared::new(state, token));
 
     let listener = match TcpListener::bind(cli.listen).await {

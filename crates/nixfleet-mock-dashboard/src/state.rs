@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
+use crate::lifecycle::{Commands, merge_progress};
 use crate::record::Recorder;
 use crate::view::HostView;
 
@@ -27,9 +28,6 @@ pub const UNREGISTERED: &str = "(unregistered)";
 
 /// Used when a `register` has no usable `heartbeat_interval`.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 30_000;
-
-/// The v3 progress message (`operation_progress`).
-const OPERATION_PROGRESS: &str = "operation_progress";
 
 /// How many rejected upgrade attempts `/api/rejected` keeps.
 const MAX_REJECTED: usize = 10_000;
@@ -65,6 +63,7 @@ pub enum Kind {
     Status,
     CommandRejected,
     TestProgress,
+    OperationProgress,
     Other(Arc<str>),
     /// A text frame that is not a JSON object with a string `type`.
     Malformed,
@@ -81,6 +80,7 @@ impl Kind {
             "status" => Kind::Status,
             "command_rejected" => Kind::CommandRejected,
             "test_progress" => Kind::TestProgress,
+            "operation_progress" => Kind::OperationProgress,
             other => Kind::Other(Arc::from(other)),
         }
     }
@@ -93,6 +93,7 @@ impl Kind {
             Kind::Status => "status",
             Kind::CommandRejected => "command_rejected",
             Kind::TestProgress => "test_progress",
+            Kind::OperationProgress => "operation_progress",
             Kind::Other(t) => t,
             Kind::Malformed => "_malformed",
             Kind::Binary => "_binary",
@@ -122,8 +123,8 @@ pub struct Incoming {
     kind: Kind,
     /// The text is valid JSON (even when it is not a valid envelope).
     is_json: bool,
-    /// The parsed payload, only for `register`, `heartbeat` and the rare
-    /// kinds the web page shows (status, rejection, progress).
+    /// The parsed payload, only for the types the mock acts on or the web
+    /// page shows (not for the many `output` lines).
     payload: Option<Value>,
 }
 
@@ -156,23 +157,20 @@ pub fn classify(text: &str) -> Incoming {
     match probe.and_then(|p| p.kind) {
         Some(t) => {
             let kind = Kind::from_type(&t);
-            let parse = match &kind {
+            let parse = matches!(
+                kind,
                 Kind::Register
-                | Kind::Heartbeat
-                | Kind::Status
-                | Kind::CommandRejected
-                | Kind::TestProgress => true,
-                Kind::Other(t) => &**t == OPERATION_PROGRESS,
-                _ => false,
-            };
-            let payload = match parse {
-                true => Some(
-                    serde_json::from_str::<PayloadOnly>(text)
-                        .map(|p| p.payload)
-                        .unwrap_or(Value::Null),
-                ),
-                false => None,
-            };
+                    | Kind::Heartbeat
+                    | Kind::Status
+                    | Kind::CommandRejected
+                    | Kind::TestProgress
+                    | Kind::OperationProgress
+            );
+            let payload = parse.then(|| {
+                serde_json::from_str::<PayloadOnly>(text)
+                    .map(|p| p.payload)
+                    .unwrap_or(Value::Null)
+            });
             Incoming {
                 kind,
                 is_json: true,
@@ -212,6 +210,11 @@ pub struct Host {
     was_online: bool,
     /// What the web page shows beyond the raw messages.
     pub view: HostView,
+    /// v3: the latest `operation_progress` phases, merged (reset when a
+    /// command is sent).
+    pub progress: serde_json::Map<String, Value>,
+    /// v3: the commands sent through the API and where they stand.
+    pub commands: Commands,
 }
 
 impl Host {
@@ -238,6 +241,8 @@ impl Host {
             live: None,
             was_online: false,
             view: HostView::default(),
+            progress: serde_json::Map::new(),
+            commands: Commands::default(),
         }
     }
 
@@ -301,6 +306,8 @@ pub struct State {
     pub summary_version: u64,
     /// Wakes the web page's event streams after any change.
     changes: watch::Sender<()>,
+    /// How long a successful switch waits for the agent's new `register`.
+    pub reconnect_timeout: Duration,
 }
 
 /// Why the API could not queue a frame for a host.
@@ -323,6 +330,7 @@ impl State {
             offline_after,
             summary_version: 0,
             changes: watch::Sender::new(()),
+            reconnect_timeout: Duration::from_secs(90),
         }
     }
 
@@ -429,6 +437,7 @@ impl State {
                     Some(name) if !name.is_empty() && name != UNREGISTERED => {
                         let name = name.to_owned();
                         idx = self.attach(id, &name, payload, t);
+                        self.hosts[idx].commands.on_register(t);
                         summary_changed = true;
                         reply = Some(
                             json!({"type": "registered", "payload": {"host_id": name}}).to_string(),
@@ -447,8 +456,28 @@ impl State {
                     host.last_heartbeat = Some(payload);
                     host.last_heartbeat_at = Some(t);
                     host.last_alive = Some(Instant::now());
+                    host.commands.on_heartbeat(t);
                     summary_changed = true;
                 }
+            }
+            Kind::Status if idx != 0 => {
+                let timeout = self.reconnect_timeout;
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_status(payload, t, timeout);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
+            }
+            Kind::CommandRejected if idx != 0 => {
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_rejected(payload, t);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
+            }
+            Kind::OperationProgress if idx != 0 => {
+                if let Some(payload) = &payload {
+                    merge_progress(&mut self.hosts[idx].progress, payload);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
             }
             _ if idx != 0 => {
                 summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
@@ -701,12 +730,34 @@ impl State {
         self.summary_changed();
     }
 
-    /// Logs online/offline transitions; called periodically.
+    /// The API sent `command` to `host`.
+    pub fn note_command(&mut self, host: &str, command: &str) {
+        if let Some(idx) = self.host_index(host) {
+            let host = &mut self.hosts[idx];
+            if !matches!(command, "stop" | "kill") {
+                host.progress.clear();
+            }
+            host.commands.sent(command, now_ms());
+        }
+    }
+
+    /// Logs online/offline transitions and ends switches whose agent did
+    /// not register again in time; called periodically.
     pub fn check_online(&mut self) {
         let now = Instant::now();
         let offline_after = self.offline_after;
         let mut changed = false;
+        let t = now_ms();
         for host in self.hosts.iter_mut().skip(1) {
+            for command in host.commands.check_deadlines(t) {
+                tracing::warn!(
+                    host = host.name.as_str(),
+                    command,
+                    "{}",
+                    crate::lifecycle::RECONNECT_TIMEOUT_ERROR
+                );
+                changed = true;
+            }
             let online = host.online(now, offline_after);
             if online != host.was_online {
                 changed = true;
@@ -763,6 +814,18 @@ impl State {
             "last_heartbeat_at": host.last_heartbeat_at,
             "messages": host.next_index,
             "evicted": host.evicted,
+            // v3: identity from the register, freshness from the newest of
+            // register and heartbeat, the compartments and the progress.
+            "theme_color": host.register.get("theme_color"),
+            "location": host.register.get("location"),
+            "device_type": host.register.get("device_type"),
+            "source_commit": freshest(host, "source_commit"),
+            "store_path": freshest(host, "store_path"),
+            "binary_hash": freshest(host, "binary_hash"),
+            "lock_hash": host.last_heartbeat.as_ref().and_then(|h| h.get("lock_hash")),
+            "update_status": host.last_heartbeat.as_ref().and_then(|h| h.get("update_status")),
+            "progress": host.progress,
+            "command": host.commands.latest_json(),
         })
     }
 
@@ -810,12 +873,20 @@ fn observe(view: &mut HostView, t: u64, kind: &Kind, payload: Option<Value>, tex
             view.on_test_progress(payload.unwrap_or(Value::Null));
             true
         }
-        Kind::Other(name) if &**name == OPERATION_PROGRESS => {
+        Kind::OperationProgress => {
             view.on_progress(payload.unwrap_or(Value::Null));
             true
         }
         _ => false,
     }
+}
+
+/// A field from the last heartbeat, else from the last register.
+fn freshest<'a>(host: &'a Host, field: &str) -> Option<&'a Value> {
+    host.last_heartbeat
+        .as_ref()
+        .and_then(|h| h.get(field))
+        .or_else(|| host.register.get(field))
 }
 
 fn push_capped(host: &mut Host, msg: Msg, max: usize) {

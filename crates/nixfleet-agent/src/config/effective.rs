@@ -64,6 +64,14 @@ pub struct Config {
     pub stop_grace: Duration,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// v3 dashboards: the host's colour (`#rrggbb`).
+    pub theme_color: Option<String>,
+    /// v3 dashboards: `home`, `work` or `cloud`.
+    pub location: Option<String>,
+    /// v3 dashboards: `server`, `desktop`, `laptop` or `gaming`.
+    pub device_type: Option<String>,
+    /// Whether the dashboard's `reboot` command may reboot the host.
+    pub allow_reboot: bool,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

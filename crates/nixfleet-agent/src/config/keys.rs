@@ -24,6 +24,10 @@ pub const KEYS: &[&str] = &[
     "stop_grace",
     "state_dir",
     "ca_file",
+    "theme_color",
+    "location",
+    "device_type",
+    "allow_reboot",
 ];
 
 /// The built-in defaults (the lowest layer). Keys without a default here
@@ -41,6 +45,7 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("backoff_max", 60u64);
     defaults.set("stop_grace", 10u64);
     defaults.set("state_dir", "/var/lib/nixfleet");
+    defaults.set("allow_reboot", false);
     defaults
 }
 

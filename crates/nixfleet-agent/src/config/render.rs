@@ -31,6 +31,10 @@ impl Config {
             ("stop_grace", Some(secs(self.stop_grace))),
             ("state_dir", Some(path(&self.state_dir))),
             ("ca_file", self.ca_file.as_deref().map(path)),
+            ("theme_color", self.theme_color.as_deref().map(toml_str)),
+            ("location", self.location.as_deref().map(toml_str)),
+            ("device_type", self.device_type.as_deref().map(toml_str)),
+            ("allow_reboot", Some(self.allow_reboot.to_string())),
         ];
         let mut out = String::new();
         for (key, value) in lines {
