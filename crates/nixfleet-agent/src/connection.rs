@@ -22,8 +22,9 @@
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
-use crate::protocol::{self, Inbound, Outbound};
+use crate::protocol::{self, FrameBuffer, Inbound, Outbound};
 use crate::shutdown;
+use crate::ticker::Ticker;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
@@ -57,8 +58,22 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a re-register waits for the dashboard's close frame.
+const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the agent core asks of the connection after a status went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Send a heartbeat now: a v3 dashboard completes a command on the
+    /// first heartbeat after its status.
+    Heartbeat,
+    /// Send a heartbeat, close with 1000 and connect again at once: a v3
+    /// dashboard completes a switch only when the agent registers again
+    /// (with the new system's versions).
+    Reregister,
+}
 
 /// The link as a human would describe it (for logs and systemd's STATUS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +94,7 @@ pub struct Links {
     pub link_state: watch::Sender<LinkState>,
     pub probes: mpsc::Receiver<Probe>,
     pub shutdown: shutdown::Listener,
+    pub control: mpsc::Receiver<Control>,
 }
 
 pub struct Connection {
@@ -92,6 +108,8 @@ pub struct Connection {
 #[derive(Debug)]
 enum SessionEnd {
     Shutdown,
+    /// Asked to register again on a fresh connection.
+    Reregister,
     /// Nothing heard for `ping_timeout`.
     Silent,
     ClosedByPeer(String),
@@ -132,6 +150,11 @@ impl Connection {
                     }
                     match end {
                         SessionEnd::Shutdown => return,
+                        SessionEnd::Reregister => {
+                            info!("registering again on a fresh connection");
+                            backoff.reset();
+                            continue;
+                        }
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
                             self.config.ping_timeout.as_secs()
@@ -255,6 +278,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
                 ..
             } = &mut self.links;
             let reader = read_frames(
@@ -272,6 +296,7 @@ impl Connection {
                 probes,
                 shutdown,
                 pongs: &pongs,
+                control,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
             let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
@@ -302,6 +327,23 @@ impl Connection {
                 if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
                     warn!("the dashboard did not answer the close frame within 5s");
                 }
+            }
+            SessionEnd::Reregister => {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "re-register".into(),
+                }));
+                let closing = async {
+                    if sink.send(close).await.is_ok() {
+                        while let Some(Ok(message)) = stream.next().await {
+                            if matches!(message, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                };
+                // Brief: the point is a quick fresh register.
+                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
@@ -477,6 +519,7 @@ struct Outgoing<'a> {
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
     pongs: &'a Pongs,
+    control: &'a mut mpsc::Receiver<Control>,
 }
 
 /// The highest numbered ping the dashboard answered, shared by the reader
@@ -549,12 +592,17 @@ async fn write_frames(
     links: Outgoing<'_>,
 ) -> SessionEnd {
     let register = Outbound::Register(&reporter.register()).to_json();
+    let mut frames = FrameBuffer::default();
     if let Err(error) = sink.send(Message::text(register)).await {
         return SessionEnd::Broken(error.to_string());
     }
     // The first tick is immediate: the first heartbeat follows `register`.
-    let mut beat = tokio::time::interval(config.interval);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut beat = match Ticker::new(config.interval) {
+        Ok(ticker) => ticker,
+        Err(error) => {
+            return SessionEnd::Broken(format!("cannot start the heartbeat timer: {error}"));
+        }
+    };
     let mut ping =
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -567,11 +615,24 @@ async fn write_frames(
         tokio::select! {
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
-            _ = beat.tick() => {
-                let heartbeat = reporter.heartbeat(&links.command_state.borrow());
-                let frame = Outbound::Heartbeat(&heartbeat).to_json();
-                if let Err(error) = sink.send(Message::text(frame)).await {
-                    return SessionEnd::Broken(error.to_string());
+            beat_result = beat.tick() => {
+                if let Err(error) = beat_result {
+                    return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
+                }
+                if let Err(error) =
+                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
+                {
+                    return SessionEnd::Broken(error);
+                }
+            }
+            Some(control) = links.control.recv() => {
+                if let Err(error) =
+                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
+                {
+                    return SessionEnd::Broken(error);
+                }
+                if control == Control::Reregister {
+                    return SessionEnd::Reregister;
                 }
             }
             Some(reply) = links.replies.recv() => {
@@ -601,6 +662,27 @@ async fn write_frames(
             }
         }
     }
+}
+
+/// A text message of JSON bytes; serde_json writes only UTF-8, so the check
+/// never fails (an empty frame if it somehow did).
+fn text_frame(json: bytes::Bytes) -> Message {
+    Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
+}
+
+async fn send_heartbeat(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    reporter: &mut Reporter,
+    command_state: &watch::Receiver<CommandState>,
+    frames: &mut FrameBuffer,
+) -> Result<(), String> {
+    let frame = {
+        let command = command_state.borrow();
+        frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))
+    };
+    sink.send(text_frame(frame))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Writes a batch and its numbered ping with one flush. What is not

@@ -9,7 +9,7 @@ use super::keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, default_layer};
 use super::layers::{Layer, LayerKind, credentials_layer, describe, env_layer, system_layer};
 use super::token::{CredentialToken, TokenSetting, check_token_not_in_url, resolve_token};
 use super::toml_file::config_file_layer;
-use super::validate::Validator;
+use super::validate::{DEVICE_TYPES, LOCATIONS, Validator};
 use figment::value::Value;
 use figment::{Figment, Provider};
 use secrecy::SecretString;
@@ -41,6 +41,10 @@ struct Raw {
     ca_file: Option<String>,
     log_max_bytes: Option<Value>,
     logs_max_bytes: Option<Value>,
+    theme_color: Option<String>,
+    location: Option<String>,
+    device_type: Option<String>,
+    allow_reboot: Option<Value>,
 }
 
 pub(super) fn build(
@@ -137,6 +141,10 @@ fn validate(
     v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
     let log_max_bytes = v.byte_size("log_max_bytes", raw.log_max_bytes)?;
     let logs_max_bytes = v.byte_size("logs_max_bytes", raw.logs_max_bytes)?;
+    let theme_color = v.theme_color(raw.theme_color)?;
+    let location = v.one_of("location", raw.location, LOCATIONS)?;
+    let device_type = v.one_of("device_type", raw.device_type, DEVICE_TYPES)?;
+    let allow_reboot = v.allow_reboot(raw.allow_reboot)?;
     let origins = origins(&v);
     Ok(Config {
         url,
@@ -158,6 +166,10 @@ fn validate(
         ca_file,
         log_max_bytes,
         logs_max_bytes,
+        theme_color,
+        location,
+        device_type,
+        allow_reboot,
         token_source,
         warnings: v.warnings,
         origins,

@@ -26,6 +26,10 @@ pub const KEYS: &[&str] = &[
     "ca_file",
     "log_max_bytes",
     "logs_max_bytes",
+    "theme_color",
+    "location",
+    "device_type",
+    "allow_reboot",
 ];
 
 /// The built-in defaults (the lowest layer). Keys without a default here
@@ -45,6 +49,7 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("state_dir", "/var/lib/nixfleet");
     defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
     defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
+    defaults.set("allow_reboot", false);
     defaults
 }
 

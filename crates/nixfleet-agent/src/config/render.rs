@@ -33,6 +33,10 @@ impl Config {
             ("ca_file", self.ca_file.as_deref().map(path)),
             ("log_max_bytes", Some(self.log_max_bytes.to_string())),
             ("logs_max_bytes", Some(self.logs_max_bytes.to_string())),
+            ("theme_color", self.theme_color.as_deref().map(toml_str)),
+            ("location", self.location.as_deref().map(toml_str)),
+            ("device_type", self.device_type.as_deref().map(toml_str)),
+            ("allow_reboot", Some(self.allow_reboot.to_string())),
         ];
         let mut out = String::new();
         for (key, value) in lines {

@@ -1,6 +1,7 @@
 //! Keys about the agent process itself: `log_level`, `log_max_bytes`,
-//! `logs_max_bytes`. (`state_dir` and `stop_grace` are a directory and a
-//! duration: see `build::validate`.)
+//! `logs_max_bytes`, and what it may do to the host: `allow_reboot`.
+//! (`state_dir` and `stop_grace` are a directory and a duration: see
+//! `build::validate`.)
 
 use super::Validator;
 use crate::config::errors::show_value;
@@ -21,6 +22,24 @@ impl Validator<'_> {
                 self.origin(key)
             )
         })
+    }
+
+    /// `allow_reboot` (has a default): a boolean, or in the environment
+    /// `true`/`false`.
+    pub(crate) fn allow_reboot(&self, value: Option<Value>) -> Result<bool, String> {
+        match value {
+            None => Ok(false),
+            Some(Value::Bool(_, b)) => Ok(b),
+            Some(Value::String(_, s)) => match s.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(self.bad("allow_reboot", other, "expected true or false")),
+            },
+            Some(_) => Err(format!(
+                "allow_reboot (from {}): expected true or false",
+                self.origin("allow_reboot")
+            )),
+        }
     }
 
     /// `log_level` (has a default).
