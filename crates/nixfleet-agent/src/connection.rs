@@ -10,6 +10,12 @@
 //! The writer puts heartbeats, `register`, rejections and pings ahead of
 //! queued command output, and takes output in bounded batches, so a
 //! heartbeat waits for at most one batch however much output is queued.
+//!
+//! A dashboard can also stay loud but stop reading: it pings, so the
+//! silence check never fires, while the socket fills and a write waits
+//! forever. So every write has a deadline too: a peer that accepts no byte
+//! for `ping_timeout` while a write waits is dead. While it waits, the
+//! writer still answers the watchdog's probes and a shutdown request.
 
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
@@ -19,9 +25,13 @@ use crate::shutdown;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -40,13 +50,14 @@ const INBOUND_READ_BUFFER: usize = 4 * 1024;
 /// Output taken from the outbox per socket flush. Small enough that a
 /// heartbeat never waits long behind it, large enough to batch well.
 const OUTPUT_BATCH_BYTES: usize = 64 * 1024;
-/// How long a graceful shutdown waits for the dashboard's close frame.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a graceful shutdown waits for the dashboard's close frame:
+/// short enough that SIGTERM is honoured within 5 s in every state.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocketStream<MaybeTlsStream<Tracked<TcpStream>>>;
 
 /// The link as a human would describe it (for logs and systemd's STATUS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +85,8 @@ pub struct Connection {
     reporter: Reporter,
     links: Links,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// When the current socket last accepted bytes.
+    written: Arc<WriteProgress>,
 }
 
 /// Why a session ended.
@@ -82,6 +95,11 @@ enum SessionEnd {
     Shutdown,
     /// Nothing heard for `ping_timeout`.
     Silent,
+    /// A write waited `ping_timeout` without the peer accepting a byte.
+    Stalled,
+    /// Shutdown was requested while a write could not finish: the socket is
+    /// full, so no close frame would get through either.
+    ShutdownMidWrite,
     ClosedByPeer(String),
     /// The dashboard sent a frame over the size limit.
     TooBig,
@@ -95,6 +113,7 @@ impl Connection {
             reporter,
             links,
             tls: None,
+            written: Arc::new(WriteProgress::new()),
         }
     }
 
@@ -119,9 +138,13 @@ impl Connection {
                         backoff.reset();
                     }
                     match end {
-                        SessionEnd::Shutdown => return,
+                        SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite => return,
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
+                            self.config.ping_timeout.as_secs()
+                        ),
+                        SessionEnd::Stalled => format!(
+                            "the dashboard accepted no data for {}s",
                             self.config.ping_timeout.as_secs()
                         ),
                         SessionEnd::ClosedByPeer(why) => {
@@ -174,11 +197,12 @@ impl Connection {
             .max_message_size(Some(MAX_INBOUND_FRAME))
             .max_frame_size(Some(MAX_INBOUND_FRAME));
         let connect_timeout = self.config.ping_timeout;
+        let written = self.written.clone();
         let attempt = tokio::time::timeout(connect_timeout, async move {
             let stream = dial(&request).await.map_err(tungstenite::Error::Io)?;
             tokio_tungstenite::client_async_tls_with_config(
                 request,
-                stream,
+                Tracked::new(stream, written),
                 Some(ws_config),
                 Some(connector),
             )
@@ -251,6 +275,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                written: &self.written,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
             let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
@@ -279,7 +304,10 @@ impl Connection {
                     }
                 };
                 if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
-                    warn!("the dashboard did not answer the close frame within 5s");
+                    warn!(
+                        "the dashboard did not answer the close frame within {}s",
+                        CLOSE_WAIT.as_secs()
+                    );
                 }
             }
             SessionEnd::TooBig => {
@@ -293,7 +321,10 @@ impl Connection {
                 // Completes the closing handshake tungstenite has queued.
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
             }
-            SessionEnd::Silent | SessionEnd::Broken(_) => {}
+            SessionEnd::Silent
+            | SessionEnd::Stalled
+            | SessionEnd::ShutdownMidWrite
+            | SessionEnd::Broken(_) => {}
         }
         end
     }
@@ -448,6 +479,35 @@ struct Outgoing<'a> {
     command_state: &'a watch::Receiver<CommandState>,
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
+    written: &'a WriteProgress,
+}
+
+impl Outgoing<'_> {
+    /// Runs one write to the socket to its end, answering probes and
+    /// shutdown meanwhile. Gives up when the peer accepted no byte for
+    /// `stall_limit` (counted from the start of this write at the earliest:
+    /// an idle link accepts nothing because nothing is sent).
+    async fn write<F>(&mut self, write: F, stall_limit: Duration) -> Result<(), SessionEnd>
+    where
+        F: Future<Output = Result<(), String>>,
+    {
+        tokio::pin!(write);
+        let started = Instant::now();
+        loop {
+            let deadline = self.written.last().max(started) + stall_limit;
+            tokio::select! {
+                biased;
+                result = &mut write => return result.map_err(SessionEnd::Broken),
+                () = shutdown::requested(self.shutdown) => return Err(SessionEnd::ShutdownMidWrite),
+                Some(probe) = self.probes.recv() => probe.answer(),
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.written.last().max(started) + stall_limit <= Instant::now() {
+                        return Err(SessionEnd::Stalled);
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn write_frames(
@@ -456,9 +516,12 @@ async fn write_frames(
     reporter: &mut Reporter,
     links: Outgoing<'_>,
 ) -> SessionEnd {
+    let mut links = links;
+    let stall_limit = config.ping_timeout;
     let register = Outbound::Register(&reporter.register()).to_json();
-    if let Err(error) = sink.send(Message::text(register)).await {
-        return SessionEnd::Broken(error.to_string());
+    let sent = links.write(send(sink, Message::text(register)), stall_limit);
+    if let Err(end) = sent.await {
+        return end;
     }
     // The first tick is immediate: the first heartbeat follows `register`.
     let mut beat = tokio::time::interval(config.interval);
@@ -469,35 +532,39 @@ async fn write_frames(
     let mut batch: Vec<Item> = Vec::new();
     let outbox = links.outbox;
     loop {
-        tokio::select! {
+        let message = tokio::select! {
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
             _ = beat.tick() => {
                 let heartbeat = reporter.heartbeat(&links.command_state.borrow());
-                let frame = Outbound::Heartbeat(&heartbeat).to_json();
-                if let Err(error) = sink.send(Message::text(frame)).await {
-                    return SessionEnd::Broken(error.to_string());
-                }
+                Message::text(Outbound::Heartbeat(&heartbeat).to_json())
             }
-            Some(reply) = links.replies.recv() => {
-                if let Err(error) = sink.send(Message::text(reply)).await {
-                    return SessionEnd::Broken(error.to_string());
-                }
+            Some(reply) = links.replies.recv() => Message::text(reply),
+            Some(probe) = links.probes.recv() => {
+                probe.answer();
+                continue;
             }
-            Some(probe) = links.probes.recv() => probe.answer(),
-            _ = ping.tick() => {
-                if let Err(error) = sink.send(Message::Ping(Default::default())).await {
-                    return SessionEnd::Broken(error.to_string());
-                }
-            }
+            _ = ping.tick() => Message::Ping(Default::default()),
             _ = outbox.wait_ready() => {
                 outbox.take_batch(OUTPUT_BATCH_BYTES, &mut batch);
-                if let Err(error) = send_batch(sink, &mut batch, outbox).await {
-                    return SessionEnd::Broken(error);
+                let sent = links.write(send_batch(sink, &mut batch, outbox), stall_limit);
+                if let Err(end) = sent.await {
+                    return end;
                 }
+                continue;
             }
+        };
+        if let Err(end) = links.write(send(sink, message), stall_limit).await {
+            return end;
         }
     }
+}
+
+async fn send(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    message: Message,
+) -> Result<(), String> {
+    sink.send(message).await.map_err(|e| e.to_string())
 }
 
 /// Writes a batch with one flush. What does not get confirmed here is put
@@ -516,6 +583,92 @@ async fn send_batch(
     sink.flush().await.map_err(|e| e.to_string())?;
     outbox.confirm_delivered();
     Ok(())
+}
+
+/// When the dashboard's socket last accepted bytes from the agent, shared
+/// between the socket (which notes it) and the writer (which judges it).
+struct WriteProgress {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl WriteProgress {
+    fn new() -> Self {
+        WriteProgress {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn note(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The TCP stream under TLS and WebSocket, noting every write the kernel
+/// accepts: the only honest measure of whether the peer still takes data.
+struct Tracked<S> {
+    inner: S,
+    written: Arc<WriteProgress>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S, written: Arc<WriteProgress>) -> Self {
+        Tracked { inner, written }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.written.note();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.written.note();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Exponential reconnect delay: 1 s, 2 s, 4 s … up to the cap, ±10 %.

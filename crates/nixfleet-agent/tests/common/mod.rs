@@ -126,6 +126,16 @@ impl Dashboard {
         Self::with_listener(listener)
     }
 
+    /// A dashboard whose sockets have a small receive buffer (the kernel
+    /// doubles the value): one that stops reading fills up quickly.
+    pub async fn start_with_recv_buffer(bytes: u32) -> Dashboard {
+        // Accepted sockets inherit the listener's buffer size.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self::with_listener(socket.listen(64).unwrap())
+    }
+
     fn with_listener(listener: TcpListener) -> Dashboard {
         let addr = listener.local_addr().unwrap();
         let (gate, _) = tokio::sync::watch::channel(true);
