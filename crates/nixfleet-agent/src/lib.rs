@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod handover;
+pub mod hardening;
 pub mod heartbeat;
 pub mod logging;
 pub mod metrics;

@@ -3,6 +3,8 @@ use nixfleet_agent::config::{self, Cli};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before anything secret is read.
+    let dumpable = nixfleet_agent::hardening::forbid_core_dumps();
     let cli = Cli::parse();
     let config = match config::load(&cli) {
         Ok(config) => config,
@@ -18,6 +20,9 @@ fn main() -> ExitCode {
     nixfleet_agent::logging::init(&config.log_level);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
+    }
+    if let Err(error) = dumpable {
+        tracing::warn!("{error}");
     }
     // One thread is plenty for one socket and a few pipes, and keeps the
     // agent's footprint small on every host.

@@ -180,3 +180,66 @@ async fn a_dashboard_that_pings_but_never_reads_is_dropped_and_sigterm_still_wor
     );
     assert!(!agent.stderr().contains("did not answer"));
 }
+
+#[tokio::test]
+async fn the_running_agent_is_not_dumpable() {
+    use std::os::unix::fs::MetadataExt;
+    // The kernel hands the /proc files of a non-dumpable process to root:
+    // visible only when the agent runs as another user, so a test running
+    // as root starts it as `nobody`.
+    let as_root = rustix::process::getuid().is_root();
+    let dashboard = Dashboard::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, state) = (dir.path().join("repo"), dir.path().join("state"));
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "url = {:?}\nrepo_dir = {:?}\nstate_dir = {:?}\nhostname = \"dump-test\"\nmetrics = \"none\"\n",
+            dashboard.url(),
+            repo.display().to_string(),
+            state.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("NIXFLEET_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if as_root {
+        const NOBODY: u32 = 65534;
+        for path in [dir.path(), &config] {
+            set_mode(path, 0o755);
+        }
+        for path in [&repo, &state] {
+            std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    let agent = command.spawn().unwrap();
+    let pid = agent.id().unwrap();
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    let status_file = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&status_file).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_ne!(uid, 0, "the agent must run as an ordinary user here");
+    let owner = std::fs::metadata(&status_file).unwrap().uid();
+    assert_eq!(
+        owner, 0,
+        "/proc/{pid} belongs to uid {owner}, the agent's own: it is dumpable"
+    );
+}
