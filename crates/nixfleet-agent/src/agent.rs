@@ -237,12 +237,20 @@ impl Core {
             CommandRecord::clear(&self.state_dir, None);
             return;
         };
-        info!(
-            command = kind.name(),
-            pid = record.pid,
-            running = record.is_running(),
-            "following a command started by a previous agent"
-        );
+        let running = record.is_running();
+        if running {
+            info!(
+                command = kind.name(),
+                pid = record.pid,
+                "following a command started by a previous agent"
+            );
+        } else {
+            info!(
+                command = kind.name(),
+                pid = record.pid,
+                "a command recorded by a previous agent is no longer running (or not ours); sending its status"
+            );
+        }
         let (stop_tx, mut stop_rx) = watch::channel(None);
         let (progress_tx, progress_rx) = mpsc::channel(1);
         let (repo_dir, grace, pid) = (self.repo_dir.clone(), self.stop_grace, record.pid);
@@ -253,7 +261,8 @@ impl Core {
         self.running = Some(Running {
             kind,
             since: SystemTime::now(),
-            pid: Some(pid),
+            // Never report (nor let kill_command name) a pid that is not ours.
+            pid: running.then_some(pid),
             stop: stop_tx,
             progress: progress_rx,
         });

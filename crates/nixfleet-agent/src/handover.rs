@@ -40,6 +40,10 @@ pub struct CommandRecord {
     /// is never mistaken for the command.
     pub pid_start: u64,
     pub log: Option<PathBuf>,
+    /// The boot the process ran in: start ticks count from boot, so after a
+    /// reboot another process can match pid and ticks.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 impl CommandRecord {
@@ -49,6 +53,7 @@ impl CommandRecord {
             pid,
             pid_start: process_start_ticks(pid)?,
             log,
+            boot_id: boot_id(),
         })
     }
 
@@ -95,10 +100,37 @@ impl CommandRecord {
         serde_json::from_slice(&std::fs::read(state_dir.join(RECORD_FILE)).ok()?).ok()
     }
 
-    /// Whether the recorded process is still the one running.
+    /// Whether the recorded process is still the one running: same boot,
+    /// same start time, and in the agent's own cgroup. A record that fails
+    /// any of these (stale, or forged by whoever could write `state_dir`)
+    /// never makes the agent report or signal the process it names.
     pub fn is_running(&self) -> bool {
-        process_start_ticks(self.pid) == Some(self.pid_start)
+        self.boot_id.is_some()
+            && self.boot_id == boot_id()
+            && process_start_ticks(self.pid) == Some(self.pid_start)
+            && shares_our_cgroup(self.pid)
     }
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            Some(id.trim().to_owned()).filter(|id| !id.is_empty())
+        })
+        .clone()
+}
+
+/// Whether `pid` sits in the same cgroups as the agent. The agent's
+/// commands stay in its unit's cgroup (`KillMode=process` keeps them there
+/// across restarts). Without cgroups to read there is nothing to compare.
+fn shares_our_cgroup(pid: u32) -> bool {
+    let Ok(ours) = std::fs::read("/proc/self/cgroup") else {
+        return true;
+    };
+    std::fs::read(format!("/proc/{pid}/cgroup")).is_ok_and(|theirs| theirs == ours)
 }
 
 /// Field 22 of `/proc/<pid>/stat`; `None` when there is no such process or
@@ -322,6 +354,16 @@ mod tests {
         record.pid_start += 1;
         assert!(!record.is_running());
         assert_eq!(process_start_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_record_from_another_boot_is_not_running() {
+        let mut record = CommandRecord::new("switch", std::process::id(), None).unwrap();
+        assert!(record.is_running());
+        record.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+        assert!(!record.is_running());
+        record.boot_id = None;
+        assert!(!record.is_running(), "a record without a boot ID");
     }
 
     #[test]

@@ -243,3 +243,70 @@ async fn the_running_agent_is_not_dumpable() {
         "/proc/{pid} belongs to uid {owner}, the agent's own: it is dumpable"
     );
 }
+
+#[tokio::test]
+async fn a_record_from_another_boot_is_not_adopted_and_kill_command_signals_nothing() {
+    use std::os::unix::process::CommandExt;
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, _) = Agent::prepare(&options);
+    // An unrelated process that leads its own group, named by a record that
+    // matches its pid and start time but comes from another boot (a stale
+    // record after a reboot, or a forged one).
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = victim.id();
+    let ticks = nixfleet_agent::handover::process_start_ticks(pid).unwrap();
+    let record = serde_json::json!({
+        "command": "switch", "pid": pid, "pid_start": ticks, "log": null,
+        "boot_id": "00000000-0000-4000-8000-000000000000",
+    });
+    std::fs::write(
+        dir.path().join("state/running-command.json"),
+        record.to_string(),
+    )
+    .unwrap();
+    let agent = Agent::spawn(dir, options).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    // The record is settled at once: the command it names is not running.
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["status"], "error");
+    assert!(
+        status.payload()["message"]
+            .as_str()
+            .unwrap()
+            .contains("exit code unknown"),
+        "{}",
+        status.payload()
+    );
+    dashboard.send_json(
+        conn,
+        serde_json::json!({"type": "kill_command", "payload": {"signal": "SIGKILL", "pid": 0}}),
+    );
+    let rejected = dashboard
+        .wait_frame("command_rejected", 1, 5 * SECOND)
+        .await;
+    assert_eq!(rejected.payload()["reason"], "no command running");
+    let beats = dashboard.frames("heartbeat").len();
+    dashboard
+        .wait_frame("heartbeat", beats + 1, 5 * SECOND)
+        .await;
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the agent killed a process it does not own"
+    );
+    let named = dashboard
+        .frames("heartbeat")
+        .iter()
+        .any(|beat| beat.payload()["command_pid"] == pid);
+    assert!(!named, "a heartbeat reported the foreign pid {pid}");
+    assert!(agent.stderr().contains("no longer running (or not ours)"));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+}
