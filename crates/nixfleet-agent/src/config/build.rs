@@ -1,0 +1,167 @@
+//! Building the [`Config`]: the layers merged in order of precedence, the
+//! merged values extracted into `Raw`, then validated key by key.
+
+use super::Env;
+use super::cli::{Cli, flag_layer};
+use super::effective::Config;
+use super::errors::figment_error;
+use super::keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, default_layer};
+use super::layers::{Layer, LayerKind, credentials_layer, describe, env_layer, system_layer};
+use super::token::{CredentialToken, TokenSetting, check_token_not_in_url, resolve_token};
+use super::toml_file::config_file_layer;
+use super::validate::Validator;
+use figment::value::Value;
+use figment::{Figment, Provider};
+use secrecy::SecretString;
+use std::collections::BTreeMap;
+
+/// Everything figment extracts; validated into [`Config`] afterwards.
+/// Strings and loosely typed values here, so that the validation (not
+/// serde) words the errors.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    url: Option<String>,
+    token: Option<SecretString>,
+    token_file: Option<String>,
+    repo_dir: Option<String>,
+    repo_url: Option<String>,
+    branch: Option<String>,
+    interval: Option<Value>,
+    ssh_key: Option<String>,
+    hostname: Option<String>,
+    log_level: Option<String>,
+    metrics: Option<String>,
+    stasysmo_dir: Option<String>,
+    ping_interval: Option<Value>,
+    ping_timeout: Option<Value>,
+    backoff_max: Option<Value>,
+    stop_grace: Option<Value>,
+    state_dir: Option<String>,
+    ca_file: Option<String>,
+}
+
+pub(super) fn build(
+    cli: &Cli,
+    env: Env<'_>,
+    system_hostname: Option<String>,
+    secrets: &mut Vec<SecretString>,
+) -> Result<Config, String> {
+    let mut warnings = Vec::new();
+    let (figment, credential) = merge_layers(cli, env, system_hostname, secrets, &mut warnings)?;
+    let raw: Raw = figment.extract().map_err(|e| figment_error(e, &figment))?;
+    if let Some(token) = &raw.token {
+        secrets.push(token.clone());
+    }
+    validate(raw, Validator::new(&figment, warnings), credential, secrets)
+}
+
+/// All layers, lowest precedence first: built-in defaults, system
+/// defaults, the TOML file, the environment, systemd credentials, flags.
+fn merge_layers(
+    cli: &Cli,
+    env: Env<'_>,
+    system_hostname: Option<String>,
+    secrets: &mut Vec<SecretString>,
+    warnings: &mut Vec<String>,
+) -> Result<(Figment, Option<CredentialToken>), String> {
+    let file = config_file_layer(cli, env)?;
+    let (creds, credential) = credentials_layer(env, secrets, warnings)?;
+    let flags = flag_layer(cli)?;
+    let mut figment = Figment::new()
+        .merge(default_layer())
+        .merge(system_layer(system_hostname, env));
+    for layer in [file, Some(env_layer(env)), Some(creds), Some(flags)]
+        .into_iter()
+        .flatten()
+    {
+        refuse_token_and_token_file(&layer)?;
+        figment = figment.merge(layer);
+    }
+    Ok((figment, credential))
+}
+
+/// `token` and `token_file` in one layer is ambiguous. (Across layers the
+/// later one wins, see `resolve_token`.)
+fn refuse_token_and_token_file(layer: &Layer) -> Result<(), String> {
+    if !(layer.dict.contains_key("token") && layer.dict.contains_key("token_file")) {
+        return Ok(());
+    }
+    let meta = layer.metadata();
+    let both = match layer.kind {
+        LayerKind::File => format!("both are set in {}", describe(Some(&meta), "token")),
+        _ => format!(
+            "both are set: {} and {}",
+            describe(Some(&meta), "token"),
+            describe(Some(&meta), "token_file")
+        ),
+    };
+    Err(format!("set only one of token and token_file ({both})"))
+}
+
+/// Every key, in a fixed order: when several values are wrong, the first
+/// in this order is the one reported.
+fn validate(
+    raw: Raw,
+    mut v: Validator<'_>,
+    credential: Option<CredentialToken>,
+    secrets: &mut Vec<SecretString>,
+) -> Result<Config, String> {
+    // The token is resolved (files read) first so that its value can be
+    // scrubbed from any later message; its errors are reported after url's.
+    let setting = TokenSetting {
+        inline: raw.token.as_ref(),
+        file: raw.token_file.as_deref(),
+    };
+    let token = resolve_token(setting, &mut v, credential, secrets);
+    let url = v.url(raw.url)?;
+    let (token, token_source) = token?;
+    check_token_not_in_url(&url, &token, &v)?;
+    let repo_dir = v.repo_dir(raw.repo_dir)?;
+    let repo_url = v.repo_url(raw.repo_url)?;
+    let branch = v.branch(raw.branch)?;
+    let hostname = v.hostname(raw.hostname)?;
+    let log_level = v.log_level(raw.log_level)?;
+    let metrics = v.metrics(raw.metrics)?;
+    let stasysmo_dir = v.dir("stasysmo_dir", raw.stasysmo_dir)?;
+    let state_dir = v.dir("state_dir", raw.state_dir)?;
+    let ssh_key = v.ssh_key(raw.ssh_key)?;
+    let ca_file = v.ca_file(raw.ca_file)?;
+    let interval = v.duration("interval", raw.interval, 1, MAX_PERIOD_SECS)?;
+    let ping_interval = v.duration("ping_interval", raw.ping_interval, 1, MAX_PERIOD_SECS)?;
+    let ping_timeout = v.duration("ping_timeout", raw.ping_timeout, 1, MAX_PERIOD_SECS)?;
+    let backoff_max = v.duration("backoff_max", raw.backoff_max, 1, MAX_PERIOD_SECS)?;
+    let stop_grace = v.duration("stop_grace", raw.stop_grace, 0, MAX_STOP_GRACE_SECS)?;
+    v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
+    let origins = origins(&v);
+    Ok(Config {
+        url,
+        token,
+        repo_dir,
+        repo_url,
+        branch,
+        interval,
+        ssh_key,
+        hostname,
+        log_level,
+        metrics,
+        stasysmo_dir,
+        ping_interval,
+        ping_timeout,
+        backoff_max,
+        stop_grace,
+        state_dir,
+        ca_file,
+        token_source,
+        warnings: v.warnings,
+        origins,
+    })
+}
+
+/// The source of every key that has a value.
+fn origins(v: &Validator<'_>) -> BTreeMap<&'static str, String> {
+    KEYS.iter()
+        .filter(|key| v.has(key))
+        .map(|key| (*key, v.origin(key)))
+        .collect()
+}

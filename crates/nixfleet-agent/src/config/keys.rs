@@ -1,0 +1,79 @@
+//! The configuration keys: their names, built-in defaults and limits, and
+//! how each is spelt as an environment variable and as a flag. A new key
+//! starts here (see the checklist in the module `config`).
+
+use super::layers::{Layer, LayerKind};
+
+/// Every configuration key (the file may hold only these).
+pub const KEYS: &[&str] = &[
+    "url",
+    "token",
+    "token_file",
+    "repo_dir",
+    "repo_url",
+    "branch",
+    "interval",
+    "ssh_key",
+    "hostname",
+    "log_level",
+    "metrics",
+    "stasysmo_dir",
+    "ping_interval",
+    "ping_timeout",
+    "backoff_max",
+    "stop_grace",
+    "state_dir",
+    "ca_file",
+];
+
+/// The built-in defaults (the lowest layer). Keys without a default here
+/// are optional, required (url, token, repo_dir) or come from the system
+/// (hostname, and state_dir from `$STATE_DIRECTORY`).
+pub(super) fn default_layer() -> Layer {
+    let mut defaults = Layer::new(LayerKind::Defaults);
+    defaults.set("branch", "main");
+    defaults.set("interval", 30u64);
+    defaults.set("log_level", "info");
+    defaults.set("metrics", "auto");
+    defaults.set("stasysmo_dir", "/dev/shm/stasysmo");
+    defaults.set("ping_interval", 15u64);
+    defaults.set("ping_timeout", 45u64);
+    defaults.set("backoff_max", 60u64);
+    defaults.set("stop_grace", 10u64);
+    defaults.set("state_dir", "/var/lib/nixfleet");
+    defaults
+}
+
+/// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.
+pub const MAX_PERIOD_SECS: u64 = 86_400;
+/// Upper bound for `stop_grace`.
+pub const MAX_STOP_GRACE_SECS: u64 = 3_600;
+/// Token files and credentials larger than this are refused.
+pub(super) const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+/// Config files larger than this are refused.
+pub(super) const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Every environment variable the loader reads: `NIXFLEET_<KEY>` for each
+/// key, `NIXFLEET_CONFIG` (the file), and the two that systemd sets.
+pub fn env_var_names() -> Vec<String> {
+    let mut names: Vec<String> = KEYS.iter().map(|k| env_name(k)).collect();
+    names.extend(
+        [
+            "NIXFLEET_CONFIG",
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+        ]
+        .map(String::from),
+    );
+    names
+}
+
+/// `url` → `NIXFLEET_URL`.
+pub(super) fn env_name(key: &str) -> String {
+    format!("NIXFLEET_{}", key.to_ascii_uppercase())
+}
+
+/// `repo_dir` → `--repo-dir`.
+pub(super) fn flag_name(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}

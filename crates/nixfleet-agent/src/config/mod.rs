@@ -1,0 +1,115 @@
+//! Layered configuration: built-in defaults < TOML file < `NIXFLEET_*`
+//! environment < systemd credentials < command-line flags (the reference for
+//! users is `docs/config.md`).
+//!
+//! Every layer is a figment provider with its own metadata name, so the
+//! source of any value (file path, environment variable, credential file or
+//! flag) can be named in errors and in [`Config::render`]. Figment merges the
+//! layers and deserialises them into a loose `Raw` struct; the typed,
+//! validated [`Config`] is built from that by hand so every failure becomes
+//! one line that names the key and where its value came from — and never
+//! contains the token.
+//!
+//! The parts, in the order a value passes through them:
+//!
+//! - `keys`: the list of keys, their built-in defaults and limits, and how
+//!   a key is spelt as an environment variable and as a flag.
+//! - `cli`: the command-line flags and the flag layer.
+//! - `layers`: the layer type, the system, environment and credential
+//!   layers, and naming the source of a value; `toml_file`: the file layer.
+//! - `build`: merges the layers, extracts `Raw` and validates it key by
+//!   key, in a fixed order (the first problem is the one reported).
+//! - `validate`: one method per key on `Validator`, grouped by what the
+//!   keys are about (`dashboard`, `repository`, `host`, `runtime`), and
+//!   durations.
+//! - `token`: where the token comes from and how token files are read.
+//! - `errors`: the one-line error, and showing values without secrets.
+//! - `render`: `--check-config`'s TOML output with sources.
+//!
+//! # Adding a key
+//!
+//! 1. `keys.rs`: add the name to [`KEYS`] and, if it has one, its default in
+//!    `default_layer` (its environment name `NIXFLEET_<KEY>` follows).
+//! 2. `build.rs`: a field in `Raw` (`Option<String>`, or `Option<Value>` for
+//!    durations and numbers) and one line in `validate` that calls the
+//!    key's check, then the field in the `Config { … }` it returns.
+//! 3. `validate/<group>.rs`: the key's check as a `Validator` method (errors
+//!    via `Validator::bad`, so they name the key and its source).
+//! 4. `effective.rs`: the typed field on [`Config`]; `render.rs`: its line.
+//! 5. If it has a flag: a field on [`Cli`] and a line in `flag_layer`
+//!    (`cli.rs`).
+//! 6. Documentation: a row in the README's configuration table and in the
+//!    key table of `docs/config.md` (a test compares that table with
+//!    [`KEYS`] and [`env_var_names`]).
+
+mod build;
+mod cli;
+mod effective;
+mod errors;
+mod files;
+mod keys;
+mod layers;
+mod render;
+mod token;
+mod toml_file;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use cli::Cli;
+pub use effective::{Config, MetricsMode};
+pub use errors::{ConfigError, toml_str};
+pub use keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, env_var_names};
+pub use token::TokenSource;
+pub use validate::{
+    check_branch, check_hostname, check_log_level, check_repo_url, check_url, parse_duration,
+};
+
+use errors::error_line;
+use secrecy::SecretString;
+
+/// Exit code for every configuration error (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Loads the configuration from every layer, using the process environment.
+pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    // A non-UTF-8 value in a variable we read is an error, not "unset".
+    for name in env_var_names() {
+        if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(&name) {
+            return Err(error_line(
+                &format!("environment variable {name} is not valid UTF-8"),
+                &[],
+            ));
+        }
+    }
+    load_with(cli, |name| std::env::var(name).ok())
+}
+
+/// As [`load`], with the environment given as a lookup function (for tests:
+/// no need to mutate the process environment). The system hostname still
+/// comes from `uname`.
+pub fn load_with<F>(cli: &Cli, env: F) -> Result<Config, ConfigError>
+where
+    F: Fn(&str) -> Option<String>,
+{
+    let nodename = rustix::system::uname()
+        .nodename()
+        .to_str()
+        .ok()
+        .map(str::to_owned);
+    load_inner(cli, &env, nodename)
+}
+
+/// The environment as the loader sees it: a lookup by variable name.
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn load_inner(
+    cli: &Cli,
+    env: Env<'_>,
+    system_hostname: Option<String>,
+) -> Result<Config, ConfigError> {
+    // Every token candidate seen while loading, scrubbed from the error.
+    let mut secrets: Vec<SecretString> = Vec::new();
+    build::build(cli, env, system_hostname, &mut secrets).map_err(|msg| error_line(&msg, &secrets))
+}

@@ -1,0 +1,62 @@
+//! Keys about this host as the dashboard sees it: `hostname` (also the
+//! flake attribute), `metrics` and `stasysmo_dir`. (`interval`, the
+//! heartbeat period, is a duration: see `build::validate`.)
+
+use super::{Validator, check_path};
+use crate::config::MetricsMode;
+use std::path::PathBuf;
+
+impl Validator<'_> {
+    /// `hostname` (from the system unless set).
+    pub(crate) fn hostname(&self, name: Option<String>) -> Result<String, String> {
+        let Some(name) = name else {
+            return Err("hostname is required: the system hostname is unavailable \
+                        (set hostname in the config file, NIXFLEET_HOSTNAME or --hostname)"
+                .to_owned());
+        };
+        check_hostname(&name).map_err(|p| self.bad("hostname", &name, &p))?;
+        Ok(name)
+    }
+
+    /// `metrics` (has a default).
+    pub(crate) fn metrics(&self, mode: Option<String>) -> Result<MetricsMode, String> {
+        let text = mode.unwrap_or_default();
+        MetricsMode::parse(&text).ok_or_else(|| {
+            self.bad(
+                "metrics",
+                &text,
+                "expected one of auto, stasysmo, proc, none",
+            )
+        })
+    }
+
+    /// A directory key with a default (`stasysmo_dir`, `state_dir`).
+    pub(crate) fn dir(&self, key: &str, dir: Option<String>) -> Result<PathBuf, String> {
+        let dir = dir.unwrap_or_default();
+        check_path(&dir).map_err(|p| self.bad(key, &dir, &p))?;
+        Ok(PathBuf::from(dir))
+    }
+}
+
+/// `hostname`: 1–253 of `[A-Za-z0-9._-]`, not starting with `-` or `.`.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if name.len() > 253 {
+        return Err("is longer than 253 characters".to_owned());
+    }
+    if name.starts_with('-') || name.starts_with('.') {
+        return Err("must not start with '-' or '.'".to_owned());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(
+            "may contain only letters, digits, '-', '_' and '.' (it names the flake attribute)"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
