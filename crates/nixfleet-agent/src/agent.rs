@@ -350,8 +350,12 @@ impl Core {
                     return;
                 };
                 running.pid = Some(pid);
-                if let Some(record) = CommandRecord::new(running.kind.name(), pid, log) {
-                    record.save(&self.state_dir);
+                match CommandRecord::new(running.kind.name(), pid, log) {
+                    Some(record) => record.save(&self.state_dir),
+                    // Already gone: the record of this command's previous
+                    // process must not outlive it (the status would be
+                    // cleared for this pid only, and sent again later).
+                    None => CommandRecord::clear(&self.state_dir, None),
                 }
                 self.publish_state();
             }

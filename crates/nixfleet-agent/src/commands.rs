@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::heartbeat::generation;
 use crate::outbox::Outbox;
 use crate::protocol::{Outbound, Outcome, Status, Stream, TestProgress};
+use crate::redact::{Scrubber, redact_url};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -114,15 +115,19 @@ pub struct Runner {
     config: Arc<Config>,
     outbox: Arc<Outbox>,
     child_env: Vec<(OsString, OsString)>,
+    /// Hides `repo_url`'s credentials in everything a command shows.
+    scrubber: Scrubber,
 }
 
 impl Runner {
     pub fn new(config: Arc<Config>, outbox: Arc<Outbox>) -> Self {
         let child_env = child_environment(std::env::vars_os(), config.ssh_key.as_deref());
+        let scrubber = Scrubber::for_url(config.repo_url.as_deref());
         Runner {
             config,
             outbox,
             child_env,
+            scrubber,
         }
     }
 
@@ -143,6 +148,7 @@ impl Runner {
                 outbox: &self.outbox,
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
                 last_stderr: Mutex::new(String::new()),
+                scrubber: &self.scrubber,
             },
             progress,
             stop,
@@ -205,6 +211,7 @@ struct Output<'a> {
     log: Mutex<Option<CommandLog>>,
     /// The last non-empty stderr line of the current process, for messages.
     last_stderr: Mutex<String>,
+    scrubber: &'a Scrubber,
 }
 
 impl Job<'_> {
@@ -258,19 +265,96 @@ impl Job<'_> {
                 failed => failed,
             };
         }
+        if let Some(failed) = self.follow_configured_origin(repo, url).await {
+            return failed;
+        }
         let branch = config.branch.as_str();
-        let remote_branch = format!("origin/{branch}");
+        let remote_branch = format!("refs/remotes/origin/{branch}");
+        // An explicit refspec: a clone made for another branch (or with
+        // --single-branch) would not update origin/<branch> otherwise.
+        let refspec = format!("+refs/heads/{branch}:{remote_branch}");
         let steps: [(&str, Vec<&str>); 3] = [
-            ("git fetch", vec!["fetch", "origin", branch]),
-            ("git reset", vec!["reset", "--hard", &remote_branch]),
+            ("git fetch", vec!["fetch", "origin", &refspec]),
+            (
+                "git checkout",
+                vec!["checkout", "--force", "-B", branch, &remote_branch, "--"],
+            ),
             ("git clean", vec!["clean", "-fd"]),
         ];
+        let previous_branch = self
+            .git_query(repo, &["symbolic-ref", "--short", "-q", "HEAD"])
+            .await;
+        if previous_branch.as_deref().is_some_and(|b| b != branch) {
+            self.say(&format!(
+                "[nixfleet] branch changed from {} to {branch}: checking out {branch}",
+                previous_branch.as_deref().unwrap_or_default()
+            ));
+        }
         for (what, args) in steps {
             if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
                 return failed;
             }
         }
         self.pulled()
+    }
+
+    /// Isolated mode: `origin` must be `repo_url`, whatever it was before
+    /// (a host moving away from a compromised repository must not keep
+    /// pulling from it). Says so when it changes it; returns the failure.
+    async fn follow_configured_origin(&mut self, repo: &Path, url: &str) -> Option<StepOutcome> {
+        let current = self
+            .git_query(repo, &["config", "--get", "remote.origin.url"])
+            .await;
+        if current.as_deref() == Some(url) {
+            return None;
+        }
+        let (what, args) = match &current {
+            Some(old) => {
+                self.say(&format!(
+                    "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
+                    redact_url(old),
+                    redact_url(url)
+                ));
+                (
+                    "git remote set-url",
+                    vec!["remote", "set-url", "origin", url],
+                )
+            }
+            None => {
+                self.say(&format!(
+                    "[nixfleet] the repository has no origin: adding repo_url {}",
+                    redact_url(url)
+                ));
+                ("git remote add", vec!["remote", "add", "origin", url])
+            }
+        };
+        match self.git_step(what, repo, &args).await {
+            (Outcome::Ok, ..) => None,
+            failed => Some(failed),
+        }
+    }
+
+    /// A line of the agent's own in the command's output (log and dashboard).
+    fn say(&self, text: &str) {
+        self.output.emit(Stream::Stdout, text.as_bytes(), false);
+    }
+
+    /// The trimmed stdout of a quick git query, not shown anywhere; `None`
+    /// when git fails or prints nothing.
+    async fn git_query(&self, repo: &Path, args: &[&str]) -> Option<String> {
+        let output = tokio::process::Command::new("git")
+            .args(args)
+            .current_dir(repo)
+            .env_clear()
+            .envs(self.runner.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (output.status.success() && !text.is_empty()).then_some(text)
     }
 
     fn pulled(&self) -> StepOutcome {
@@ -431,8 +515,8 @@ impl Job<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        self.output
-            .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
+        let argv = format!("[nixfleet] $ {program} {}", args.join(" "));
+        self.output.log_line(&self.output.scrubber.scrub(&argv));
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -550,7 +634,10 @@ impl Output<'_> {
     }
 
     fn emit(&self, stream: Stream, raw: &[u8], cut: bool) {
-        let text = line_text(raw, cut);
+        let mut text = line_text(raw, cut);
+        if !self.scrubber.is_empty() {
+            text = self.scrubber.scrub(&text);
+        }
         self.log_line(&text);
         self.outbox.push_line(self.command, stream, &text);
         if stream == Stream::Stderr && !text.trim().is_empty() {

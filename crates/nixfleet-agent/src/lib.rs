@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod redact;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;

@@ -17,7 +17,12 @@ impl Config {
             ("url", Some(toml_str(&self.url))),
             ("token", Some(toml_str("<redacted>"))),
             ("repo_dir", Some(path(&self.repo_dir))),
-            ("repo_url", self.repo_url.as_deref().map(toml_str)),
+            (
+                "repo_url",
+                self.repo_url
+                    .as_deref()
+                    .map(|url| toml_str(&crate::redact::redact_url(url))),
+            ),
             ("branch", Some(toml_str(&self.branch))),
             ("interval", Some(secs(self.interval))),
             ("ssh_key", self.ssh_key.as_deref().map(path)),
