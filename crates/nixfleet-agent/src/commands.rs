@@ -420,7 +420,13 @@ impl Job<'_> {
                 .to_string_lossy()
                 .into_owned();
             let script_arg = script.to_string_lossy().into_owned();
-            let ended = self.run_process(&script_arg, &[], &cwd).await;
+            let ended = match untrusted_script(&self.config().repo_dir, script) {
+                Some(why) => {
+                    self.say(&format!("[nixfleet] refusing to run {name}: {why}"));
+                    Ended::NotStarted(why)
+                }
+                None => self.run_process(&script_arg, &[], &cwd).await,
+            };
             let ok = matches!(&ended, Ended::Exited(status) if status.success());
             passed += ok as u32;
             let stopped = matches!(ended, Ended::Stopped(_));
@@ -774,6 +780,51 @@ fn describe_exit(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         _ => "ended abnormally".to_owned(),
     }
+}
+
+/// Why a test script must not run (as root) if it must not: it, and every
+/// directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
+/// symlink out), be owned by root or the agent's user, and be writable by
+/// no one else. Otherwise whoever could write there would choose what runs.
+fn untrusted_script(repo_dir: &Path, script: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let repo = match std::fs::canonicalize(repo_dir) {
+        Ok(repo) => repo,
+        Err(e) => return Some(format!("cannot resolve repo_dir: {e}")),
+    };
+    let real = match std::fs::canonicalize(script) {
+        Ok(real) => real,
+        Err(e) => return Some(format!("cannot resolve it: {e}")),
+    };
+    if !real.starts_with(&repo) || real == repo {
+        return Some(format!(
+            "it resolves to {}, outside {}",
+            real.display(),
+            repo.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    for path in real.ancestors().take_while(|p| p.starts_with(&repo)) {
+        let metadata = match std::fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            Err(e) => return Some(format!("cannot inspect {}: {e}", path.display())),
+        };
+        if metadata.uid() != 0 && metadata.uid() != me {
+            return Some(format!(
+                "{} is owned by uid {}, not by root or the agent",
+                path.display(),
+                metadata.uid()
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{} is writable by group or others (mode {:04o})",
+                path.display(),
+                metadata.mode() & 0o7777
+            ));
+        }
+    }
+    None
 }
 
 fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {

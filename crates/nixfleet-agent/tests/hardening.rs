@@ -488,3 +488,166 @@ async fn credentials_in_repo_url_never_reach_logs_frames_or_messages() {
     assert!(error.contains("repo_url"), "{error}");
     assert!(!error.contains(SECRET), "{error}");
 }
+
+#[tokio::test]
+async fn ws_to_a_host_beyond_loopback_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = async |url: &str, allow: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+        command
+            .env_clear()
+            .env("NIXFLEET_URL", url)
+            .env("NIXFLEET_TOKEN", TOKEN)
+            .env("NIXFLEET_REPO_DIR", dir.path().join("repo"))
+            .env("NIXFLEET_STATE_DIR", dir.path().join("state"))
+            .env("NIXFLEET_HOSTNAME", "test-host");
+        if let Some(allow) = allow {
+            command.env("NIXFLEET_ALLOW_INSECURE_URL", allow);
+        }
+        // Not --check-config: the agent itself must refuse to start, and
+        // it does before opening any connection. An agent that would try
+        // is stopped at once (192.0.2.0/24 is reserved for documentation).
+        let mut child = tokio::process::Command::from(command)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let ended = tokio::time::timeout(5 * SECOND, child.wait())
+            .await
+            .expect("the agent started instead of refusing its configuration")
+            .unwrap();
+        let mut text = String::new();
+        let mut stderr = stderr;
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text)
+            .await
+            .unwrap();
+        (ended.code(), text)
+    };
+    let (code, stderr) = run("ws://192.0.2.1:8000/ws", None).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("allow_insecure_url"), "{stderr}");
+    assert!(stderr.contains("unencrypted"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+
+    let (code, _) = run("ws://dashboard.example.org/ws", Some("no")).await;
+    assert_eq!(code, Some(78));
+
+    // Allowed explicitly, or to loopback, the configuration is accepted.
+    let check = |url: &str, allow: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+        command
+            .arg("--check-config")
+            .env_clear()
+            .env("NIXFLEET_URL", url)
+            .env("NIXFLEET_TOKEN", TOKEN)
+            .env("NIXFLEET_REPO_DIR", dir.path().join("repo"))
+            .env("NIXFLEET_STATE_DIR", dir.path().join("state"))
+            .env("NIXFLEET_HOSTNAME", "test-host");
+        if let Some(allow) = allow {
+            command.env("NIXFLEET_ALLOW_INSECURE_URL", allow);
+        }
+        command.output().unwrap()
+    };
+    let allowed = check("ws://192.0.2.1:8000/ws", Some("true"));
+    assert_eq!(
+        allowed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&allowed.stdout).contains("allow_insecure_url = true"));
+    for url in [
+        "ws://127.0.0.1:8000/ws",
+        "ws://[::1]:8000/ws",
+        "ws://localhost/ws",
+        "wss://192.0.2.1/ws",
+    ] {
+        let ok = check(url, None);
+        assert_eq!(
+            ok.status.code(),
+            Some(0),
+            "{url}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_scripts_outside_the_repository_or_writable_by_others_are_refused() {
+    let dashboard = Dashboard::start().await;
+    let agent = start_with_rebuild(dashboard.url(), "true", |_| {}).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    let home = agent.dir.path();
+    let tests = agent.repo_dir.join("hosts/test-host/tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    script(&tests, "T01-ok.sh", "echo fine");
+    // Dropped by someone who may write outside the repository...
+    let outside = home.join("world-writable");
+    std::fs::create_dir(&outside).unwrap();
+    let evil = script(
+        &outside,
+        "evil.sh",
+        &format!("touch {:?}", home.join("ran-symlinked")),
+    );
+    std::os::unix::fs::symlink(&evil, tests.join("T02-linked.sh")).unwrap();
+    // ...or by a group that may write this one script.
+    let loose = script(
+        &tests,
+        "T03-group.sh",
+        &format!("touch {:?}", home.join("ran-group-writable")),
+    );
+    set_mode(&loose, 0o775);
+
+    dashboard.command(conn, "test");
+    let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
+    assert_eq!(status.payload()["status"], "error", "{}", status.payload());
+    assert_eq!(status.payload()["message"], "1/3 passed");
+    assert!(
+        !home.join("ran-symlinked").exists(),
+        "a script outside the repository ran"
+    );
+    assert!(
+        !home.join("ran-group-writable").exists(),
+        "a group-writable script ran"
+    );
+    let lines: Vec<String> = dashboard
+        .frames("output")
+        .iter()
+        .map(|f| f.payload()["line"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l
+            .starts_with("[nixfleet] refusing to run T02-linked.sh: it resolves to ")
+            && l.contains("outside")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(
+            |l| l.starts_with("[nixfleet] refusing to run T03-group.sh: ")
+                && l.contains("writable by group or others (mode 0775)")
+        ),
+        "{lines:#?}"
+    );
+
+    // The whole tests directory a symlink out of the repository.
+    std::fs::remove_dir_all(&tests).unwrap();
+    script(
+        &outside,
+        "T01-outside.sh",
+        &format!("touch {:?}", home.join("ran-from-linked-dir")),
+    );
+    std::os::unix::fs::symlink(&outside, &tests).unwrap();
+    dashboard.command(conn, "test");
+    let status = dashboard.wait_frame("status", 2, 20 * SECOND).await;
+    assert_eq!(status.payload()["status"], "error", "{}", status.payload());
+    assert!(
+        !home.join("ran-from-linked-dir").exists(),
+        "a script of a linked directory ran"
+    );
+}

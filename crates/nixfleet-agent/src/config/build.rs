@@ -39,6 +39,7 @@ struct Raw {
     stop_grace: Option<Value>,
     state_dir: Option<String>,
     ca_file: Option<String>,
+    allow_insecure_url: Option<Value>,
 }
 
 pub(super) fn build(
@@ -115,6 +116,8 @@ fn validate(
     };
     let token = resolve_token(setting, &mut v, credential, secrets);
     let url = v.url(raw.url)?;
+    let allow_insecure_url = v.boolean("allow_insecure_url", raw.allow_insecure_url)?;
+    v.url_is_private_or_allowed(&url, allow_insecure_url)?;
     let (token, token_source) = token?;
     check_token_not_in_url(&url, &token, &v)?;
     let repo_dir = v.repo_dir(raw.repo_dir)?;
@@ -152,6 +155,7 @@ fn validate(
         stop_grace,
         state_dir,
         ca_file,
+        allow_insecure_url,
         token_source,
         warnings: v.warnings,
         origins,

@@ -64,6 +64,9 @@ pub struct Config {
     pub stop_grace: Duration,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// Allows `ws://` to a host other than loopback (the token then
+    /// crosses the network in clear text).
+    pub allow_insecure_url: bool,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

@@ -24,6 +24,7 @@ pub const KEYS: &[&str] = &[
     "stop_grace",
     "state_dir",
     "ca_file",
+    "allow_insecure_url",
 ];
 
 /// The built-in defaults (the lowest layer). Keys without a default here
@@ -41,6 +42,7 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("backoff_max", 60u64);
     defaults.set("stop_grace", 10u64);
     defaults.set("state_dir", "/var/lib/nixfleet");
+    defaults.set("allow_insecure_url", false);
     defaults
 }
 

@@ -36,6 +36,10 @@ impl Config {
             ("stop_grace", Some(secs(self.stop_grace))),
             ("state_dir", Some(path(&self.state_dir))),
             ("ca_file", self.ca_file.as_deref().map(path)),
+            (
+                "allow_insecure_url",
+                Some(self.allow_insecure_url.to_string()),
+            ),
         ];
         let mut out = String::new();
         for (key, value) in lines {
