@@ -54,13 +54,20 @@ git -C "$repo" add .
 git -C "$repo" -c user.name=demo -c user.email=demo@example.invalid commit -q -m "demo config"
 
 # Off NixOS there is no nixos-rebuild: a labelled stand-in lets you try
-# `switch` and watch its output stream.
+# `switch` and watch its output stream. Asked for Nix's structured log (as
+# the agent does for switch and boot), it replays a recorded one, paced, so
+# the dashboard shows the rendered build log and live build progress.
 mkdir -p "$work/bin"
 if ! command -v nixos-rebuild >/dev/null; then
-  cat > "$work/bin/nixos-rebuild" <<'STANDIN'
+  recording="$PWD/crates/nixfleet-agent/tests/fixtures/nix-log/mixed.log"
+  cat > "$work/bin/nixos-rebuild" <<STANDIN
 #!/bin/sh
-echo "[demo stand-in] nixos-rebuild $*"
-for i in 1 2 3 4 5; do echo "building step $i/5"; sleep 1; done
+echo "[demo stand-in] nixos-rebuild \$*"
+case " \$* " in
+  *" --log-format internal-json "*)
+    while IFS= read -r line; do printf '%s\n' "\$line" >&2; sleep 0.05; done < '$recording' ;;
+  *) for i in 1 2 3 4 5; do echo "building step \$i/5"; sleep 1; done ;;
+esac
 echo "[demo stand-in] done"
 STANDIN
   chmod +x "$work/bin/nixos-rebuild"
@@ -101,6 +108,12 @@ while True:
             print(f"{time.strftime('%H:%M:%S')}  {host}: {'online' if h['online'] else 'offline'}, "
                   f"{len(beats)} heartbeats, generation {last.get('generation', '?')!r}, "
                   f"running {last.get('pending_command')!r}, metrics {last.get('metrics')}", flush=True)
+            system = (h.get("progress") or {}).get("system")
+            if system:
+                builds = (system.get("detail") or {}).get("builds") or {}
+                print(f"          build progress: {system.get('current')}/{system.get('total')} "
+                      f"{system.get('status')}, builds {builds.get('done', 0)}/{builds.get('expected', 0)}",
+                      flush=True)
             if check_only and h["online"] and len(beats) >= 2:
                 print("demo check passed: the host is online with heartbeats")
                 break

@@ -8,12 +8,18 @@
 //! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
 //! from both pipes concurrently, split into lines, written to the command's
 //! log file and queued in the outbox, which never blocks; so a child is
-//! never held up by a slow or absent dashboard.
+//! never held up by a slow or absent dashboard. A rebuild's output is Nix's
+//! structured log, rendered back to plain lines on the way, with build
+//! progress reports (see nix_log.rs and `Output::emit`).
 
 use crate::config::Config;
 use crate::heartbeat::generation;
+use crate::nix_log::{Effect, NixLog};
 use crate::outbox::Outbox;
-use crate::protocol::{Outbound, Outcome, Status, Stream, TestProgress};
+use crate::protocol::{
+    OperationProgress, Outbound, Outcome, PhaseProgress, PhaseStatus, Phases, Status, Stream,
+    TestProgress,
+};
 use crate::redact::{Scrubber, redact_url};
 use std::ffi::OsString;
 use std::io::Write;
@@ -21,7 +27,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -43,6 +49,14 @@ const YIELD_EVERY_BYTES: usize = 16 * 1024;
 const GROUP_POLL: Duration = Duration::from_millis(50);
 /// Longest error detail quoted in a status message.
 const MAX_DETAIL_CHARS: usize = 200;
+/// `nixos-rebuild` flags for Nix's structured log, which the agent turns
+/// back into plain lines plus build progress (see nix_log.rs). Both are
+/// common flags of nixos-rebuild (the Python `nixos-rebuild-ng` and the
+/// older shell script), passed on to every `nix` build it runs.
+const STRUCTURED_LOG_ARGS: [&str; 3] = ["--log-format", "internal-json", "-v"];
+/// Least time between two intermediate build progress reports (at most
+/// four a second); the final one is never held back.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The command table (protocol.md, "Commands"). `stop` is not here: it acts
 /// on the running command rather than being one.
@@ -149,6 +163,7 @@ impl Runner {
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
                 last_stderr: Mutex::new(String::new()),
                 scrubber: &self.scrubber,
+                build: Mutex::new(None),
             },
             progress,
             stop,
@@ -212,6 +227,65 @@ struct Output<'a> {
     /// The last non-empty stderr line of the current process, for messages.
     last_stderr: Mutex<String>,
     scrubber: &'a Scrubber,
+    /// While a `nixos-rebuild` runs: its structured log's state.
+    build: Mutex<Option<BuildProgress>>,
+}
+
+/// A rebuild's structured log and what was last reported of it.
+struct BuildProgress {
+    log: NixLog,
+    /// Counts changed since the last report.
+    dirty: bool,
+    last_report: Option<Instant>,
+    /// The last `system` step sent; reports never go backwards.
+    sent: Option<PhaseProgress>,
+}
+
+impl BuildProgress {
+    fn new() -> Self {
+        BuildProgress {
+            log: NixLog::new(),
+            dirty: false,
+            last_report: None,
+            sent: None,
+        }
+    }
+
+    /// The report for the counts now, or `None` when it would repeat the
+    /// last one. `current`/`total` count builds plus downloaded paths; Nix
+    /// may lower an expected total (a path it no longer needs), but the
+    /// dots only move forward, so both are kept at their highest.
+    fn report(&mut self, status: PhaseStatus) -> Option<OperationProgress> {
+        let snapshot = self.log.snapshot();
+        let (done, expected) = snapshot.steps();
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (mut current, mut total) = (clamp(done), clamp(expected));
+        if let Some(sent) = &self.sent {
+            current = current.max(sent.current);
+            total = total.max(sent.total);
+        }
+        if status == PhaseStatus::Complete {
+            // Success means everything expected was done.
+            current = current.max(total);
+        }
+        total = total.max(current);
+        let step = PhaseProgress {
+            current,
+            total,
+            status,
+            detail: serde_json::to_value(&snapshot).ok(),
+        };
+        if self.sent.as_ref() == Some(&step) {
+            return None;
+        }
+        self.sent = Some(step.clone());
+        Some(OperationProgress {
+            progress: Phases {
+                system: Some(step),
+                ..Phases::default()
+            },
+        })
+    }
 }
 
 impl Job<'_> {
@@ -377,7 +451,8 @@ impl Job<'_> {
         }
     }
 
-    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`.
+    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`, with Nix's
+    /// structured log, reporting build progress.
     async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
         let flake = format!(
             "{}#{}",
@@ -386,9 +461,15 @@ impl Job<'_> {
         );
         let mut args = op.to_vec();
         args.extend(["--flake", &flake]);
-        self.rebuild_plain(&args).await
+        args.extend(STRUCTURED_LOG_ARGS);
+        *self.output.build_lock() = Some(BuildProgress::new());
+        let outcome = self.rebuild_plain(&args).await;
+        self.output.finish_progress(outcome.0);
+        outcome
     }
 
+    /// `nixos-rebuild` with these arguments. A rollback builds nothing, so
+    /// it runs without the structured log and reports no build progress.
     async fn rebuild_plain(&mut self, args: &[&str]) -> StepOutcome {
         let cwd = self.working_dir();
         match self.run_process("nixos-rebuild", args, &cwd).await {
@@ -569,10 +650,16 @@ impl Job<'_> {
         };
         let drain = async {
             let pumps = async {
-                tokio::join!(
-                    output.pump(stdout, Stream::Stdout),
-                    output.pump(stderr, Stream::Stderr)
-                );
+                let both = async {
+                    tokio::join!(
+                        output.pump(stdout, Stream::Stdout),
+                        output.pump(stderr, Stream::Stderr)
+                    );
+                };
+                tokio::select! {
+                    () = both => {}
+                    () = output.report_pending_progress() => {}
+                }
             };
             let exit_then_grace = async {
                 exited.notified().await;
@@ -639,13 +726,100 @@ impl Output<'_> {
         }
     }
 
+    /// Where a line read from the child becomes what the dashboard gets:
+    /// during a rebuild, Nix's structured log is rendered to plain lines
+    /// and its counts reported; anything else goes out as it is.
     fn emit(&self, stream: Stream, raw: &[u8], cut: bool) {
-        let mut text = line_text(raw, cut);
-        if !self.scrubber.is_empty() {
-            text = self.scrubber.scrub(&text);
+        let text = line_text(raw, cut);
+        let mut build = self.build_lock();
+        let Some(progress) = build.as_mut() else {
+            drop(build);
+            self.send_line(stream, &text);
+            return;
+        };
+        let effect = progress
+            .log
+            .feed(&text, &mut |plain| self.send_line(stream, plain));
+        if effect == Effect::Counts {
+            progress.dirty = true;
+            self.report_progress(progress, false);
         }
-        self.log_line(&text);
-        self.outbox.push_line(self.command, stream, &text);
+    }
+
+    /// Sends a progress report when the counts changed and the last report
+    /// is at least [`PROGRESS_INTERVAL`] old. It is queued after the lines
+    /// read so far, so it never runs ahead of the lines it describes.
+    fn report_progress(&self, progress: &mut BuildProgress, force: bool) {
+        if !progress.dirty || !progress.log.is_structured() {
+            return;
+        }
+        let now = Instant::now();
+        if !force
+            && progress
+                .last_report
+                .is_some_and(|last| now.duration_since(last) < PROGRESS_INTERVAL)
+        {
+            return;
+        }
+        progress.dirty = false;
+        progress.last_report = Some(now);
+        if let Some(report) = progress.report(PhaseStatus::InProgress) {
+            self.outbox
+                .push_progress(Outbound::OperationProgress(&report).to_json());
+        }
+    }
+
+    /// Sends what the throttle held back once its interval is over, while
+    /// the pipes are quiet (a long build phase prints nothing). Runs until
+    /// dropped.
+    async fn report_pending_progress(&self) {
+        if self.build_lock().is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(PROGRESS_INTERVAL).await;
+            if let Some(progress) = self.build_lock().as_mut() {
+                self.report_progress(progress, false);
+            }
+        }
+    }
+
+    /// After the rebuild: the final report, whatever the throttle says, and
+    /// only when the output was Nix's structured log (for a stand-in or an
+    /// old Nix there are no counts to report). Reliable: it is what the
+    /// dots end on.
+    fn finish_progress(&self, outcome: Outcome) {
+        let Some(mut progress) = self.build_lock().take() else {
+            return;
+        };
+        if !progress.log.is_structured() {
+            return;
+        }
+        let status = match outcome {
+            Outcome::Ok => PhaseStatus::Complete,
+            Outcome::Error => PhaseStatus::Error,
+        };
+        if let Some(report) = progress.report(status) {
+            self.outbox
+                .push_reliable(Outbound::OperationProgress(&report).to_json());
+        }
+    }
+
+    fn build_lock(&self) -> std::sync::MutexGuard<'_, Option<BuildProgress>> {
+        self.build.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send_line(&self, stream: Stream, text: &str) {
+        // repo_url's credentials, should a child print them (redact.rs).
+        let scrubbed;
+        let text = if self.scrubber.is_empty() {
+            text
+        } else {
+            scrubbed = self.scrubber.scrub(text);
+            scrubbed.as_str()
+        };
+        self.log_line(text);
+        self.outbox.push_line(self.command, stream, text);
         if stream == Stream::Stderr && !text.trim().is_empty() {
             let mut last = self.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
             last.clear();
@@ -1005,6 +1179,61 @@ mod tests {
         ] {
             assert_eq!(CommandKind::parse(name), None, "{name:?}");
         }
+    }
+
+    #[test]
+    fn build_progress_reports_only_changes_and_never_goes_backwards() {
+        let mut progress = BuildProgress::new();
+        let feed = |p: &mut BuildProgress, line: &str| {
+            p.log.feed(line, &mut |_| {});
+        };
+        let step = |report: Option<OperationProgress>| {
+            report.map(|r| {
+                let s = r.progress.system.unwrap();
+                (s.current, s.total, s.status)
+            })
+        };
+        feed(
+            &mut progress,
+            r#"@nix {"action":"start","id":1,"type":104}"#,
+        );
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[1,5,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((1, 5, PhaseStatus::InProgress))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            None,
+            "no change, no report"
+        );
+        // Nix lowers what it expects: the dots stay where they were.
+        feed(
+            &mut progress,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,3,1,0]}"#,
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::InProgress)),
+            Some((2, 5, PhaseStatus::InProgress))
+        );
+        // Success fills the dots; a failure keeps what was done.
+        let mut failed = BuildProgress::new();
+        feed(&mut failed, r#"@nix {"action":"start","id":1,"type":104}"#);
+        feed(
+            &mut failed,
+            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,5,0,1]}"#,
+        );
+        assert_eq!(
+            step(failed.report(PhaseStatus::Error)),
+            Some((2, 5, PhaseStatus::Error))
+        );
+        assert_eq!(
+            step(progress.report(PhaseStatus::Complete)),
+            Some((5, 5, PhaseStatus::Complete))
+        );
     }
 
     #[test]

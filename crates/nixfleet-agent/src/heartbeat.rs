@@ -78,6 +78,10 @@ impl Reporter {
             repo_dir: Some(self.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
+            theme_color: None,
+            location: None,
+            device_type: None,
+            source_commit: None,
         }
     }
 
@@ -88,6 +92,11 @@ impl Reporter {
             pending_command: command.name.clone(),
             command_pid: command.pid,
             metrics: self.sampler.sample(),
+            update_status: None,
+            source_commit: None,
+            store_path: None,
+            binary_hash: None,
+            lock_hash: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod hardening;
 pub mod heartbeat;
 pub mod logging;
 pub mod metrics;
+pub mod nix_log;
 pub mod outbox;
 pub mod protocol;
 pub mod redact;

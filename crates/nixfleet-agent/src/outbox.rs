@@ -30,6 +30,9 @@ pub struct Item {
     pub frame: String,
     /// Output lines may be dropped under pressure; nothing else may.
     pub droppable: bool,
+    /// An intermediate progress report: a newer one replaces it while it
+    /// is queued, and it is not sent again after a broken connection.
+    pub replaceable: bool,
 }
 
 pub struct Outbox {
@@ -103,6 +106,7 @@ impl Outbox {
         q.items.push_back(Item {
             frame,
             droppable: true,
+            replaceable: false,
         });
         drop(q);
         self.ready.notify_one();
@@ -118,12 +122,32 @@ impl Outbox {
         q.items.push_back(Item {
             frame,
             droppable: false,
+            replaceable: false,
         });
         q.reliable_queued += 1;
         let ticket = q.reliable_queued;
         drop(q);
         self.ready.notify_one();
         ticket
+    }
+
+    /// Queues an intermediate progress report, of which only the newest
+    /// matters: one still queued is removed and the new one goes to the
+    /// back, so that a report never overtakes the lines it describes and
+    /// an absent dashboard costs one queued report, not one per interval.
+    /// A command's final report goes through [`Outbox::push_reliable`].
+    pub fn push_progress(&self, frame: String) {
+        let mut q = self.lock();
+        if let Some(stale) = q.items.iter().rposition(|item| item.replaceable) {
+            q.items.remove(stale);
+        }
+        q.items.push_back(Item {
+            frame,
+            droppable: false,
+            replaceable: true,
+        });
+        drop(q);
+        self.ready.notify_one();
     }
 
     /// The writer confirms that everything it took was flushed to the socket.
@@ -165,6 +189,8 @@ impl Outbox {
                 q.lines -= 1;
                 q.line_bytes -= item.frame.len();
                 q.in_flight_lines += 1;
+            } else if item.replaceable {
+                // Superseded by the next report; nothing to account for.
             } else {
                 q.in_flight_reliable.push(item.clone());
             }
@@ -248,6 +274,7 @@ impl Queue {
         self.items.push_back(Item {
             frame,
             droppable: false,
+            replaceable: false,
         });
         self.reliable_queued += 1;
         self.dropped = 0;
@@ -294,6 +321,30 @@ mod tests {
             lines_of(&drain(&outbox)),
             ["[nixfleet] 7 lines dropped", "line 10", "<status>"]
         );
+    }
+
+    #[test]
+    fn only_the_newest_progress_waits_and_it_never_overtakes_lines() {
+        let outbox = Outbox::default();
+        let progress = |n: u32| format!(r#"{{"type":"operation_progress","payload":{{"n":{n}}}}}"#);
+        outbox.push_line("switch", Stream::Stderr, "a");
+        outbox.push_progress(progress(1));
+        outbox.push_line("switch", Stream::Stderr, "b");
+        outbox.push_progress(progress(2));
+        outbox.push_progress(progress(3));
+        outbox.push_line("switch", Stream::Stderr, "c");
+        let batch = drain(&outbox);
+        assert_eq!(lines_of(&batch), ["a", "b", "<operation_progress>", "c"]);
+        assert!(batch[2].frame.contains(r#""n":3"#));
+        // Progress is neither a reliable frame to wait for nor resent.
+        let ticket = outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
+        outbox.push_progress(progress(4));
+        let mut batch = Vec::new();
+        outbox.take_batch(usize::MAX, &mut batch);
+        outbox.requeue_in_flight();
+        assert_eq!(lines_of(&drain(&outbox)), ["<status>"]);
+        outbox.confirm_delivered();
+        assert_eq!(outbox.lock().reliable_delivered, ticket);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum Outbound<'a> {
     Status(&'a Status),
     CommandRejected(&'a CommandRejected),
     TestProgress(&'a TestProgress),
+    /// v3 dashboards: the progress dots of the status column.
+    OperationProgress(&'a OperationProgress),
 }
 
 impl Outbound<'_> {
@@ -58,6 +60,18 @@ pub struct Register {
     pub store_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binary_hash: Option<String>,
+    /// v3: `#rrggbb`, from config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub theme_color: Option<String>,
+    /// v3: `home`, `work`, `cloud`, from config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// v3: `server`, `desktop`, `laptop`, `gaming`, from config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<String>,
+    /// v3: the git commit this binary was built from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -67,6 +81,110 @@ pub struct Heartbeat {
     pub pending_command: Option<String>,
     pub command_pid: Option<u32>,
     pub metrics: Option<Metrics>,
+    /// v3: the status compartments; v2 dashboards ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binary_hash: Option<String>,
+    /// v3: sha256 hex of the repository's `flake.lock`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_hash: Option<String>,
+}
+
+/// v3: the four status compartments of a host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct UpdateStatus {
+    pub git: Check,
+    pub lock: Check,
+    pub system: Check,
+    pub tests: Check,
+}
+
+/// One compartment.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Check {
+    pub status: CheckStatus,
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub checked_at: String,
+}
+
+impl Default for Check {
+    fn default() -> Self {
+        Check {
+            status: CheckStatus::Unknown,
+            message: String::new(),
+            checked_at: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Outdated,
+    Error,
+    Unknown,
+    Working,
+}
+
+/// v3 `operation_progress`: `{"progress": {"pull"?: P, "lock"?: P,
+/// "system"?: P, "tests"?: T}}`. Only the phases present are drawn anew.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct OperationProgress {
+    pub progress: Phases,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Phases {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PhaseProgress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock: Option<PhaseProgress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<PhaseProgress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tests: Option<TestsProgress>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PhaseProgress {
+    pub current: u32,
+    pub total: u32,
+    pub status: PhaseStatus,
+    /// Extra detail v3 dashboards ignore (e.g. build counts); any JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TestsProgress {
+    pub current: u32,
+    pub total: u32,
+    pub results: Vec<TestResult>,
+    pub status: PhaseStatus,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseStatus {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TestResult {
+    Pending,
+    Pass,
+    Fail,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -337,6 +455,10 @@ mod tests {
             repo_dir: Some("/var/lib/nixfleet/repo".into()),
             store_path: None,
             binary_hash: None,
+            theme_color: None,
+            location: None,
+            device_type: None,
+            source_commit: None,
         };
         let v = parse(&Outbound::Register(&register).to_json());
         assert_eq!(v["type"], "register");
@@ -354,6 +476,11 @@ mod tests {
             pending_command: None,
             command_pid: None,
             metrics: None,
+            update_status: None,
+            source_commit: None,
+            store_path: None,
+            binary_hash: None,
+            lock_hash: None,
         };
         let v = parse(&Outbound::Heartbeat(&hb).to_json());
         assert_eq!(
@@ -361,6 +488,45 @@ mod tests {
             json!({"type": "heartbeat", "payload": {"generation": "abc1234", "nixpkgs_version": "",
                 "pending_command": null, "command_pid": null, "metrics": null}})
         );
+    }
+
+    #[test]
+    fn operation_progress_and_update_status_shapes() {
+        let progress = OperationProgress {
+            progress: Phases {
+                pull: Some(PhaseProgress {
+                    current: 1,
+                    total: 3,
+                    status: PhaseStatus::InProgress,
+                    detail: None,
+                }),
+                tests: Some(TestsProgress {
+                    current: 1,
+                    total: 2,
+                    results: vec![TestResult::Pass, TestResult::Pending],
+                    status: PhaseStatus::InProgress,
+                }),
+                ..Phases::default()
+            },
+        };
+        assert_eq!(
+            parse(&Outbound::OperationProgress(&progress).to_json()),
+            json!({"type": "operation_progress", "payload": {"progress": {
+                "pull": {"current": 1, "total": 3, "status": "in_progress"},
+                "tests": {"current": 1, "total": 2, "results": ["pass", "pending"], "status": "in_progress"}}}})
+        );
+        let status = UpdateStatus {
+            lock: Check {
+                status: CheckStatus::Outdated,
+                message: "Updated 9 days ago".into(),
+                checked_at: "2026-12-01T00:00:00Z".into(),
+            },
+            ..UpdateStatus::default()
+        };
+        let v = serde_json::to_value(&status).unwrap();
+        assert_eq!(v["lock"]["status"], "outdated");
+        assert_eq!(v["git"]["status"], "unknown");
+        assert_eq!(v["tests"]["checked_at"], "");
     }
 
     #[test]

@@ -367,8 +367,17 @@ async fn switch_boot_and_rollback_run_nixos_rebuild_with_the_right_argv_and_cwd(
         .map(|r| r.lines().collect())
         .collect();
     let flake = format!("{repo}#test-host");
-    assert_eq!(runs[0], ["switch", "--flake", flake.as_str()]);
-    assert_eq!(runs[1], ["boot", "--flake", flake.as_str()]);
+    // Builds ask Nix for its structured log (rendered back by the agent);
+    // a rollback builds nothing.
+    let structured = ["--log-format", "internal-json", "-v"];
+    assert_eq!(
+        runs[0],
+        [&["switch", "--flake", flake.as_str()][..], &structured].concat()
+    );
+    assert_eq!(
+        runs[1],
+        [&["boot", "--flake", flake.as_str()][..], &structured].concat()
+    );
     assert_eq!(runs[2], ["switch", "--rollback"]);
     let cwd = std::fs::read_to_string(agent.dir.path().join("cwd")).unwrap();
     assert!(cwd.lines().all(|l| l == repo), "{cwd}");
