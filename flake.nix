@@ -16,6 +16,11 @@
           "aarch64-linux"
         ] (system: f nixpkgs.legacyPackages.${system});
 
+      # Reported by the agent as `source_commit` (v3 dashboards compare it
+      # before and after a switch).
+      sourceCommit = self.rev or self.dirtyRev or "";
+      buildAgent = pkgs: pkgs.callPackage ./nix/package.nix { inherit sourceCommit; };
+
       mkApp = drv: {
         type = "app";
         program = lib.getExe drv;
@@ -26,7 +31,7 @@
       packages = forAllSystems (
         pkgs:
         let
-          nixfleet-agent = pkgs.callPackage ./nix/package.nix { };
+          nixfleet-agent = buildAgent pkgs;
         in
         {
           inherit nixfleet-agent;
@@ -44,19 +49,37 @@
       });
 
       overlays.default = final: _prev: {
-        nixfleet-agent = final.callPackage ./nix/package.nix { };
+        nixfleet-agent = buildAgent final;
       };
 
       # The module proper lives in modules/nixfleet.nix and, like a Nixpkgs
       # module, defaults its package to `pkgs.nixfleet-agent`. Through the
       # flake it needs no overlay: the package is built with the host's own
-      # Nixpkgs (`callPackage`), so it shares that system's toolchain.
+      # Nixpkgs (`callPackage`), so it shares that system's toolchain, when
+      # that Nixpkgs' rustc is new enough for the crate (nixos-25.11 and
+      # later). On an older channel it is the flake's own package, built
+      # with the pinned nixos-25.11.
       nixosModules = {
         nixfleet =
           { lib, pkgs, ... }:
+          let
+            inherit (pkgs.stdenv.hostPlatform) system;
+            rustVersion = (lib.importTOML ./Cargo.toml).workspace.package.rust-version;
+          in
           {
+            # Importing both nixosModules.default and nixosModules.nixfleet
+            # (the same module) must not define the package twice: the
+            # module system keeps one module per key.
+            key = "${toString ./flake.nix}#nixosModules.nixfleet";
+            _file = "${toString ./flake.nix}#nixosModules.nixfleet";
             imports = [ ./modules/nixfleet.nix ];
-            services.nixfleet.package = lib.mkDefault (pkgs.callPackage ./nix/package.nix { });
+            services.nixfleet.package = lib.mkDefault (
+              if lib.versionAtLeast pkgs.rustc.version rustVersion then
+                buildAgent pkgs
+              else
+                self.packages.${system}.nixfleet-agent
+                  or (throw "services.nixfleet: this host's Nixpkgs has rustc ${pkgs.rustc.version}, older than the ${rustVersion} the agent needs, and the flake has no package for ${system}; set services.nixfleet.package")
+            );
           };
         default = self.nixosModules.nixfleet;
       };
@@ -105,6 +128,9 @@
         };
       });
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt);
+      # `nix fmt` with no arguments formats every Nix file of the tree
+      # (treefmt running nixfmt); `pkgs.nixfmt` alone would need the files
+      # named.
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
     };
 }

@@ -170,6 +170,51 @@ in
       '';
     };
 
+    themeColor = lib.mkOption {
+      type = lib.types.nullOr (lib.types.strMatching "#[0-9a-fA-F]{6}");
+      default = null;
+      example = "#7aa2f7";
+      description = ''
+        Colour of this host on v3 dashboards (`#rrggbb`); `null` leaves the
+        dashboard's default. Sets `settings.theme_color`.
+      '';
+    };
+
+    location = lib.mkOption {
+      type = lib.types.nullOr (
+        lib.types.enum [
+          "home"
+          "work"
+          "cloud"
+        ]
+      );
+      default = null;
+      description = "Where the host is, as v3 dashboards group it. Sets `settings.location`.";
+    };
+
+    deviceType = lib.mkOption {
+      type = lib.types.nullOr (
+        lib.types.enum [
+          "server"
+          "desktop"
+          "laptop"
+          "gaming"
+        ]
+      );
+      default = null;
+      description = "What kind of machine the host is, for v3 dashboards. Sets `settings.device_type`.";
+    };
+
+    allowReboot = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Whether the dashboard's `reboot` command may reboot this host (with
+        `systemctl reboot`, a few seconds after it is acknowledged). Off, the
+        agent refuses it with a reason. Sets `settings.allow_reboot`.
+      '';
+    };
+
     settings = lib.mkOption {
       type = lib.types.submodule { freeformType = settingsFormat.type; };
       default = { };
@@ -208,7 +253,11 @@ in
         repo_dir = cfg.repoDir;
         log_level = cfg.logLevel;
       }
+      // lib.optionalAttrs cfg.allowReboot { allow_reboot = true; }
       // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
+      // lib.optionalAttrs (cfg.themeColor != null) { theme_color = cfg.themeColor; }
+      // lib.optionalAttrs (cfg.location != null) { inherit (cfg) location; }
+      // lib.optionalAttrs (cfg.deviceType != null) { device_type = cfg.deviceType; }
     );
 
     assertions = [
@@ -240,12 +289,13 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
 
-      # What the dashboard's commands run.
+      # What the dashboard's commands run: the host's own nixos-rebuild,
+      # Nix, ssh client (for git over SSH) and systemd.
       path = [
         config.system.build.nixos-rebuild
         pkgs.git
         config.nix.package
-        pkgs.openssh
+        config.programs.ssh.package
         config.systemd.package
       ];
 

@@ -12,10 +12,18 @@
 #   pyflakes         optional (python3 -m pyflakes), lints the VM test scripts
 #
 # Environment:
-#   NIXPKGS_LIB   the `lib` directory of a nixpkgs.lib checkout; without it
-#                 the lib-only evaluations are skipped
-#   NIXPKGS_PIN   the pinned nixpkgs lock node
-#                 (default: ../shared/nix/nixpkgs-pin.json beside the repository)
+#   NIXPKGS_LIB   nixpkgs' `lib` directory (default: ../shared/nix/nixpkgs/lib
+#                 beside the repository, as CI has it); the lib-only
+#                 evaluations are skipped only when neither exists
+#   NIXOS_LIB     nixpkgs' `nixos/lib` directory with the systemd unit
+#                 options and rendering (default: $NIXPKGS_LIB/../nixos/lib)
+#   NIXPKGS_PIN   a nixpkgs lock node verified elsewhere (JSON with `locked`
+#                 and `original`), for comparing flake.lock's nixpkgs node
+#                 with it. Default: ../shared/nix/nixpkgs-pin.json, a file
+#                 beside the repository on the machine it was developed on;
+#                 where it does not exist (a fresh clone) the comparison
+#                 prints "skipped: …" and only flake.lock's structure is
+#                 checked.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -118,60 +126,47 @@ if os.path.exists(pin_path):
     for key in ("locked", "original"):
         if node.get(key) != pin[key]:
             problems.append(f"nixpkgs.{key} differs from {pin_path}: {node.get(key)} != {pin[key]}")
-    source = "the pin"
+    source = "pinned"
 else:
-    source = "no pin file, structure only"
+    source = "no pin"
 if problems:
     print("\n".join(problems))
     sys.exit(1)
 print(source)
 EOF
   ); then
-    ok "flake.lock: version 7, one input, nixpkgs node equals $out"
+    ok "flake.lock: version 7, nixpkgs as the only input"
+    if [[ $out == pinned ]]; then
+      ok "flake.lock: the nixpkgs node equals the pin $pin"
+    else
+      skip "flake.lock's nixpkgs node not compared with a pin: no pin file at $pin (set NIXPKGS_PIN)"
+    fi
   else
     fail "flake.lock"
     echo "$out" | indent
   fi
 fi
 
-# (iv b) the unit the systemd-nspawn test installs states the same service
-# settings as the module. A textual comparison that needs no nixpkgs, so it
-# runs everywhere; the lib evaluation below compares the evaluated unit.
+# (iv c) docs/nixos.md documents exactly the module's options (textual:
+# the option declarations at the top level of services.nixfleet).
 if out=$(
-  python3 - crates/nixfleet-agent/tests/systemd/nixfleet.service modules/nixfleet.nix <<'EOF'
+  python3 - modules/nixfleet.nix docs/nixos.md <<'EOF'
 import re, sys
-unit_path, module_path = sys.argv[1], sys.argv[2]
-module = open(module_path).read()
-section, problems, compared = None, [], []
-for raw in open(unit_path):
-    line = raw.strip()
-    if not line or line.startswith("#"):
-        continue
-    if line.startswith("["):
-        section = line
-        continue
-    if section != "[Service]":
-        continue
-    key, _, value = line.partition("=")
-    if "@" in value:
-        # A store path or an option fills it in: the key must be set there.
-        if not re.search(rf"\b{key}\s*=", module):
-            problems.append(f"{key}: set in the unit, not in the module")
-    else:
-        quoted = rf'\b{key}\s*=\s*"{re.escape(value)}"\s*;'
-        bare = rf"\b{key}\s*=\s*{re.escape(value)}\s*;"
-        if not (re.search(quoted, module) or re.search(bare, module)):
-            problems.append(f"{key}={value}: the module does not say {key} = {value}")
-    compared.append(key)
-if problems:
-    print("\n".join(problems))
+module, doc = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+declared = set(re.findall(r"^    (\w+) = lib\.mk(?:Option|EnableOption|PackageOption)\b", module, re.M))
+options = doc.split("\n## Options\n", 1)[-1].split("\n## ", 1)[0]
+documented = set(re.findall(r"^\| `(\w+)` \|", options, re.M))
+problems = [f"option {o} is not in docs/nixos.md's Options table" for o in sorted(declared - documented)]
+problems += [f"docs/nixos.md documents {o}, which the module does not declare" for o in sorted(documented - declared)]
+if problems or not declared:
+    print("\n".join(problems) or "no options found in the module")
     sys.exit(1)
-print(", ".join(compared))
+print(len(declared))
 EOF
 ); then
-  ok "crates/nixfleet-agent/tests/systemd/nixfleet.service and modules/nixfleet.nix state the same [Service] settings ($out)"
+  ok "docs/nixos.md documents the module's $out options"
 else
-  fail "crates/nixfleet-agent/tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
+  fail "docs/nixos.md and modules/nixfleet.nix disagree"
   echo "$out" | indent
 fi
 
@@ -197,7 +192,7 @@ evaluate() {
   # evaluate NAME FILE OUT: nix-instantiate a nix/eval-*.nix file to JSON.
   local err
   if err=$(nix-instantiate --readonly-mode --eval --strict --json "$2" \
-    --arg lib "import $NIXPKGS_LIB" 2>&1 >"$3"); then
+    --arg lib "import $NIXPKGS_LIB" --arg nixosLib "$NIXOS_LIB" 2>&1 >"$3"); then
     return 0
   fi
   fail "$1: evaluation failed"
@@ -205,85 +200,87 @@ evaluate() {
   return 1
 }
 
+render_unit() {
+  # render_unit MODULE: the unit NixOS writes for MODULE (nix/render-unit.nix).
+  nix-instantiate --readonly-mode --eval --strict --json nix/render-unit.nix \
+    --arg lib "import $NIXPKGS_LIB" --arg nixosLib "$NIXOS_LIB" --arg module "$1"
+}
+
+if [[ -z ${NIXPKGS_LIB:-} && -f ../shared/nix/nixpkgs/lib/default.nix ]]; then
+  NIXPKGS_LIB=../shared/nix/nixpkgs/lib
+fi
 if [[ -z ${NIXPKGS_LIB:-} ]]; then
-  skip "NIXPKGS_LIB not set (lib-only evaluation of the module, the package, the flake outputs and the VM test scripts)"
+  skip "no nixpkgs lib: NIXPKGS_LIB not set and no ../shared/nix/nixpkgs/lib (lib-only evaluation of the module, the package, the unit, the flake outputs and the VM test scripts)"
 elif [[ ! -f $NIXPKGS_LIB/default.nix ]]; then
   fail "NIXPKGS_LIB=$NIXPKGS_LIB is not a nixpkgs lib directory (no default.nix)"
+elif [[ ! -f ${NIXOS_LIB:-$NIXPKGS_LIB/../nixos/lib}/systemd-lib.nix ]]; then
+  fail "no nixos/lib with systemd-lib.nix at ${NIXOS_LIB:-$NIXPKGS_LIB/../nixos/lib}: set NIXOS_LIB to nixpkgs' nixos/lib"
 elif have nix-instantiate "install Debian's nix-bin" && have python3 "install python3"; then
+  NIXOS_LIB=$(cd "${NIXOS_LIB:-$NIXPKGS_LIB/../nixos/lib}" && pwd)
   NIXPKGS_LIB=$(cd "$NIXPKGS_LIB" && pwd)
 
   if evaluate "module and package" nix/eval-module.nix "$tmp/module.json"; then
     report "module and package (nix/eval-module.nix)" "$tmp/module.json" || failures=$((failures + 1))
+  fi
 
-    # The module's unit against the plain unit file used by the nspawn test.
-    if out=$(python3 - "$tmp/module.json" crates/nixfleet-agent/tests/systemd/nixfleet.service 2>&1 <<'EOF'
-import json
+  # The unit NixOS writes for the module: NixOS's own service option types
+  # check the definition and systemd-lib renders it (the text the
+  # systemd-nspawn test installs).
+  if err=$(render_unit "$PWD/modules/nixfleet.nix" 2>&1 >"$tmp/unit.json"); then
+    ok "the module's unit passes NixOS's systemd types and renders with systemd-lib ($(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1])).splitlines()))' "$tmp/unit.json") lines, nix/render-unit.nix)"
+  else
+    fail "the module's unit (nix/render-unit.nix)"
+    echo "$err" | indent
+  fi
+
+  # Self-test of that check: deliberately broken copies of the module must
+  # be refused, each with the error NixOS itself would give.
+  broken_cases=(
+    "a misspelt service attribute"
+    "restartIfChanged = false;" "restartIfChange = false;"
+    "The option \`systemd.services.nixfleet.restartIfChange' does not exist"
+
+    "a wrong type"
+    "stopIfChanged = false;" 'stopIfChanged = "no";'
+    "\`systemd.services.nixfleet.stopIfChanged' is not of type \`boolean'"
+
+    "an invalid Type="
+    'Type = "notify";' 'Type = "notify-ready";'
+    "Systemd Service field \`Type' cannot have value \`notify-ready'"
+
+    "an invalid Restart="
+    'Restart = "always";' 'Restart = "allways";'
+    "Systemd Service field \`Restart' cannot have value \`allways'"
+  )
+  refused=()
+  for ((i = 0; i < ${#broken_cases[@]}; i += 4)); do
+    what=${broken_cases[i]}
+    copy="$tmp/broken-$((i / 4)).nix"
+    if ! python3 - modules/nixfleet.nix "$copy" "${broken_cases[i + 1]}" "${broken_cases[i + 2]}" <<'EOF'; then
 import sys
-
-unit = json.load(open(sys.argv[1]))["unit"]
-placeholders = unit["placeholders"]
-
-
-def render(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def parse(path):
-    sections, section = {}, None
-    for raw in open(path):
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = sections.setdefault(line.strip("[]"), {})
-            continue
-        key, _, value = line.partition("=")
-        for name, real in placeholders.items():
-            value = value.replace(f"@{name}@", real)
-        section.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
-
-def as_lists(settings):
-    return {
-        key: [render(v) for v in (value if isinstance(value, list) else [value])]
-        for key, value in settings.items()
-    }
-
-
-expected = {
-    "Unit": {
-        "Description": [unit["description"]],
-        "Wants": unit["wants"],
-        "After": unit["after"],
-    },
-    "Service": as_lists(unit["serviceConfig"]),
-    "Install": {"WantedBy": unit["wantedBy"]},
-}
-actual = parse(sys.argv[2])
-problems = []
-for section in sorted(set(expected) | set(actual)):
-    want, have = expected.get(section, {}), actual.get(section, {})
-    for key in sorted(set(want) | set(have)):
-        if key not in have:
-            problems.append(f"[{section}] {key}: set by the module, missing in the file")
-        elif key not in want:
-            problems.append(f"[{section}] {key}: in the file, not set by the module")
-        elif want[key] != have[key]:
-            problems.append(f"[{section}] {key}: module {want[key]} != file {have[key]}")
-if problems:
-    print("\n".join(problems))
-    sys.exit(1)
-print(", ".join(sorted(expected["Service"])))
+source, target, old, new = sys.argv[1:]
+text = open(source).read()
+if text.count(old) != 1:
+    sys.exit(f"the module no longer has exactly one {old!r}")
+open(target, "w").write(text.replace(old, new))
 EOF
-    ); then
-      ok "crates/nixfleet-agent/tests/systemd/nixfleet.service matches the module's unit ($out)"
-    else
-      fail "crates/nixfleet-agent/tests/systemd/nixfleet.service drifted from modules/nixfleet.nix"
-      echo "$out" | indent
+      fail "self-test of the unit check: cannot make a copy with $what"
+      continue
     fi
+    if err=$(render_unit "$copy" 2>&1 >/dev/null); then
+      fail "self-test of the unit check: a module with $what was accepted"
+    elif [[ $err != *"${broken_cases[i + 3]}"* ]]; then
+      fail "self-test of the unit check: a module with $what failed, but not with: ${broken_cases[i + 3]}"
+      echo "$err" | indent
+    else
+      refused+=("$what")
+    fi
+  done
+  if ((${#refused[@]} == ${#broken_cases[@]} / 4)); then
+    ok "self-test: the unit check refuses a module with $(
+      IFS=,
+      echo "${refused[*]}" | sed 's/,/, /g'
+    )"
   fi
 
   if evaluate "flake outputs" nix/eval-flake.nix "$tmp/flake.json"; then

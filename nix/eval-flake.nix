@@ -3,14 +3,14 @@
 # Run by nix/check.sh:
 #
 #   nix-instantiate --readonly-mode --eval --strict --json nix/eval-flake.nix \
-#     --arg lib 'import /path/to/nixpkgs.lib/lib'
+#     --arg lib 'import /path/to/nixpkgs/lib' --arg nixosLib /path/to/nixpkgs/nixos/lib
 #
 # The result is { results = [ { name; ok; detail; } … ]; testScripts = …; }:
 # one entry per expectation, and the Python test scripts of the VM tests
 # (keyed by check name, with their node names) for check.sh to lint.
-{ lib }:
+{ lib, nixosLib }:
 let
-  stubs = import ./stubs.nix { inherit lib; };
+  stubs = import ./stubs.nix { inherit lib nixosLib; };
 
   systems = [
     "aarch64-linux"
@@ -58,6 +58,42 @@ let
       };
     }
   ];
+
+  minimalHost = {
+    services.nixfleet = {
+      enable = true;
+      url = "wss://fleet.example.com/ws";
+      tokenFile = "/run/keys/nixfleet-token";
+    };
+  };
+
+  # Both names of the module imported at once, as a configuration that
+  # merges two people's imports may do.
+  bothModules = builtins.tryEval (
+    (stubs.evalNixos [
+      self.nixosModules.default
+      self.nixosModules.nixfleet
+      minimalHost
+    ]).systemd.services.nixfleet.serviceConfig.ExecStart
+  );
+
+  # A host on an older channel: its rustc is older than rust-version, so
+  # building the agent with its Nixpkgs would fail (nix/package.nix asserts).
+  oldChannelHost = builtins.tryEval (
+    (stubs.evalNixos [
+      self.nixosModules.default
+      minimalHost
+      {
+        _module.args.pkgs = lib.mkForce (
+          stubs.pkgsWith x86 {
+            rustc = stubs.fakePackage "rustc-1.86.0" "rustc" // {
+              version = "1.86.0";
+            };
+          }
+        );
+      }
+    ]).systemd.services.nixfleet.serviceConfig.ExecStart
+  );
 
   vmTests = lib.filterAttrs (name: _: lib.hasPrefix "vm-" name) checks;
 in
@@ -120,6 +156,20 @@ in
       moduleConfig.systemd.services.nixfleet.serviceConfig.ExecStart
       "${agent.outPath}/bin/nixfleet-agent --config ${stubs.fakeStorePath "nixfleet.toml"}"
     )
+    (expectEqual "flake: importing nixosModules.default and nixosModules.nixfleet together is harmless"
+      bothModules
+      {
+        success = true;
+        value = moduleConfig.systemd.services.nixfleet.serviceConfig.ExecStart;
+      }
+    )
+    (expectEqual "flake: on a channel with an older rustc the module uses the flake's own package"
+      oldChannelHost
+      {
+        success = true;
+        value = "${agent.outPath}/bin/nixfleet-agent --config ${stubs.fakeStorePath "nixfleet.toml"}";
+      }
+    )
     (expectEqual "flake: checks" (names checks) [
       "formatting"
       "package"
@@ -158,8 +208,9 @@ in
         "deadnix"
       ]
     ))
-    (expectEqual "flake: formatter is nixfmt" self.formatter.${x86}
-      nixpkgs.legacyPackages.${x86}.nixfmt
+    (expectEqual "flake: formatter is nixfmt-tree (nix fmt formats the whole tree)"
+      self.formatter.${x86}
+      nixpkgs.legacyPackages.${x86}.nixfmt-tree
     )
   ];
 

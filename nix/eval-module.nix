@@ -1,16 +1,16 @@
 # Evaluates modules/nixfleet.nix and nix/package.nix with nixpkgs' `lib`
 # alone, against the stand-ins of nix/stubs.nix for the NixOS options and
-# packages they use. Run by nix/check.sh:
+# packages they use and NixOS's own systemd service types and unit
+# rendering (nixos/lib). Run by nix/check.sh:
 #
 #   nix-instantiate --readonly-mode --eval --strict --json nix/eval-module.nix \
-#     --arg lib 'import /path/to/nixpkgs.lib/lib'
+#     --arg lib 'import /path/to/nixpkgs/lib' --arg nixosLib /path/to/nixpkgs/nixos/lib
 #
-# The result is { results = [ { name; ok; detail; } … ]; unit = …; }:
-# one entry per expectation, and the rendered unit of a minimal
-# configuration, which check.sh compares with crates/nixfleet-agent/tests/systemd/nixfleet.service.
-{ lib }:
+# The result is { results = [ { name; ok; detail; } … ]; }: one entry per
+# expectation.
+{ lib, nixosLib }:
 let
-  stubs = import ./stubs.nix { inherit lib; };
+  stubs = import ./stubs.nix { inherit lib nixosLib; };
   inherit (stubs) fakePackage fakeStorePath;
   pkgs = stubs.pkgsFor "x86_64-linux";
 
@@ -66,6 +66,7 @@ let
   disabled = evalConfig { services.nixfleet.enable = false; };
   unit = base.systemd.services.nixfleet;
   sc = unit.serviceConfig;
+  unitLines = lib.splitString "\n" base.systemd.units."nixfleet.service".text;
   agentExe = "${pkgs.nixfleet-agent.outPath}/bin/nixfleet-agent";
   configFile = fakeStorePath "nixfleet.toml";
 
@@ -90,13 +91,55 @@ let
     (expectEqual "wantedBy multi-user.target" unit.wantedBy [ "multi-user.target" ])
     (expectEqual "wants network-online.target" unit.wants [ "network-online.target" ])
     (expectEqual "after network-online.target" unit.after [ "network-online.target" ])
-    (expectEqual "path: nixos-rebuild, git, nix, openssh, systemd" (map (p: p.name) unit.path) [
-      "nixos-rebuild-ng-25.11"
-      "git-2.51.0"
-      "nix-2.31.2"
-      "openssh-10.0p2"
-      "systemd-258.2"
-    ])
+    (expectEqual "path: nixos-rebuild, git, nix, the ssh client, systemd (then NixOS's default path)"
+      (map (p: p.name) (lib.take 5 unit.path))
+      [
+        "nixos-rebuild-ng-25.11"
+        "git-2.51.0"
+        "nix-2.31.2"
+        "openssh-10.0p2"
+        "systemd-258.2"
+      ]
+    )
+    (expectEqual "path: the ssh client is programs.ssh.package"
+      (map (p: p.name) (
+        lib.take 5
+          (withMinimal { programs.ssh.package = fakePackage "openssh-hpn-10.0" "ssh"; })
+          .systemd.services.nixfleet.path
+      ))
+      [
+        "nixos-rebuild-ng-25.11"
+        "git-2.51.0"
+        "nix-2.31.2"
+        "openssh-hpn-10.0"
+        "systemd-258.2"
+      ]
+    )
+    (expectEqual "unit file: the lines NixOS writes" (lib.subtractLists unitLines [
+      "[Unit]"
+      "Description=NixFleet agent"
+      "Wants=network-online.target"
+      "After=network-online.target"
+      "[Service]"
+      "Type=notify"
+      "NotifyAccess=main"
+      "ExecStart=${agentExe} --config ${configFile}"
+      "Restart=always"
+      "RestartSec=2"
+      "WatchdogSec=60"
+      "KillMode=process"
+      "StateDirectory=nixfleet"
+      "LoadCredential=token:${tokenFile}"
+      "X-RestartIfChanged=false"
+      "X-StopIfChanged=false"
+      "Environment=\"PATH=${unit.environment.PATH}\""
+      "[Install]"
+      "WantedBy=multi-user.target"
+    ]) [ ])
+    (expectEqual "unit file: the service's PATH starts with the module's path"
+      (lib.hasPrefix (lib.makeBinPath (lib.take 5 unit.path)) unit.environment.PATH)
+      true
+    )
     (expectEqual "settings carry the options' keys" base.services.nixfleet.settings {
       url = "wss://fleet.example.com/ws";
       hostname = "web-01";
@@ -135,6 +178,29 @@ let
         interval = 10;
         log_level = "debug";
         metrics = "none";
+      }
+    )
+    (expectEqual "v3 presentation options and allowReboot map to settings keys"
+      (withMinimal {
+        services.nixfleet = {
+          themeColor = "#7aa2f7";
+          location = "cloud";
+          deviceType = "server";
+          allowReboot = true;
+        };
+      }).services.nixfleet.settings
+      {
+        url = "wss://fleet.example.com/ws";
+        hostname = "web-01";
+        repo_dir = "/var/lib/nixfleet/repo";
+        branch = "main";
+        interval = 30;
+        log_level = "info";
+        metrics = "auto";
+        theme_color = "#7aa2f7";
+        location = "cloud";
+        device_type = "server";
+        allow_reboot = true;
       }
     )
     (expectEqual "settings override the options and take extra keys"
@@ -265,9 +331,26 @@ let
       };
     };
     rustPlatform.buildRustPackage = args: args;
-    inherit (pkgs) git;
+    inherit (pkgs) rustc gitMinimal;
   };
+  # The same with the rustc of an older channel.
+  packageWithRustc =
+    version:
+    pkgs.callPackage ../nix/package.nix {
+      rustc = pkgs.rustc // {
+        inherit version;
+      };
+    };
   root = toString ../.;
+  skipped = map (lib.removePrefix "--skip=") (
+    builtins.filter (lib.hasPrefix "--skip=") package.checkFlags
+  );
+  # lib.hasInfix is a regular expression match, which overflows the stack
+  # on text this long; replaceStrings is a plain search.
+  containsText = needle: text: builtins.replaceStrings [ needle ] [ "" ] text != text;
+  rustSources = lib.concatMapStrings builtins.readFile (
+    builtins.filter (lib.hasSuffix ".rs") (lib.filesystem.listFilesRecursive ../crates)
+  );
   sourceFiles = map (f: lib.removePrefix "${root}/" (toString f)) (
     stubs.libCompat.fileset.toList package.src.fileset
   );
@@ -284,9 +367,22 @@ let
       "${root}/Cargo.lock"
     )
     (expectEqual "package: meta.mainProgram" package.meta.mainProgram "nixfleet-agent")
-    (expectEqual "package: checkFlags skip the systemd-nspawn tests" package.checkFlags [
-      "--skip=systemd_nspawn"
-    ])
+    (expectEqual "package: tests run in the debug profile (test-only hooks)" package.checkType "debug")
+    (expect "package: checkFlags skip the systemd-nspawn tests"
+      (builtins.elem "--skip=systemd_nspawn" package.checkFlags)
+      "checkFlags are ${builtins.toJSON package.checkFlags}"
+    )
+    (expectEqual "package: every --skip names a test of the workspace" (builtins.filter (
+      name: !containsText "fn ${name}" rustSources
+    ) skipped) [ ])
+    (expect "package: refuses a rustc older than rust-version with a readable message"
+      (
+        !(builtins.tryEval (packageWithRustc "1.86.0").outPath).success
+        && (builtins.tryEval (packageWithRustc workspaceToml.workspace.package.rust-version).outPath)
+          .success
+      )
+      "expected rustc 1.86.0 to be refused and rustc ${workspaceToml.workspace.package.rust-version} to be accepted"
+    )
     (expectEqual "package: source root is the repository" (toString package.src.root) root)
     (expectEqual "package: source holds Cargo.toml, Cargo.lock and crates/ only" (builtins.filter (
       f: !(isCargoFile f || hasPrefixIn cargoDirs f)
@@ -303,21 +399,4 @@ let
 in
 {
   results = moduleResults ++ packageResults;
-
-  # For the comparison with crates/nixfleet-agent/tests/systemd/nixfleet.service.
-  unit = {
-    inherit (unit)
-      description
-      wants
-      after
-      wantedBy
-      serviceConfig
-      ;
-    placeholders = {
-      agent = agentExe;
-      config = configFile;
-      token_file = tokenFile;
-      watchdog_sec = toString sc.WatchdogSec;
-    };
-  };
 }

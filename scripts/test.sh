@@ -20,6 +20,9 @@ command -v python3 >/dev/null || apt_packages+=(python3)
 command -v nix-instantiate >/dev/null || apt_packages+=(nix-bin)
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
+# The mock dashboard's page is tested in a real headless browser, driven over
+# the DevTools protocol (so no chromium-driver is needed).
+command -v chromium >/dev/null || apt_packages+=(chromium)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   step "installing ${apt_packages[*]}"
   as_root apt-get update -qq
@@ -48,6 +51,13 @@ bash scripts/fuzz.sh 10
 
 step "Nix static checks"
 bash nix/check.sh
+
+# The package's check phase as the Nix build sandbox runs it: a second
+# build of the workspace (another target layout), so only on request.
+if [ "${NIXFLEET_SANDBOX_CHECK:-0}" = 1 ]; then
+  step "the package's check phase in a sandbox like Nix's (scripts/sandbox-check.sh)"
+  as_root bash scripts/sandbox-check.sh
+fi
 
 step "demo (scripts/demo.sh --check)"
 NIXFLEET_DEMO_PORT="${NIXFLEET_DEMO_PORT:-18000}" bash scripts/demo.sh --check

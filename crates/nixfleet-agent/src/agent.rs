@@ -11,12 +11,13 @@
 
 use crate::commands::{CommandKind, Progress, Runner, StopRequest};
 use crate::config::Config;
-use crate::connection::{Connection, LinkState, Links};
+use crate::connection::{Connection, Control, LinkState, Links};
 use crate::handover::{CommandRecord, SelfImage, follow_adopted};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
-use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status};
+use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status, Stream};
 use crate::shutdown;
+use crate::status::{Compartments, LockAnswer};
 use crate::systemd::{CommandStatus, ConnectionStatus, StatusLine, Systemd};
 use crate::watchdog::{Probe, Prober, probe_channel};
 use std::path::PathBuf;
@@ -34,6 +35,13 @@ pub const EXIT_RESTART: u8 = 75;
 /// dashboard. If it cannot, the record in `state_dir` lets the next
 /// instance send it.
 const RESTART_DELIVERY_WAIT: Duration = Duration::from_secs(30);
+/// Between accepting `reboot` and asking systemd for it: time for the
+/// status to reach the dashboard.
+const REBOOT_DELAY: Duration = Duration::from_secs(3);
+/// How often the status compartments are re-read from their files.
+const COMPARTMENT_TICK: Duration = Duration::from_secs(60);
+/// The message of every stopped command's status.
+const STOPPED_BY_USER: &str = "Stopped by user";
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> ExitCode {
@@ -46,8 +54,19 @@ pub async fn run(config: Config) -> ExitCode {
     let (shutdown_tx, shutdown_rx) = shutdown::channel();
     let (core_prober, core_probes) = probe_channel("core");
     let (connection_prober, connection_probes) = probe_channel("connection");
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let (lock_answers_tx, lock_answers_rx) = mpsc::channel(4);
 
-    let reporter = Reporter::new(&config, AgentIdentity::detect());
+    let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
+    let (compartments, update_status) = Compartments::new(
+        config.repo_dir.clone(),
+        config.branch.clone(),
+        config.state_dir.clone(),
+        runner.shared_child_env(),
+        lock_answers_tx,
+    );
+    let identity = AgentIdentity::detect();
+    let reporter = Reporter::new(&config, identity.clone()).with_update_status(update_status);
     let connection = Connection::new(
         config.clone(),
         reporter,
@@ -59,6 +78,7 @@ pub async fn run(config: Config) -> ExitCode {
             link_state: link_state_tx,
             probes: connection_probes,
             shutdown: shutdown_rx.clone(),
+            control: control_rx,
         },
     );
     let connection = tokio::spawn(connection.run());
@@ -70,7 +90,7 @@ pub async fn run(config: Config) -> ExitCode {
         info!("will restart after a switch that changes this agent's unit or binary");
     }
     let mut core = Core {
-        runner: Arc::new(Runner::new(config.clone(), outbox.clone())),
+        runner,
         outbox,
         replies: replies_tx,
         command_state: command_state_tx,
@@ -79,7 +99,15 @@ pub async fn run(config: Config) -> ExitCode {
         repo_dir: config.repo_dir.clone(),
         stop_grace: config.stop_grace,
         self_image,
+        self_check_every: config.interval,
+        suspected_replacement: None,
+        last_status: None,
         restart: None,
+        restart_after_command: false,
+        compartments,
+        control: control_tx,
+        identity,
+        allow_reboot: config.allow_reboot,
     };
     core.adopt_previous();
     let systemd = tokio::spawn(report_to_systemd(
@@ -90,7 +118,14 @@ pub async fn run(config: Config) -> ExitCode {
         [core_prober, connection_prober],
         shutdown_rx.clone(),
     ));
-    let ending = core.run(inbound_rx, shutdown_rx.clone(), core_probes).await;
+    let ending = core
+        .run(
+            inbound_rx,
+            lock_answers_rx,
+            shutdown_rx.clone(),
+            core_probes,
+        )
+        .await;
     // A restart stops the connection the same way as a shutdown (close
     // 1000); after a signal this is already set.
     shutdown_tx.send_replace(true);
@@ -174,9 +209,24 @@ struct Core {
     repo_dir: PathBuf,
     stop_grace: Duration,
     self_image: SelfImage,
-    /// Set after a switch that replaced this agent: exit once the status
-    /// with this delivery ticket has reached the dashboard.
+    /// How often an idle agent compares itself with `self_image` (the
+    /// heartbeat interval).
+    self_check_every: Duration,
+    /// What the last idle comparison found changed; a restart needs the
+    /// same finding twice in a row.
+    suspected_replacement: Option<String>,
+    /// Delivery ticket of the last status queued.
+    last_status: Option<u64>,
+    /// Set after a switch that replaced this agent, or on `restart`: exit
+    /// once the status with this delivery ticket has reached the dashboard.
     restart: Option<u64>,
+    /// `restart` arrived while a command ran: restart when it has ended.
+    restart_after_command: bool,
+    compartments: Compartments,
+    /// Asks the connection for a heartbeat or a fresh register.
+    control: mpsc::Sender<Control>,
+    identity: AgentIdentity,
+    allow_reboot: bool,
 }
 
 /// Why the core stopped.
@@ -193,16 +243,33 @@ struct Running {
     pid: Option<u32>,
     stop: watch::Sender<Option<StopRequest>>,
     progress: mpsc::Receiver<Progress>,
+    /// Whether `nixos-rebuild` ran and succeeded (for the system
+    /// compartment: a pull-switch whose pull failed changed nothing).
+    rebuilt: Option<bool>,
+    /// Started by a previous instance: no `Rebuilt` report will come.
+    adopted: bool,
 }
 
 impl Core {
     async fn run(
         &mut self,
         mut inbound: mpsc::Receiver<Inbound>,
+        mut lock_answers: mpsc::Receiver<LockAnswer>,
         mut shutdown: shutdown::Listener,
         mut probes: mpsc::Receiver<Probe>,
     ) -> Ending {
+        let every = self.self_check_every.max(Duration::from_secs(1));
+        let mut self_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + COMPARTMENT_TICK,
+            COMPARTMENT_TICK,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ending = loop {
+            let idle_and_watching = self.running.is_none()
+                && self.restart.is_none()
+                && self.self_image.watches_a_unit();
             tokio::select! {
                 () = shutdown::requested(&mut shutdown) => break Ending::Shutdown,
                 () = restart_due(&self.outbox, self.restart) => break Ending::Restart,
@@ -211,7 +278,10 @@ impl Core {
                     Some(progress) => self.on_progress(progress),
                     None => self.runner_vanished(),
                 },
+                Some(answer) = lock_answers.recv() => self.compartments.on_lock_answer(answer),
+                _ = tick.tick() => self.compartments.reevaluate(),
                 Some(probe) = probes.recv() => probe.answer(),
+                _ = self_check.tick(), if idle_and_watching => self.check_self_image(),
             }
         };
         if let Some(running) = &self.running {
@@ -225,6 +295,26 @@ impl Core {
             );
         }
         ending
+    }
+
+    /// Notices a switch this agent did not run (a manual `nixos-rebuild
+    /// switch`, `system.autoUpgrade`): its unit or binary differs from the
+    /// snapshot taken at start. It restarts the way it does after its own
+    /// switch (a status still queued is delivered first), once the same
+    /// change is seen at two checks in a row: the switch's activation then
+    /// had an interval to reload systemd, so the restart starts the new
+    /// version.
+    fn check_self_image(&mut self) {
+        let now = self.self_image.replaced_since_start();
+        if let Some(why) = &now
+            && self.suspected_replacement.as_ref() == Some(why)
+        {
+            info!(
+                "this agent was replaced by a switch it did not run ({why}); restarting to run the new version"
+            );
+            self.restart = Some(self.last_status.unwrap_or(0));
+        }
+        self.suspected_replacement = now;
     }
 
     /// Takes over a command that a previous instance started and that may
@@ -265,14 +355,24 @@ impl Core {
             pid: running.then_some(pid),
             stop: stop_tx,
             progress: progress_rx,
+            rebuilt: None,
+            adopted: true,
         });
+        self.compartments
+            .start_working(kind.compartments(), &format!("{} in progress", kind.name()));
         self.publish_state();
     }
 
     fn handle(&mut self, message: Inbound) {
         match message {
-            Inbound::Command { command } if command == "stop" => self.stop(StopRequest::Terminate),
-            Inbound::Command { command } => self.start(&command),
+            Inbound::Command { command } => match command.as_str() {
+                // `kill` is what a v3 dashboard's kill button sends.
+                "stop" | "kill" => self.stop(StopRequest::Terminate),
+                "restart" => self.restart_requested(),
+                "reboot" => self.reboot(),
+                "check-version" => self.check_version(),
+                _ => self.start(&command),
+            },
             Inbound::KillCommand { signal, pid } => {
                 let request = match signal {
                     KillSignal::Term => StopRequest::Terminate,
@@ -307,7 +407,7 @@ impl Core {
             return;
         }
         if self.restart.is_some() {
-            self.reject("the agent is restarting to run its new version".to_owned());
+            self.reject("the agent is restarting".to_owned());
             return;
         }
         info!(command = kind.name(), "starting");
@@ -324,8 +424,164 @@ impl Core {
             pid: None,
             stop: stop_tx,
             progress: progress_rx,
+            rebuilt: None,
+            adopted: false,
         });
+        self.compartments
+            .start_working(kind.compartments(), &format!("{} in progress", kind.name()));
         self.publish_state();
+    }
+
+    /// `restart`: exit so that the service manager starts the agent again.
+    /// A running command is never cut short: the command's output pipes
+    /// end with this process, so it would die at its next line; the
+    /// restart waits for it to end instead.
+    fn restart_requested(&mut self) {
+        let message = match &self.running {
+            _ if self.restart.is_some() || self.restart_after_command => {
+                "a restart is already under way".to_owned()
+            }
+            Some(running) => {
+                self.restart_after_command = true;
+                format!("restarting once {} has ended", running.kind.name())
+            }
+            None => "restarting".to_owned(),
+        };
+        info!("{message}");
+        let ticket = self.send_status(
+            Status {
+                status: Outcome::Ok,
+                command: "restart".to_owned(),
+                exit_code: 0,
+                message,
+                generation: crate::heartbeat::generation(&self.repo_dir),
+            },
+            Control::Heartbeat,
+        );
+        if self.running.is_none() && self.restart.is_none() {
+            self.restart = Some(ticket);
+        }
+    }
+
+    /// `reboot`, only where the configuration allows it: the status first,
+    /// then `systemctl reboot` after a short delay.
+    fn reboot(&mut self) {
+        if !self.allow_reboot {
+            warn!("refusing reboot: allow_reboot is off");
+            self.reject(
+                "reboot is not allowed on this host (set allow_reboot = true; NixOS: services.nixfleet.allowReboot)"
+                    .to_owned(),
+            );
+            return;
+        }
+        warn!("reboot requested; rebooting in {}s", REBOOT_DELAY.as_secs());
+        self.send_status(
+            Status {
+                status: Outcome::Ok,
+                command: "reboot".to_owned(),
+                exit_code: 0,
+                message: format!("rebooting in {}s", REBOOT_DELAY.as_secs()),
+                generation: crate::heartbeat::generation(&self.repo_dir),
+            },
+            Control::Heartbeat,
+        );
+        let (outbox, runner) = (self.outbox.clone(), self.runner.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(REBOOT_DELAY).await;
+            let result = tokio::process::Command::new("systemctl")
+                .arg("reboot")
+                .env_clear()
+                .envs(runner.child_env().iter().map(|(k, v)| (k, v)))
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            let failure = match result {
+                Ok(out) if out.status.success() => None,
+                Ok(out) => Some(format!(
+                    "systemctl reboot failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(error) => Some(format!("cannot run systemctl: {error}")),
+            };
+            if let Some(why) = failure {
+                warn!("{why}");
+                outbox.push_line("reboot", Stream::Stderr, &format!("[nixfleet] {why}"));
+            }
+        });
+    }
+
+    /// `check-version`: which agent runs, and whether the installed one is
+    /// a different one (then `warning`: a restart would change it).
+    fn check_version(&mut self) {
+        let identity = &self.identity;
+        let exe = std::fs::read_link("/proc/self/exe")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let lines = [
+            format!("agent version {}", env!("CARGO_PKG_VERSION")),
+            format!(
+                "source commit {}",
+                identity.source_commit.as_deref().unwrap_or("unknown")
+            ),
+            format!("binary {exe}"),
+            format!(
+                "store path {}",
+                identity
+                    .store_path
+                    .as_deref()
+                    .unwrap_or("(not in the Nix store)")
+            ),
+            format!(
+                "binary sha256 {}",
+                identity.binary_hash.as_deref().unwrap_or("unknown")
+            ),
+        ];
+        for line in &lines {
+            self.outbox.push_line("check-version", Stream::Stdout, line);
+        }
+        let (status, message) = match self.self_image.changed() {
+            Some(why) => (
+                Outcome::Warning,
+                format!("a different agent is installed ({why}); restart to run it"),
+            ),
+            None if self.self_image.watches_a_unit() => (
+                Outcome::Ok,
+                "running the installed agent".to_owned(),
+            ),
+            None => (
+                Outcome::Ok,
+                "running; not started by a systemd unit, so there is no installed agent to compare with"
+                    .to_owned(),
+            ),
+        };
+        self.send_status(
+            Status {
+                status,
+                command: "check-version".to_owned(),
+                exit_code: 0,
+                message,
+                generation: crate::heartbeat::generation(&self.repo_dir),
+            },
+            Control::Heartbeat,
+        );
+    }
+
+    /// Queues a status after everything queued so far, and once it is
+    /// delivered asks the connection for `then` (a heartbeat, or a fresh
+    /// register). Returns its delivery ticket.
+    fn send_status(&mut self, status: Status, then: Control) -> u64 {
+        let ticket = self
+            .outbox
+            .push_reliable(Outbound::Status(&status).to_json());
+        // An idle restart (a switch this agent did not run) waits for it.
+        self.last_status = Some(ticket);
+        let (outbox, control) = (self.outbox.clone(), self.control.clone());
+        tokio::spawn(async move {
+            outbox.wait_delivered(ticket).await;
+            let _ = control.send(then).await;
+        });
+        ticket
     }
 
     fn stop(&mut self, request: StopRequest) {
@@ -359,6 +615,18 @@ impl Core {
                 }
                 self.publish_state();
             }
+            Progress::Tested {
+                passed,
+                total,
+                stopped,
+            } => self.compartments.tested(passed, total, stopped),
+            Progress::Lock(answer) => self.compartments.on_lock_answer(answer),
+            Progress::System(verdict) => self.compartments.system_verified(verdict),
+            Progress::Rebuilt { ok } => {
+                if let Some(running) = &mut self.running {
+                    running.rebuilt = Some(ok);
+                }
+            }
             Progress::Finished(status) => self.finish(status),
         }
     }
@@ -367,11 +635,42 @@ impl Core {
         let finished = self.running.take();
         self.publish_state();
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
+        let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
+        let succeeded = status.status == Outcome::Ok;
+        if let Some(running) = &finished
+            && running.kind.activates()
+        {
+            // An adopted command reports no `Rebuilt`: its status decides.
+            // Otherwise only a rebuild that ran and failed counts (a
+            // pull-switch whose pull failed changed nothing).
+            match (running.rebuilt, succeeded) {
+                (_, true) => self
+                    .compartments
+                    .activated(running.kind == CommandKind::Rollback),
+                (Some(false), false) => self.compartments.activation_failed(&status.message),
+                (None, false) if running.adopted && status.message != STOPPED_BY_USER => {
+                    self.compartments.activation_failed(&status.message)
+                }
+                _ => {}
+            }
+        }
+        self.compartments.stop_working();
+        let mut then = Control::Heartbeat;
+        let self_changed = if activated && succeeded {
+            self.self_image.changed()
+        } else {
+            None
+        };
+        if activated && succeeded && self_changed.is_none() {
+            then = Control::Reregister;
+        }
         // Every output line of the command is already queued: the status
         // goes after them.
-        let ticket = self
-            .outbox
-            .push_reliable(Outbound::Status(&status).to_json());
+        let ticket = self.send_status(status, then);
+        if self.restart_after_command {
+            self.restart_after_command = false;
+            self.restart = Some(ticket);
+        }
         // The record stays until the status is out, so that an agent that
         // dies in between leaves it for the next one to send.
         let pid = finished.as_ref().and_then(|r| r.pid);
@@ -380,13 +679,18 @@ impl Core {
             outbox.wait_delivered(ticket).await;
             CommandRecord::clear(&state_dir, pid);
         });
-        let activated = finished.is_some_and(|r| r.kind.activates());
-        if activated
-            && status.status == Outcome::Ok
-            && let Some(why) = self.self_image.changed()
-        {
+        if !activated {
+            return;
+        }
+        if let Some(why) = self_changed {
             info!("the switch updated this agent ({why}); restarting once the status is delivered");
             self.restart = Some(ticket);
+        } else if !succeeded {
+            // A failed switch never restarts the agent, not even later when
+            // idle: the running agent stays to report and to roll back.
+            // Whatever the switch left in place becomes the new baseline.
+            self.self_image = self.self_image.rebased();
+            self.suspected_replacement = None;
         }
     }
 

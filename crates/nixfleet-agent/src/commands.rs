@@ -13,14 +13,15 @@
 //! progress reports (see nix_log.rs and `Output::emit`).
 
 use crate::config::Config;
-use crate::heartbeat::generation;
+use crate::heartbeat::{generation, head_commit, resolve_ref};
 use crate::nix_log::{Effect, NixLog};
 use crate::outbox::Outbox;
 use crate::protocol::{
-    OperationProgress, Outbound, Outcome, PhaseProgress, PhaseStatus, Phases, Status, Stream,
-    TestProgress,
+    CheckStatus, OperationProgress, Outbound, Outcome, PhaseProgress, PhaseStatus, Phases, Status,
+    Stream, TestProgress, TestResult, TestsProgress,
 };
 use crate::redact::{Scrubber, redact_url};
+use crate::status::{ChildEnv, Compartment, LockAnswer, current_system, git_check};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -49,6 +50,25 @@ const YIELD_EVERY_BYTES: usize = 16 * 1024;
 const GROUP_POLL: Duration = Duration::from_millis(50);
 /// Longest error detail quoted in a status message.
 const MAX_DETAIL_CHARS: usize = 200;
+/// The dry-run system check gives up after this long.
+pub const SYSTEM_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most stdout kept from a process whose stdout is parsed (the dry run's
+/// JSON); the rest is logged but not kept.
+const MAX_CAPTURED_BYTES: usize = 4 * 1024 * 1024;
+/// Nix needs these for `nix build`/`nix flake` where the host has not
+/// enabled them (every NixOS flake host has; the flag is harmless then).
+const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
+
+/// How a process of a command is run.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcessOptions {
+    /// Lowest CPU priority (nice 19) and the idle IO class.
+    low_priority: bool,
+    /// Stopped like a `stop` once this has passed.
+    timeout: Option<Duration>,
+    /// Keep stdout for parsing instead of sending it as output lines.
+    capture_stdout: bool,
+}
 /// `nixos-rebuild` flags for Nix's structured log, which the agent turns
 /// back into plain lines plus build progress (see nix_log.rs). Both are
 /// common flags of nixos-rebuild (the Python `nixos-rebuild-ng` and the
@@ -68,19 +88,41 @@ pub enum CommandKind {
     Boot,
     Rollback,
     Test,
+    /// v3: `nix flake update` (every input).
+    Update,
+    /// v3 registry name: `nix flake update nixfleet` (only that input).
+    BumpFlake,
+    /// v3: pull, bump the `nixfleet` input, switch bypassing the negative
+    /// narinfo cache.
+    ForceUpdate,
+    /// v3 registry name for the same.
+    ForceRebuild,
+    RefreshGit,
+    RefreshLock,
+    RefreshSystem,
+    RefreshAll,
 }
 
 impl CommandKind {
+    pub const ALL: [CommandKind; 14] = [
+        CommandKind::Pull,
+        CommandKind::Switch,
+        CommandKind::PullSwitch,
+        CommandKind::Boot,
+        CommandKind::Rollback,
+        CommandKind::Test,
+        CommandKind::Update,
+        CommandKind::BumpFlake,
+        CommandKind::ForceUpdate,
+        CommandKind::ForceRebuild,
+        CommandKind::RefreshGit,
+        CommandKind::RefreshLock,
+        CommandKind::RefreshSystem,
+        CommandKind::RefreshAll,
+    ];
+
     pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "pull" => CommandKind::Pull,
-            "switch" => CommandKind::Switch,
-            "pull-switch" => CommandKind::PullSwitch,
-            "boot" => CommandKind::Boot,
-            "rollback" => CommandKind::Rollback,
-            "test" => CommandKind::Test,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
     }
 
     pub fn name(self) -> &'static str {
@@ -91,6 +133,14 @@ impl CommandKind {
             CommandKind::Boot => "boot",
             CommandKind::Rollback => "rollback",
             CommandKind::Test => "test",
+            CommandKind::Update => "update",
+            CommandKind::BumpFlake => "bump-flake",
+            CommandKind::ForceUpdate => "force-update",
+            CommandKind::ForceRebuild => "force-rebuild",
+            CommandKind::RefreshGit => "refresh-git",
+            CommandKind::RefreshLock => "refresh-lock",
+            CommandKind::RefreshSystem => "refresh-system",
+            CommandKind::RefreshAll => "refresh-all",
         }
     }
 
@@ -99,8 +149,28 @@ impl CommandKind {
     pub fn activates(self) -> bool {
         matches!(
             self,
-            CommandKind::Switch | CommandKind::PullSwitch | CommandKind::Rollback
+            CommandKind::Switch
+                | CommandKind::PullSwitch
+                | CommandKind::Rollback
+                | CommandKind::ForceUpdate
+                | CommandKind::ForceRebuild
         )
+    }
+
+    /// The status compartments this command works on (shown as `working`
+    /// while it runs).
+    pub fn compartments(self) -> &'static [Compartment] {
+        use Compartment::*;
+        match self {
+            CommandKind::Pull | CommandKind::RefreshGit => &[Git],
+            CommandKind::PullSwitch => &[Git, System],
+            CommandKind::Switch | CommandKind::Rollback | CommandKind::RefreshSystem => &[System],
+            CommandKind::Boot => &[],
+            CommandKind::Test => &[Tests],
+            CommandKind::Update | CommandKind::BumpFlake | CommandKind::RefreshLock => &[Lock],
+            CommandKind::ForceUpdate | CommandKind::ForceRebuild => &[Git, Lock, System],
+            CommandKind::RefreshAll => &[Git, Lock, System],
+        }
     }
 }
 
@@ -121,6 +191,21 @@ pub enum Progress {
         pid: u32,
         log: Option<PathBuf>,
     },
+    /// The result of a `test` command, for the tests compartment.
+    Tested {
+        passed: u32,
+        total: u32,
+        stopped: bool,
+    },
+    /// A fresh answer for the lock compartment.
+    Lock(LockAnswer),
+    /// The verdict of the dry-run system check: does the repo build the
+    /// running system?
+    System(Result<bool, String>),
+    /// `nixos-rebuild` ran to its end (successfully or not).
+    Rebuilt {
+        ok: bool,
+    },
     Finished(Status),
 }
 
@@ -128,14 +213,17 @@ pub enum Progress {
 pub struct Runner {
     config: Arc<Config>,
     outbox: Arc<Outbox>,
-    child_env: Vec<(OsString, OsString)>,
+    child_env: ChildEnv,
     /// Hides `repo_url`'s credentials in everything a command shows.
     scrubber: Scrubber,
 }
 
 impl Runner {
     pub fn new(config: Arc<Config>, outbox: Arc<Outbox>) -> Self {
-        let child_env = child_environment(std::env::vars_os(), config.ssh_key.as_deref());
+        let child_env = Arc::new(child_environment(
+            std::env::vars_os(),
+            config.ssh_key.as_deref(),
+        ));
         let scrubber = Scrubber::for_url(config.repo_url.as_deref());
         Runner {
             config,
@@ -143,6 +231,15 @@ impl Runner {
             child_env,
             scrubber,
         }
+    }
+
+    /// The environment every child gets (for the agent's own git queries).
+    pub fn child_env(&self) -> &[(OsString, OsString)] {
+        &self.child_env
+    }
+
+    pub fn shared_child_env(&self) -> ChildEnv {
+        self.child_env.clone()
     }
 
     /// Runs one command to its end and returns its status. Output lines and
@@ -161,7 +258,8 @@ impl Runner {
                 command: kind.name(),
                 outbox: &self.outbox,
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
-                last_stderr: Mutex::new(String::new()),
+                error_detail: Mutex::new(ErrorDetail::default()),
+                captured: Mutex::new(None),
                 scrubber: &self.scrubber,
                 build: Mutex::new(None),
             },
@@ -178,6 +276,13 @@ impl Runner {
             CommandKind::Boot => job.rebuild(&["boot"]).await,
             CommandKind::Rollback => job.rebuild_plain(&["switch", "--rollback"]).await,
             CommandKind::Test => job.test().await,
+            CommandKind::Update => job.flake_update(None).await,
+            CommandKind::BumpFlake => job.flake_update(Some("nixfleet")).await,
+            CommandKind::ForceUpdate | CommandKind::ForceRebuild => job.force_update().await,
+            CommandKind::RefreshGit => job.refresh_git().await,
+            CommandKind::RefreshLock => job.refresh_lock().await,
+            CommandKind::RefreshSystem => job.refresh_system().await,
+            CommandKind::RefreshAll => job.refresh_all().await,
         };
         job.output.log_line(&format!(
             "{EXIT_CODE_LOG_PREFIX}{exit_code}: {} ({message})",
@@ -197,6 +302,7 @@ fn outcome_word(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Ok => "ok",
         Outcome::Error => "error",
+        Outcome::Warning => "warning",
     }
 }
 
@@ -206,6 +312,8 @@ type StepOutcome = (Outcome, String, i32);
 enum Ended {
     Exited(ExitStatus),
     Stopped(ExitStatus),
+    /// Stopped because [`ProcessOptions::timeout`] passed.
+    TimedOut(Duration),
     NotStarted(String),
 }
 
@@ -224,11 +332,45 @@ struct Output<'a> {
     command: &'static str,
     outbox: &'a Outbox,
     log: Mutex<Option<CommandLog>>,
-    /// The last non-empty stderr line of the current process, for messages.
-    last_stderr: Mutex<String>,
+    /// The current process's stderr line that best says what went wrong.
+    error_detail: Mutex<ErrorDetail>,
+    /// Stdout of the current process when it is kept for parsing.
+    captured: Mutex<Option<String>>,
     scrubber: &'a Scrubber,
     /// While a `nixos-rebuild` runs: its structured log's state.
     build: Mutex<Option<BuildProgress>>,
+}
+
+/// Picks the line of a failed process's stderr that a status message
+/// quotes. git (and nix) prefix the actual error with `fatal:` or `error:`
+/// and follow it with hints, so the last such line wins; without one, the
+/// first line (the lead sentence: hints come after it).
+#[derive(Debug, Default)]
+struct ErrorDetail {
+    first: String,
+    error: String,
+}
+
+impl ErrorDetail {
+    fn note(&mut self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        if line.starts_with("fatal:") || line.starts_with("error:") {
+            self.error.clear();
+            self.error.extend(line.chars().take(MAX_DETAIL_CHARS));
+        } else if self.first.is_empty() {
+            self.first.extend(line.chars().take(MAX_DETAIL_CHARS));
+        }
+    }
+
+    fn get(&self) -> Option<&str> {
+        [&self.error, &self.first]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(String::as_str)
+    }
 }
 
 /// A rebuild's structured log and what was last reported of it.
@@ -293,13 +435,48 @@ impl Job<'_> {
         &self.runner.config
     }
 
+    /// `pull` with its progress dots: one per git step.
     async fn pull(&mut self) -> StepOutcome {
+        let isolated_fetch =
+            self.config().repo_url.is_some() && self.config().repo_dir.join(".git").exists();
+        let total = if isolated_fetch { 3 } else { 1 };
+        self.pull_progress(0, total, PhaseStatus::InProgress);
+        let (outcome, steps_done) = self.pull_steps(total).await;
+        match outcome.0 {
+            Outcome::Ok => self.pull_progress(total, total, PhaseStatus::Complete),
+            _ => self.pull_progress(steps_done, total, PhaseStatus::Error),
+        }
+        outcome
+    }
+
+    fn pull_progress(&self, current: u32, total: u32, status: PhaseStatus) {
+        self.send_phases(Phases {
+            pull: Some(PhaseProgress {
+                current,
+                total,
+                status,
+                detail: None,
+            }),
+            ..Phases::default()
+        });
+    }
+
+    fn send_phases(&self, phases: Phases) {
+        self.runner.outbox.push_reliable(
+            Outbound::OperationProgress(&OperationProgress { progress: phases }).to_json(),
+        );
+    }
+
+    /// Returns the outcome and how many steps succeeded.
+    async fn pull_steps(&mut self, total: u32) -> (StepOutcome, u32) {
         let config = self.runner.config.clone();
         let repo = config.repo_dir.as_path();
         let Some(url) = config.repo_url.as_deref() else {
-            return self
+            let outcome = self
                 .git_step("git pull", repo, &["pull", "--ff-only"])
                 .await;
+            let done = u32::from(outcome.0 == Outcome::Ok);
+            return (outcome, done);
         };
         if !repo.join(".git").exists() {
             if repo.exists()
@@ -307,22 +484,16 @@ impl Job<'_> {
                     .map(|mut d| d.next().is_some())
                     .unwrap_or(true)
             {
-                return (
-                    Outcome::Error,
-                    format!(
-                        "repo_dir {} exists and is not a git repository",
-                        repo.display()
-                    ),
-                    1,
+                let why = format!(
+                    "repo_dir {} exists and is not a git repository",
+                    repo.display()
                 );
+                return ((Outcome::Error, why, 1), 0);
             }
             let parent = repo.parent().unwrap_or(Path::new("/"));
             if let Err(e) = std::fs::create_dir_all(parent) {
-                return (
-                    Outcome::Error,
-                    format!("cannot create {}: {e}", parent.display()),
-                    1,
-                );
+                let why = format!("cannot create {}: {e}", parent.display());
+                return ((Outcome::Error, why, 1), 0);
             }
             let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
             let args = [
@@ -335,12 +506,12 @@ impl Job<'_> {
                 repo_arg,
             ];
             return match self.git_step("git clone", parent, &args).await {
-                (Outcome::Ok, ..) => self.pulled(),
-                failed => failed,
+                (Outcome::Ok, ..) => (self.pulled(), 1),
+                failed => (failed, 0),
             };
         }
         if let Some(failed) = self.follow_configured_origin(repo, url).await {
-            return failed;
+            return (failed, 0);
         }
         let branch = config.branch.as_str();
         let remote_branch = format!("refs/remotes/origin/{branch}");
@@ -364,12 +535,17 @@ impl Job<'_> {
                 previous_branch.as_deref().unwrap_or_default()
             ));
         }
+        let mut done = 0;
         for (what, args) in steps {
             if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
-                return failed;
+                return (failed, done);
+            }
+            done += 1;
+            if done < total {
+                self.pull_progress(done, total, PhaseStatus::InProgress);
             }
         }
-        self.pulled()
+        (self.pulled(), done)
     }
 
     /// Isolated mode: `origin` must be `repo_url`, whatever it was before
@@ -472,7 +648,12 @@ impl Job<'_> {
     /// it runs without the structured log and reports no build progress.
     async fn rebuild_plain(&mut self, args: &[&str]) -> StepOutcome {
         let cwd = self.working_dir();
-        match self.run_process("nixos-rebuild", args, &cwd).await {
+        let ended = self.run_process("nixos-rebuild", args, &cwd).await;
+        if let Ended::Exited(status) = &ended {
+            let ok = status.success();
+            let _ = self.progress.send(Progress::Rebuilt { ok }).await;
+        }
+        match ended {
             Ended::Exited(status) if status.success() => {
                 (Outcome::Ok, format!("{} succeeded", self.command), 0)
             }
@@ -493,6 +674,8 @@ impl Job<'_> {
         let total = scripts.len() as u32;
         let cwd = self.working_dir();
         let mut passed = 0;
+        let mut results = vec![TestResult::Pending; scripts.len()];
+        self.tests_progress(0, &results, PhaseStatus::InProgress);
         for (index, script) in scripts.iter().enumerate() {
             let current = index as u32 + 1;
             let name = script
@@ -512,6 +695,17 @@ impl Job<'_> {
             passed += ok as u32;
             let stopped = matches!(ended, Ended::Stopped(_));
             let last = current == total || stopped;
+            results[index] = if ok {
+                TestResult::Pass
+            } else {
+                TestResult::Fail
+            };
+            let phase = match (last, passed == current && !stopped) {
+                (false, _) => PhaseStatus::InProgress,
+                (true, true) => PhaseStatus::Complete,
+                (true, false) => PhaseStatus::Error,
+            };
+            self.tests_progress(current, &results, phase);
             let result = if last {
                 format!("{passed}/{total} passed")
             } else {
@@ -525,11 +719,28 @@ impl Job<'_> {
                 result,
             });
             if stopped {
+                let _ = self
+                    .progress
+                    .send(Progress::Tested {
+                        passed,
+                        total,
+                        stopped: true,
+                    })
+                    .await;
                 return self.not_ok(ended);
             }
         }
+        let _ = self
+            .progress
+            .send(Progress::Tested {
+                passed,
+                total,
+                stopped: false,
+            })
+            .await;
         let summary = format!("{passed}/{total} passed");
         if total == 0 {
+            self.tests_progress(0, &results, PhaseStatus::Complete);
             self.send_progress(TestProgress {
                 current: 0,
                 total: 0,
@@ -542,6 +753,196 @@ impl Job<'_> {
             (Outcome::Ok, summary, 0)
         } else {
             (Outcome::Error, summary, 1)
+        }
+    }
+
+    fn tests_progress(&self, current: u32, results: &[TestResult], status: PhaseStatus) {
+        self.send_phases(Phases {
+            tests: Some(TestsProgress {
+                current,
+                total: results.len() as u32,
+                results: results.to_vec(),
+                status,
+            }),
+            ..Phases::default()
+        });
+    }
+
+    /// A line of the agent's own on stdout, e.g. the result of a check.
+    fn note(&self, text: &str) {
+        self.output.emit(Stream::Stdout, text.as_bytes(), false);
+    }
+
+    /// `nix flake update [input]` with the lock compartment's dot.
+    async fn flake_update(&mut self, input: Option<&str>) -> StepOutcome {
+        let lock = |status| Phases {
+            lock: Some(PhaseProgress {
+                current: u32::from(status == PhaseStatus::Complete),
+                total: 1,
+                status,
+                detail: None,
+            }),
+            ..Phases::default()
+        };
+        self.send_phases(lock(PhaseStatus::InProgress));
+        let mut args = NIX_FEATURES.to_vec();
+        args.extend(["flake", "update"]);
+        args.extend(input);
+        let cwd = self.working_dir();
+        let outcome = match self.run_process("nix", &args, &cwd).await {
+            Ended::Exited(status) if status.success() => {
+                let what = input.map_or("every input".to_owned(), |i| format!("input {i}"));
+                (Outcome::Ok, format!("flake.lock updated ({what})"), 0)
+            }
+            Ended::Exited(status) => {
+                let detail = self.failure_detail(status);
+                (
+                    Outcome::Error,
+                    format!("nix flake update failed: {detail}"),
+                    exit_code_of(status),
+                )
+            }
+            ended => self.not_ok(ended),
+        };
+        self.send_phases(lock(if outcome.0 == Outcome::Ok {
+            PhaseStatus::Complete
+        } else {
+            PhaseStatus::Error
+        }));
+        outcome
+    }
+
+    /// Pull, bump the `nixfleet` input when the flake has one, then switch
+    /// with the negative narinfo cache off, so that a freshly pushed agent
+    /// is fetched or built rather than assumed missing.
+    async fn force_update(&mut self) -> StepOutcome {
+        if let failed @ (Outcome::Error, ..) = self.pull().await {
+            return failed;
+        }
+        if flake_has_input(&self.config().repo_dir, "nixfleet") {
+            if let failed @ (Outcome::Error, ..) = self.flake_update(Some("nixfleet")).await {
+                return failed;
+            }
+        } else {
+            self.note("[nixfleet] the flake has no input named nixfleet; not bumping it");
+        }
+        self.rebuild(&["switch", "--option", "narinfo-cache-negative-ttl", "0"])
+            .await
+    }
+
+    /// `git fetch origin <branch>`, then HEAD against it.
+    async fn refresh_git(&mut self) -> StepOutcome {
+        let repo = self.config().repo_dir.clone();
+        if !repo.join(".git").exists() {
+            return (
+                Outcome::Error,
+                format!("no git repository at {}", repo.display()),
+                1,
+            );
+        }
+        let branch = self.config().branch.clone();
+        if let failed @ (Outcome::Error, ..) = self
+            .git_step("git fetch", &repo, &["fetch", "origin", &branch])
+            .await
+        {
+            return failed;
+        }
+        let upstream = resolve_ref(&repo, &format!("refs/remotes/origin/{branch}"));
+        let (status, message) =
+            git_check(head_commit(&repo).as_deref(), upstream.as_deref(), &branch);
+        let summary = format!("git: {} ({message})", check_word(status));
+        self.note(&format!("[nixfleet] {summary}"));
+        (Outcome::Ok, summary, 0)
+    }
+
+    /// The age of the commit that last changed `flake.lock`.
+    async fn refresh_lock(&mut self) -> StepOutcome {
+        let repo = self.config().repo_dir.clone();
+        let answer = LockAnswer::query(&repo, self.runner.child_env()).await;
+        let (outcome, summary) = match answer.verdict() {
+            Ok((status, message)) => (
+                Outcome::Ok,
+                format!("lock: {} ({message})", check_word(status)),
+            ),
+            Err(why) => (Outcome::Error, format!("lock: {why}")),
+        };
+        let _ = self.progress.send(Progress::Lock(answer)).await;
+        self.note(&format!("[nixfleet] {summary}"));
+        let code = i32::from(outcome != Outcome::Ok);
+        (outcome, summary, code)
+    }
+
+    /// The full check: a dry-run build of the host's toplevel, at the lowest
+    /// CPU and IO priority and with a timeout, compared with the running
+    /// system.
+    async fn refresh_system(&mut self) -> StepOutcome {
+        let Some(current) = current_system() else {
+            let why = "no /run/current-system to compare with (not NixOS?)".to_owned();
+            let _ = self.progress.send(Progress::System(Err(why.clone()))).await;
+            return (Outcome::Error, why, 1);
+        };
+        let attr = format!(
+            "{}#nixosConfigurations.{}.config.system.build.toplevel",
+            self.config().repo_dir.display(),
+            self.config().hostname
+        );
+        let mut args = NIX_FEATURES.to_vec();
+        args.extend(["build", "--dry-run", "--json", "--no-link", &attr]);
+        let cwd = self.working_dir();
+        let options = ProcessOptions {
+            low_priority: true,
+            timeout: Some(SYSTEM_CHECK_TIMEOUT),
+            capture_stdout: true,
+        };
+        let ended = self.run_process_with("nix", &args, &cwd, options).await;
+        let captured = self
+            .output
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let (verdict, outcome) = match ended {
+            Ended::Exited(status) if status.success() => {
+                let matches = dry_run_builds(&captured, &current);
+                let summary = if matches {
+                    "system: ok (the repo builds the running system)".to_owned()
+                } else {
+                    "system: outdated (the repo builds a different system)".to_owned()
+                };
+                (Ok(matches), (Outcome::Ok, summary, 0))
+            }
+            Ended::Exited(status) => {
+                let detail = self.failure_detail(status);
+                let why = format!("nix build --dry-run failed: {detail}");
+                (
+                    Err(why.clone()),
+                    (Outcome::Error, why, exit_code_of(status)),
+                )
+            }
+            ended => {
+                let outcome = self.not_ok(ended);
+                (Err(outcome.1.clone()), outcome)
+            }
+        };
+        let _ = self.progress.send(Progress::System(verdict)).await;
+        self.note(&format!("[nixfleet] {}", outcome.1));
+        outcome
+    }
+
+    /// git, lock and system, each reported; the first failure decides the
+    /// status, the others still run.
+    async fn refresh_all(&mut self) -> StepOutcome {
+        let git = self.refresh_git().await;
+        let lock = self.refresh_lock().await;
+        if self.stop.borrow().is_some() {
+            return self.not_ok(Ended::NotStarted("Stopped by user".to_owned()));
+        }
+        let system = self.refresh_system().await;
+        let summary = [&git.1, &lock.1, &system.1].map(String::as_str).join("; ");
+        match [git, lock, system].into_iter().find(|o| o.0 != Outcome::Ok) {
+            Some((_, _, code)) => (Outcome::Error, summary, code),
+            None => (Outcome::Ok, summary, 0),
         }
     }
 
@@ -573,35 +974,50 @@ impl Job<'_> {
                 "Stopped by user".to_owned(),
                 exit_code_of(status),
             ),
+            Ended::TimedOut(after) => (
+                Outcome::Error,
+                format!("timed out after {}s", after.as_secs()),
+                124,
+            ),
             Ended::NotStarted(why) => (Outcome::Error, why, 127),
             Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
         }
     }
 
     fn failure_detail(&self, status: ExitStatus) -> String {
-        let last = self
+        let detail = self
             .output
-            .last_stderr
+            .error_detail
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if last.is_empty() {
-            describe_exit(status)
-        } else {
-            last.clone()
+        match detail.get() {
+            Some(line) => line.to_owned(),
+            None => describe_exit(status),
         }
     }
 
     /// Runs one process to its end, streaming its output, honouring stop
     /// requests.
     async fn run_process(&mut self, program: &str, args: &[&str], cwd: &Path) -> Ended {
+        self.run_process_with(program, args, cwd, ProcessOptions::default())
+            .await
+    }
+
+    async fn run_process_with(
+        &mut self,
+        program: &str,
+        args: &[&str],
+        cwd: &Path,
+        options: ProcessOptions,
+    ) -> Ended {
         if self.stop.borrow().is_some() {
             return Ended::NotStarted("Stopped by user".to_owned());
         }
-        self.output
-            .last_stderr
+        *self
+            .output
+            .error_detail
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .unwrap_or_else(|e| e.into_inner()) = ErrorDetail::default();
         let argv = format!("[nixfleet] $ {program} {}", args.join(" "));
         self.output.log_line(&self.output.scrubber.scrub(&argv));
         let mut command = tokio::process::Command::new(program);
@@ -618,9 +1034,21 @@ impl Job<'_> {
         // A new session makes the child the leader of its own process group,
         // so a stop can signal everything it started, and a signal meant for
         // the agent (Ctrl-C in a terminal) does not reach the deployment.
+        let low_priority = options.low_priority;
         unsafe {
-            command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+            command.pre_exec(move || {
+                rustix::process::setsid()?;
+                if low_priority {
+                    lower_priority();
+                }
+                Ok(())
+            });
         }
+        *self
+            .output
+            .captured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = options.capture_stdout.then(String::new);
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
@@ -643,8 +1071,11 @@ impl Job<'_> {
         let output = &self.output;
         let stop = &mut *self.stop;
         let exited = tokio::sync::Notify::new();
+        let deadline = options
+            .timeout
+            .map(|t| (tokio::time::Instant::now() + t, t));
         let reap = async {
-            let ended = supervise(&mut child, pid, grace, stop).await;
+            let ended = supervise(&mut child, pid, grace, stop, deadline).await;
             exited.notify_one();
             ended
         };
@@ -731,6 +1162,18 @@ impl Output<'_> {
     /// and its counts reported; anything else goes out as it is.
     fn emit(&self, stream: Stream, raw: &[u8], cut: bool) {
         let text = line_text(raw, cut);
+        if stream == Stream::Stdout {
+            let mut captured = self.captured.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(captured) = captured.as_mut() {
+                // Kept for parsing (the dry run's JSON), logged, not sent.
+                self.log_line(&text);
+                if captured.len() + text.len() < MAX_CAPTURED_BYTES {
+                    captured.push_str(&text);
+                    captured.push('\n');
+                }
+                return;
+            }
+        }
         let mut build = self.build_lock();
         let Some(progress) = build.as_mut() else {
             drop(build);
@@ -797,7 +1240,7 @@ impl Output<'_> {
         }
         let status = match outcome {
             Outcome::Ok => PhaseStatus::Complete,
-            Outcome::Error => PhaseStatus::Error,
+            Outcome::Error | Outcome::Warning => PhaseStatus::Error,
         };
         if let Some(report) = progress.report(status) {
             self.outbox
@@ -820,10 +1263,11 @@ impl Output<'_> {
         };
         self.log_line(text);
         self.outbox.push_line(self.command, stream, text);
-        if stream == Stream::Stderr && !text.trim().is_empty() {
-            let mut last = self.last_stderr.lock().unwrap_or_else(|e| e.into_inner());
-            last.clear();
-            last.extend(text.trim().chars().take(MAX_DETAIL_CHARS));
+        if stream == Stream::Stderr {
+            self.error_detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(text);
         }
     }
 
@@ -845,13 +1289,26 @@ async fn supervise(
     pid: u32,
     grace: Duration,
     stop: &mut watch::Receiver<Option<StopRequest>>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
 ) -> Ended {
+    let timeout = async {
+        match deadline {
+            Some((at, _)) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut timed_out = false;
     let requested = tokio::select! {
         status = child.wait() => return match status {
             Ok(status) => Ended::Exited(status),
             Err(error) => Ended::NotStarted(format!("waiting for the process failed: {error}")),
         },
         request = stop.wait_for(Option::is_some) => request.map(|r| r.unwrap_or(StopRequest::Terminate)),
+        () = timeout => {
+            warn!(pid, "the process ran out of time; stopping it");
+            timed_out = true;
+            Ok(StopRequest::Terminate)
+        }
     };
     let Ok(request) = requested else {
         // The core is gone: the agent is exiting and leaves the command
@@ -869,9 +1326,62 @@ async fn supervise(
         status.is_some()
     })
     .await;
+    match (status, deadline) {
+        (_, Some((_, after))) if timed_out => Ended::TimedOut(after),
+        (Some(status), _) => Ended::Stopped(status),
+        (None, _) => Ended::NotStarted("Stopped by user".into()),
+    }
+}
+
+/// In the child, before exec: nice 19 and the idle IO class, so that the
+/// dry-run evaluation never makes a small host unresponsive. Best effort:
+/// failing leaves the normal priority.
+fn lower_priority() {
+    // IOPRIO_WHO_PROCESS, this process, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT.
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_IDLE: libc::c_long = 3 << 13;
+    // SAFETY: both are plain syscalls on the calling process, which is
+    // async-signal-safe (pre_exec runs between fork and exec).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_IDLE);
+    }
+}
+
+/// Whether `nix build --dry-run --json` says the toplevel's output is the
+/// running system: the `outputs` of its JSON, else (another shape) any
+/// mention of the path.
+fn dry_run_builds(stdout: &str, current: &str) -> bool {
+    match serde_json::from_str::<serde_json::Value>(stdout.trim()) {
+        Ok(serde_json::Value::Array(items)) => items.iter().any(|item| {
+            item.get("outputs")
+                .and_then(serde_json::Value::as_object)
+                .is_some_and(|outputs| outputs.values().any(|v| v.as_str() == Some(current)))
+        }),
+        _ => stdout.contains(current),
+    }
+}
+
+/// Whether `flake.lock`'s root node has an input with this name.
+fn flake_has_input(repo_dir: &Path, input: &str) -> bool {
+    let Ok(text) = std::fs::read(repo_dir.join("flake.lock")) else {
+        return false;
+    };
+    let Ok(lock) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let root = lock.get("root").and_then(|r| r.as_str()).unwrap_or("root");
+    lock.pointer(&format!("/nodes/{root}/inputs/{input}"))
+        .is_some()
+}
+
+fn check_word(status: CheckStatus) -> &'static str {
     match status {
-        Some(status) => Ended::Stopped(status),
-        None => Ended::NotStarted("Stopped by user".into()),
+        CheckStatus::Ok => "ok",
+        CheckStatus::Outdated => "outdated",
+        CheckStatus::Error => "error",
+        CheckStatus::Unknown => "unknown",
+        CheckStatus::Working => "working",
     }
 }
 
@@ -1165,12 +1675,75 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dry_run_verdicts() {
+        let json =
+            r#"[{"drvPath":"/nix/store/d.drv","outputs":{"out":"/nix/store/abc-nixos-system"}}]"#;
+        assert!(dry_run_builds(json, "/nix/store/abc-nixos-system"));
+        assert!(!dry_run_builds(json, "/nix/store/xyz-nixos-system"));
+        assert!(!dry_run_builds("[]", "/nix/store/abc"));
+        assert!(dry_run_builds("not json /nix/store/abc", "/nix/store/abc"));
+    }
+
+    #[test]
+    fn flake_inputs_are_read_from_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!flake_has_input(dir.path(), "nixfleet"));
+        std::fs::write(
+            dir.path().join("flake.lock"),
+            r#"{"nodes":{"root":{"inputs":{"nixfleet":"nixfleet","nixpkgs":"nixpkgs"}}},"root":"root","version":7}"#,
+        )
+        .unwrap();
+        assert!(flake_has_input(dir.path(), "nixfleet"));
+        assert!(!flake_has_input(dir.path(), "other"));
+        std::fs::write(dir.path().join("flake.lock"), "{broken").unwrap();
+        assert!(!flake_has_input(dir.path(), "nixfleet"));
+    }
+
+    #[test]
+    fn error_detail_prefers_git_errors_over_hints() {
+        let detail = |lines: &[&str]| {
+            let mut d = ErrorDetail::default();
+            lines.iter().for_each(|l| d.note(l));
+            d.get().map(str::to_owned)
+        };
+        // `git pull` with no upstream: no fatal line, the lead sentence.
+        assert_eq!(
+            detail(&[
+                "There is no tracking information for the current branch.",
+                "Please specify which branch you want to merge with.",
+                "",
+                "    git branch --set-upstream-to=<remote>/<branch> main",
+            ])
+            .as_deref(),
+            Some("There is no tracking information for the current branch.")
+        );
+        assert_eq!(
+            detail(&[
+                "Cloning into 'repo'...",
+                "fatal: repository '/x' does not exist",
+                "hint: try again",
+            ])
+            .as_deref(),
+            Some("fatal: repository '/x' does not exist")
+        );
+        assert_eq!(
+            detail(&["error: one", "error: two", "hint: h"]).as_deref(),
+            Some("error: two")
+        );
+        assert_eq!(detail(&["", "  "]), None);
+    }
+
+    #[test]
     fn the_table_is_closed() {
-        for name in ["pull", "switch", "pull-switch", "boot", "rollback", "test"] {
-            assert_eq!(CommandKind::parse(name).map(CommandKind::name), Some(name));
+        for kind in CommandKind::ALL {
+            assert_eq!(CommandKind::parse(kind.name()), Some(kind));
         }
         for name in [
             "stop",
+            "kill",
+            "restart",
+            "reboot",
+            "check-version",
             "",
             "switch ",
             "SWITCH",

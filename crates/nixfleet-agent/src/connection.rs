@@ -20,8 +20,9 @@
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
-use crate::protocol::{self, Inbound, Outbound};
+use crate::protocol::{self, FrameBuffer, Inbound, Outbound};
 use crate::shutdown;
+use crate::ticker::Ticker;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
@@ -56,8 +57,22 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a re-register waits for the dashboard's close frame.
+const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<MaybeTlsStream<Tracked<TcpStream>>>;
+
+/// What the agent core asks of the connection after a status went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Send a heartbeat now: a v3 dashboard completes a command on the
+    /// first heartbeat after its status.
+    Heartbeat,
+    /// Send a heartbeat, close with 1000 and connect again at once: a v3
+    /// dashboard completes a switch only when the agent registers again
+    /// (with the new system's versions).
+    Reregister,
+}
 
 /// The link as a human would describe it (for logs and systemd's STATUS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +93,7 @@ pub struct Links {
     pub link_state: watch::Sender<LinkState>,
     pub probes: mpsc::Receiver<Probe>,
     pub shutdown: shutdown::Listener,
+    pub control: mpsc::Receiver<Control>,
 }
 
 pub struct Connection {
@@ -93,6 +109,8 @@ pub struct Connection {
 #[derive(Debug)]
 enum SessionEnd {
     Shutdown,
+    /// Asked to register again on a fresh connection.
+    Reregister,
     /// Nothing heard for `ping_timeout`.
     Silent,
     /// A write waited `ping_timeout` without the peer accepting a byte.
@@ -139,6 +157,11 @@ impl Connection {
                     }
                     match end {
                         SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite => return,
+                        SessionEnd::Reregister => {
+                            info!("registering again on a fresh connection");
+                            backoff.reset();
+                            continue;
+                        }
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
                             self.config.ping_timeout.as_secs()
@@ -266,6 +289,7 @@ impl Connection {
                 command_state,
                 probes,
                 shutdown,
+                control,
                 ..
             } = &mut self.links;
             let reader = read_frames(&mut stream, epoch, &last_heard_ms, registered, inbound);
@@ -276,6 +300,7 @@ impl Connection {
                 probes,
                 shutdown,
                 written: &self.written,
+                control,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
             let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
@@ -309,6 +334,23 @@ impl Connection {
                         CLOSE_WAIT.as_secs()
                     );
                 }
+            }
+            SessionEnd::Reregister => {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "re-register".into(),
+                }));
+                let closing = async {
+                    if sink.send(close).await.is_ok() {
+                        while let Some(Ok(message)) = stream.next().await {
+                            if matches!(message, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                };
+                // Brief: the point is a quick fresh register.
+                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
@@ -480,6 +522,7 @@ struct Outgoing<'a> {
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
     written: &'a WriteProgress,
+    control: &'a mut mpsc::Receiver<Control>,
 }
 
 impl Outgoing<'_> {
@@ -524,27 +567,41 @@ async fn write_frames(
         return end;
     }
     // The first tick is immediate: the first heartbeat follows `register`.
-    let mut beat = tokio::time::interval(config.interval);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut beat = match Ticker::new(config.interval) {
+        Ok(ticker) => ticker,
+        Err(error) => {
+            return SessionEnd::Broken(format!("cannot start the heartbeat timer: {error}"));
+        }
+    };
     let mut ping =
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::new();
+    let mut frames = FrameBuffer::default();
     let outbox = links.outbox;
     loop {
-        let message = tokio::select! {
+        // `then_reregister`: after a successful switch the core asks for a
+        // last heartbeat and then a fresh connection (v3 dashboards wait
+        // for a new `register`).
+        let (message, then_reregister) = tokio::select! {
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
-            _ = beat.tick() => {
-                let heartbeat = reporter.heartbeat(&links.command_state.borrow());
-                Message::text(Outbound::Heartbeat(&heartbeat).to_json())
+            beat_result = beat.tick() => {
+                if let Err(error) = beat_result {
+                    return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
+                }
+                (heartbeat_message(reporter, links.command_state, &mut frames), false)
             }
-            Some(reply) = links.replies.recv() => Message::text(reply),
+            Some(control) = links.control.recv() => (
+                heartbeat_message(reporter, links.command_state, &mut frames),
+                control == Control::Reregister,
+            ),
+            Some(reply) = links.replies.recv() => (Message::text(reply), false),
             Some(probe) = links.probes.recv() => {
                 probe.answer();
                 continue;
             }
-            _ = ping.tick() => Message::Ping(Default::default()),
+            _ = ping.tick() => (Message::Ping(Default::default()), false),
             _ = outbox.wait_ready() => {
                 outbox.take_batch(OUTPUT_BATCH_BYTES, &mut batch);
                 let sent = links.write(send_batch(sink, &mut batch, outbox), stall_limit);
@@ -557,6 +614,9 @@ async fn write_frames(
         if let Err(end) = links.write(send(sink, message), stall_limit).await {
             return end;
         }
+        if then_reregister {
+            return SessionEnd::Reregister;
+        }
     }
 }
 
@@ -565,6 +625,22 @@ async fn send(
     message: Message,
 ) -> Result<(), String> {
     sink.send(message).await.map_err(|e| e.to_string())
+}
+
+/// A text message of JSON bytes; serde_json writes only UTF-8, so the check
+/// never fails (an empty frame if it somehow did).
+fn text_frame(json: bytes::Bytes) -> Message {
+    Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
+}
+
+/// The next heartbeat, serialised into the reused frame buffer.
+fn heartbeat_message(
+    reporter: &mut Reporter,
+    command_state: &watch::Receiver<CommandState>,
+    frames: &mut FrameBuffer,
+) -> Message {
+    let command = command_state.borrow();
+    text_frame(frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command))))
 }
 
 /// Writes a batch with one flush. What does not get confirmed here is put

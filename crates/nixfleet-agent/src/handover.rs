@@ -11,7 +11,9 @@
 //!   log when the previous instance got to write it, else it is unknown.
 //! - A snapshot of the agent's own unit file and binary, taken at start. When
 //!   a successful switch changed either, the agent delivers the status and
-//!   exits so that systemd starts the new version.
+//!   exits so that systemd starts the new version. A switch the agent did
+//!   not run (a manual `nixos-rebuild switch`, `system.autoUpgrade`) is
+//!   noticed the same way, by comparing with the snapshot while idle.
 
 use crate::commands::{CommandKind, EXIT_CODE_LOG_PREFIX, StopRequest, signal_group_until_gone};
 use crate::heartbeat::generation;
@@ -223,6 +225,10 @@ fn exit_code_from_log(log: &Path) -> Option<i32> {
 pub struct SelfImage {
     unit: Option<UnitSnapshot>,
     exe: Option<PathBuf>,
+    /// The unit's `ExecStart=` already named another program than this one
+    /// when the snapshot was taken (a wrapper script, or a unit file edited
+    /// but not yet reloaded): not a sign of a new version by itself.
+    started_elsewhere: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,20 +255,68 @@ impl SelfImage {
         let unit_file = std::env::var_os(TEST_UNIT_FILE_ENV)
             .map(PathBuf::from)
             .or_else(own_unit_file);
-        SelfImage {
-            unit: unit_file.as_deref().map(UnitSnapshot::take),
-            exe: std::fs::read_link("/proc/self/exe").ok(),
-        }
+        SelfImage::new(
+            unit_file.as_deref().map(UnitSnapshot::take),
+            std::fs::read_link("/proc/self/exe").ok(),
+        )
+    }
+
+    fn new(unit: Option<UnitSnapshot>, exe: Option<PathBuf>) -> Self {
+        let mut image = SelfImage {
+            unit,
+            exe,
+            started_elsewhere: false,
+        };
+        image.started_elsewhere = image
+            .unit
+            .as_ref()
+            .is_some_and(|unit| image.starts_another_program(unit).is_some());
+        image
+    }
+
+    /// The same image with the unit file as it is now: what the agent
+    /// compares with from here on.
+    pub fn rebased(&self) -> Self {
+        SelfImage::new(
+            self.unit
+                .as_ref()
+                .map(|unit| UnitSnapshot::take(&unit.path)),
+            self.exe.clone(),
+        )
     }
 
     pub fn watches_a_unit(&self) -> bool {
         self.unit.is_some()
     }
 
-    /// Why the agent should restart to become the new version, if it should.
+    /// Why the agent should restart to become the new version, if it should:
+    /// asked after a successful switch the agent ran itself.
     pub fn changed(&self) -> Option<String> {
         let unit = self.unit.as_ref()?;
         let now = UnitSnapshot::take(&unit.path);
+        self.unit_changed(unit, &now)
+            .or_else(|| self.binary_replaced())
+            .or_else(|| self.starts_another_program(&now))
+    }
+
+    /// What changed since the snapshot, if anything: asked while idle, to
+    /// notice a switch the agent did not run. A few syscalls (resolving the
+    /// unit's symlinks, reading it, resolving two program paths), so cheap
+    /// enough for every heartbeat. Unlike [`SelfImage::changed`] it ignores
+    /// an `ExecStart=` that named another program from the start.
+    pub fn replaced_since_start(&self) -> Option<String> {
+        let unit = self.unit.as_ref()?;
+        let now = UnitSnapshot::take(&unit.path);
+        self.unit_changed(unit, &now)
+            .or_else(|| self.binary_replaced())
+            .or_else(|| {
+                (!self.started_elsewhere)
+                    .then(|| self.starts_another_program(&now))
+                    .flatten()
+            })
+    }
+
+    fn unit_changed(&self, unit: &UnitSnapshot, now: &UnitSnapshot) -> Option<String> {
         if now.resolved != unit.resolved {
             return Some(format!(
                 "its unit file {} now points to {}",
@@ -273,13 +327,23 @@ impl SelfImage {
                     .display()
             ));
         }
-        if now.content != unit.content {
-            return Some(format!("its unit file {} changed", unit.path.display()));
-        }
+        (now.content != unit.content)
+            .then(|| format!("its unit file {} changed", unit.path.display()))
+    }
+
+    fn binary_replaced(&self) -> Option<String> {
+        self.exe
+            .as_deref()?
+            .to_string_lossy()
+            .ends_with(" (deleted)")
+            .then(|| "its binary was replaced".to_owned())
+    }
+
+    /// The unit's `ExecStart=` program, all symlinks resolved, is not this
+    /// process's binary (the symlinks may have moved: ExecStart= through
+    /// /run/current-system).
+    fn starts_another_program(&self, now: &UnitSnapshot) -> Option<String> {
         let exe = self.exe.as_deref()?;
-        if exe.to_string_lossy().ends_with(" (deleted)") {
-            return Some("its binary was replaced".to_owned());
-        }
         let started_from = now.content.as_deref().and_then(exec_start_program)?;
         let started_from = std::fs::canonicalize(&started_from).unwrap_or(started_from);
         let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_owned());
@@ -412,11 +476,9 @@ mod tests {
         .unwrap();
         let link = dir.path().join("nixfleet.service");
         std::os::unix::fs::symlink(&old, &link).unwrap();
-        let image = SelfImage {
-            unit: Some(UnitSnapshot::take(&link)),
-            exe: Some(exe.clone()),
-        };
+        let image = SelfImage::new(Some(UnitSnapshot::take(&link)), Some(exe.clone()));
         assert_eq!(image.changed(), None);
+        assert_eq!(image.replaced_since_start(), None);
 
         let new = dir.path().join("new.service");
         std::fs::write(
@@ -427,21 +489,64 @@ mod tests {
         std::fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink(&new, &link).unwrap();
         assert!(image.changed().unwrap().contains("now points to"));
+        assert!(
+            image
+                .replaced_since_start()
+                .unwrap()
+                .contains("now points to")
+        );
 
-        let image = SelfImage {
-            unit: Some(UnitSnapshot::take(&link)),
-            exe: Some(exe),
-        };
+        let image = image.rebased();
+        assert_eq!(
+            image.replaced_since_start(),
+            None,
+            "rebased on the new unit"
+        );
         std::fs::write(
             &new,
             "[Service]\nExecStart=/nix/store/other/bin/nixfleet-agent\n",
         )
         .unwrap();
         assert!(image.changed().unwrap().contains("changed"));
-        let no_unit = SelfImage {
-            unit: None,
-            exe: None,
-        };
+        assert!(image.replaced_since_start().unwrap().contains("changed"));
+        let no_unit = SelfImage::new(None, None);
         assert_eq!(no_unit.changed(), None);
+        assert_eq!(no_unit.replaced_since_start(), None);
+    }
+
+    #[test]
+    fn a_unit_that_starts_a_wrapper_is_not_a_replacement_while_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let unit = dir.path().join("nixfleet.service");
+        std::fs::write(&unit, "[Service]\nExecStart=/usr/local/bin/agent-wrapper\n").unwrap();
+        let image = SelfImage::new(Some(UnitSnapshot::take(&unit)), Some(exe));
+        assert!(image.changed().is_some(), "after a switch: restart anyway");
+        assert_eq!(
+            image.replaced_since_start(),
+            None,
+            "while idle: nothing changed since start"
+        );
+    }
+
+    #[test]
+    fn a_moved_exec_start_symlink_is_a_replacement() {
+        // ExecStart= through a symlink that a switch moves, with the unit
+        // file itself unchanged (as with /run/current-system/sw/bin).
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let current = dir.path().join("current-agent");
+        std::os::unix::fs::symlink(&exe, &current).unwrap();
+        let unit = dir.path().join("nixfleet.service");
+        std::fs::write(
+            &unit,
+            format!("[Service]\nExecStart={}\n", current.display()),
+        )
+        .unwrap();
+        let image = SelfImage::new(Some(UnitSnapshot::take(&unit)), Some(exe));
+        assert_eq!(image.replaced_since_start(), None);
+        std::fs::remove_file(&current).unwrap();
+        std::os::unix::fs::symlink("/nix/store/new-agent/bin/nixfleet-agent", &current).unwrap();
+        assert!(image.replaced_since_start().unwrap().contains("instead of"));
     }
 }

@@ -5,9 +5,11 @@
 //! a heartbeat every second must cost next to nothing.
 
 use crate::config::Config;
+use crate::file_cache::{Derived, Reads};
 use crate::metrics::Sampler;
-use crate::protocol::{Heartbeat, Register};
+use crate::protocol::{Heartbeat, Register, UpdateStatus};
 use std::path::{Path, PathBuf};
+use tokio::sync::watch;
 
 const NIXOS_VERSION_FILE: &str = "/run/current-system/nixos-version";
 
@@ -26,6 +28,17 @@ pub struct AgentIdentity {
     pub host_type: String,
     pub store_path: Option<String>,
     pub binary_hash: Option<String>,
+    /// The git commit this binary was built from (see build.rs).
+    pub source_commit: Option<String>,
+}
+
+/// The commit the flake (`self.rev`/`self.dirtyRev`) or `git` at build time
+/// said this binary was built from; `None` when neither knew.
+pub fn source_commit() -> Option<String> {
+    option_env!("NIXFLEET_SOURCE_COMMIT")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
 }
 
 impl AgentIdentity {
@@ -35,11 +48,14 @@ impl AgentIdentity {
             host_type: host_type(Path::new("/etc/NIXOS")).into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
+            source_commit: source_commit(),
         }
     }
 }
 
-/// Builds `register` and `heartbeat` payloads.
+/// Builds `register` and `heartbeat` payloads. What they report from files
+/// is re-read only when the files changed (see [`crate::file_cache`]): an
+/// idle heartbeat costs a few `statx` calls, no reads.
 pub struct Reporter {
     hostname: String,
     repo_dir: PathBuf,
@@ -48,6 +64,16 @@ pub struct Reporter {
     identity: AgentIdentity,
     nixos_version_file: PathBuf,
     sampler: Sampler,
+    generation: Derived<String>,
+    nixpkgs_version: Derived<String>,
+    theme_color: Option<String>,
+    location: Option<String>,
+    device_type: Option<String>,
+    update_status: Option<watch::Receiver<UpdateStatus>>,
+    /// The compartments as of the last heartbeat: heartbeats borrow them.
+    update_status_now: Option<UpdateStatus>,
+    /// sha256 of `flake.lock`, re-hashed only when the file changed.
+    lock_hash: Derived<Option<String>>,
 }
 
 impl Reporter {
@@ -59,50 +85,95 @@ impl Reporter {
             repo_url: config.repo_url.as_deref().map(crate::redact::redact_url),
             interval_secs: config.interval.as_secs(),
             identity,
-            nixos_version_file: NIXOS_VERSION_FILE.into(),
+            // The test stand-in for /run/current-system brings its own.
+            nixos_version_file: std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
+                .map(|link| PathBuf::from(link).join("nixos-version"))
+                .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
+            generation: Derived::default(),
+            nixpkgs_version: Derived::default(),
+            theme_color: config.theme_color.clone(),
+            location: config.location.clone(),
+            device_type: config.device_type.clone(),
+            update_status: None,
+            update_status_now: None,
+            lock_hash: Derived::default(),
         }
     }
 
-    pub fn register(&self) -> Register {
-        let nixpkgs_version = self.nixpkgs_version();
+    /// Heartbeats carry the compartments published here.
+    pub fn with_update_status(mut self, status: watch::Receiver<UpdateStatus>) -> Self {
+        self.update_status = Some(status);
+        self
+    }
+
+    pub fn register(&mut self) -> Register {
+        let nixpkgs_version =
+            cached_text(&mut self.nixpkgs_version, &self.nixos_version_file).to_owned();
         Register {
             hostname: self.hostname.clone(),
             host_type: self.identity.host_type.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             os_version: os_version(&nixpkgs_version),
             nixpkgs_version,
-            generation: generation(&self.repo_dir),
+            generation: cached_generation(&mut self.generation, &self.repo_dir).to_owned(),
             heartbeat_interval: self.interval_secs,
             repo_url: self.repo_url.clone(),
             repo_dir: Some(self.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
-            theme_color: None,
-            location: None,
-            device_type: None,
-            source_commit: None,
+            theme_color: self.theme_color.clone(),
+            location: self.location.clone(),
+            device_type: self.device_type.clone(),
+            source_commit: self.identity.source_commit.clone(),
         }
     }
 
-    pub fn heartbeat(&mut self, command: &CommandState) -> Heartbeat {
+    /// The heartbeat, borrowing from the reporter's cached values and from
+    /// `command`: building one allocates nothing.
+    pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> Heartbeat<'a> {
+        // The compartments change a few times a day: copy them only then.
+        if let Some(published) = self.update_status.as_mut()
+            && (self.update_status_now.is_none() || published.has_changed().unwrap_or(false))
+        {
+            self.update_status_now = Some(published.borrow_and_update().clone());
+        }
         Heartbeat {
-            generation: generation(&self.repo_dir),
-            nixpkgs_version: self.nixpkgs_version(),
-            pending_command: command.name.clone(),
-            command_pid: command.pid,
             metrics: self.sampler.sample(),
-            update_status: None,
-            source_commit: None,
-            store_path: None,
-            binary_hash: None,
-            lock_hash: None,
+            generation: cached_generation(&mut self.generation, &self.repo_dir),
+            nixpkgs_version: cached_text(&mut self.nixpkgs_version, &self.nixos_version_file),
+            pending_command: command.name.as_deref(),
+            command_pid: command.pid,
+            update_status: self.update_status_now.as_ref(),
+            source_commit: self.identity.source_commit.as_deref(),
+            store_path: self.identity.store_path.as_deref(),
+            binary_hash: self.identity.binary_hash.as_deref(),
+            lock_hash: cached_lock_hash(&mut self.lock_hash, &self.repo_dir),
         }
     }
+}
 
-    fn nixpkgs_version(&self) -> String {
-        read_trimmed(&self.nixos_version_file).unwrap_or_default()
-    }
+fn cached_generation<'a>(cache: &'a mut Derived<String>, repo_dir: &Path) -> &'a str {
+    cache.get(|reads| short_commit(head_commit_in(repo_dir, reads)))
+}
+
+/// sha256 hex of the repository's `flake.lock`, hashed again only when the
+/// file changed: an idle heartbeat costs one `statx`.
+fn cached_lock_hash<'a>(
+    cache: &'a mut Derived<Option<String>>,
+    repo_dir: &Path,
+) -> Option<&'a str> {
+    cache
+        .get(|reads| {
+            let mut file = reads.open(&repo_dir.join("flake.lock"))?;
+            sha256_hex_of_reader(&mut file)
+        })
+        .as_deref()
+}
+
+/// A file's trimmed text, `""` when it cannot be read.
+fn cached_text<'a>(cache: &'a mut Derived<String>, path: &Path) -> &'a str {
+    cache.get(|reads| read_trimmed(reads, path).unwrap_or_default())
 }
 
 fn host_type(nixos_marker: &Path) -> &'static str {
@@ -143,10 +214,12 @@ fn store_path_of(exe: &Path) -> Option<String> {
     Some(format!("/nix/store/{entry}"))
 }
 
-fn sha256_hex_of_file(path: &Path) -> Option<String> {
+pub fn sha256_hex_of_file(path: &Path) -> Option<String> {
+    sha256_hex_of_reader(&mut std::fs::File::open(path).ok()?)
+}
+
+fn sha256_hex_of_reader(file: &mut impl std::io::Read) -> Option<String> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
     let mut hasher = Sha256::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -165,10 +238,8 @@ fn sha256_hex_of_file(path: &Path) -> Option<String> {
     )
 }
 
-fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
+fn read_trimmed(reads: &mut Reads<'_>, path: &Path) -> Option<String> {
+    reads.read_to_string(path).map(|s| s.trim().to_owned())
 }
 
 /// Length of the short commit id the dashboard shows.
@@ -179,42 +250,67 @@ const SHORT_COMMIT_LEN: usize = 7;
 /// `packed-refs`; follows `gitdir:` files (worktrees, submodules) and
 /// `commondir`.
 pub fn generation(repo_dir: &Path) -> String {
-    head_commit(repo_dir)
-        .map(|id| id[..SHORT_COMMIT_LEN].to_owned())
+    cached_generation(&mut Derived::default(), repo_dir).to_owned()
+}
+
+fn short_commit(id: Option<String>) -> String {
+    id.map(|id| id[..SHORT_COMMIT_LEN].to_owned())
         .unwrap_or_default()
 }
 
-fn head_commit(repo_dir: &Path) -> Option<String> {
-    let git_dir = git_dir(repo_dir)?;
-    let common_dir = read_trimmed(&git_dir.join("commondir"))
-        .map(|c| git_dir.join(c))
-        .unwrap_or_else(|| git_dir.clone());
-    let head = read_trimmed(&git_dir.join("HEAD"))?;
+/// The full commit id of the repository's HEAD, read afresh (for callers
+/// outside the heartbeat path, which keeps its own cache).
+pub fn head_commit(repo_dir: &Path) -> Option<String> {
+    Derived::default()
+        .get(|reads| head_commit_in(repo_dir, reads))
+        .clone()
+}
+
+/// The commit a full ref name (`refs/remotes/origin/main`) points to.
+pub fn resolve_ref(repo_dir: &Path, reference: &str) -> Option<String> {
+    Derived::default()
+        .get(|reads| resolve_in(&git_dir(repo_dir, reads)?, reference, reads))
+        .clone()
+}
+
+/// Every file looked at goes through `reads`, so that a cached generation
+/// is recomputed when any of them changes (a commit, a checkout, `git gc`
+/// packing the refs).
+fn head_commit_in(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
+    let git_dir = git_dir(repo_dir, reads)?;
+    let head = read_trimmed(reads, &git_dir.join("HEAD"))?;
     let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
         return valid_commit(&head);
     };
+    resolve_in(&git_dir, reference, reads)
+}
+
+fn resolve_in(git_dir: &Path, reference: &str, reads: &mut Reads<'_>) -> Option<String> {
+    let common_dir = read_trimmed(reads, &git_dir.join("commondir"))
+        .map(|c| git_dir.join(c))
+        .unwrap_or_else(|| git_dir.to_owned());
     if !reference.starts_with("refs/") || reference.split('/').any(|c| c == "..") {
         return None;
     }
-    for dir in [&git_dir, &common_dir] {
-        if let Some(id) = read_trimmed(&dir.join(reference)) {
+    for dir in [git_dir, common_dir.as_path()] {
+        if let Some(id) = read_trimmed(reads, &dir.join(reference)) {
             return valid_commit(&id);
         }
     }
-    let packed = std::fs::read_to_string(common_dir.join("packed-refs")).ok()?;
+    let packed = reads.read_to_string(&common_dir.join("packed-refs"))?;
     packed.lines().find_map(|line| {
         let (id, name) = line.split_once(' ')?;
         (name == reference).then(|| valid_commit(id)).flatten()
     })
 }
 
-fn git_dir(repo_dir: &Path) -> Option<PathBuf> {
+fn git_dir(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<PathBuf> {
     let dot_git = repo_dir.join(".git");
-    let meta = std::fs::metadata(&dot_git).ok()?;
+    let meta = reads.metadata(&dot_git)?;
     if meta.is_dir() {
         return Some(dot_git);
     }
-    let text = read_trimmed(&dot_git)?;
+    let text = read_trimmed(reads, &dot_git)?;
     let target = text.strip_prefix("gitdir:")?.trim();
     Some(repo_dir.join(target))
 }
@@ -264,6 +360,49 @@ mod tests {
         assert_eq!(generation(repo), short(repo));
     }
 
+    /// Backdates `path` and everything under it, so that a cached value
+    /// read from there is settled and only a change in the metadata of its
+    /// inputs can refresh it.
+    fn backdate_tree(path: &Path) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap().flatten() {
+                backdate_tree(&entry.path());
+            }
+        }
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(path)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+    }
+
+    #[test]
+    fn cached_generation_follows_commits_packing_and_checkouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let short = |r: &Path| git(r, &["rev-parse", "--short=7", "HEAD"]);
+        let mut cache = Derived::default();
+        // Each step but the packing moves HEAD; the packing moves the
+        // branch's ref from its own file into packed-refs.
+        let steps: [&[&str]; 5] = [
+            &["commit", "-q", "--allow-empty", "-m", "two"],
+            &["pack-refs", "--all", "--prune"],
+            &["checkout", "-q", "--detach", "HEAD~1"],
+            &["checkout", "-q", "main"],
+            &["commit", "-q", "--allow-empty", "-m", "three"],
+        ];
+        for step in steps {
+            backdate_tree(&repo.join(".git"));
+            let before = short(repo);
+            assert_eq!(cached_generation(&mut cache, repo), before);
+            assert_eq!(cached_generation(&mut cache, repo), before);
+            git(repo, step);
+            assert_eq!(cached_generation(&mut cache, repo), short(repo), "{step:?}");
+        }
+    }
+
     #[test]
     fn generation_follows_worktree_gitdir_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -308,6 +447,43 @@ mod tests {
         assert_eq!(host_type(&dir.path().join("NIXOS")), "linux");
         std::fs::write(dir.path().join("NIXOS"), "").unwrap();
         assert_eq!(host_type(&dir.path().join("NIXOS")), "nixos");
+    }
+
+    #[test]
+    fn lock_hash_follows_the_file_and_its_absence() {
+        const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("flake.lock");
+        let mut cache = Derived::default();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+        std::fs::write(&lock, "abc").unwrap();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        std::fs::write(&lock, "abcd").unwrap();
+        assert_ne!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        std::fs::remove_file(&lock).unwrap();
+        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+    }
+
+    #[test]
+    fn remote_refs_resolve_loose_and_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let head = git(repo, &["rev-parse", "HEAD"]);
+        git(repo, &["update-ref", "refs/remotes/origin/main", &head]);
+        assert_eq!(head_commit(repo).as_deref(), Some(head.as_str()));
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        git(repo, &["pack-refs", "--all", "--prune"]);
+        assert_eq!(
+            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
+            Some(head.as_str())
+        );
+        assert_eq!(resolve_ref(repo, "refs/remotes/origin/other"), None);
+        assert_eq!(resolve_ref(repo, "refs/../../x"), None);
     }
 
     #[test]

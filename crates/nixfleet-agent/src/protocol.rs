@@ -1,4 +1,4 @@
-//! The NixFleet v2 wire protocol (`../shared/spec/protocol.md`): the JSON
+//! The NixFleet v2 wire protocol (`docs/protocol.md`): the JSON
 //! envelope `{"type": …, "payload": {…}}` and every message in it.
 //!
 //! Outgoing messages borrow their data and serialise straight into the
@@ -15,7 +15,7 @@ use std::fmt;
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
 pub enum Outbound<'a> {
     Register(&'a Register),
-    Heartbeat(&'a Heartbeat),
+    Heartbeat(&'a Heartbeat<'a>),
     Output(OutputLine<'a>),
     Status(&'a Status),
     CommandRejected(&'a CommandRejected),
@@ -39,6 +39,41 @@ impl Outbound<'_> {
                 String::new()
             }
         }
+    }
+}
+
+/// Serialises frames into one buffer that lives as long as the
+/// connection. A frame handed out shares the buffer's memory; once the
+/// socket has written and dropped it, the next frame reuses that memory, so
+/// the steady heartbeat allocates nothing.
+#[derive(Debug)]
+pub struct FrameBuffer {
+    buf: bytes::BytesMut,
+}
+
+/// Room reserved before each frame: a heartbeat fits.
+const FRAME_BUFFER_ROOM: usize = 512;
+
+impl Default for FrameBuffer {
+    fn default() -> Self {
+        FrameBuffer {
+            buf: bytes::BytesMut::with_capacity(FRAME_BUFFER_ROOM),
+        }
+    }
+}
+
+impl FrameBuffer {
+    /// The frame text as UTF-8 bytes (see [`Outbound::to_json`] on errors).
+    pub fn encode(&mut self, message: &Outbound<'_>) -> bytes::Bytes {
+        use bytes::BufMut;
+        // Takes back the memory of the previous frame if it has been dropped.
+        self.buf.clear();
+        self.buf.reserve(FRAME_BUFFER_ROOM);
+        if let Err(error) = serde_json::to_writer((&mut self.buf).writer(), message) {
+            debug_assert!(false, "serialising an outbound message failed: {error}");
+            self.buf.clear();
+        }
+        self.buf.split().freeze()
     }
 }
 
@@ -74,25 +109,27 @@ pub struct Register {
     pub source_commit: Option<String>,
 }
 
+/// Borrowed: the agent sends one every few seconds for as long as it runs,
+/// and builds it from values it holds anyway.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Heartbeat {
-    pub generation: String,
-    pub nixpkgs_version: String,
-    pub pending_command: Option<String>,
+pub struct Heartbeat<'a> {
+    pub generation: &'a str,
+    pub nixpkgs_version: &'a str,
+    pub pending_command: Option<&'a str>,
     pub command_pid: Option<u32>,
     pub metrics: Option<Metrics>,
     /// v3: the status compartments; v2 dashboards ignore it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub update_status: Option<UpdateStatus>,
+    pub update_status: Option<&'a UpdateStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_commit: Option<String>,
+    pub source_commit: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub store_path: Option<String>,
+    pub store_path: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub binary_hash: Option<String>,
+    pub binary_hash: Option<&'a str>,
     /// v3: sha256 hex of the repository's `flake.lock`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lock_hash: Option<String>,
+    pub lock_hash: Option<&'a str>,
 }
 
 /// v3: the four status compartments of a host.
@@ -226,6 +263,8 @@ impl<'a> OutputLine<'a> {
 pub enum Outcome {
     Ok,
     Error,
+    /// Only for `check-version` (v3): running, but not the installed agent.
+    Warning,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -471,8 +510,8 @@ mod tests {
     #[test]
     fn idle_heartbeat_carries_nulls() {
         let hb = Heartbeat {
-            generation: "abc1234".into(),
-            nixpkgs_version: "".into(),
+            generation: "abc1234",
+            nixpkgs_version: "",
             pending_command: None,
             command_pid: None,
             metrics: None,
@@ -488,6 +527,55 @@ mod tests {
             json!({"type": "heartbeat", "payload": {"generation": "abc1234", "nixpkgs_version": "",
                 "pending_command": null, "command_pid": null, "metrics": null}})
         );
+    }
+
+    #[test]
+    fn frame_buffer_frames_match_to_json_and_reuse_the_memory() {
+        let hb = Heartbeat {
+            generation: "abc1234",
+            nixpkgs_version: "25.11",
+            pending_command: Some("switch"),
+            command_pid: Some(42),
+            metrics: Some(Metrics {
+                cpu: 1.5,
+                ram: 20.25,
+                swap: 0.0,
+                load: 0.5,
+            }),
+            update_status: None,
+            source_commit: Some("0123abc"),
+            store_path: None,
+            binary_hash: None,
+            lock_hash: Some("ba7816bf"),
+        };
+        let expected = Outbound::Heartbeat(&hb).to_json();
+        let mut frames = FrameBuffer::default();
+        let first = frames.encode(&Outbound::Heartbeat(&hb));
+        assert_eq!(first, expected.as_bytes());
+        // A frame still held (not yet written) is never overwritten.
+        let idle = Heartbeat {
+            pending_command: None,
+            command_pid: None,
+            ..hb.clone()
+        };
+        let second = frames.encode(&Outbound::Heartbeat(&idle));
+        assert_eq!(first, expected.as_bytes());
+        assert_eq!(second, Outbound::Heartbeat(&idle).to_json().as_bytes());
+        let memory = second.as_ptr();
+        drop((first, second));
+        // Occupies what the allocator would hand out next, so that only
+        // reusing the buffer yields the same memory again.
+        let _elsewhere = vec![0u8; FRAME_BUFFER_ROOM];
+        let third = frames.encode(&Outbound::Heartbeat(&hb));
+        assert_eq!(third, expected.as_bytes());
+        assert_eq!(
+            third.as_ptr(),
+            memory,
+            "the dropped frame's memory is reused"
+        );
+        drop(third);
+        let _elsewhere_too = vec![0u8; FRAME_BUFFER_ROOM];
+        assert_eq!(frames.encode(&Outbound::Heartbeat(&hb)).as_ptr(), memory);
     }
 
     #[test]

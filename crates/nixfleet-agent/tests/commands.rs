@@ -353,11 +353,18 @@ async fn switch_boot_and_rollback_run_nixos_rebuild_with_the_right_argv_and_cwd(
     let dashboard = Dashboard::start().await;
     let body =
         "printf '%s\\n' \"$@\" >> \"$HOME/argv\"\necho --- >> \"$HOME/argv\"\npwd >> \"$HOME/cwd\"";
-    let (agent, conn) = agent_with_rebuild(&dashboard, body, |_| {}).await;
+    let (agent, _) = agent_with_rebuild(&dashboard, body, |_| {}).await;
     for (i, name) in ["switch", "boot", "rollback"].iter().enumerate() {
-        dashboard.command(conn, name);
+        let registers = dashboard.frames("register").len();
+        dashboard.command(dashboard.current_conn().unwrap(), name);
         let status = dashboard.wait_frame("status", i + 1, 10 * SECOND).await;
         assert_eq!(status.payload()["status"], "ok", "{name}");
+        if *name != "boot" {
+            // A successful activation registers again on a new connection.
+            dashboard
+                .wait_frame("register", registers + 1, 10 * SECOND)
+                .await;
+        }
     }
     let repo = agent.repo_dir.display().to_string();
     let argv = std::fs::read_to_string(agent.dir.path().join("argv")).unwrap();
@@ -518,6 +525,57 @@ async fn pull_failure_names_the_git_step() {
             .starts_with("git clone failed: "),
         "{p}"
     );
+}
+
+/// Runs `pull` in plain mode (`git pull --ff-only` in `repo_dir`) and
+/// returns the status message; `prepare` may set up the repo and a
+/// stand-in `git` in the bin directory.
+async fn plain_pull_message(prepare: impl FnOnce(&std::path::Path, &std::path::Path)) -> String {
+    let dashboard = Dashboard::start().await;
+    let options = AgentOptions::new(dashboard.url());
+    let (dir, bin) = Agent::prepare(&options);
+    prepare(&dir.path().join("repo"), &bin);
+    let _agent = Agent::spawn(dir, options).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    dashboard.command(conn, "pull");
+    let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
+    let p = status.payload();
+    assert_eq!(p["status"], "error", "{p}");
+    p["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn pull_failure_quotes_gits_error_not_its_hint() {
+    let message = plain_pull_message(|_, bin| {
+        script(
+            bin,
+            "git",
+            "echo 'fatal: unable to access the remote' >&2\n\
+             echo 'hint: see git help remote' >&2\nexit 128",
+        );
+    })
+    .await;
+    assert_eq!(
+        message,
+        "git pull failed: fatal: unable to access the remote"
+    );
+}
+
+#[tokio::test]
+async fn pull_without_upstream_quotes_gits_lead_sentence() {
+    // A repository with no remote, as a newcomer's first try has: git
+    // prints no "fatal:" line, only a sentence and then hints.
+    let message = plain_pull_message(|repo, _| {
+        git(repo, &["init", "-q", "-b", "main"]);
+        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+    })
+    .await;
+    assert!(message.starts_with("git pull failed: "), "{message}");
+    assert!(!message.contains("set-upstream-to"), "{message}");
+    assert!(!message.contains("git pull <remote>"), "{message}");
 }
 
 #[tokio::test]

@@ -78,7 +78,48 @@ async fn a_switch_that_leaves_the_agent_alone_keeps_it_running() {
     let n = dashboard.frames("heartbeat").len();
     dashboard.wait_frame("heartbeat", n + 2, 5 * SECOND).await;
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
-    assert_eq!(dashboard.frames("register").len(), 1);
+    // The same process registers again on a fresh connection (v3
+    // dashboards wait for that), once.
+    assert_eq!(dashboard.frames("register").len(), 2);
+    let (code, reason, _) = dashboard.wait_close(SECOND).await;
+    assert_eq!((code, reason.as_str()), (Some(1000), "re-register"));
+}
+
+/// A switch the agent did not run (a manual `nixos-rebuild switch`,
+/// `system.autoUpgrade`) replaces its unit while it is idle: it notices at
+/// its next checks and restarts the way it does after its own switch.
+#[tokio::test]
+async fn an_idle_agent_replaced_by_another_switch_restarts() {
+    let dashboard = Dashboard::start().await;
+    let (mut agent, _conn) = agent_with_unit(&dashboard, "echo unused").await;
+    dashboard.wait_frame("heartbeat", 2, 10 * SECOND).await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+
+    let units = agent.dir.path().join("units");
+    std::fs::write(
+        units.join("new.service"),
+        unit_text("/nix/store/new-nixfleet-agent/bin/nixfleet-agent", "new"),
+    )
+    .unwrap();
+    let link = agent.dir.path().join("nixfleet.service");
+    let swapped = agent.dir.path().join("nixfleet.service.new");
+    std::os::unix::fs::symlink(units.join("new.service"), &swapped).unwrap();
+    std::fs::rename(&swapped, &link).unwrap();
+
+    // Interval 1 s, two checks in a row: about 2 s.
+    let code = agent.wait_exit(10 * SECOND).await;
+    assert_eq!(
+        code,
+        Some(75),
+        "exits with EX_TEMPFAIL so that systemd restarts it"
+    );
+    let (code, _, _) = dashboard.wait_close(5 * SECOND).await;
+    assert_eq!(code, Some(1000));
+    let stderr = agent.stderr();
+    assert!(
+        stderr.contains("replaced by a switch it did not run"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -92,8 +133,11 @@ async fn a_failed_switch_never_restarts_the_agent() {
     dashboard.command(conn, "switch");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     assert_eq!(status.payload()["status"], "error");
+    // Long enough for the idle checks (two in a row, one per interval) to
+    // have restarted it, had the failed switch's unit counted as a
+    // replacement.
     let n = dashboard.frames("heartbeat").len();
-    dashboard.wait_frame("heartbeat", n + 2, 5 * SECOND).await;
+    dashboard.wait_frame("heartbeat", n + 4, 10 * SECOND).await;
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
 }
 

@@ -3,9 +3,14 @@
 //! What the unit tests cannot show: that `Type=notify` with `READY=1`,
 //! `STATUS=`, the watchdog, `LoadCredential=` and the journal work with the
 //! real systemd and the real binaries, through the unit file the NixOS module
-//! renders (`tests/systemd/nixfleet.service`).
+//! renders: `nix/render-unit.nix` evaluates `modules/nixfleet.nix` with
+//! NixOS's own systemd option types and `systemd-lib` (nixpkgs' `lib` and
+//! `nixos/lib`, found like `nix/check.sh` finds them: `$NIXPKGS_LIB` and
+//! `$NIXOS_LIB`, else `../shared/nix/nixpkgs` beside the repository), and
+//! the test installs that text with its own paths for the store paths. The
+//! module is the only source of the unit.
 //!
-//! How (see `shared/notes/systemd-testbed.md`):
+//! How:
 //!
 //! - A Debian bookworm tree is built once per machine with `debootstrap`
 //!   into `$NIXFLEET_NSPAWN_CACHE` (default `/var/cache/nixfleet-nspawn`),
@@ -24,7 +29,8 @@
 //!   from the host.
 //!
 //! Requirements: root, `systemd-nspawn` (Debian: `systemd-container`),
-//! `nsenter`, and `debootstrap` with network access the first time. Without
+//! `nsenter`, `nix-instantiate` (Debian: `nix-bin`) with nixpkgs' `lib` and
+//! `nixos/lib`, and `debootstrap` with network access the first time. Without
 //! them the tests print `skipped: …` and pass, except under `CI=true`, where
 //! they fail.
 
@@ -38,8 +44,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const AGENT_UNIT_TEMPLATE: &str = include_str!("systemd/nixfleet.service");
-const AGENT_DROP_IN_TEMPLATE: &str = include_str!("systemd/nixfleet-test.conf");
+const AGENT_DROP_IN: &str = include_str!("systemd/nixfleet-test.conf");
 const MOCK_UNIT_TEMPLATE: &str = include_str!("systemd/mock-dashboard.service");
 const STAND_IN_REBUILD: &str = include_str!("systemd/nixos-rebuild");
 const STAND_IN_NOTIFY: &str = include_str!("systemd/notify-standin");
@@ -500,9 +505,10 @@ struct AgentSetup {
 }
 
 impl AgentSetup {
-    /// Writes the token, the agent's config, its unit (from the module's
-    /// template) with the test drop-in, the stand-in nixos-rebuild and the
-    /// mock dashboard's unit; starts nothing.
+    /// Writes the token, the agent's config, its unit (as the module renders
+    /// it, the stand-in nixos-rebuild first on its PATH) with the test
+    /// drop-in, the stand-in nixos-rebuild and the mock dashboard's unit;
+    /// starts nothing.
     fn install(c: &Container, hostname: &str) -> AgentSetup {
         let setup = AgentSetup {
             port: free_port(),
@@ -524,26 +530,25 @@ impl AgentSetup {
             0o755,
         );
         let unit = fill(
-            AGENT_UNIT_TEMPLATE,
+            &environment().expect("checked by the test").agent_unit,
             &[
                 ("@agent@", &format!("{BIN_DIR}/nixfleet-agent")),
                 ("@config@", CONFIG_PATH),
-                ("@watchdog_sec@", &WATCHDOG_SEC.to_string()),
-                ("@token_file@", TOKEN_PATH),
+                ("@path@", &format!("{STAND_IN_BIN}:{CONTAINER_PATH}")),
             ],
+        );
+        assert!(
+            !unit.contains("/nix/store/"),
+            "a store path is left in the unit:\n{unit}"
         );
         c.write(
             "/etc/systemd/system/nixfleet.service",
             unit.as_bytes(),
             0o644,
         );
-        let drop_in = fill(
-            AGENT_DROP_IN_TEMPLATE,
-            &[("@path@", &format!("{STAND_IN_BIN}:{CONTAINER_PATH}"))],
-        );
         c.write(
             "/etc/systemd/system/nixfleet.service.d/test.conf",
-            drop_in.as_bytes(),
+            AGENT_DROP_IN.as_bytes(),
             0o644,
         );
         let mock = fill(
@@ -622,6 +627,9 @@ fn wait_for_heartbeats(setup: &AgentSetup, count: usize) -> Result<(), String> {
 
 struct Env {
     tree: PathBuf,
+    /// The agent's unit as the NixOS module renders it, with `@agent@`,
+    /// `@config@` and `@path@` for the store paths.
+    agent_unit: String,
 }
 
 /// The shared environment, or `None` (after printing why) when this machine
@@ -660,6 +668,7 @@ fn prepare() -> Result<Env, Unavailable> {
     if find_program("nsenter").is_none() {
         return Err(Unavailable::Skip("no nsenter (util-linux)".into()));
     }
+    let agent_unit = render_agent_unit()?;
     let cache = std::env::var_os("NIXFLEET_NSPAWN_CACHE").map_or_else(
         || PathBuf::from("/var/cache/nixfleet-nspawn"),
         PathBuf::from,
@@ -672,7 +681,50 @@ fn prepare() -> Result<Env, Unavailable> {
         )));
     }
     build_tree(&cache, &tree).map_err(Unavailable::Broken)?;
-    Ok(Env { tree })
+    Ok(Env { tree, agent_unit })
+}
+
+/// The agent's unit from `nix/render-unit.nix`, with this test's token file
+/// and watchdog timeout.
+fn render_agent_unit() -> Result<String, Unavailable> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let lib = std::env::var_os("NIXPKGS_LIB")
+        .map_or_else(|| repo.join("../shared/nix/nixpkgs/lib"), PathBuf::from);
+    let nixos_lib =
+        std::env::var_os("NIXOS_LIB").map_or_else(|| lib.join("../nixos/lib"), PathBuf::from);
+    let Some(nix_instantiate) = find_program("nix-instantiate") else {
+        return Err(Unavailable::Skip(
+            "no nix-instantiate (apt-get install nix-bin) to render the unit from the NixOS module"
+                .into(),
+        ));
+    };
+    let (Ok(lib), Ok(nixos_lib)) = (lib.canonicalize(), nixos_lib.canonicalize()) else {
+        return Err(Unavailable::Skip(format!(
+            "no nixpkgs lib at {} with nixos/lib at {} to render the unit from the NixOS module \
+             (set NIXPKGS_LIB and NIXOS_LIB)",
+            lib.display(),
+            nixos_lib.display()
+        )));
+    };
+    let mut command = Command::new(nix_instantiate);
+    command
+        .args(["--readonly-mode", "--eval", "--strict", "--json"])
+        .arg(repo.join("nix/render-unit.nix"))
+        .args(["--arg", "lib", &format!("import {}", lib.display())])
+        .args(["--arg", "nixosLib", &nixos_lib.display().to_string()])
+        .args(["--argstr", "tokenFile", TOKEN_PATH])
+        .args(["--arg", "watchdogSec", &WATCHDOG_SEC.to_string()]);
+    let output = run_bounded(command, Duration::from_secs(120))
+        .map_err(|e| Unavailable::Broken(format!("nix-instantiate nix/render-unit.nix: {e}")))?;
+    if !output.status.success() {
+        return Err(Unavailable::Broken(format!(
+            "nix-instantiate nix/render-unit.nix failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| Unavailable::Broken(format!("nix/render-unit.nix: not a JSON string: {e}")))
 }
 
 const TREE_MARKER: &str = ".nixfleet-nspawn-tree";

@@ -64,12 +64,15 @@ pub async fn index() -> Response {
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "nixfleet-mock-dashboard: a mock NixFleet dashboard for tests and demos.\n\
          \n\
+         GET  /                               the live web page\n\
+         GET  /events                         its feed (Server-Sent Events)   ?host=<name>\n\
          GET  /health\n\
          GET  /ws                             (agents; Authorization: Bearer <token>)\n\
          GET  /api/hosts\n\
          GET  /api/hosts/{host}\n\
          GET  /api/hosts/{host}/messages      ?type=<type>&since=<index>&limit=<n>\n\
          GET  /api/hosts/{host}/connections\n\
+         GET  /api/hosts/{host}/commands\n\
          POST /api/hosts/{host}/command       {\"command\": \"switch\"}\n\
          POST /api/hosts/{host}/kill          {\"signal\": \"SIGTERM\", \"pid\": 0}\n\
          POST /api/hosts/{host}/send          any JSON, {\"raw\": \"text\"} or {\"binary\": \"text\"}\n\
@@ -156,7 +159,7 @@ struct MessagesOut<'a> {
 }
 
 #[derive(Serialize)]
-struct MsgOut<'a> {
+pub struct MsgOut<'a> {
     index: u64,
     t: u64,
     conn: u64,
@@ -168,7 +171,7 @@ struct MsgOut<'a> {
 }
 
 impl<'a> MsgOut<'a> {
-    fn new(index: u64, msg: &'a Msg) -> MsgOut<'a> {
+    pub fn new(index: u64, msg: &'a Msg) -> MsgOut<'a> {
         let (payload, raw) = if msg.kind.is_envelope() {
             let payload = serde_json::from_str::<PayloadProbe<'_>>(&msg.text)
                 .ok()
@@ -255,7 +258,15 @@ pub async fn messages(
 
 /// Queues `out` (or reports why the body was bad) on `host`'s live
 /// connection. Precedence: unknown host 404, bad body 400, not connected 409.
-fn dispatch(shared: &Shared, host: &str, what: &str, out: Result<Outgoing, String>) -> ApiResult {
+/// `timeline`: what the web page's timeline of the host should show for
+/// it (commands and kills, not test frames).
+fn dispatch(
+    shared: &Shared,
+    host: &str,
+    what: &str,
+    out: Result<Outgoing, String>,
+    timeline: Option<(&str, Value)>,
+) -> ApiResult {
     let mut state = shared.lock();
     if state.host_index(host).is_none() {
         return Err(unknown_host(host));
@@ -264,6 +275,9 @@ fn dispatch(shared: &Shared, host: &str, what: &str, out: Result<Outgoing, Strin
     match state.send_to_host(host, out) {
         Ok(conn) => {
             tracing::info!(host, conn, "API: sent {what}");
+            if let Some((kind, detail)) = timeline {
+                state.note_sent(host, kind, detail);
+            }
             Ok(Json(json!({ "ok": true, "conn": conn })).into_response())
         }
         Err(SendError::UnknownHost) => Err(unknown_host(host)),
@@ -280,16 +294,41 @@ pub async fn command(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let host = host_param(path)?;
+    let mut timeline = None;
     let out = match body_json(body, false) {
         Err(e) => return bad_body_or_unknown(&shared, &host, e),
         Ok(v) => match v.get("command").and_then(Value::as_str) {
-            Some(command) => Ok(Outgoing::Text(
-                json!({ "type": "command", "payload": { "command": command } }).to_string(),
-            )),
+            Some(command) => {
+                timeline = Some(("command", json!(command)));
+                Ok((
+                    command.to_owned(),
+                    Outgoing::Text(
+                        json!({ "type": "command", "payload": { "command": command } }).to_string(),
+                    ),
+                ))
+            }
             None => Err("body must be {\"command\": \"<name>\"}".to_owned()),
         },
     };
-    dispatch(&shared, &host, "command", out)
+    let (name, out) = match out {
+        Ok((name, out)) => (Some(name), Ok(out)),
+        Err(e) => (None, Err(e)),
+    };
+    let response = dispatch(&shared, &host, "command", out, timeline)?;
+    if let Some(name) = name {
+        shared.lock().note_command(&host, &name);
+    }
+    Ok(response)
+}
+
+pub async fn commands(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let host = host_param(path)?;
+    let state = shared.lock();
+    let idx = state.host_index(&host).ok_or_else(|| unknown_host(&host))?;
+    Ok(Json(state.hosts[idx].commands.all_json()).into_response())
 }
 
 pub async fn kill(
@@ -302,7 +341,13 @@ pub async fn kill(
         Err(e) => return bad_body_or_unknown(&shared, &host, e),
         Ok(v) => kill_frame(&v),
     };
-    dispatch(&shared, &host, "kill_command", out)
+    let timeline = match &out {
+        Ok(Outgoing::Text(frame)) => serde_json::from_str::<Value>(frame)
+            .ok()
+            .map(|v| ("kill_command", v["payload"].clone())),
+        _ => None,
+    };
+    dispatch(&shared, &host, "kill_command", out, timeline)
 }
 
 fn kill_frame(v: &Value) -> Result<Outgoing, String> {
@@ -340,7 +385,7 @@ pub async fn send(
         Err(e) => return bad_body_or_unknown(&shared, &host, e),
         Ok(v) => send_frame(v, &raw_body),
     };
-    dispatch(&shared, &host, "a frame", Ok(out))
+    dispatch(&shared, &host, "a frame", Ok(out), None)
 }
 
 fn send_frame(v: Value, raw_body: &[u8]) -> Outgoing {
@@ -371,7 +416,7 @@ pub async fn disconnect(
         Err(e) => return bad_body_or_unknown(&shared, &host, e),
         Ok(v) => disconnect_action(&v),
     };
-    dispatch(&shared, &host, "disconnect", out)
+    dispatch(&shared, &host, "disconnect", out, None)
 }
 
 fn disconnect_action(v: &Value) -> Result<Outgoing, String> {

@@ -1,9 +1,11 @@
 //! `nixfleet-mock-dashboard`: a small mock NixFleet v2 dashboard for the
 //! README demo, integration tests, the systemd-nspawn test and the NixOS VM
 //! tests. Agents connect to `/ws` exactly as they would to a real dashboard
-//! (see `shared/spec/protocol.md`); tests and humans drive and inspect it
-//! through a small HTTP JSON API. Logs go to stderr; stdout carries exactly
-//! one line.
+//! (the protocol is described in `docs/protocol.md` at the top of the
+//! repository; this program implements it on its own, sharing no code with
+//! the agent); people watch and drive it in a browser at `/` (a live page,
+//! below); tests drive and inspect it through a small HTTP JSON API. Logs
+//! go to stderr; stdout carries exactly one line.
 //!
 //! # Command line
 //!
@@ -11,7 +13,8 @@
 //! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE)
 //!                         [--listen ADDR] [--record FILE]
 //!                         [--offline-after-intervals N]
-//!                         [--max-messages-per-host N] [--log-level FILTER]
+//!                         [--max-messages-per-host N] [--reconnect-timeout SECS]
+//!                         [--log-level FILTER]
 //! ```
 //!
 //! | flag | default | meaning |
@@ -22,6 +25,7 @@
 //! | `--record FILE` | off | append a JSON-lines journal of everything agents send (below) |
 //! | `--offline-after-intervals N` | `3` | a host is offline after N × its `heartbeat_interval` without a heartbeat |
 //! | `--max-messages-per-host N` | `1000000` | per-host message cap; the oldest are evicted and counted |
+//! | `--reconnect-timeout SECS` | `90` | after a `switch`/`pull-switch` status `ok`, how long to wait for the agent's new `register` before recording "Agent did not reconnect in time" (v3 behaviour) |
 //! | `--log-level FILTER` | `info` | `error`, `warn`, `info`, `debug`, `trace`, or a `tracing` target filter |
 //!
 //! Once listening it prints exactly one line to **stdout**,
@@ -73,6 +77,18 @@
 //!   `flood_throughput` test in `tests/mock_dashboard.rs`), and the API
 //!   stays responsive meanwhile.
 //!
+//! # Web page: `GET /`
+//!
+//! One page, its stylesheet and script compiled into the binary
+//! (`src/page/`; no build step, nothing fetched at run time): the host
+//! list and a host view with live output, progress, command buttons and a
+//! timeline. It needs no token, like the API: anyone who can reach the
+//! port can send commands, which is why the default is loopback. Updates
+//! are pushed by `GET /events[?host=NAME]` (Server-Sent Events; `live.rs`
+//! documents the events). A browser that falls behind never slows an
+//! agent's connection or grows the mock's memory: it skips ahead and the
+//! page says how many lines it missed, with a link to the messages API.
+//!
 //! # HTTP API
 //!
 //! All responses are JSON. Errors are `{"error": "<text>"}` with status
@@ -80,7 +96,7 @@
 //! (host known but not connected). Timestamps are unix milliseconds.
 //! `{host}` is a hostname (URL-encoded) or `(unregistered)`.
 //!
-//! * `GET /` — a plain-text endpoint list, for humans.
+//! * `GET /api` — a plain-text endpoint list, for humans.
 //! * `GET /health` → `{"status": "ok"}`.
 //! * `GET /api/hosts` → array of host objects (registered hosts only, in
 //!   order of first registration):
@@ -91,7 +107,13 @@
 //!    "registered_at": ms|null, "register": <last register payload>|null,
 //!    "heartbeat_interval_ms": n, "last_heartbeat": <payload>|null,
 //!    "last_heartbeat_at": ms|null, "messages": n (stored in total),
-//!    "evicted": n}
+//!    "evicted": n,
+//!    "theme_color", "location", "device_type": <from register>|null,
+//!    "source_commit", "store_path", "binary_hash": <last heartbeat, else register>|null,
+//!    "lock_hash": <last heartbeat>|null,
+//!    "update_status": <last heartbeat's {"git", "lock", "system", "tests"}>|null,
+//!    "progress": {<phase>: <latest operation_progress for it>, …} (reset when a command is sent),
+//!    "command": <the newest command sent through the API, as in /commands>|null}
 //!   ```
 //! * `GET /api/hosts/{host}` → one host object.
 //! * `GET /api/hosts/{host}/messages[?type=T][&since=I][&limit=N]` →
@@ -118,9 +140,23 @@
 //!   `closed_by` says who started closing: the agent (close frame), the
 //!   dashboard (disconnect, duplicate host, shutdown), or `transport` (the
 //!   TCP connection ended or failed without a close frame).
+//! * `GET /api/hosts/{host}/commands` → the newest 100 commands sent
+//!   through the API, oldest first, tracked like a v3 dashboard does:
+//!   ```text
+//!   {"id": n, "command": str, "state": "executing"|"awaiting_heartbeat"|
+//!    "awaiting_reconnect"|"ok"|"error"|"rejected"|"timeout",
+//!    "sent_at": ms, "finished_at": ms|null, "status": <status payload>|null,
+//!    "error": str|null, "kill_requested": bool}
+//!   ```
+//!   A `status` `error` or a `command_rejected` ends a command; `ok` (or
+//!   `warning`) completes it on the next heartbeat, except after `switch`
+//!   and `pull-switch`, which wait for a new `register` (then `ok`) for
+//!   `--reconnect-timeout` seconds (else `timeout`, error "Agent did not
+//!   reconnect in time"). `stop`/`kill` mark the running command.
 //! * `POST /api/hosts/{host}/command` `{"command": "<name>"}` → sends
 //!   `{"type":"command","payload":{"command":"<name>"}}` (names are not
-//!   validated).
+//!   validated: every v3 name — `restart`, `reboot`, `check-version`,
+//!   `refresh-*`, `update`, `force-update`, `kill`, … — goes through).
 //! * `POST /api/hosts/{host}/kill` `{"signal": "SIGTERM", "pid": 0}` (both
 //!   optional, those are the defaults; the signal string is not validated)
 //!   → sends `{"type":"kill_command","payload":{"signal":…,"pid":…}}`.
@@ -161,11 +197,18 @@
 //! receives API requests over a channel (`ws.rs`); frames are stored as
 //! their received text (one copy, reference-counted) and the payload is
 //! extracted when the API serves it; the record file has its own writer
-//! thread (`record.rs`).
+//! thread (`record.rs`). The page's feed (`live.rs`) keeps a cursor per
+//! browser and reads the store only when the browser can take more; what
+//! the page shows beyond raw messages (metrics history, running command,
+//! timeline) is small and bounded per host (`view.rs`).
 
 mod api;
+mod lifecycle;
+mod live;
+mod page;
 mod record;
 mod state;
+mod view;
 mod ws;
 
 use std::io::Write;
@@ -222,6 +265,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_messages_per_host: u64,
+    /// Seconds a successful switch/pull-switch waits for the agent to
+    /// register again before it is recorded as "Agent did not reconnect in
+    /// time" (the v3 dashboard waits 90).
+    #[arg(long, value_name = "SECS", default_value_t = 90)]
+    reconnect_timeout: u64,
     /// Log filter: error, warn, info, debug, trace (or a tracing target filter).
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log_level: String,
@@ -278,13 +326,18 @@ fn load_token(cli: &Cli) -> Result<String, String> {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/", get(api::index))
+        .route("/", get(page::index))
+        .route("/page.css", get(page::stylesheet))
+        .route("/page.js", get(page::script))
+        .route("/events", get(live::events))
+        .route("/api", get(api::index))
         .route("/health", get(api::health))
         .route("/ws", get(ws::upgrade))
         .route("/api/hosts", get(api::list_hosts))
         .route("/api/hosts/{host}", get(api::get_host))
         .route("/api/hosts/{host}/messages", get(api::messages))
         .route("/api/hosts/{host}/connections", get(api::connections))
+        .route("/api/hosts/{host}/commands", get(api::commands))
         .route("/api/hosts/{host}/command", post(api::command))
         .route("/api/hosts/{host}/kill", post(api::kill))
         .route("/api/hosts/{host}/send", post(api::send))
@@ -308,7 +361,8 @@ async fn run(cli: Cli, token: String) -> ExitCode {
         None => (None, None),
     };
     let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
-    let state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    let mut state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
     let shared = Arc::new(Shared::new(state, token));
 
     let listener = match TcpListener::bind(cli.listen).await {

@@ -16,8 +16,11 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
+use crate::lifecycle::{Commands, merge_progress};
 use crate::record::Recorder;
+use crate::view::HostView;
 
 /// Name under which frames from connections that have not (validly)
 /// registered yet are kept. Not a valid hostname for `register`.
@@ -60,6 +63,7 @@ pub enum Kind {
     Status,
     CommandRejected,
     TestProgress,
+    OperationProgress,
     Other(Arc<str>),
     /// A text frame that is not a JSON object with a string `type`.
     Malformed,
@@ -76,6 +80,7 @@ impl Kind {
             "status" => Kind::Status,
             "command_rejected" => Kind::CommandRejected,
             "test_progress" => Kind::TestProgress,
+            "operation_progress" => Kind::OperationProgress,
             other => Kind::Other(Arc::from(other)),
         }
     }
@@ -88,6 +93,7 @@ impl Kind {
             Kind::Status => "status",
             Kind::CommandRejected => "command_rejected",
             Kind::TestProgress => "test_progress",
+            Kind::OperationProgress => "operation_progress",
             Kind::Other(t) => t,
             Kind::Malformed => "_malformed",
             Kind::Binary => "_binary",
@@ -117,7 +123,8 @@ pub struct Incoming {
     kind: Kind,
     /// The text is valid JSON (even when it is not a valid envelope).
     is_json: bool,
-    /// The parsed payload, only for `register` and `heartbeat`.
+    /// The parsed payload, only for the types the mock acts on or the web
+    /// page shows (not for the many `output` lines).
     payload: Option<Value>,
 }
 
@@ -150,14 +157,20 @@ pub fn classify(text: &str) -> Incoming {
     match probe.and_then(|p| p.kind) {
         Some(t) => {
             let kind = Kind::from_type(&t);
-            let payload = match kind {
-                Kind::Register | Kind::Heartbeat => Some(
-                    serde_json::from_str::<PayloadOnly>(text)
-                        .map(|p| p.payload)
-                        .unwrap_or(Value::Null),
-                ),
-                _ => None,
-            };
+            let parse = matches!(
+                kind,
+                Kind::Register
+                    | Kind::Heartbeat
+                    | Kind::Status
+                    | Kind::CommandRejected
+                    | Kind::TestProgress
+                    | Kind::OperationProgress
+            );
+            let payload = parse.then(|| {
+                serde_json::from_str::<PayloadOnly>(text)
+                    .map(|p| p.payload)
+                    .unwrap_or(Value::Null)
+            });
             Incoming {
                 kind,
                 is_json: true,
@@ -195,6 +208,13 @@ pub struct Host {
     /// The connection commands go to.
     pub live: Option<ConnId>,
     was_online: bool,
+    /// What the web page shows beyond the raw messages.
+    pub view: HostView,
+    /// v3: the latest `operation_progress` phases, merged (reset when a
+    /// command is sent).
+    pub progress: serde_json::Map<String, Value>,
+    /// v3: the commands sent through the API and where they stand.
+    pub commands: Commands,
 }
 
 impl Host {
@@ -220,6 +240,9 @@ impl Host {
             connections: 0,
             live: None,
             was_online: false,
+            view: HostView::default(),
+            progress: serde_json::Map::new(),
+            commands: Commands::default(),
         }
     }
 
@@ -278,6 +301,13 @@ pub struct State {
     recorder: Option<Recorder>,
     max_messages: usize,
     offline_after: u32,
+    /// Bumped whenever something the host list shows changed (not for
+    /// every stored message: subscribers compare `next_index` for those).
+    pub summary_version: u64,
+    /// Wakes the web page's event streams after any change.
+    changes: watch::Sender<()>,
+    /// How long a successful switch waits for the agent's new `register`.
+    pub reconnect_timeout: Duration,
 }
 
 /// Why the API could not queue a frame for a host.
@@ -298,7 +328,21 @@ impl State {
             recorder,
             max_messages: max_messages.max(1),
             offline_after,
+            summary_version: 0,
+            changes: watch::Sender::new(()),
+            reconnect_timeout: Duration::from_secs(90),
         }
+    }
+
+    /// A receiver that wakes after every change of the state.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    /// Something the host list shows changed: bump and wake subscribers.
+    fn summary_changed(&mut self) {
+        self.summary_version += 1;
+        self.changes.send_replace(());
     }
 
     pub fn host_index(&self, name: &str) -> Option<usize> {
@@ -378,6 +422,7 @@ impl State {
             payload,
         } = incoming;
         let mut reply = None;
+        let mut summary_changed = false;
         let mut idx = match self.conn_mut(id) {
             Some(conn) => {
                 conn.frames += 1;
@@ -392,6 +437,8 @@ impl State {
                     Some(name) if !name.is_empty() && name != UNREGISTERED => {
                         let name = name.to_owned();
                         idx = self.attach(id, &name, payload, t);
+                        self.hosts[idx].commands.on_register(t);
+                        summary_changed = true;
                         reply = Some(
                             json!({"type": "registered", "payload": {"host_id": name}}).to_string(),
                         );
@@ -404,10 +451,36 @@ impl State {
             Kind::Heartbeat => {
                 let host = &mut self.hosts[idx];
                 if idx != 0 && host.live == Some(id) {
-                    host.last_heartbeat = Some(payload.unwrap_or(Value::Null));
+                    let payload = payload.unwrap_or(Value::Null);
+                    host.view.on_heartbeat(t, &payload);
+                    host.last_heartbeat = Some(payload);
                     host.last_heartbeat_at = Some(t);
                     host.last_alive = Some(Instant::now());
+                    host.commands.on_heartbeat(t);
+                    summary_changed = true;
                 }
+            }
+            Kind::Status if idx != 0 => {
+                let timeout = self.reconnect_timeout;
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_status(payload, t, timeout);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
+            }
+            Kind::CommandRejected if idx != 0 => {
+                if let Some(payload) = &payload {
+                    self.hosts[idx].commands.on_rejected(payload, t);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
+            }
+            Kind::OperationProgress if idx != 0 => {
+                if let Some(payload) = &payload {
+                    merge_progress(&mut self.hosts[idx].progress, payload);
+                }
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
+            }
+            _ if idx != 0 => {
+                summary_changed = observe(&mut self.hosts[idx].view, t, &kind, payload, text);
             }
             _ => {}
         }
@@ -433,6 +506,11 @@ impl State {
             },
             self.max_messages,
         );
+        if summary_changed {
+            self.summary_changed();
+        } else {
+            self.changes.send_replace(());
+        }
         reply
     }
 
@@ -463,6 +541,7 @@ impl State {
             },
             self.max_messages,
         );
+        self.changes.send_replace(());
     }
 
     /// Binds connection `id` to hostname `name` (creating the host), makes
@@ -506,7 +585,12 @@ impl State {
             .map(|s| (s * 1000.0).min(1e15) as u64)
             .filter(|&ms| ms > 0)
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS);
+        let remote = self
+            .conn_index(id)
+            .map(|i| self.conns[i].remote.to_string())
+            .unwrap_or_default();
         let host = &mut self.hosts[idx];
+        host.view.on_register(t, id, &remote, &payload);
         host.live = Some(id);
         host.register = payload;
         host.registered_at = Some(t);
@@ -538,6 +622,7 @@ impl State {
             if self.hosts[idx].live == Some(id) {
                 self.hosts[idx].live = None;
             }
+            self.summary_changed();
         }
     }
 
@@ -553,6 +638,7 @@ impl State {
         }
         if closing {
             self.hosts[idx].live = None;
+            self.summary_changed();
         }
         Ok(id)
     }
@@ -570,6 +656,7 @@ impl State {
         for host in &mut self.hosts {
             host.live = None;
         }
+        self.summary_changed();
     }
 
     pub fn note_sent_close(&mut self, id: ConnId, code: u16, reason: &str) {
@@ -597,6 +684,7 @@ impl State {
         if self.hosts[idx].live == Some(id) {
             self.hosts[idx].live = None;
         }
+        self.summary_changed();
     }
 
     /// The connection task has ended.
@@ -634,16 +722,45 @@ impl State {
         if self.hosts[idx].live == Some(id) {
             self.hosts[idx].live = None;
         }
+        if idx != 0 {
+            let conn = self.conn_json(&self.conns[i]);
+            self.hosts[idx].view.on_closed(t, &conn);
+        }
         self.record(line);
+        self.summary_changed();
     }
 
-    /// Logs online/offline transitions; called periodically.
+    /// The API sent `command` to `host`.
+    pub fn note_command(&mut self, host: &str, command: &str) {
+        if let Some(idx) = self.host_index(host) {
+            let host = &mut self.hosts[idx];
+            if !matches!(command, "stop" | "kill") {
+                host.progress.clear();
+            }
+            host.commands.sent(command, now_ms());
+        }
+    }
+
+    /// Logs online/offline transitions and ends switches whose agent did
+    /// not register again in time; called periodically.
     pub fn check_online(&mut self) {
         let now = Instant::now();
         let offline_after = self.offline_after;
+        let mut changed = false;
+        let t = now_ms();
         for host in self.hosts.iter_mut().skip(1) {
+            for command in host.commands.check_deadlines(t) {
+                tracing::warn!(
+                    host = host.name.as_str(),
+                    command,
+                    "{}",
+                    crate::lifecycle::RECONNECT_TIMEOUT_ERROR
+                );
+                changed = true;
+            }
             let online = host.online(now, offline_after);
             if online != host.was_online {
+                changed = true;
                 host.was_online = online;
                 if online {
                     tracing::info!(host = host.name.as_str(), "host online");
@@ -652,6 +769,33 @@ impl State {
                 }
             }
         }
+        if changed {
+            self.summary_changed();
+        }
+    }
+
+    /// Notes a command or kill the API sent to `host` (for the page's
+    /// timeline and the command's duration).
+    pub fn note_sent(&mut self, host: &str, what: &str, detail: Value) {
+        if let Some(idx) = self.host_index(host) {
+            self.hosts[idx].view.on_sent(now_ms(), what, detail);
+            self.summary_changed();
+        }
+    }
+
+    /// The host list as the web page shows it: every registered host's API
+    /// object plus its `view` (metrics history, running command, progress).
+    pub fn page_hosts(&self) -> Value {
+        let hosts = (1..self.hosts.len())
+            .map(|i| {
+                let mut host = self.host_json(i);
+                if let Value::Object(map) = &mut host {
+                    map.insert("view".into(), self.hosts[i].view.summary());
+                }
+                host
+            })
+            .collect();
+        Value::Array(hosts)
     }
 
     pub fn host_json(&self, idx: usize) -> Value {
@@ -670,6 +814,18 @@ impl State {
             "last_heartbeat_at": host.last_heartbeat_at,
             "messages": host.next_index,
             "evicted": host.evicted,
+            // v3: identity from the register, freshness from the newest of
+            // register and heartbeat, the compartments and the progress.
+            "theme_color": host.register.get("theme_color"),
+            "location": host.register.get("location"),
+            "device_type": host.register.get("device_type"),
+            "source_commit": freshest(host, "source_commit"),
+            "store_path": freshest(host, "store_path"),
+            "binary_hash": freshest(host, "binary_hash"),
+            "lock_hash": host.last_heartbeat.as_ref().and_then(|h| h.get("lock_hash")),
+            "update_status": host.last_heartbeat.as_ref().and_then(|h| h.get("update_status")),
+            "progress": host.progress,
+            "command": host.commands.latest_json(),
         })
     }
 
@@ -692,6 +848,45 @@ impl State {
             "error": conn.error,
         })
     }
+}
+
+/// Feeds a registered host's view with a frame it shows; returns whether
+/// the host list changed. Output is parsed only for a command's first line.
+fn observe(view: &mut HostView, t: u64, kind: &Kind, payload: Option<Value>, text: &str) -> bool {
+    match kind {
+        Kind::Output if view.wants_output_command() => {
+            let payload = serde_json::from_str::<PayloadOnly>(text)
+                .map(|p| p.payload)
+                .unwrap_or(Value::Null);
+            view.on_output(t, &payload);
+            true
+        }
+        Kind::Status => {
+            view.on_status(t, &payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::CommandRejected => {
+            view.on_rejected(t, &payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::TestProgress => {
+            view.on_test_progress(payload.unwrap_or(Value::Null));
+            true
+        }
+        Kind::OperationProgress => {
+            view.on_progress(payload.unwrap_or(Value::Null));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A field from the last heartbeat, else from the last register.
+fn freshest<'a>(host: &'a Host, field: &str) -> Option<&'a Value> {
+    host.last_heartbeat
+        .as_ref()
+        .and_then(|h| h.get(field))
+        .or_else(|| host.register.get(field))
 }
 
 fn push_capped(host: &mut Host, msg: Msg, max: usize) {

@@ -1085,3 +1085,520 @@ async fn a_frame_over_the_limit_ends_only_that_connection() {
         .await;
     assert_eq!(next_json(&mut other).await["payload"]["command"], "pull");
 }
+
+// ---------------------------------------------------------------------------
+// The web page and its live feed (`GET /events`, Server-Sent Events)
+
+/// A Server-Sent Events client on a raw socket (HTTP/1.0, so the body is
+/// the plain event stream), with a small receive buffer so that not
+/// reading pushes back on the mock quickly, like a browser that fell behind.
+struct SseClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl SseClient {
+    async fn connect(addr: &str, path: &str) -> SseClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut client = SseClient {
+            stream,
+            buf: Vec::new(),
+        };
+        let head = client.read_until(b"\r\n\r\n").await;
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(
+            head.starts_with("http/1.0 200") || head.starts_with("http/1.1 200"),
+            "{head}"
+        );
+        assert!(head.contains("content-type: text/event-stream"), "{head}");
+        client
+    }
+
+    async fn read_until(&mut self, end: &[u8]) -> Vec<u8> {
+        loop {
+            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
+                let rest = self.buf.split_off(at + end.len());
+                return std::mem::replace(&mut self.buf, rest);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out reading the event stream")
+                .expect("read the event stream");
+            assert!(n > 0, "the event stream ended");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next event with data: its name and its data as JSON.
+    async fn next(&mut self) -> (String, Value) {
+        loop {
+            let block = self.read_until(b"\n\n").await;
+            let block = String::from_utf8(block).expect("UTF-8 events");
+            let mut name = "message".to_owned();
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if !data.is_empty() {
+                return (name, parse(&data.join("\n")));
+            }
+        }
+    }
+
+    /// Reads events until `name` arrives with data satisfying `cond`.
+    async fn wait(&mut self, name: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let mut last = None;
+        let found = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let (n, data) = self.next().await;
+                if n == name && cond(&data) {
+                    return data;
+                }
+                if n == name {
+                    last = Some(data);
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!("timed out waiting for a {name} event; the last one: {last:?}")
+        })
+    }
+}
+
+fn status_frame(command: &str, status: &str, exit_code: i64) -> Value {
+    json!({"type": "status", "payload": {"status": status, "command": command,
+        "exit_code": exit_code, "message": "", "generation": "abc1234"}})
+}
+
+#[tokio::test]
+async fn the_page_and_its_script_and_stylesheet_are_served() {
+    let mock = Mock::start(&[]).await;
+    for (path, kind, needle) in [
+        ("/", "text/html", "<script src=\"/page.js\""),
+        ("/page.js", "text/javascript", "new EventSource("),
+        ("/page.css", "text/css", ".output"),
+    ] {
+        let (status, body) = http_raw(&mock.addr, "GET", path, &[], None).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(body.contains(needle), "{path}: {body:.200}");
+        let head = raw_head(&mock.addr, path).await;
+        assert!(head.contains(&format!("content-type: {kind}")), "{head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{head}"
+        );
+    }
+    let (status, list) = http(&mock.addr, "GET", "/api", None).await;
+    assert_eq!(status, 200);
+    assert!(list.contains("/api/hosts/{host}/messages"), "{list}");
+}
+
+async fn raw_head(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_lowercase();
+    text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn the_event_feed_pushes_hosts_timeline_and_messages() {
+    let mock = Mock::start(&[]).await;
+    let mut list = SseClient::connect(&mock.addr, "/events").await;
+    let empty = list.wait("hosts", |_| true).await;
+    assert_eq!(empty["hosts"], json!([]));
+    assert!(empty["now"].as_u64().unwrap() > 0);
+
+    let mut ws = mock.agent("live", 30).await;
+    let hosts = list
+        .wait("hosts", |d| d["hosts"][0]["hostname"] == "live")
+        .await;
+    assert_eq!(hosts["hosts"][0]["online"], true);
+    send(&mut ws, &heartbeat("abc1234")).await;
+    let beat = list
+        .wait("hosts", |d| !d["hosts"][0]["last_heartbeat"].is_null())
+        .await;
+    assert_eq!(beat["hosts"][0]["view"]["metrics"][0][1], 1.5);
+
+    // The host's own feed: output and status in order, the timeline with
+    // the command sent, its status and how long it took.
+    let mut view = SseClient::connect(&mock.addr, "/events?host=live").await;
+    view.wait("timeline", |d| d["events"][0]["kind"] == "registered")
+        .await;
+    mock.post_ok("/api/hosts/live/command", r#"{"command": "switch"}"#)
+        .await;
+    assert_eq!(next_json(&mut ws).await["payload"]["command"], "switch");
+    send(&mut ws, &output("first line")).await;
+    send(&mut ws, &output("second line")).await;
+    send(&mut ws, &status_frame("switch", "ok", 0)).await;
+    // Read both kinds of event as they come, until the messages and a
+    // timeline with the status are in.
+    let mut seen = Vec::new();
+    let mut timeline = Value::Null;
+    let has_status = |t: &Value| {
+        t["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["kind"] == "status"))
+    };
+    tokio::time::timeout(DEADLINE, async {
+        while seen.len() < 3 || !has_status(&timeline) {
+            match view.next().await {
+                (name, batch) if name == "messages" => {
+                    for m in batch.as_array().unwrap() {
+                        if m["type"] != "register" {
+                            seen.push((
+                                m["type"].as_str().unwrap().to_owned(),
+                                m["payload"]["line"].clone(),
+                            ));
+                        }
+                    }
+                }
+                (name, data) if name == "timeline" => timeline = data,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out: messages {seen:?}, timeline {timeline}"));
+    assert_eq!(
+        seen,
+        [
+            ("output".to_owned(), json!("first line")),
+            ("output".to_owned(), json!("second line")),
+            ("status".to_owned(), Value::Null),
+        ]
+    );
+    let kinds: Vec<&str> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["registered", "sent", "status"]);
+    let status = &timeline["events"][2];
+    assert_eq!(status["exit_code"], 0);
+    assert!(status["duration_ms"].as_u64().is_some(), "{status}");
+
+    // A rejection and a closed connection reach the timeline too.
+    send(
+        &mut ws,
+        &json!({"type": "command_rejected", "payload": {"reason": "command already running",
+            "current_command": "switch", "current_pid": 42}}),
+    )
+    .await;
+    view.wait("timeline", |d| d["events"][3]["kind"] == "rejected")
+        .await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "shutdown".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(next_close(&mut ws).await.code, CloseCode::Normal);
+    let closed = view
+        .wait("timeline", |d| d["events"][4]["kind"] == "closed")
+        .await;
+    assert_eq!(closed["events"][4]["close_code"], 1000);
+    assert_eq!(closed["events"][4]["closed_by"], "agent");
+    list.wait("hosts", |d| d["hosts"][0]["online"] == false)
+        .await;
+}
+
+/// A browser that stops reading during a 300,000-line flood: the agent's
+/// frames are still read and stored at full speed, the mock's memory stays
+/// bounded (the store is capped here, so only the feed could grow it), and
+/// when the browser reads again it is told how many lines it missed and
+/// catches up with the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_that_stops_reading_holds_up_neither_the_agent_nor_memory() {
+    const LINES: u64 = 300_000;
+    // The store keeps 40,000 messages: more than the feed lets a browser
+    // fall behind (20,000), so both ways of missing lines are exercised.
+    let mock = Mock::start(&["--max-messages-per-host", "40000"]).await;
+    let mut ws = mock.agent("flood", 30).await;
+    let mut browser = SseClient::connect(&mock.addr, "/events?host=flood").await;
+    browser.wait("timeline", |_| true).await;
+    let pid = mock.child.id().unwrap();
+    let rss_before = proc_status_kib(pid, "VmRSS:");
+
+    let start = Instant::now();
+    let padding = "x".repeat(128);
+    for i in 0..LINES {
+        ws.feed(Message::text(
+            output(&format!("line {i} {padding}")).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    send(&mut ws, &status_frame("switch", "ok", 0)).await;
+    mock.wait_messages("flood", LINES + 2).await;
+    let stored_in = start.elapsed();
+    let rss_after = proc_status_kib(pid, "VmRSS:");
+    let hwm = proc_status_kib(pid, "VmHWM:");
+    eprintln!(
+        "flood of {LINES} lines stored in {stored_in:?} with a stalled browser; \
+         mock RSS {rss_before} KiB before, {rss_after} KiB after, peak {hwm} KiB"
+    );
+    // Generous for a debug build on a loaded machine; what matters is that
+    // nothing waited for the browser.
+    assert!(
+        stored_in < Duration::from_secs(20),
+        "stored in {stored_in:?}"
+    );
+    // The capped store holds 40,000 frames (about 12 MB); the whole flood
+    // is about 70 MB of frames, which a feed buffering for the browser
+    // would hold.
+    assert!(
+        rss_after < rss_before + 40 * 1024,
+        "the mock grew from {rss_before} to {rss_after} KiB"
+    );
+
+    // Reading again: a skip notice, then the newest lines and the status.
+    let mut skipped_lines = 0;
+    let mut skipped_messages = 0;
+    let mut delivered = 0;
+    let mut last_line = Value::Null;
+    loop {
+        let (name, data) = browser.next().await;
+        match name.as_str() {
+            "skipped" => {
+                skipped_lines += data["lines"].as_u64().unwrap();
+                skipped_messages += data["messages"].as_u64().unwrap();
+            }
+            "messages" => {
+                let batch = data.as_array().unwrap();
+                delivered += batch.iter().filter(|m| m["type"] == "output").count() as u64;
+                if let Some(line) = batch.iter().rev().find(|m| m["type"] == "output") {
+                    last_line = line["payload"]["line"].clone();
+                }
+                if batch.iter().any(|m| m["type"] == "status") {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "browser: {delivered} lines delivered, {skipped_lines} skipped, {skipped_messages} evicted before it read"
+    );
+    assert!(skipped_lines > 0 && skipped_messages > 0, "no skip notice");
+    assert!(delivered + skipped_lines + skipped_messages >= LINES);
+    assert_eq!(last_line, json!(format!("line {} {padding}", LINES - 1)));
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An open page must not hold up a graceful shutdown: its event stream
+/// ends right away (the HTTP server would otherwise wait for it, then give
+/// up after 2 s).
+#[tokio::test]
+async fn sigterm_ends_open_event_streams() {
+    let mut mock = Mock::start(&[]).await;
+    let mut page = SseClient::connect(&mock.addr, "/events").await;
+    page.wait("hosts", |_| true).await;
+    let start = Instant::now();
+    mock.sigterm();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(DEADLINE, page.stream.read(&mut chunk))
+            .await
+            .expect("the event stream stayed open")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    let (status, _) = mock.wait_exit().await;
+    assert!(status.success());
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "shutdown with an open page took {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn v3_a_switch_waits_for_a_new_register_and_times_out_without_one() {
+    let mock = Mock::start(&["--reconnect-timeout", "1"]).await;
+    let mut ws = mock.agent("web-7", 30).await;
+    for command in [
+        "switch",
+        "restart",
+        "reboot",
+        "check-version",
+        "refresh-all",
+        "force-update",
+        "kill",
+    ] {
+        mock.post_ok(
+            "/api/hosts/web-7/command",
+            &json!({ "command": command }).to_string(),
+        )
+        .await;
+        assert_eq!(next_json(&mut ws).await["payload"]["command"], command);
+    }
+    // `kill` marks the running command instead of becoming one.
+    let commands = mock.get_ok("/api/hosts/web-7/commands").await;
+    assert_eq!(commands.as_array().unwrap().len(), 6);
+    assert_eq!(commands[5]["kill_requested"], true);
+
+    // The switch: ok, then no new register within the timeout.
+    send(
+        &mut ws,
+        &json!({"type": "status", "payload": {"status": "ok", "command": "switch",
+            "exit_code": 0, "message": "", "generation": "abc1234"}}),
+    )
+    .await;
+    let commands = mock
+        .wait_for("/api/hosts/web-7/commands", "the reconnect timeout", |v| {
+            v[0]["state"] == "timeout"
+        })
+        .await;
+    assert_eq!(commands[0]["error"], "Agent did not reconnect in time");
+
+    // check-version: warning, completed by the next heartbeat.
+    send(
+        &mut ws,
+        &json!({"type": "status", "payload": {"status": "warning", "command": "check-version",
+            "exit_code": 0, "message": "restart to run it", "generation": "abc1234"}}),
+    )
+    .await;
+    mock.wait_for("/api/hosts/web-7/commands", "awaiting the heartbeat", |v| {
+        v[3]["state"] == "awaiting_heartbeat"
+    })
+    .await;
+    send(&mut ws, &heartbeat("abc1234")).await;
+    mock.wait_for("/api/hosts/web-7/commands", "completed", |v| {
+        v[3]["state"] == "ok"
+    })
+    .await;
+    // A refused reboot is recorded as rejected.
+    send(
+        &mut ws,
+        &json!({"type": "command_rejected", "payload": {"reason": "reboot is not allowed",
+            "current_command": "", "current_pid": 0}}),
+    )
+    .await;
+    let commands = mock
+        .wait_for("/api/hosts/web-7/commands", "rejected", |v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["state"] == "rejected")
+        })
+        .await;
+    let rejected: Vec<&Value> = commands
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "rejected")
+        .collect();
+    assert_eq!(
+        rejected[0]["error"],
+        "Agent rejected command: reboot is not allowed"
+    );
+}
+
+#[tokio::test]
+async fn v3_a_switch_completes_when_the_agent_registers_again() {
+    let mock = Mock::start(&["--reconnect-timeout", "30"]).await;
+    let mut ws = mock.agent("web-8", 30).await;
+    mock.post_ok("/api/hosts/web-8/command", r#"{"command": "pull-switch"}"#)
+        .await;
+    next_json(&mut ws).await;
+    send(
+        &mut ws,
+        &json!({"type": "status", "payload": {"status": "ok", "command": "pull-switch",
+            "exit_code": 0, "message": "", "generation": "abc1234"}}),
+    )
+    .await;
+    mock.wait_for("/api/hosts/web-8", "awaiting the reconnect", |v| {
+        v["command"]["state"] == "awaiting_reconnect"
+    })
+    .await;
+    // A heartbeat does not complete a switch.
+    send(&mut ws, &heartbeat("abc1234")).await;
+    let _again = mock.agent("web-8", 30).await;
+    let host = mock
+        .wait_for("/api/hosts/web-8", "the switch complete", |v| {
+            v["command"]["state"] == "ok"
+        })
+        .await;
+    assert_eq!(host["command"]["command"], "pull-switch");
+}
+
+#[tokio::test]
+async fn v3_fields_progress_and_compartments_are_shown() {
+    let mock = Mock::start(&[]).await;
+    let mut ws = mock.connect(Some(TOKEN)).await.unwrap();
+    let mut reg = register("web-9", 30);
+    reg["payload"]["theme_color"] = json!("#7aa2f7");
+    reg["payload"]["location"] = json!("cloud");
+    reg["payload"]["device_type"] = json!("server");
+    reg["payload"]["source_commit"] = json!("c0ffee");
+    send(&mut ws, &reg).await;
+    next_json(&mut ws).await;
+    let mut beat = heartbeat("abc1234");
+    beat["payload"]["lock_hash"] = json!("ab".repeat(32));
+    beat["payload"]["update_status"] = json!({
+        "git": {"status": "ok", "message": "", "checked_at": ""},
+        "lock": {"status": "outdated", "message": "Updated 9 days ago", "checked_at": ""},
+        "system": {"status": "working", "message": "switch in progress", "checked_at": ""},
+        "tests": {"status": "unknown", "message": "", "checked_at": ""}});
+    send(&mut ws, &beat).await;
+    for progress in [
+        json!({"pull": {"current": 1, "total": 3, "status": "in_progress"}}),
+        json!({"pull": {"current": 3, "total": 3, "status": "complete"}}),
+        json!({"system": {"current": 2, "total": 9, "status": "in_progress"}}),
+    ] {
+        send(
+            &mut ws,
+            &json!({"type": "operation_progress", "payload": {"progress": progress}}),
+        )
+        .await;
+    }
+    let host = mock
+        .wait_for("/api/hosts/web-9", "the progress", |v| {
+            v["progress"]["system"]["current"] == 2
+        })
+        .await;
+    assert_eq!(host["progress"]["pull"]["status"], "complete");
+    assert_eq!(host["theme_color"], "#7aa2f7");
+    assert_eq!(host["location"], "cloud");
+    assert_eq!(host["device_type"], "server");
+    assert_eq!(host["source_commit"], "c0ffee");
+    assert_eq!(host["lock_hash"], "ab".repeat(32));
+    assert_eq!(host["update_status"]["lock"]["status"], "outdated");
+    assert_eq!(host["update_status"]["system"]["status"], "working");
+    // A new command starts with fresh progress.
+    mock.post_ok("/api/hosts/web-9/command", r#"{"command": "test"}"#)
+        .await;
+    assert_eq!(mock.host("web-9").await["progress"], json!({}));
+    let types = types(&mock.messages("web-9", "?type=operation_progress").await);
+    assert_eq!(types.len(), 3);
+}

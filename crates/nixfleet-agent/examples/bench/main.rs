@@ -10,23 +10,30 @@
 //! example; `BENCH_AGENT=/path/to/nixfleet-agent` uses a given binary
 //! instead) and runs it against an in-process dashboard on 127.0.0.1, with a
 //! stand-in `nixos-rebuild` first on its `PATH` that runs this benchmark's
-//! own binary as the output generator (see `generator.rs`). The agent gets
-//! `interval = 1`, `metrics = "proc"` (`BENCH_METRICS` overrides) and
-//! `log_level = "info"`; everything else is the default. Its `repo_dir`
+//! own binary as the output generator (see `generator.rs`). The main agent
+//! gets `interval = 1`, `metrics = "proc"` (`BENCH_METRICS` overrides) and
+//! `log_level = "info"`; everything else is the default (the idle agents
+//! differ only in `interval` and `metrics`). Its `repo_dir`
 //! holds a minimal `.git` (HEAD and a branch ref), which every heartbeat
 //! reads, as on a host. The binary is dropped from the page cache before
 //! the agent starts (as after a boot), since how much of a mapped file
 //! counts in RSS depends on how its pages were cached.
 //!
-//! Phases, all on one agent process:
-//! 1. idle: connected for 20 s; VmRSS/VmHWM at the end, CPU run time of
-//!    all threads (schedstat, ns) over the 20 s;
-//! 2. flood: `switch` printing 300,000 lines of 93 bytes as fast as it can;
+//! Phases:
+//! 1. idle: four more agents, each with its own dashboard and its own copy
+//!    of the binary, connected side by side for 60 s: heartbeats every 1 s
+//!    and every 30 s (the default), each with `metrics = "none"` and
+//!    `"proc"`. VmRSS at the end; CPU run time of all threads (schedstat,
+//!    ns) over the 60 s, shown per 18 s (the Go agent's figure), and per
+//!    heartbeat: the difference between the 1 s and the 30 s agent over
+//!    the window, divided by the difference in beats (see `idle.rs`);
+//! 2. flood (the main agent from here on): `switch` printing 300,000 lines
+//!    of 93 bytes as fast as it can;
 //! 3. latency: `switch` printing 1,000 lines at 100 lines/s;
 //! 4. reconnect: the dashboard dies and listens again at once, 3 times.
 //!
-//! `--quick` runs 5 s idle, 30,000 lines, 200 paced lines and one
-//! reconnect; CPU time is still shown per 20 s.
+//! `--quick` runs the 1 s idle agents for 5 s (no 30 s ones), 30,000
+//! lines, 200 paced lines and one reconnect.
 //!
 //! Timings are noisy on a shared machine, so a MISS does not fail the run;
 //! the exit status is non-zero only when the benchmark itself failed: the
@@ -40,6 +47,7 @@
 
 mod dashboard;
 mod generator;
+mod idle;
 mod probe;
 
 use dashboard::{Dashboard, Lines};
@@ -101,7 +109,10 @@ fn main() -> ExitCode {
 /// How much of everything to do.
 struct Plan {
     name: &'static str,
+    /// How long the idle agents are watched.
     idle: Duration,
+    /// The heartbeat intervals of the idle agents, in seconds.
+    idle_intervals: &'static [u64],
     flood_lines: u64,
     latency_lines: u64,
     latency_rate: u64,
@@ -114,7 +125,9 @@ impl Plan {
     fn full() -> Plan {
         Plan {
             name: "full",
-            idle: Duration::from_secs(20),
+            // Two 30 s heartbeats and four pings in any such window.
+            idle: Duration::from_secs(60),
+            idle_intervals: &[1, 30],
             flood_lines: 300_000,
             latency_lines: 1_000,
             latency_rate: 100,
@@ -127,6 +140,7 @@ impl Plan {
         Plan {
             name: "quick",
             idle: Duration::from_secs(5),
+            idle_intervals: &[1],
             flood_lines: 30_000,
             latency_lines: 200,
             latency_rate: 100,
@@ -213,6 +227,21 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, and wait (at most 10 s) for it to exit.
+    async fn stop(&mut self) -> Result<(), String> {
+        let pid = rustix::process::Pid::from_raw(self.pid as i32).ok_or("bad pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("SIGTERM: {e}"))?;
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("waiting for the agent: {error}")),
+            Err(_) => Err(format!(
+                "the agent did not exit within 10 s of SIGTERM{}",
+                self.tail()
+            )),
+        }
+    }
+
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -231,7 +260,7 @@ async fn run(plan: Plan) -> Result<(), String> {
         .map(str::to_owned)
         .collect();
     println!(
-        "nixfleet-agent benchmark ({} run): {}\n{} CPUs, load {}; heartbeat interval {INTERVAL_SECS} s, metrics = \"{metrics}\"",
+        "nixfleet-agent benchmark ({} run): {}\n{} CPUs, load {}; main agent: heartbeat interval {INTERVAL_SECS} s, metrics = \"{metrics}\"",
         plan.name,
         agent_binary.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -282,19 +311,7 @@ async fn run(plan: Plan) -> Result<(), String> {
     }
 
     let work = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-    for dir in ["bin", "repo/.git/refs/heads", "state"] {
-        std::fs::create_dir_all(work.path().join(dir)).map_err(|e| format!("{dir}: {e}"))?;
-    }
-    // As on a host, the repository has a commit: every heartbeat reads it.
-    let git = work.path().join("repo/.git");
-    std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n")
-        .and_then(|()| {
-            std::fs::write(
-                git.join("refs/heads/main"),
-                format!("{}\n", "5eed".repeat(10)),
-            )
-        })
-        .map_err(|e| format!("repo: {e}"))?;
+    prepare_work_dir(work.path())?;
     let mut dashboard = Dashboard::start()
         .await
         .map_err(|e| format!("dashboard: {e}"))?;
@@ -304,6 +321,7 @@ async fn run(plan: Plan) -> Result<(), String> {
         dir: work.path(),
         url: dashboard.url(),
         metrics: &metrics,
+        interval_secs: INTERVAL_SECS,
     };
     probe::evict_from_page_cache(&agent_binary);
     let mut agent = spawn_agent(&settings)?;
@@ -336,6 +354,8 @@ async fn run(plan: Plan) -> Result<(), String> {
         report: &mut report,
         dashboard: &mut dashboard,
         agent: &mut agent,
+        agent_binary: &agent_binary,
+        wrapper: &wrapper,
         bench_exe: &bench_exe,
         bin_dir: work.path().join("bin"),
         failures: Vec::new(),
@@ -404,6 +424,8 @@ struct Phases<'a> {
     report: &'a mut Report,
     dashboard: &'a mut Dashboard,
     agent: &'a mut Agent,
+    agent_binary: &'a Path,
+    wrapper: &'a [String],
     bench_exe: &'a Path,
     bin_dir: PathBuf,
     /// Why the benchmark failed (not MISSes: broken runs).
@@ -411,61 +433,11 @@ struct Phases<'a> {
 }
 
 impl Phases<'_> {
-    /// Connected and idle: memory at the end, CPU time over the period.
+    /// Agents connected and idle, at both intervals, metrics off and on.
     async fn idle(&mut self, plan: &Plan) -> Result<(), String> {
-        let pid = self.agent.pid;
-        let before = probe::cpu(pid);
-        let beats_before = self.dashboard.record().heartbeats.len();
-        let started = Instant::now();
-        tokio::time::sleep(plan.idle).await;
-        self.agent.alive()?;
-        let after = probe::cpu(pid);
-        let secs = started.elapsed().as_secs_f64();
-        let memory = probe::memory(pid);
-        let beats = self.dashboard.record().heartbeats.len() - beats_before;
-        if beats == 0 {
-            return Err("no heartbeat while idle".into());
-        }
-        let report = &mut *self.report;
-        report.row(
-            "idle",
-            &format!("VmRSS after {secs:.0} s"),
-            format!("{:.2} MiB", mib(memory.rss)),
-            "≤ 3.2 MiB",
-            "6.3 MiB",
-            Report::check(memory.rss as f64 <= 3.2 * 1024.0),
-        );
-        report.row(
-            "idle",
-            "  RssAnon / RssFile / VmHWM",
-            format!(
-                "{:.2} / {:.2} / {:.2} MiB",
-                mib(memory.anon),
-                mib(memory.file),
-                mib(memory.hwm)
-            ),
-            "",
-            "",
-            Verdict::Info,
-        );
-        let used_ns = after.ns.saturating_sub(before.ns);
-        let per_20s = used_ns as f64 / 1e6 * 20.0 / secs;
-        report.row(
-            "idle",
-            &format!("CPU over {secs:.0} s ({beats} beats)"),
-            format!("{:.2} ms", used_ns as f64 / 1e6),
-            "",
-            "",
-            Verdict::Info,
-        );
-        report.row(
-            "idle",
-            &format!("  CPU per 20 s, {} thread(s)", after.threads),
-            format!("{per_20s:.2} ms"),
-            "≤ 3.5 ms",
-            "~7.8 ms",
-            Report::check(per_20s <= 3.5),
-        );
+        let cases = idle::cases(plan.idle_intervals);
+        let measured = idle::measure(&cases, plan.idle, self.agent_binary, self.wrapper).await?;
+        idle::report(self.report, &measured);
         Ok(())
     }
 
@@ -845,6 +817,25 @@ struct AgentSettings<'a> {
     dir: &'a Path,
     url: String,
     metrics: &'a str,
+    interval_secs: u64,
+}
+
+/// Creates what an agent needs in `dir`: `bin` (for the stand-in), `state`,
+/// and a repository with a commit (HEAD and a branch ref), which every
+/// heartbeat reports, as on a host.
+fn prepare_work_dir(dir: &Path) -> Result<(), String> {
+    for sub in ["bin", "repo/.git/refs/heads", "state"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{sub}: {e}"))?;
+    }
+    let git = dir.join("repo/.git");
+    std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n")
+        .and_then(|()| {
+            std::fs::write(
+                git.join("refs/heads/main"),
+                format!("{}\n", "5eed".repeat(10)),
+            )
+        })
+        .map_err(|e| format!("repo: {e}"))
 }
 
 fn spawn_agent(settings: &AgentSettings<'_>) -> Result<Agent, String> {
@@ -857,12 +848,13 @@ fn spawn_agent(settings: &AgentSettings<'_>) -> Result<Agent, String> {
     let quoted = |p: &Path| format!("{:?}", p.display().to_string());
     let config = format!(
         "url = {:?}\ntoken_file = {}\nrepo_dir = {}\nstate_dir = {}\n\
-         hostname = \"bench-host\"\ninterval = {INTERVAL_SECS}\nmetrics = {:?}\n\
+         hostname = \"bench-host\"\ninterval = {}\nmetrics = {:?}\n\
          log_level = \"info\"\n",
         settings.url,
         quoted(&token),
         quoted(&dir.join("repo")),
         quoted(&dir.join("state")),
+        settings.interval_secs,
         settings.metrics,
     );
     let config_path = dir.join("agent.toml");

@@ -9,7 +9,7 @@ use super::keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, default_layer};
 use super::layers::{Layer, LayerKind, credentials_layer, describe, env_layer, system_layer};
 use super::token::{CredentialToken, TokenSetting, check_token_not_in_url, resolve_token};
 use super::toml_file::config_file_layer;
-use super::validate::Validator;
+use super::validate::{DEVICE_TYPES, LOCATIONS, Validator};
 use figment::value::Value;
 use figment::{Figment, Provider};
 use secrecy::SecretString;
@@ -40,6 +40,10 @@ struct Raw {
     state_dir: Option<String>,
     ca_file: Option<String>,
     allow_insecure_url: Option<Value>,
+    theme_color: Option<String>,
+    location: Option<String>,
+    device_type: Option<String>,
+    allow_reboot: Option<Value>,
 }
 
 pub(super) fn build(
@@ -136,6 +140,10 @@ fn validate(
     let backoff_max = v.duration("backoff_max", raw.backoff_max, 1, MAX_PERIOD_SECS)?;
     let stop_grace = v.duration("stop_grace", raw.stop_grace, 0, MAX_STOP_GRACE_SECS)?;
     v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
+    let theme_color = v.theme_color(raw.theme_color)?;
+    let location = v.one_of("location", raw.location, LOCATIONS)?;
+    let device_type = v.one_of("device_type", raw.device_type, DEVICE_TYPES)?;
+    let allow_reboot = v.allow_reboot(raw.allow_reboot)?;
     let origins = origins(&v);
     Ok(Config {
         url,
@@ -156,6 +164,10 @@ fn validate(
         state_dir,
         ca_file,
         allow_insecure_url,
+        theme_color,
+        location,
+        device_type,
+        allow_reboot,
         token_source,
         warnings: v.warnings,
         origins,

@@ -67,6 +67,14 @@ pub struct Config {
     /// Allows `ws://` to a host other than loopback (the token then
     /// crosses the network in clear text).
     pub allow_insecure_url: bool,
+    /// v3 dashboards: the host's colour (`#rrggbb`).
+    pub theme_color: Option<String>,
+    /// v3 dashboards: `home`, `work` or `cloud`.
+    pub location: Option<String>,
+    /// v3 dashboards: `server`, `desktop`, `laptop` or `gaming`.
+    pub device_type: Option<String>,
+    /// Whether the dashboard's `reboot` command may reboot the host.
+    pub allow_reboot: bool,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

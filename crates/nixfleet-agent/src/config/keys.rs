@@ -25,6 +25,10 @@ pub const KEYS: &[&str] = &[
     "state_dir",
     "ca_file",
     "allow_insecure_url",
+    "theme_color",
+    "location",
+    "device_type",
+    "allow_reboot",
 ];
 
 /// The built-in defaults (the lowest layer). Keys without a default here
@@ -43,6 +47,7 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("stop_grace", 10u64);
     defaults.set("state_dir", "/var/lib/nixfleet");
     defaults.set("allow_insecure_url", false);
+    defaults.set("allow_reboot", false);
     defaults
 }
 

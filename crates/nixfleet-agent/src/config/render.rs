@@ -40,6 +40,10 @@ impl Config {
                 "allow_insecure_url",
                 Some(self.allow_insecure_url.to_string()),
             ),
+            ("theme_color", self.theme_color.as_deref().map(toml_str)),
+            ("location", self.location.as_deref().map(toml_str)),
+            ("device_type", self.device_type.as_deref().map(toml_str)),
+            ("allow_reboot", Some(self.allow_reboot.to_string())),
         ];
         let mut out = String::new();
         for (key, value) in lines {

@@ -295,6 +295,54 @@ fn defaults() {
 }
 
 #[test]
+fn v3_presentation_keys_and_allow_reboot() {
+    let mut f = Fixture::new();
+    f.set("NIXFLEET_TOKEN", TOKEN);
+    let c = f.load(&Cli::default()).unwrap();
+    assert_eq!(
+        (&c.theme_color, &c.location, &c.device_type, c.allow_reboot),
+        (&None, &None, &None, false)
+    );
+    assert_eq!(c.origin("allow_reboot"), Some("built-in default"));
+    let file = f.write(
+        "agent.toml",
+        "theme_color = \"#7aa2f7\"\nlocation = \"cloud\"\ndevice_type = \"server\"\nallow_reboot = true\n",
+        0o600,
+    );
+    f.set("NIXFLEET_CONFIG", file.to_str().unwrap());
+    let c = f.load(&Cli::default()).unwrap();
+    assert_eq!(c.theme_color.as_deref(), Some("#7aa2f7"));
+    assert_eq!(c.location.as_deref(), Some("cloud"));
+    assert_eq!(c.device_type.as_deref(), Some("server"));
+    assert!(c.allow_reboot);
+    assert!(c.render().contains("allow_reboot = true  # from "));
+    f.set("NIXFLEET_ALLOW_REBOOT", "false");
+    assert!(!f.load(&Cli::default()).unwrap().allow_reboot);
+    for (var, value, needle) in [
+        ("NIXFLEET_THEME_COLOR", "blue", "theme_color = \"blue\""),
+        ("NIXFLEET_THEME_COLOR", "#12345g", "six hex digits"),
+        (
+            "NIXFLEET_LOCATION",
+            "moon",
+            "expected one of home, work, cloud",
+        ),
+        ("NIXFLEET_DEVICE_TYPE", "toaster", "expected one of server"),
+        ("NIXFLEET_ALLOW_REBOOT", "yes please", "allow_reboot"),
+    ] {
+        let mut f = Fixture::new();
+        f.set("NIXFLEET_TOKEN", TOKEN);
+        f.set(var, value);
+        let e = f.load(&Cli::default()).unwrap_err();
+        assert!(e.0.contains(needle), "{var}={value}: {}", e.0);
+        assert!(
+            e.0.contains(&format!("environment variable {var}")),
+            "{}",
+            e.0
+        );
+    }
+}
+
+#[test]
 fn state_directory_first_entry() {
     let mut f = Fixture::new();
     f.set("NIXFLEET_TOKEN", TOKEN);
@@ -566,5 +614,5 @@ fn render_is_toml_with_sources() {
         .collect();
     let dict: Dict = Toml::from_str(&back).unwrap();
     assert!(dict.keys().all(|k| KEYS.contains(&k.as_str())));
-    assert_eq!(dict.len(), 14);
+    assert_eq!(dict.len(), 15);
 }

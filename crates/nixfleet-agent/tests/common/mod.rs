@@ -814,12 +814,27 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A pid a stand-in wrote to a file.
+/// Reads a pid that a stand-in script writes with `echo $$ > FILE`. The
+/// agent may report the command (e.g. in a heartbeat) before the script got
+/// that far, so this waits for a complete line, up to 10 s. The waiting
+/// blocks the test's thread only; the child writes independently of it.
 pub fn read_pid(path: &Path) -> u32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(pid) = text
+            .strip_suffix('\n')
+            .and_then(|line| line.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pid in {} within 10 s (read {text:?})",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Whether a process runs; a zombie counts as dead (it runs nothing).

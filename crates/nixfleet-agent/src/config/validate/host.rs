@@ -1,5 +1,6 @@
 //! Keys about this host as the dashboard sees it: `hostname` (also the
-//! flake attribute), `metrics` and `stasysmo_dir`. (`interval`, the
+//! flake attribute), `metrics` and `stasysmo_dir`, and how v3 dashboards
+//! show it: `theme_color`, `location`, `device_type`. (`interval`, the
 //! heartbeat period, is a duration: see `build::validate`.)
 
 use super::{Validator, check_path};
@@ -28,6 +29,32 @@ impl Validator<'_> {
                 "expected one of auto, stasysmo, proc, none",
             )
         })
+    }
+
+    /// `theme_color` (optional): `#rrggbb`.
+    pub(crate) fn theme_color(&self, color: Option<String>) -> Result<Option<String>, String> {
+        let Some(color) = color else { return Ok(None) };
+        check_theme_color(&color).map_err(|p| self.bad("theme_color", &color, &p))?;
+        Ok(Some(color))
+    }
+
+    /// An optional key whose value is one of `allowed`.
+    pub(crate) fn one_of(
+        &self,
+        key: &str,
+        value: Option<String>,
+        allowed: &[&str],
+    ) -> Result<Option<String>, String> {
+        let Some(value) = value else { return Ok(None) };
+        if allowed.contains(&value.as_str()) {
+            Ok(Some(value))
+        } else {
+            Err(self.bad(
+                key,
+                &value,
+                &format!("expected one of {}", allowed.join(", ")),
+            ))
+        }
     }
 
     /// A directory key with a default (`stasysmo_dir`, `state_dir`).
@@ -59,4 +86,21 @@ pub fn check_hostname(name: &str) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The `location` values v3 dashboards know.
+pub(crate) const LOCATIONS: &[&str] = &["home", "work", "cloud"];
+/// The `device_type` values v3 dashboards know.
+pub(crate) const DEVICE_TYPES: &[&str] = &["server", "desktop", "laptop", "gaming"];
+
+/// `theme_color`: `#` and six hex digits.
+pub fn check_theme_color(color: &str) -> Result<(), String> {
+    let ok = color.len() == 7
+        && color.starts_with('#')
+        && color[1..].chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(())
+    } else {
+        Err("expected a colour like \"#7aa2f7\" (# and six hex digits)".to_owned())
+    }
 }

@@ -13,6 +13,8 @@ mod host;
 mod repository;
 mod runtime;
 
+pub(crate) use host::{DEVICE_TYPES, LOCATIONS};
+
 pub use dashboard::check_url;
 #[cfg(test)]
 pub(crate) use dashboard::redact_url;

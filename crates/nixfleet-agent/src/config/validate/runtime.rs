@@ -1,9 +1,29 @@
-//! Keys about the agent process itself: `log_level`. (`state_dir` and
+//! Keys about the agent process itself: `log_level`, and what it may do
+//! to the host: `allow_reboot`. (`state_dir` and
 //! `stop_grace` are a directory and a duration: see `build::validate`.)
 
 use super::Validator;
+use figment::value::Value;
 
 impl Validator<'_> {
+    /// `allow_reboot` (has a default): a boolean, or in the environment
+    /// `true`/`false`.
+    pub(crate) fn allow_reboot(&self, value: Option<Value>) -> Result<bool, String> {
+        match value {
+            None => Ok(false),
+            Some(Value::Bool(_, b)) => Ok(b),
+            Some(Value::String(_, s)) => match s.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(self.bad("allow_reboot", other, "expected true or false")),
+            },
+            Some(_) => Err(format!(
+                "allow_reboot (from {}): expected true or false",
+                self.origin("allow_reboot")
+            )),
+        }
+    }
+
     /// `log_level` (has a default).
     pub(crate) fn log_level(&self, filter: Option<String>) -> Result<String, String> {
         let filter = filter.unwrap_or_default();

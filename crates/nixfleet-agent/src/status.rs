@@ -1,0 +1,695 @@
+//! The v3 status compartments (`update_status` in heartbeats): git, lock,
+//! system and tests.
+//!
+//! Everything here is cheap on purpose: the compartments are re-evaluated
+//! from a few small files (git refs, one symlink, one record in
+//! `state_dir`), never by evaluating the flake. The one expensive check,
+//! the dry-run build behind `refresh-system`, runs as a command (see
+//! commands.rs) and only reports its verdict here.
+//!
+//! - `git`: HEAD against the last fetched `origin/<branch>` (no network).
+//! - `lock`: age of the commit that last changed `flake.lock` (upstream's
+//!   thresholds); one `git log` when HEAD or the file changed, else only
+//!   arithmetic.
+//! - `system`: after every successful switch the agent records which repo
+//!   commit produced which `/run/current-system`. `ok` while both still
+//!   match, `outdated` when HEAD moved past the built commit or the running
+//!   system changed underneath (someone switched by hand).
+//! - `tests`: the last `test` command's result, `outdated` after a switch.
+
+use crate::heartbeat::{head_commit, resolve_ref};
+use crate::protocol::{Check, CheckStatus, UpdateStatus};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+/// The symlink to the running NixOS system.
+pub const CURRENT_SYSTEM: &str = "/run/current-system";
+/// Test-only: a stand-in for `/run/current-system`.
+pub const TEST_CURRENT_SYSTEM_ENV: &str = "NIXFLEET_TEST_CURRENT_SYSTEM";
+const SYSTEM_RECORD_FILE: &str = "system-record.json";
+/// How long the lock's `git log` may take.
+const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+const DAY: i64 = 24 * 60 * 60;
+/// Lock age thresholds (upstream's): up to a week is current, up to a
+/// month "consider updating", older "needs update".
+const LOCK_OK_DAYS: i64 = 7;
+const LOCK_STALE_DAYS: i64 = 30;
+
+/// One of the four compartments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compartment {
+    Git,
+    Lock,
+    System,
+    Tests,
+}
+
+/// Which repo commit produced which running system, written after every
+/// successful switch and every `refresh-system`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemRecord {
+    /// Full commit of the repo's HEAD when the system was built.
+    pub commit: String,
+    /// `/run/current-system`'s target then.
+    pub system: String,
+    /// Whether that system is what the commit builds (false after a
+    /// rollback, or when a dry run found a difference).
+    pub matches: bool,
+    /// Why it does not match (shown as the message).
+    #[serde(default)]
+    pub note: String,
+}
+
+impl SystemRecord {
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(SYSTEM_RECORD_FILE)).ok()?).ok()
+    }
+
+    pub fn save(&self, state_dir: &Path) {
+        let path = state_dir.join(SYSTEM_RECORD_FILE);
+        let tmp = state_dir.join(format!("{SYSTEM_RECORD_FILE}.tmp"));
+        let result = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|json| {
+                std::fs::create_dir_all(state_dir)?;
+                std::fs::write(&tmp, json)?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(error) = result {
+            warn!(error = %error, path = %path.display(), "cannot record the switched system");
+        }
+    }
+}
+
+/// The running system's store path, when there is one.
+pub fn current_system() -> Option<String> {
+    let link = std::env::var_os(TEST_CURRENT_SYSTEM_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(CURRENT_SYSTEM));
+    let target = std::fs::canonicalize(link).ok()?;
+    target.to_str().map(str::to_owned)
+}
+
+fn short(commit: &str) -> &str {
+    commit.get(..7).unwrap_or(commit)
+}
+
+/// `git`: HEAD against the last fetched `origin/<branch>`.
+pub fn git_check(
+    head: Option<&str>,
+    upstream: Option<&str>,
+    branch: &str,
+) -> (CheckStatus, String) {
+    match (head, upstream) {
+        (None, _) => (CheckStatus::Unknown, "no repository yet".to_owned()),
+        (Some(_), None) => (
+            CheckStatus::Unknown,
+            format!("origin/{branch} not fetched yet (refresh-git fetches it)"),
+        ),
+        (Some(head), Some(up)) if head == up => (
+            CheckStatus::Ok,
+            format!("at origin/{branch} ({}) as last fetched", short(head)),
+        ),
+        (Some(head), Some(up)) => (
+            CheckStatus::Outdated,
+            format!(
+                "HEAD {} differs from origin/{branch} {} (pull to update)",
+                short(head),
+                short(up)
+            ),
+        ),
+    }
+}
+
+/// `lock`: from the unix time of the last commit that changed `flake.lock`.
+pub fn lock_check(committed_at: Option<i64>, now: i64) -> (CheckStatus, String) {
+    let Some(committed_at) = committed_at else {
+        return (
+            CheckStatus::Unknown,
+            "flake.lock has no git history".to_owned(),
+        );
+    };
+    let days = (now - committed_at).max(0) / DAY;
+    let age = match days {
+        0 => "Updated today".to_owned(),
+        1 => "Updated yesterday".to_owned(),
+        n => format!("Updated {n} days ago"),
+    };
+    if days <= LOCK_OK_DAYS {
+        (CheckStatus::Ok, age)
+    } else if days <= LOCK_STALE_DAYS {
+        (CheckStatus::Outdated, format!("{age} - consider updating"))
+    } else {
+        (CheckStatus::Outdated, format!("{age} - needs update"))
+    }
+}
+
+/// `system`: the record of the last switch against HEAD and the running
+/// system.
+pub fn system_check(
+    record: Option<&SystemRecord>,
+    head: Option<&str>,
+    current: Option<&str>,
+) -> (CheckStatus, String) {
+    let Some(current) = current else {
+        return (
+            CheckStatus::Unknown,
+            format!("no {CURRENT_SYSTEM} (not NixOS?)"),
+        );
+    };
+    let Some(record) = record else {
+        return (
+            CheckStatus::Unknown,
+            "no switch by this agent recorded yet (refresh-system checks)".to_owned(),
+        );
+    };
+    if record.system != current {
+        return (
+            CheckStatus::Outdated,
+            "the running system changed since the agent's last switch (switched by hand?)"
+                .to_owned(),
+        );
+    }
+    if !record.matches {
+        return (CheckStatus::Outdated, record.note.clone());
+    }
+    match head {
+        Some(head) if head == record.commit => (
+            CheckStatus::Ok,
+            format!("running the system built from {}", short(head)),
+        ),
+        Some(head) => (
+            CheckStatus::Outdated,
+            format!(
+                "HEAD moved to {} since the system was built from {} (switch to apply)",
+                short(head),
+                short(&record.commit)
+            ),
+        ),
+        None => (
+            CheckStatus::Unknown,
+            "the repository has no HEAD".to_owned(),
+        ),
+    }
+}
+
+pub fn rfc3339_now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The children's environment, shared with the command runner.
+pub type ChildEnv = std::sync::Arc<Vec<(std::ffi::OsString, std::ffi::OsString)>>;
+
+/// What identifies the lock's age query: HEAD and the file's stat.
+type LockKey = (Option<String>, Option<(u64, i64)>);
+
+fn lock_key(repo_dir: &Path, head: Option<&str>) -> LockKey {
+    use std::os::unix::fs::MetadataExt;
+    let stat = std::fs::metadata(repo_dir.join("flake.lock"))
+        .ok()
+        .map(|m| (m.len(), m.mtime()));
+    (head.map(str::to_owned), stat)
+}
+
+/// The answer of one lock query.
+#[derive(Debug)]
+pub struct LockAnswer {
+    key: LockKey,
+    result: Result<Option<i64>, String>,
+}
+
+impl LockAnswer {
+    /// Asks git now (bounded by a timeout).
+    pub async fn query(repo_dir: &Path, env: &[(std::ffi::OsString, std::ffi::OsString)]) -> Self {
+        let key = lock_key(repo_dir, head_commit(repo_dir).as_deref());
+        let result = if key.1.is_none() {
+            Ok(None)
+        } else {
+            lock_commit_time(repo_dir, env).await
+        };
+        LockAnswer { key, result }
+    }
+
+    /// The compartment's verdict, or why there is none.
+    pub fn verdict(&self) -> Result<(CheckStatus, String), String> {
+        if self.key.1.is_none() {
+            return Ok((CheckStatus::Unknown, "flake.lock not found".to_owned()));
+        }
+        match &self.result {
+            Ok(time) => Ok(lock_check(*time, unix_now())),
+            Err(why) => Err(why.clone()),
+        }
+    }
+}
+
+/// The unix time of the last commit that changed `flake.lock`, by
+/// `git log` (bounded by a timeout). `Ok(None)`: not in the history.
+pub async fn lock_commit_time(
+    repo_dir: &Path,
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> Result<Option<i64>, String> {
+    let mut command = tokio::process::Command::new("git");
+    command
+        .args(["log", "-1", "--format=%ct", "--", "flake.lock"])
+        .current_dir(repo_dir)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(LOCK_QUERY_TIMEOUT, command.output())
+        .await
+        .map_err(|_| "git log timed out".to_owned())?
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().next().unwrap_or("").trim();
+        return Err(format!("git log failed: {line}"));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.trim().parse().ok())
+}
+
+/// A system verdict that stands while HEAD and the running system stay
+/// what they were when it was reached.
+#[derive(Debug, Clone)]
+struct SystemOverride {
+    head: Option<String>,
+    current: Option<String>,
+    check: Check,
+}
+
+impl SystemOverride {
+    fn new(
+        head: Option<String>,
+        current: Option<String>,
+        status: CheckStatus,
+        message: String,
+    ) -> Self {
+        SystemOverride {
+            head,
+            current,
+            check: Check {
+                status,
+                message,
+                checked_at: rfc3339_now(),
+            },
+        }
+    }
+}
+
+/// The compartments, owned by the agent core, published for heartbeats.
+pub struct Compartments {
+    repo_dir: PathBuf,
+    branch: String,
+    state_dir: PathBuf,
+    child_env: ChildEnv,
+    status: UpdateStatus,
+    publish: watch::Sender<UpdateStatus>,
+    record: Option<SystemRecord>,
+    /// A result that stands until HEAD or the running system change (a
+    /// failed switch, a failed dry run).
+    system_override: Option<SystemOverride>,
+    working: Vec<Compartment>,
+    lock_key: Option<LockKey>,
+    lock_time: Option<Result<Option<i64>, String>>,
+    lock_query_running: bool,
+    lock_answers: mpsc::Sender<LockAnswer>,
+}
+
+impl Compartments {
+    pub fn new(
+        repo_dir: PathBuf,
+        branch: String,
+        state_dir: PathBuf,
+        child_env: ChildEnv,
+        lock_answers: mpsc::Sender<LockAnswer>,
+    ) -> (Self, watch::Receiver<UpdateStatus>) {
+        let (publish, receiver) = watch::channel(UpdateStatus::default());
+        let record = SystemRecord::load(&state_dir);
+        let mut compartments = Compartments {
+            repo_dir,
+            branch,
+            state_dir,
+            child_env,
+            status: UpdateStatus::default(),
+            publish,
+            record,
+            system_override: None,
+            working: Vec::new(),
+            lock_key: None,
+            lock_time: None,
+            lock_query_running: false,
+            lock_answers,
+        };
+        compartments.tests_set(CheckStatus::Unknown, "no test run since the agent started");
+        compartments.reevaluate();
+        (compartments, receiver)
+    }
+
+    pub fn current(&self) -> &UpdateStatus {
+        &self.status
+    }
+
+    fn slot(&mut self, which: Compartment) -> &mut Check {
+        match which {
+            Compartment::Git => &mut self.status.git,
+            Compartment::Lock => &mut self.status.lock,
+            Compartment::System => &mut self.status.system,
+            Compartment::Tests => &mut self.status.tests,
+        }
+    }
+
+    /// Sets one compartment; `checked_at` moves only when the verdict does,
+    /// or when `fresh` says it was checked just now.
+    fn set(&mut self, which: Compartment, status: CheckStatus, message: String, fresh: bool) {
+        let slot = self.slot(which);
+        if fresh || slot.status != status || slot.message != message || slot.checked_at.is_empty() {
+            *slot = Check {
+                status,
+                message,
+                checked_at: rfc3339_now(),
+            };
+        }
+    }
+
+    fn tests_set(&mut self, status: CheckStatus, message: &str) {
+        self.set(Compartment::Tests, status, message.to_owned(), true);
+    }
+
+    fn publish(&self) {
+        self.publish.send_if_modified(|published| {
+            let changed = *published != self.status;
+            if changed {
+                *published = self.status.clone();
+            }
+            changed
+        });
+    }
+
+    /// A command started working on these compartments.
+    pub fn start_working(&mut self, compartments: &[Compartment], message: &str) {
+        for &which in compartments {
+            if !self.working.contains(&which) {
+                self.working.push(which);
+            }
+            self.set(which, CheckStatus::Working, message.to_owned(), true);
+        }
+        self.publish();
+    }
+
+    /// The command ended: the compartments are evaluated again.
+    pub fn stop_working(&mut self) {
+        let working = std::mem::take(&mut self.working);
+        for which in working {
+            // Forces a fresh timestamp below.
+            self.slot(which).checked_at.clear();
+        }
+        self.reevaluate();
+    }
+
+    /// A successful activation (switch, rollback): record what runs now.
+    pub fn activated(&mut self, rolled_back: bool) {
+        let (Some(commit), Some(system)) = (head_commit(&self.repo_dir), current_system()) else {
+            return;
+        };
+        let record = SystemRecord {
+            commit,
+            system,
+            matches: !rolled_back,
+            note: if rolled_back {
+                "rolled back to an earlier generation (switch to apply the repo)".to_owned()
+            } else {
+                String::new()
+            },
+        };
+        record.save(&self.state_dir);
+        self.record = Some(record);
+        self.system_override = None;
+        self.tests_set(CheckStatus::Outdated, "Tests not run since the last switch");
+    }
+
+    /// A switch failed: the system shows the error until HEAD or the running
+    /// system change.
+    pub fn activation_failed(&mut self, message: &str) {
+        self.system_override = Some(SystemOverride::new(
+            head_commit(&self.repo_dir),
+            current_system(),
+            CheckStatus::Error,
+            format!("Switch failed: {message}"),
+        ));
+    }
+
+    /// The verdict of a full dry-run check (`refresh-system`).
+    pub fn system_verified(&mut self, verdict: Result<bool, String>) {
+        let head = head_commit(&self.repo_dir);
+        let current = current_system();
+        match (verdict, head, current) {
+            (Ok(matches), Some(commit), Some(system)) => {
+                let record = SystemRecord {
+                    commit,
+                    system,
+                    matches,
+                    note: if matches {
+                        String::new()
+                    } else {
+                        "the repo builds a different system (switch to apply)".to_owned()
+                    },
+                };
+                record.save(&self.state_dir);
+                self.record = Some(record);
+                self.system_override = None;
+            }
+            (Ok(_), head, current) => {
+                self.system_override = Some(SystemOverride::new(
+                    head,
+                    current,
+                    CheckStatus::Unknown,
+                    "no repository HEAD or running system to compare".to_owned(),
+                ));
+            }
+            (Err(why), head, current) => {
+                self.system_override =
+                    Some(SystemOverride::new(head, current, CheckStatus::Error, why));
+            }
+        }
+    }
+
+    /// The result of a `test` command.
+    pub fn tested(&mut self, passed: u32, total: u32, stopped: bool) {
+        if stopped {
+            self.tests_set(CheckStatus::Error, "Stopped by user");
+        } else if total == 0 {
+            self.tests_set(CheckStatus::Unknown, "no tests for this host");
+        } else if passed == total {
+            self.tests_set(CheckStatus::Ok, &format!("{passed}/{total} passed"));
+        } else {
+            self.tests_set(CheckStatus::Error, &format!("{passed}/{total} passed"));
+        }
+    }
+
+    /// A lock query ended.
+    pub fn on_lock_answer(&mut self, answer: LockAnswer) {
+        self.lock_query_running = false;
+        self.lock_key = Some(answer.key);
+        self.lock_time = Some(answer.result);
+        self.reevaluate();
+    }
+
+    /// Forgets the cached lock age, so the next evaluation asks git again.
+    pub fn forget_lock(&mut self) {
+        self.lock_key = None;
+    }
+
+    /// Re-reads the cheap facts and publishes what changed. Never blocks:
+    /// a lock query that is due runs in a task and answers through the
+    /// core.
+    pub fn reevaluate(&mut self) {
+        let head = head_commit(&self.repo_dir);
+        if !self.working.contains(&Compartment::Git) {
+            let upstream = resolve_ref(
+                &self.repo_dir,
+                &format!("refs/remotes/origin/{}", self.branch),
+            );
+            let (status, message) = git_check(head.as_deref(), upstream.as_deref(), &self.branch);
+            self.set(Compartment::Git, status, message, false);
+        }
+        if !self.working.contains(&Compartment::Lock) {
+            self.evaluate_lock(head.as_deref());
+        }
+        if !self.working.contains(&Compartment::System) {
+            let current = current_system();
+            let standing = self
+                .system_override
+                .as_ref()
+                .filter(|o| o.head == head && o.current == current)
+                .map(|o| o.check.clone());
+            if let Some(check) = standing {
+                self.set(Compartment::System, check.status, check.message, false);
+            } else {
+                self.system_override = None;
+                let (status, message) =
+                    system_check(self.record.as_ref(), head.as_deref(), current.as_deref());
+                self.set(Compartment::System, status, message, false);
+            }
+        }
+        self.publish();
+    }
+
+    fn evaluate_lock(&mut self, head: Option<&str>) {
+        if !self.repo_dir.join("flake.lock").exists() {
+            self.set(
+                Compartment::Lock,
+                CheckStatus::Unknown,
+                "flake.lock not found".to_owned(),
+                false,
+            );
+            return;
+        }
+        let key = lock_key(&self.repo_dir, head);
+        if self.lock_key.as_ref() != Some(&key) {
+            self.query_lock(key);
+        }
+        match &self.lock_time {
+            Some(Ok(time)) => {
+                let (status, message) = lock_check(*time, unix_now());
+                self.set(Compartment::Lock, status, message, false);
+            }
+            Some(Err(why)) => {
+                let why = why.clone();
+                self.set(Compartment::Lock, CheckStatus::Error, why, false);
+            }
+            None => {}
+        }
+    }
+
+    fn query_lock(&mut self, key: LockKey) {
+        if self.lock_query_running {
+            return;
+        }
+        self.lock_query_running = true;
+        let (repo_dir, env, answers) = (
+            self.repo_dir.clone(),
+            self.child_env.clone(),
+            self.lock_answers.clone(),
+        );
+        tokio::spawn(async move {
+            let mut answer = LockAnswer::query(&repo_dir, &env).await;
+            // Cached under the key that asked, so a file that changed
+            // meanwhile is asked about again.
+            answer.key = key;
+            let _ = answers.send(answer).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn lock_age_thresholds() {
+        let at = |days: i64, extra: i64| lock_check(Some(NOW - days * DAY - extra), NOW);
+        assert_eq!(at(0, 0), (CheckStatus::Ok, "Updated today".into()));
+        assert_eq!(at(1, 5), (CheckStatus::Ok, "Updated yesterday".into()));
+        assert_eq!(
+            at(7, DAY - 1),
+            (CheckStatus::Ok, "Updated 7 days ago".into())
+        );
+        assert_eq!(
+            at(8, 0),
+            (
+                CheckStatus::Outdated,
+                "Updated 8 days ago - consider updating".into()
+            )
+        );
+        assert_eq!(at(30, 0).0, CheckStatus::Outdated);
+        assert!(at(30, 0).1.ends_with("consider updating"));
+        assert_eq!(
+            at(31, 0),
+            (
+                CheckStatus::Outdated,
+                "Updated 31 days ago - needs update".into()
+            )
+        );
+        // A commit from the future (clock skew) counts as today.
+        assert_eq!(lock_check(Some(NOW + 3600), NOW).0, CheckStatus::Ok);
+        assert_eq!(lock_check(None, NOW).0, CheckStatus::Unknown);
+    }
+
+    fn record(commit: &str, system: &str, matches: bool) -> SystemRecord {
+        SystemRecord {
+            commit: commit.into(),
+            system: system.into(),
+            matches,
+            note: "rolled back".into(),
+        }
+    }
+
+    #[test]
+    fn system_compartment_states() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        let sys = "/nix/store/x-nixos-system";
+        let r = record(&a, sys, true);
+        assert_eq!(
+            system_check(Some(&r), Some(&a), Some(sys)).0,
+            CheckStatus::Ok
+        );
+        let (status, message) = system_check(Some(&r), Some(&b), Some(sys));
+        assert_eq!(status, CheckStatus::Outdated);
+        assert!(message.contains("HEAD moved to bbbbbbb"), "{message}");
+        let (status, message) = system_check(Some(&r), Some(&a), Some("/nix/store/y-other"));
+        assert_eq!(status, CheckStatus::Outdated);
+        assert!(message.contains("by hand"), "{message}");
+        assert_eq!(
+            system_check(Some(&record(&a, sys, false)), Some(&a), Some(sys)),
+            (CheckStatus::Outdated, "rolled back".into())
+        );
+        assert_eq!(
+            system_check(None, Some(&a), Some(sys)).0,
+            CheckStatus::Unknown
+        );
+        assert_eq!(
+            system_check(Some(&r), Some(&a), None).0,
+            CheckStatus::Unknown
+        );
+        assert_eq!(
+            system_check(Some(&r), None, Some(sys)).0,
+            CheckStatus::Unknown
+        );
+    }
+
+    #[test]
+    fn git_compartment_states() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        assert_eq!(git_check(Some(&a), Some(&a), "main").0, CheckStatus::Ok);
+        assert_eq!(
+            git_check(Some(&a), Some(&b), "main").0,
+            CheckStatus::Outdated
+        );
+        assert_eq!(git_check(Some(&a), None, "main").0, CheckStatus::Unknown);
+        assert_eq!(git_check(None, Some(&a), "main").0, CheckStatus::Unknown);
+    }
+
+    #[test]
+    fn the_system_record_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(SystemRecord::load(dir.path()), None);
+        let r = record("c", "/nix/store/s", true);
+        r.save(dir.path());
+        assert_eq!(SystemRecord::load(dir.path()), Some(r));
+    }
+}
