@@ -608,10 +608,21 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
     }
     let rejected = rejected.expect("the agent answers after the barrage");
     assert_eq!(rejected.conn(), conn);
-    // Wait for the agent to be idle, then check every accepted command got
-    // exactly one status.
+    // Wait for the agent to be idle after the barrage (a heartbeat after the
+    // sentinel's rejection that names no command: every accepted command
+    // has ended), then check every accepted command got exactly one status.
+    // An idle heartbeat from before the sentinel proves nothing.
+    let sentinel_at = rejected.at();
     dashboard
-        .wait_frame_where("heartbeat", 20 * SECOND, |p| p["pending_command"].is_null())
+        .wait_for(20 * SECOND, "an idle heartbeat after the barrage", |log| {
+            log.iter()
+                .any(|s| {
+                    s.kind() == Some("heartbeat")
+                        && s.at() > sentinel_at
+                        && s.payload()["pending_command"].is_null()
+                })
+                .then_some(())
+        })
         .await;
     let idle = dashboard.frames("heartbeat").len();
     let last = dashboard
@@ -639,8 +650,17 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
         silence.as_secs_f64()
     );
     assert_eq!(
-        statuses, started_commands,
-        "one status per accepted command"
+        statuses,
+        started_commands,
+        "one status per accepted command; started: {:?}; statuses: {:?}",
+        stderr
+            .lines()
+            .filter(|l| l.contains(" starting "))
+            .collect::<Vec<_>>(),
+        log.iter()
+            .filter(|s| s.kind() == Some("status"))
+            .map(|s| s.payload()["command"].to_string())
+            .collect::<Vec<_>>()
     );
     // Nothing the dashboard sends starts a log line of its own (every line
     // is the agent's, with its timestamp), or makes one huge.
