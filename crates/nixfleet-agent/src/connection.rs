@@ -57,8 +57,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// How long a re-register waits for the dashboard's close frame.
-const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<MaybeTlsStream<Tracked<TcpStream>>>;
 
@@ -349,8 +347,14 @@ impl Connection {
                         }
                     }
                 };
-                // Brief: the point is a quick fresh register.
-                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
+                // The dashboard's close answer proves it has read every
+                // frame before it, the status included. Registering again
+                // before that lets the new `register` overtake a status
+                // still queued behind a slow reader (a v3 dashboard then
+                // drops the old connection, status and all). So wait as long
+                // as a live peer may take: up to `ping_timeout`, the bound
+                // that declares it dead anyway. v3 dashboards wait 90 s.
+                let _ = tokio::time::timeout(self.config.ping_timeout, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
