@@ -61,17 +61,8 @@ impl CommandRecord {
 
     /// Written atomically (temporary file, then rename).
     pub fn save(&self, state_dir: &Path) {
-        let path = state_dir.join(RECORD_FILE);
-        let tmp = state_dir.join(format!("{RECORD_FILE}.tmp"));
-        let result = serde_json::to_vec(self)
-            .map_err(std::io::Error::other)
-            .and_then(|json| {
-                std::fs::create_dir_all(state_dir)?;
-                std::fs::write(&tmp, json)?;
-                std::fs::rename(&tmp, &path)
-            });
-        if let Err(error) = result {
-            warn!(error = %error, path = %path.display(), "cannot record the running command; a restarted agent would not know about it");
+        if let Err(error) = save_json(state_dir, RECORD_FILE, self) {
+            warn!(error = %error, path = %state_dir.join(RECORD_FILE).display(), "cannot record the running command; a restarted agent would not know about it");
         }
     }
 
@@ -389,6 +380,20 @@ fn exec_start_program(unit: &[u8]) -> Option<PathBuf> {
     let program = value.trim().trim_start_matches(['@', '-', ':', '+', '!']);
     let program = program.split_whitespace().next()?;
     Some(PathBuf::from(program.trim_matches('"')))
+}
+
+/// Writes `value` as JSON to `state_dir/file` atomically (a temporary file,
+/// then rename), so a reader never sees half a record.
+pub fn save_json(
+    state_dir: &Path,
+    file: &str,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    let json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(format!("{file}.tmp"));
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, state_dir.join(file))
 }
 
 #[cfg(test)]
