@@ -433,6 +433,9 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     for n in 1..=total {
         let register = dashboard.wait_frame("register", n, 10 * SECOND).await;
         if n == WARM_UP + 1 {
+            // Measured once the session is fully set up (its heartbeat timer
+            // exists), as the "after" figure is.
+            wait_heartbeat_on(&dashboard, register.conn()).await;
             rss_before = agent.rss_kib();
             fds_before = agent.fd_count();
             threads_before = agent.thread_count();
@@ -456,9 +459,10 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
                 .then_some(())
         })
         .await;
-    dashboard
+    let last = dashboard
         .wait_frame("register", total + 1, 10 * SECOND)
         .await;
+    wait_heartbeat_on(&dashboard, last.conn()).await;
     let rss_after = agent.rss_kib();
     let (fds_after, threads_after) = (agent.fd_count(), agent.thread_count());
     let elapsed = started.elapsed();
@@ -478,7 +482,8 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     );
     assert!(
         fds_after <= fds_before,
-        "descriptors leak: {fds_before} → {fds_after}"
+        "descriptors leak: {fds_before} → {fds_after}: {:?}",
+        agent.fd_targets()
     );
     assert!(
         threads_after <= threads_before.max(1) + 1,
@@ -487,6 +492,21 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     let stderr = agent.stderr();
     assert!(!stderr.contains("panicked"));
     assert!(!stderr.contains(TOKEN));
+}
+
+/// The first heartbeat on connection `conn`: the agent creates its heartbeat
+/// timer (a timerfd) just after `register`, so a descriptor count taken
+/// between the two would see one fewer.
+async fn wait_heartbeat_on(dashboard: &Dashboard, conn: u64) {
+    dashboard
+        .wait_for(10 * SECOND, "a heartbeat on the new connection", |log| {
+            log.iter()
+                .rev()
+                .take_while(|seen| seen.conn() == conn)
+                .any(|seen| matches!(seen, Seen::Frame { kind, .. } if kind == "heartbeat"))
+                .then_some(())
+        })
+        .await;
 }
 
 // ---------------------------------------------------------------------------

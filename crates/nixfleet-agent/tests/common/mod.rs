@@ -993,6 +993,25 @@ impl Agent {
             .unwrap_or(0)
     }
 
+    /// What each open descriptor of the agent points at (`socket:[…]`,
+    /// `anon_inode:[timerfd]`, a path), for failure messages.
+    pub fn fd_targets(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return Vec::new();
+        };
+        let mut targets: Vec<String> = dir
+            .flatten()
+            .map(|entry| {
+                let target = std::fs::read_link(entry.path())
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                format!("{}→{target}", entry.file_name().to_string_lossy())
+            })
+            .collect();
+        targets.sort();
+        targets
+    }
+
     /// Threads of the agent process.
     pub fn thread_count(&self) -> u64 {
         let status =
