@@ -39,6 +39,12 @@ let
   };
 
   matches = regex: value: lib.isString value && builtins.match regex value != null;
+
+  # User info that may be a secret: a password in any URL, or any user name
+  # in an http(s) URL (where access tokens go). `git@host:…` and
+  # `ssh://git@host/…` name a user only.
+  hasCredentials =
+    url: matches "[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@.*" url || matches "https?://[^/@]+@.*" url;
 in
 {
   options.services.nixfleet = {
@@ -269,7 +275,13 @@ in
     ++ lib.mapAttrsToList (key: option: {
       assertion = !(cfg.settings ? ${key});
       message = "services.nixfleet.settings.${key} is not allowed: the settings file is world-readable in the Nix store. Use services.nixfleet.${option}, which is passed as a systemd credential.";
-    }) secretSettings;
+    }) secretSettings
+    ++ [
+      {
+        assertion = !hasCredentials (cfg.settings.repo_url or null);
+        message = "services.nixfleet.repoUrl (settings.repo_url) carries credentials in its user info: the settings file is world-readable in the Nix store. Use an ssh URL with services.nixfleet.sshKeyFile, which is passed as a systemd credential.";
+      }
+    ];
 
     systemd.services.nixfleet = {
       description = "NixFleet agent";
@@ -309,6 +321,13 @@ in
         # A restarted agent must not kill a deployment in flight.
         KillMode = "process";
         StateDirectory = "nixfleet";
+        # Command logs and the running-command record are the agent's alone
+        # (a test script may print a secret).
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+        # No core dump of a process that holds the token (the agent also
+        # marks itself not dumpable).
+        LimitCORE = 0;
         LoadCredential = [
           "token:${cfg.tokenFile}"
         ]

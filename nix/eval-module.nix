@@ -79,6 +79,9 @@ let
     (expectEqual "WatchdogSec defaults to 60" sc.WatchdogSec 60)
     (expectEqual "KillMode=process" sc.KillMode "process")
     (expectEqual "StateDirectory=nixfleet" sc.StateDirectory "nixfleet")
+    (expectEqual "StateDirectoryMode=0700" sc.StateDirectoryMode "0700")
+    (expectEqual "UMask=0077" sc.UMask "0077")
+    (expectEqual "LimitCORE=0" sc.LimitCORE 0)
     (expectEqual "LoadCredential=token:<tokenFile>" sc.LoadCredential [ "token:${tokenFile}" ])
     (expectEqual "ExecStart runs the agent with --config" sc.ExecStart
       "${agentExe} --config ${configFile}"
@@ -273,6 +276,35 @@ let
     (expectAssertion "ssh_key in settings" {
       services.nixfleet.settings.ssh_key = "/root/.ssh/id_ed25519";
     } "services.nixfleet.settings.ssh_key is not allowed")
+    (expectAssertion "repoUrl with a password" {
+      services.nixfleet.repoUrl = "https://deploy:s3cr3t@git.example.com/fleet.git";
+    } "carries credentials in its user info")
+    (expectAssertion "repo_url in settings with a token as user name" {
+      services.nixfleet.settings.repo_url = "https://ghp_0123456789abcdef@github.com/org/fleet.git";
+    } "carries credentials in its user info")
+    (expectAssertion "ssh:// repoUrl with a password" {
+      services.nixfleet.repoUrl = "ssh://git:s3cr3t@git.example.com/fleet.git";
+    } "carries credentials in its user info")
+    (expectEqual "repoUrl naming only an ssh user passes"
+      (map
+        (
+          url:
+          failedMessages (withMinimal {
+            services.nixfleet.repoUrl = url;
+          })
+        )
+        [
+          "git@github.com:org/fleet.git"
+          "ssh://git@github.com/org/fleet.git"
+          "https://github.com/org/fleet.git"
+        ]
+      )
+      [
+        [ ]
+        [ ]
+        [ ]
+      ]
+    )
 
     (expectTypeError "tokenFile as a Nix path literal (would be copied to the store)" {
       services.nixfleet.tokenFile = ./eval-module.nix;

@@ -27,6 +27,8 @@ pkgs.testers.runNixOSTest {
       services.nixfleet = {
         enable = true;
         url = "ws://dashboard:8000/ws";
+        # A test network: clear text to another VM is what is tested here.
+        settings.allow_insecure_url = true;
         tokenFile = "/run/keys/nixfleet-token";
         interval = 2;
         watchdogSec = 10;

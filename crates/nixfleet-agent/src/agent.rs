@@ -332,17 +332,30 @@ impl Core {
             CommandRecord::clear(&self.state_dir, None);
             return;
         };
-        info!(
-            command = kind.name(),
-            pid = record.pid,
-            running = record.is_running(),
-            "following a command started by a previous agent"
-        );
+        let running = record.is_running();
+        if running {
+            info!(
+                command = kind.name(),
+                pid = record.pid,
+                "following a command started by a previous agent"
+            );
+        } else {
+            info!(
+                command = kind.name(),
+                pid = record.pid,
+                "a command recorded by a previous agent is no longer running (or not ours); sending its status"
+            );
+        }
         let (stop_tx, mut stop_rx) = watch::channel(None);
         let (progress_tx, progress_rx) = mpsc::channel(8);
         let (repo_dir, grace) = (self.repo_dir.clone(), self.stop_grace);
-        let legacy_pid = (!record.supervised).then_some(record.pid);
-        let supervisor_pid = record.supervised.then_some(record.pid);
+        // Never report (nor let kill_command name) a pid that is not ours.
+        let ours = running.then_some(record.pid);
+        let (legacy_pid, supervisor_pid) = if record.supervised {
+            (None, ours)
+        } else {
+            (ours, None)
+        };
         match (record.supervised, record.log.clone()) {
             (true, Some(log)) => {
                 let (cursor, resume_at) = match DeliveryCursor::resume(&handover::sent_path(
@@ -358,7 +371,9 @@ impl Core {
                 let followed = Followed {
                     kind,
                     log,
-                    supervisor: (record.pid, record.pid_start),
+                    // A supervisor that is not ours (or gone) is never
+                    // waited for: its log is read to the end, no further.
+                    supervisor: running.then_some((record.pid, record.pid_start)),
                     resume_at,
                     log_id: self.outbox.track(cursor),
                     stop_file: handover::stop_path(&self.state_dir),

@@ -23,6 +23,7 @@ use crate::protocol::{
     CheckStatus, OperationProgress, Outbound, Outcome, PhaseProgress, PhaseStatus, Phases, Status,
     Stream, TestProgress, TestResult, TestsProgress,
 };
+use crate::redact::{Scrubber, redact_url};
 use crate::status::{ChildEnv, Compartment, LockAnswer, current_system, git_check};
 use crate::supervisor::SUPERVISE_ARG;
 use std::ffi::OsString;
@@ -232,6 +233,8 @@ pub struct Runner {
     config: Arc<Config>,
     outbox: Arc<Outbox>,
     child_env: ChildEnv,
+    /// Hides `repo_url`'s credentials in everything a command shows.
+    scrubber: Scrubber,
 }
 
 impl Runner {
@@ -240,10 +243,12 @@ impl Runner {
             std::env::vars_os(),
             config.ssh_key.as_deref(),
         ));
+        let scrubber = Scrubber::for_url(config.repo_url.as_deref());
         Runner {
             config,
             outbox,
             child_env,
+            scrubber,
         }
     }
 
@@ -277,6 +282,7 @@ impl Runner {
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
                 error_detail: Mutex::new(ErrorDetail::default()),
                 captured: Mutex::new(None),
+                scrubber: &self.scrubber,
                 build: Mutex::new(None),
             },
             progress,
@@ -537,7 +543,7 @@ impl Runner {
         let followed = Followed {
             kind,
             log,
-            supervisor: (pid, record.pid_start),
+            supervisor: Some((pid, record.pid_start)),
             resume_at: 0,
             log_id,
             stop_file,
@@ -590,6 +596,7 @@ struct Output<'a> {
     error_detail: Mutex<ErrorDetail>,
     /// Stdout of the current process when it is kept for parsing.
     captured: Mutex<Option<String>>,
+    scrubber: &'a Scrubber,
     /// While a `nixos-rebuild` runs: its structured log's state.
     build: Mutex<Option<BuildProgress>>,
 }
@@ -763,13 +770,31 @@ impl Job<'_> {
                 failed => (failed, 0),
             };
         }
+        if let Some(failed) = self.follow_configured_origin(repo, url).await {
+            return (failed, 0);
+        }
         let branch = config.branch.as_str();
-        let remote_branch = format!("origin/{branch}");
+        let remote_branch = format!("refs/remotes/origin/{branch}");
+        // An explicit refspec: a clone made for another branch (or with
+        // --single-branch) would not update origin/<branch> otherwise.
+        let refspec = format!("+refs/heads/{branch}:{remote_branch}");
         let steps: [(&str, Vec<&str>); 3] = [
-            ("git fetch", vec!["fetch", "origin", branch]),
-            ("git reset", vec!["reset", "--hard", &remote_branch]),
+            ("git fetch", vec!["fetch", "origin", &refspec]),
+            (
+                "git checkout",
+                vec!["checkout", "--force", "-B", branch, &remote_branch, "--"],
+            ),
             ("git clean", vec!["clean", "-fd"]),
         ];
+        let previous_branch = self
+            .git_query(repo, &["symbolic-ref", "--short", "-q", "HEAD"])
+            .await;
+        if previous_branch.as_deref().is_some_and(|b| b != branch) {
+            self.say(&format!(
+                "[nixfleet] branch changed from {} to {branch}: checking out {branch}",
+                previous_branch.as_deref().unwrap_or_default()
+            ));
+        }
         let mut done = 0;
         for (what, args) in steps {
             if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
@@ -781,6 +806,65 @@ impl Job<'_> {
             }
         }
         (self.pulled(), done)
+    }
+
+    /// Isolated mode: `origin` must be `repo_url`, whatever it was before
+    /// (a host moving away from a compromised repository must not keep
+    /// pulling from it). Says so when it changes it; returns the failure.
+    async fn follow_configured_origin(&mut self, repo: &Path, url: &str) -> Option<StepOutcome> {
+        let current = self
+            .git_query(repo, &["config", "--get", "remote.origin.url"])
+            .await;
+        if current.as_deref() == Some(url) {
+            return None;
+        }
+        let (what, args) = match &current {
+            Some(old) => {
+                self.say(&format!(
+                    "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
+                    redact_url(old),
+                    redact_url(url)
+                ));
+                (
+                    "git remote set-url",
+                    vec!["remote", "set-url", "origin", url],
+                )
+            }
+            None => {
+                self.say(&format!(
+                    "[nixfleet] the repository has no origin: adding repo_url {}",
+                    redact_url(url)
+                ));
+                ("git remote add", vec!["remote", "add", "origin", url])
+            }
+        };
+        match self.git_step(what, repo, &args).await {
+            (Outcome::Ok, ..) => None,
+            failed => Some(failed),
+        }
+    }
+
+    /// A line of the agent's own in the command's output (log and dashboard).
+    fn say(&self, text: &str) {
+        self.output.emit(Stream::Stdout, text.as_bytes(), false);
+    }
+
+    /// The trimmed stdout of a quick git query, not shown anywhere; `None`
+    /// when git fails or prints nothing.
+    async fn git_query(&self, repo: &Path, args: &[&str]) -> Option<String> {
+        let output = tokio::process::Command::new("git")
+            .args(args)
+            .current_dir(repo)
+            .env_clear()
+            .envs(self.runner.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (output.status.success() && !text.is_empty()).then_some(text)
     }
 
     fn pulled(&self) -> StepOutcome {
@@ -860,7 +944,13 @@ impl Job<'_> {
                 .to_string_lossy()
                 .into_owned();
             let script_arg = script.to_string_lossy().into_owned();
-            let ended = self.run_process(&script_arg, &[], &cwd).await;
+            let ended = match untrusted_script(&self.config().repo_dir, script) {
+                Some(why) => {
+                    self.say(&format!("[nixfleet] refusing to run {name}: {why}"));
+                    Ended::NotStarted(why)
+                }
+                None => self.run_process(&script_arg, &[], &cwd).await,
+            };
             let ok = matches!(&ended, Ended::Exited(status) if status.success());
             passed += ok as u32;
             let stopped = matches!(ended, Ended::Stopped(_));
@@ -1188,8 +1278,8 @@ impl Job<'_> {
             .error_detail
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = ErrorDetail::default();
-        self.output
-            .log_line(&format!("[nixfleet] $ {program} {}", args.join(" ")));
+        let argv = format!("[nixfleet] $ {program} {}", args.join(" "));
+        self.output.log_line(&self.output.scrubber.scrub(&argv));
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -1422,6 +1512,14 @@ impl Output<'_> {
     }
 
     fn send_line(&self, stream: Stream, text: &str) {
+        // repo_url's credentials, should a child print them (redact.rs).
+        let scrubbed;
+        let text = if self.scrubber.is_empty() {
+            text
+        } else {
+            scrubbed = self.scrubber.scrub(text);
+            scrubbed.as_str()
+        };
         self.log_line(text);
         self.outbox
             .push_frame(crate::follower::output_frame(self.command, stream, text));
@@ -1621,6 +1719,51 @@ fn describe_exit(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         _ => "ended abnormally".to_owned(),
     }
+}
+
+/// Why a test script must not run (as root) if it must not: it, and every
+/// directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
+/// symlink out), be owned by root or the agent's user, and be writable by
+/// no one else. Otherwise whoever could write there would choose what runs.
+fn untrusted_script(repo_dir: &Path, script: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let repo = match std::fs::canonicalize(repo_dir) {
+        Ok(repo) => repo,
+        Err(e) => return Some(format!("cannot resolve repo_dir: {e}")),
+    };
+    let real = match std::fs::canonicalize(script) {
+        Ok(real) => real,
+        Err(e) => return Some(format!("cannot resolve it: {e}")),
+    };
+    if !real.starts_with(&repo) || real == repo {
+        return Some(format!(
+            "it resolves to {}, outside {}",
+            real.display(),
+            repo.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    for path in real.ancestors().take_while(|p| p.starts_with(&repo)) {
+        let metadata = match std::fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            Err(e) => return Some(format!("cannot inspect {}: {e}", path.display())),
+        };
+        if metadata.uid() != 0 && metadata.uid() != me {
+            return Some(format!(
+                "{} is owned by uid {}, not by root or the agent",
+                path.display(),
+                metadata.uid()
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{} is writable by group or others (mode {:04o})",
+                path.display(),
+                metadata.mode() & 0o7777
+            ));
+        }
+    }
+    None
 }
 
 fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {

@@ -18,6 +18,12 @@
 //! output are written and not yet acknowledged. Without that, a dashboard
 //! that reads slowly would have megabytes of output waiting in the socket
 //! buffers, and every heartbeat would wait behind them.
+//!
+//! A dashboard can also stay loud but stop reading: it pings, so the
+//! silence check never fires, while the socket fills and a write waits
+//! forever. So every write has a deadline too: a peer that accepts no byte
+//! for `ping_timeout` while a write waits is dead. While it waits, the
+//! writer still answers the watchdog's probes and a shutdown request.
 
 use crate::config::Config;
 use crate::heartbeat::{CommandState, Reporter};
@@ -28,9 +34,13 @@ use crate::ticker::Ticker;
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -53,15 +63,14 @@ const OUTPUT_BATCH_BYTES: usize = 32 * 1024;
 /// waits behind at most this much (about 50 ms at 20,000 frames/s), and it
 /// bounds what is sent twice after a broken connection.
 pub const UNACKNOWLEDGED_WINDOW: u64 = 128 * 1024;
-/// How long a graceful shutdown waits for the dashboard's close frame.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a graceful shutdown waits for the dashboard's close frame:
+/// short enough that SIGTERM is honoured within 5 s in every state.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// A connection that stayed up this long resets the backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// How long a re-register waits for the dashboard's close frame.
-const REREGISTER_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocketStream<MaybeTlsStream<Tracked<TcpStream>>>;
 
 /// What the agent core asks of the connection after a status went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +111,8 @@ pub struct Connection {
     reporter: Reporter,
     links: Links,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// When the current socket last accepted bytes.
+    written: Arc<WriteProgress>,
 }
 
 /// Why a session ended.
@@ -112,6 +123,11 @@ enum SessionEnd {
     Reregister,
     /// Nothing heard for `ping_timeout`.
     Silent,
+    /// A write waited `ping_timeout` without the peer accepting a byte.
+    Stalled,
+    /// Shutdown was requested while a write could not finish: the socket is
+    /// full, so no close frame would get through either.
+    ShutdownMidWrite,
     ClosedByPeer(String),
     /// The dashboard sent a frame over the size limit.
     TooBig,
@@ -125,6 +141,7 @@ impl Connection {
             reporter,
             links,
             tls: None,
+            written: Arc::new(WriteProgress::new()),
         }
     }
 
@@ -149,7 +166,7 @@ impl Connection {
                         backoff.reset();
                     }
                     match end {
-                        SessionEnd::Shutdown => return,
+                        SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite => return,
                         SessionEnd::Reregister => {
                             info!("registering again on a fresh connection");
                             backoff.reset();
@@ -157,6 +174,10 @@ impl Connection {
                         }
                         SessionEnd::Silent => format!(
                             "no sign of life from the dashboard for {}s",
+                            self.config.ping_timeout.as_secs()
+                        ),
+                        SessionEnd::Stalled => format!(
+                            "the dashboard accepted no data for {}s",
                             self.config.ping_timeout.as_secs()
                         ),
                         SessionEnd::ClosedByPeer(why) => {
@@ -209,11 +230,12 @@ impl Connection {
             .max_message_size(Some(MAX_INBOUND_FRAME))
             .max_frame_size(Some(MAX_INBOUND_FRAME));
         let connect_timeout = self.config.ping_timeout;
+        let written = self.written.clone();
         let attempt = tokio::time::timeout(connect_timeout, async move {
             let stream = dial(&request).await.map_err(tungstenite::Error::Io)?;
             tokio_tungstenite::client_async_tls_with_config(
                 request,
-                stream,
+                Tracked::new(stream, written),
                 Some(ws_config),
                 Some(connector),
             )
@@ -296,6 +318,7 @@ impl Connection {
                 probes,
                 shutdown,
                 pongs: &pongs,
+                written: &self.written,
                 control,
             };
             let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
@@ -325,7 +348,10 @@ impl Connection {
                     }
                 };
                 if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
-                    warn!("the dashboard did not answer the close frame within 5s");
+                    warn!(
+                        "the dashboard did not answer the close frame within {}s",
+                        CLOSE_WAIT.as_secs()
+                    );
                 }
             }
             SessionEnd::Reregister => {
@@ -342,8 +368,14 @@ impl Connection {
                         }
                     }
                 };
-                // Brief: the point is a quick fresh register.
-                let _ = tokio::time::timeout(REREGISTER_CLOSE_WAIT, closing).await;
+                // The dashboard's close answer proves it has read every
+                // frame before it, the status included. Registering again
+                // before that lets the new `register` overtake a status
+                // still queued behind a slow reader (a v3 dashboard then
+                // drops the old connection, status and all). So wait as long
+                // as a live peer may take: up to `ping_timeout`, the bound
+                // that declares it dead anyway. v3 dashboards wait 90 s.
+                let _ = tokio::time::timeout(self.config.ping_timeout, closing).await;
             }
             SessionEnd::TooBig => {
                 let close = Message::Close(Some(CloseFrame {
@@ -356,7 +388,10 @@ impl Connection {
                 // Completes the closing handshake tungstenite has queued.
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
             }
-            SessionEnd::Silent | SessionEnd::Broken(_) => {}
+            SessionEnd::Silent
+            | SessionEnd::Stalled
+            | SessionEnd::ShutdownMidWrite
+            | SessionEnd::Broken(_) => {}
         }
         end
     }
@@ -519,7 +554,36 @@ struct Outgoing<'a> {
     probes: &'a mut mpsc::Receiver<Probe>,
     shutdown: &'a mut shutdown::Listener,
     pongs: &'a Pongs,
+    written: &'a WriteProgress,
     control: &'a mut mpsc::Receiver<Control>,
+}
+
+impl Outgoing<'_> {
+    /// Runs one write to the socket to its end, answering probes and
+    /// shutdown meanwhile. Gives up when the peer accepted no byte for
+    /// `stall_limit` (counted from the start of this write at the earliest:
+    /// an idle link accepts nothing because nothing is sent).
+    async fn write<F>(&mut self, write: F, stall_limit: Duration) -> Result<(), SessionEnd>
+    where
+        F: Future<Output = Result<(), String>>,
+    {
+        tokio::pin!(write);
+        let started = Instant::now();
+        loop {
+            let deadline = self.written.last().max(started) + stall_limit;
+            tokio::select! {
+                biased;
+                result = &mut write => return result.map_err(SessionEnd::Broken),
+                () = shutdown::requested(self.shutdown) => return Err(SessionEnd::ShutdownMidWrite),
+                Some(probe) = self.probes.recv() => probe.answer(),
+                () = tokio::time::sleep_until(deadline) => {
+                    if self.written.last().max(started) + stall_limit <= Instant::now() {
+                        return Err(SessionEnd::Stalled);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The highest numbered ping the dashboard answered, shared by the reader
@@ -591,10 +655,12 @@ async fn write_frames(
     reporter: &mut Reporter,
     links: Outgoing<'_>,
 ) -> SessionEnd {
+    let mut links = links;
+    let stall_limit = config.ping_timeout;
     let register = Outbound::Register(&reporter.register()).to_json();
-    let mut frames = FrameBuffer::default();
-    if let Err(error) = sink.send(Message::text(register)).await {
-        return SessionEnd::Broken(error.to_string());
+    let sent = links.write(send(sink, Message::text(register)), stall_limit);
+    if let Err(end) = sent.await {
+        return end;
     }
     // The first tick is immediate: the first heartbeat follows `register`.
     let mut beat = match Ticker::new(config.interval) {
@@ -607,61 +673,67 @@ async fn write_frames(
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::new();
+    let mut frames = FrameBuffer::default();
     let outbox = links.outbox;
     let mut window = Window::new();
     let patience = config.ping_timeout;
     loop {
         let overdue = window.overdue_at(patience);
-        tokio::select! {
+        // `then_reregister`: after a successful switch the core asks for a
+        // last heartbeat and then a fresh connection (v3 dashboards wait
+        // for a new `register`).
+        let (message, then_reregister) = tokio::select! {
             biased;
             () = shutdown::requested(links.shutdown) => return SessionEnd::Shutdown,
             beat_result = beat.tick() => {
                 if let Err(error) = beat_result {
                     return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
                 }
-                if let Err(error) =
-                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
-                {
-                    return SessionEnd::Broken(error);
-                }
+                (heartbeat_message(reporter, links.command_state, &mut frames), false)
             }
-            Some(control) = links.control.recv() => {
-                if let Err(error) =
-                    send_heartbeat(sink, reporter, links.command_state, &mut frames).await
-                {
-                    return SessionEnd::Broken(error);
-                }
-                if control == Control::Reregister {
-                    return SessionEnd::Reregister;
-                }
+            Some(control) = links.control.recv() => (
+                heartbeat_message(reporter, links.command_state, &mut frames),
+                control == Control::Reregister,
+            ),
+            Some(reply) = links.replies.recv() => (Message::text(reply), false),
+            Some(probe) = links.probes.recv() => {
+                probe.answer();
+                continue;
             }
-            Some(reply) = links.replies.recv() => {
-                if let Err(error) = sink.send(Message::text(reply)).await {
-                    return SessionEnd::Broken(error.to_string());
-                }
-            }
-            Some(probe) = links.probes.recv() => probe.answer(),
-            _ = ping.tick() => {
-                if let Err(error) = sink.send(Message::Ping(Default::default())).await {
-                    return SessionEnd::Broken(error.to_string());
-                }
-            }
+            _ = ping.tick() => (Message::Ping(Default::default()), false),
             () = links.pongs.arrived.notified() => {
                 window.answered(links.pongs.highest.load(Ordering::Relaxed), outbox);
+                continue;
             }
             () = tokio::time::sleep_until(overdue.unwrap_or_else(Instant::now)), if overdue.is_some() => {
                 let oldest = window.pending.front().map_or(0, |p| p.0);
                 debug!(ping = oldest, "no pong for an output batch; counting it as read");
                 window.answered(oldest, outbox);
+                continue;
             }
             _ = outbox.wait_ready(), if window.open() => {
                 outbox.take_batch(OUTPUT_BATCH_BYTES, &mut batch);
-                if let Err(error) = send_batch(sink, &mut batch, outbox, &mut window).await {
-                    return SessionEnd::Broken(error);
+                let sent = links.write(send_batch(sink, &mut batch, outbox, &mut window), stall_limit);
+                if let Err(end) = sent.await {
+                    return end;
                 }
+                continue;
             }
+        };
+        if let Err(end) = links.write(send(sink, message), stall_limit).await {
+            return end;
+        }
+        if then_reregister {
+            return SessionEnd::Reregister;
         }
     }
+}
+
+async fn send(
+    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+    message: Message,
+) -> Result<(), String> {
+    sink.send(message).await.map_err(|e| e.to_string())
 }
 
 /// A text message of JSON bytes; serde_json writes only UTF-8, so the check
@@ -670,19 +742,14 @@ fn text_frame(json: bytes::Bytes) -> Message {
     Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
 }
 
-async fn send_heartbeat(
-    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
+/// The next heartbeat, serialised into the reused frame buffer.
+fn heartbeat_message(
     reporter: &mut Reporter,
     command_state: &watch::Receiver<CommandState>,
     frames: &mut FrameBuffer,
-) -> Result<(), String> {
-    let frame = {
-        let command = command_state.borrow();
-        frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command)))
-    };
-    sink.send(text_frame(frame))
-        .await
-        .map_err(|e| e.to_string())
+) -> Message {
+    let command = command_state.borrow();
+    text_frame(frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command))))
 }
 
 /// Writes a batch and its numbered ping with one flush. What is not
@@ -714,6 +781,92 @@ async fn send_batch(
         .pending
         .push_back((number, last_seq, window.written, Instant::now()));
     Ok(())
+}
+
+/// When the dashboard's socket last accepted bytes from the agent, shared
+/// between the socket (which notes it) and the writer (which judges it).
+struct WriteProgress {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl WriteProgress {
+    fn new() -> Self {
+        WriteProgress {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn note(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The TCP stream under TLS and WebSocket, noting every write the kernel
+/// accepts: the only honest measure of whether the peer still takes data.
+struct Tracked<S> {
+    inner: S,
+    written: Arc<WriteProgress>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S, written: Arc<WriteProgress>) -> Self {
+        Tracked { inner, written }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.written.note();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.written.note();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Exponential reconnect delay: 1 s, 2 s, 4 s … up to the cap, ±10 %.

@@ -45,8 +45,9 @@ const MAX_DETAIL_CHARS: usize = 200;
 pub struct Followed {
     pub kind: CommandKind,
     pub log: PathBuf,
-    /// The supervisor: pid and start time (so a recycled pid is not it).
-    pub supervisor: (u32, u64),
+    /// The supervisor: pid and start time (so a recycled pid is not it);
+    /// `None` when it is gone or not ours.
+    pub supervisor: Option<(u32, u64)>,
     /// Log offset up to which everything was delivered.
     pub resume_at: u64,
     /// The id the outbox gave this log's delivery cursor.
@@ -145,8 +146,10 @@ async fn read_log(
         if summary.done || supervisor_gone {
             break;
         }
-        let (pid, start) = followed.supervisor;
-        if process_start_ticks(pid) != Some(start) {
+        let alive = followed
+            .supervisor
+            .is_some_and(|(pid, start)| process_start_ticks(pid) == Some(start));
+        if !alive {
             // Read once more: the supervisor may have written its last
             // records just before it ended.
             supervisor_gone = true;

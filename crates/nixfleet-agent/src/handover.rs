@@ -55,6 +55,10 @@ pub struct CommandRecord {
     /// format (absent in records of older agents).
     #[serde(default)]
     pub supervised: bool,
+    /// The boot the process ran in: start ticks count from boot, so after a
+    /// reboot another process can match pid and ticks.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 pub fn sent_path(state_dir: &Path) -> PathBuf {
@@ -74,20 +78,14 @@ impl CommandRecord {
             pid_start: process_start_ticks(pid)?,
             log: Some(log),
             supervised: true,
+            boot_id: boot_id(),
         })
     }
 
     /// Written atomically (temporary file, then rename).
     pub fn save(&self, state_dir: &Path) {
-        let path = state_dir.join(RECORD_FILE);
-        let result = serde_json::to_vec(self)
-            .map_err(std::io::Error::other)
-            .and_then(|json| {
-                crate::command_log::private_dir(state_dir)?;
-                crate::command_log::write_private(&path, &json)
-            });
-        if let Err(error) = result {
-            warn!(error = %error, path = %path.display(), "cannot record the running command; a restarted agent would not know about it");
+        if let Err(error) = save_json(state_dir, RECORD_FILE, self) {
+            warn!(error = %error, path = %state_dir.join(RECORD_FILE).display(), "cannot record the running command; a restarted agent would not know about it");
         }
     }
 
@@ -120,10 +118,37 @@ impl CommandRecord {
         serde_json::from_slice(&std::fs::read(state_dir.join(RECORD_FILE)).ok()?).ok()
     }
 
-    /// Whether the recorded process is still the one running.
+    /// Whether the recorded process is still the one running: same boot,
+    /// same start time, and in the agent's own cgroup. A record that fails
+    /// any of these (stale, or forged by whoever could write `state_dir`)
+    /// never makes the agent report or signal the process it names.
     pub fn is_running(&self) -> bool {
-        process_start_ticks(self.pid) == Some(self.pid_start)
+        self.boot_id.is_some()
+            && self.boot_id == boot_id()
+            && process_start_ticks(self.pid) == Some(self.pid_start)
+            && shares_our_cgroup(self.pid)
     }
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            Some(id.trim().to_owned()).filter(|id| !id.is_empty())
+        })
+        .clone()
+}
+
+/// Whether `pid` sits in the same cgroups as the agent. The agent's
+/// commands stay in its unit's cgroup (`KillMode=process` keeps them there
+/// across restarts). Without cgroups to read there is nothing to compare.
+fn shares_our_cgroup(pid: u32) -> bool {
+    let Ok(ours) = std::fs::read("/proc/self/cgroup") else {
+        return true;
+    };
+    std::fs::read(format!("/proc/{pid}/cgroup")).is_ok_and(|theirs| theirs == ours)
 }
 
 /// Field 22 of `/proc/<pid>/stat`; `None` when there is no such process or
@@ -383,6 +408,18 @@ fn exec_start_program(unit: &[u8]) -> Option<PathBuf> {
     Some(PathBuf::from(program.trim_matches('"')))
 }
 
+/// Writes `value` as JSON to `state_dir/file` atomically (a temporary file,
+/// then rename), so a reader never sees half a record.
+pub fn save_json(
+    state_dir: &Path,
+    file: &str,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    let json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    crate::command_log::private_dir(state_dir)?;
+    crate::command_log::write_private(&state_dir.join(file), &json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +448,17 @@ mod tests {
         record.pid_start += 1;
         assert!(!record.is_running());
         assert_eq!(process_start_ticks(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_record_from_another_boot_is_not_running() {
+        let mut record =
+            CommandRecord::supervised("switch", std::process::id(), "/x".into()).unwrap();
+        assert!(record.is_running());
+        record.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+        assert!(!record.is_running());
+        record.boot_id = None;
+        assert!(!record.is_running(), "a record without a boot ID");
     }
 
     #[test]

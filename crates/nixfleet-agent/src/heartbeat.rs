@@ -81,7 +81,8 @@ impl Reporter {
         Reporter {
             hostname: config.hostname.clone(),
             repo_dir: config.repo_dir.clone(),
-            repo_url: config.repo_url.clone(),
+            // Shown without credentials (redact.rs).
+            repo_url: config.repo_url.as_deref().map(crate::redact::redact_url),
             interval_secs: config.interval.as_secs(),
             identity,
             // The test stand-in for /run/current-system brings its own.

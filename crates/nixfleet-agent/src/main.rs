@@ -8,6 +8,8 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(SUPERVISE_ARG.as_ref()) {
         return nixfleet_agent::supervisor::main();
     }
+    // Before anything secret is read.
+    let dumpable = nixfleet_agent::hardening::forbid_core_dumps();
     let cli = Cli::parse();
     let config = match config::load(&cli) {
         Ok(config) => config,
@@ -23,6 +25,9 @@ fn main() -> ExitCode {
     nixfleet_agent::logging::init(&config.log_level);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
+    }
+    if let Err(error) = dumpable {
+        tracing::warn!("{error}");
     }
     // One thread is plenty for one socket and a few pipes, and keeps the
     // agent's footprint small on every host.

@@ -69,17 +69,8 @@ impl SystemRecord {
     }
 
     pub fn save(&self, state_dir: &Path) {
-        let path = state_dir.join(SYSTEM_RECORD_FILE);
-        let tmp = state_dir.join(format!("{SYSTEM_RECORD_FILE}.tmp"));
-        let result = serde_json::to_vec(self)
-            .map_err(std::io::Error::other)
-            .and_then(|json| {
-                std::fs::create_dir_all(state_dir)?;
-                std::fs::write(&tmp, json)?;
-                std::fs::rename(&tmp, &path)
-            });
-        if let Err(error) = result {
-            warn!(error = %error, path = %path.display(), "cannot record the switched system");
+        if let Err(error) = crate::handover::save_json(state_dir, SYSTEM_RECORD_FILE, self) {
+            warn!(error = %error, path = %state_dir.join(SYSTEM_RECORD_FILE).display(), "cannot record the switched system");
         }
     }
 }

@@ -446,6 +446,9 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     for n in 1..=total {
         let register = dashboard.wait_frame("register", n, 10 * SECOND).await;
         if n == WARM_UP + 1 {
+            // Measured once the session is fully set up (its heartbeat timer
+            // exists), as the "after" figure is.
+            wait_heartbeat_on(&dashboard, register.conn()).await;
             rss_before = agent.rss_kib();
             fds_before = agent.fd_count();
             threads_before = agent.thread_count();
@@ -469,9 +472,10 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
                 .then_some(())
         })
         .await;
-    dashboard
+    let last = dashboard
         .wait_frame("register", total + 1, 10 * SECOND)
         .await;
+    wait_heartbeat_on(&dashboard, last.conn()).await;
     let rss_after = agent.rss_kib();
     let (fds_after, threads_after) = (agent.fd_count(), agent.thread_count());
     let elapsed = started.elapsed();
@@ -491,7 +495,8 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     );
     assert!(
         fds_after <= fds_before,
-        "descriptors leak: {fds_before} → {fds_after}"
+        "descriptors leak: {fds_before} → {fds_after}: {:?}",
+        agent.fd_targets()
     );
     assert!(
         threads_after <= threads_before.max(1) + 1,
@@ -500,6 +505,21 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
     let stderr = agent.stderr();
     assert!(!stderr.contains("panicked"));
     assert!(!stderr.contains(TOKEN));
+}
+
+/// The first heartbeat on connection `conn`: the agent creates its heartbeat
+/// timer (a timerfd) just after `register`, so a descriptor count taken
+/// between the two would see one fewer.
+async fn wait_heartbeat_on(dashboard: &Dashboard, conn: u64) {
+    dashboard
+        .wait_for(10 * SECOND, "a heartbeat on the new connection", |log| {
+            log.iter()
+                .rev()
+                .take_while(|seen| seen.conn() == conn)
+                .any(|seen| matches!(seen, Seen::Frame { kind, .. } if kind == "heartbeat"))
+                .then_some(())
+        })
+        .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -621,10 +641,21 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
     }
     let rejected = rejected.expect("the agent answers after the barrage");
     assert_eq!(rejected.conn(), conn);
-    // Wait for the agent to be idle, then check every accepted command got
-    // exactly one status.
+    // Wait for the agent to be idle after the barrage (a heartbeat after the
+    // sentinel's rejection that names no command: every accepted command
+    // has ended), then check every accepted command got exactly one status.
+    // An idle heartbeat from before the sentinel proves nothing.
+    let sentinel_at = rejected.at();
     dashboard
-        .wait_frame_where("heartbeat", 20 * SECOND, |p| p["pending_command"].is_null())
+        .wait_for(20 * SECOND, "an idle heartbeat after the barrage", |log| {
+            log.iter()
+                .any(|s| {
+                    s.kind() == Some("heartbeat")
+                        && s.at() > sentinel_at
+                        && s.payload()["pending_command"].is_null()
+                })
+                .then_some(())
+        })
         .await;
     let idle = dashboard.frames("heartbeat").len();
     let last = dashboard
@@ -652,8 +683,17 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
         silence.as_secs_f64()
     );
     assert_eq!(
-        statuses, started_commands,
-        "one status per accepted command"
+        statuses,
+        started_commands,
+        "one status per accepted command; started: {:?}; statuses: {:?}",
+        stderr
+            .lines()
+            .filter(|l| l.contains(" starting "))
+            .collect::<Vec<_>>(),
+        log.iter()
+            .filter(|s| s.kind() == Some("status"))
+            .map(|s| s.payload()["command"].to_string())
+            .collect::<Vec<_>>()
     );
     // Nothing the dashboard sends starts a log line of its own (every line
     // is the agent's, with its timestamp), or makes one huge.

@@ -41,6 +41,7 @@ struct Raw {
     ca_file: Option<String>,
     log_max_bytes: Option<Value>,
     logs_max_bytes: Option<Value>,
+    allow_insecure_url: Option<Value>,
     theme_color: Option<String>,
     location: Option<String>,
     device_type: Option<String>,
@@ -121,6 +122,8 @@ fn validate(
     };
     let token = resolve_token(setting, &mut v, credential, secrets);
     let url = v.url(raw.url)?;
+    let allow_insecure_url = v.boolean("allow_insecure_url", raw.allow_insecure_url)?;
+    v.url_is_private_or_allowed(&url, allow_insecure_url)?;
     let (token, token_source) = token?;
     check_token_not_in_url(&url, &token, &v)?;
     let repo_dir = v.repo_dir(raw.repo_dir)?;
@@ -166,6 +169,7 @@ fn validate(
         ca_file,
         log_max_bytes,
         logs_max_bytes,
+        allow_insecure_url,
         theme_color,
         location,
         device_type,

@@ -69,6 +69,9 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// Budget for all command logs together (older logs are removed).
     pub logs_max_bytes: u64,
+    /// Allows `ws://` to a host other than loopback (the token then
+    /// crosses the network in clear text).
+    pub allow_insecure_url: bool,
     /// v3 dashboards: the host's colour (`#rrggbb`).
     pub theme_color: Option<String>,
     /// v3 dashboards: `home`, `work` or `cloud`.

@@ -26,6 +26,7 @@ pub const KEYS: &[&str] = &[
     "ca_file",
     "log_max_bytes",
     "logs_max_bytes",
+    "allow_insecure_url",
     "theme_color",
     "location",
     "device_type",
@@ -49,6 +50,7 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("state_dir", "/var/lib/nixfleet");
     defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
     defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
+    defaults.set("allow_insecure_url", false);
     defaults.set("allow_reboot", false);
     defaults
 }

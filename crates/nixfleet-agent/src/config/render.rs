@@ -17,7 +17,12 @@ impl Config {
             ("url", Some(toml_str(&self.url))),
             ("token", Some(toml_str("<redacted>"))),
             ("repo_dir", Some(path(&self.repo_dir))),
-            ("repo_url", self.repo_url.as_deref().map(toml_str)),
+            (
+                "repo_url",
+                self.repo_url
+                    .as_deref()
+                    .map(|url| toml_str(&crate::redact::redact_url(url))),
+            ),
             ("branch", Some(toml_str(&self.branch))),
             ("interval", Some(secs(self.interval))),
             ("ssh_key", self.ssh_key.as_deref().map(path)),
@@ -33,6 +38,10 @@ impl Config {
             ("ca_file", self.ca_file.as_deref().map(path)),
             ("log_max_bytes", Some(self.log_max_bytes.to_string())),
             ("logs_max_bytes", Some(self.logs_max_bytes.to_string())),
+            (
+                "allow_insecure_url",
+                Some(self.allow_insecure_url.to_string()),
+            ),
             ("theme_color", self.theme_color.as_deref().map(toml_str)),
             ("location", self.location.as_deref().map(toml_str)),
             ("device_type", self.device_type.as_deref().map(toml_str)),

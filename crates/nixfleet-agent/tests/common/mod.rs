@@ -128,6 +128,16 @@ impl Dashboard {
         Self::with_listener(listener)
     }
 
+    /// A dashboard whose sockets have a small receive buffer (the kernel
+    /// doubles the value): one that stops reading fills up quickly.
+    pub async fn start_with_recv_buffer(bytes: u32) -> Dashboard {
+        // Accepted sockets inherit the listener's buffer size.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self::with_listener(socket.listen(64).unwrap())
+    }
+
     fn with_listener(listener: TcpListener) -> Dashboard {
         let addr = listener.local_addr().unwrap();
         let (gate, _) = tokio::sync::watch::channel(true);
@@ -1020,6 +1030,25 @@ impl Agent {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// What each open descriptor of the agent points at (`socket:[…]`,
+    /// `anon_inode:[timerfd]`, a path), for failure messages.
+    pub fn fd_targets(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return Vec::new();
+        };
+        let mut targets: Vec<String> = dir
+            .flatten()
+            .map(|entry| {
+                let target = std::fs::read_link(entry.path())
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                format!("{}→{target}", entry.file_name().to_string_lossy())
+            })
+            .collect();
+        targets.sort();
+        targets
     }
 
     /// Threads of the agent process.

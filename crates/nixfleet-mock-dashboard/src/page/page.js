@@ -212,7 +212,11 @@ function renderProgress(h) {
   const box = $("progress");
   const fill = $("progress-fill");
   const v = h.view || {};
-  const payload = h.progress || v.progress;
+  // v3 dashboards' progress is reset to {} when a command is sent: only a
+  // payload with a counted phase replaces counting Nix's plain output.
+  const hasPhase = (p) => p && typeof p === "object" &&
+    Object.values(p.progress || p).some((x) => x && typeof x === "object" && typeof x.total === "number");
+  const payload = [h.progress, v.progress].find(hasPhase);
   const root = payload && typeof payload === "object" ? (payload.progress || payload) : null;
   const parts = [];
   let current = 0, total = 0, status = null, detailText = "";

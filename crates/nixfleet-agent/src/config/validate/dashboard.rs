@@ -3,8 +3,10 @@
 //! `backoff_max`). The token is in `config::token`.
 
 use super::{Validator, check_path};
-use crate::config::errors::short_str;
+use crate::config::errors::{short_str, show_value};
 use crate::config::files::check_readable_file;
+use crate::config::validate::num_to_i128;
+use figment::value::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +26,55 @@ impl Validator<'_> {
             )
         })?;
         Ok(url)
+    }
+
+    /// A yes/no key (`allow_insecure_url`): `true`/`false`, or from the
+    /// environment `true`, `false`, `yes`, `no`, `1`, `0`.
+    pub(crate) fn boolean(&self, key: &str, value: Option<Value>) -> Result<bool, String> {
+        let parsed = match &value {
+            None => Some(false),
+            Some(Value::Bool(_, b)) => Some(*b),
+            Some(Value::String(_, s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "1" => Some(true),
+                "false" | "no" | "0" => Some(false),
+                _ => None,
+            },
+            Some(Value::Num(_, n)) => match num_to_i128(*n) {
+                Some(1) => Some(true),
+                Some(0) => Some(false),
+                _ => None,
+            },
+            Some(_) => None,
+        };
+        parsed.ok_or_else(|| {
+            format!(
+                "{key} = {} (from {}): expected true or false",
+                value.as_ref().map(show_value).unwrap_or_default(),
+                self.origin(key)
+            )
+        })
+    }
+
+    /// `ws://` sends the token in clear text: only to this host, unless
+    /// `allow_insecure_url` says otherwise.
+    pub(crate) fn url_is_private_or_allowed(&self, url: &str, allowed: bool) -> Result<(), String> {
+        if allowed || !url.starts_with("ws://") {
+            return Ok(());
+        }
+        let host = url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_owned))
+            .unwrap_or_default();
+        if is_loopback(&host) {
+            return Ok(());
+        }
+        Err(format!(
+            "url = {} (from {}): ws:// to {host} would send the token unencrypted; \
+             use wss://, or set allow_insecure_url = true to accept that",
+            short_str(&redact_url(url)),
+            self.origin("url")
+        ))
     }
 
     /// `ca_file`: optional; must be a readable file.
@@ -101,6 +152,15 @@ pub fn check_url(url: &str) -> Result<(), String> {
         return Err("must not contain a fragment (#…)".to_owned());
     }
     Ok(())
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`: traffic that never leaves the host.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A URL for messages: userinfo and query removed (either may hold secrets).

@@ -29,7 +29,8 @@ impl Validator<'_> {
     /// `repo_url`: optional (isolated mode when set).
     pub(crate) fn repo_url(&self, url: Option<String>) -> Result<Option<String>, String> {
         let Some(url) = url else { return Ok(None) };
-        check_repo_url(&url).map_err(|p| self.bad("repo_url", &url, &p))?;
+        check_repo_url(&url)
+            .map_err(|p| self.bad("repo_url", &crate::redact::redact_url(&url), &p))?;
         Ok(Some(url))
     }
 
