@@ -12,6 +12,7 @@
 //! e <bytes>          a stderr line
 //! E <bytes>          a stderr line cut at MAX_LINE_BYTES
 //! # steps <n>        the command has n steps (processes run one by one)
+//! # step <i> <label> what step i will be (one per step, after `steps`)
 //! # start <i> <pid> <label>
 //! # notstarted <i> <why>
 //! # stopped          a stop was requested; no further step runs
@@ -51,6 +52,14 @@ pub struct Plan {
     pub stop_grace_ms: u64,
     /// Output bytes the log may hold before lines are dropped.
     pub max_bytes: u64,
+    /// The agent's own lines about the command (decisions taken while
+    /// planning it), written as stdout lines before the first step.
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// `repo_url`, whose credentials (if it has any) are replaced in every
+    /// line before it is written (a child may print the URL it was given).
+    #[serde(default)]
+    pub scrub_url: Option<String>,
     pub steps: Vec<Step>,
 }
 
@@ -64,6 +73,13 @@ pub struct Step {
     pub cwd: PathBuf,
     /// Whether a failure ends the command (every step but a test script's).
     pub stop_on_failure: bool,
+    /// For a program from the repository (a test script): the repository.
+    /// Right before running it, the supervisor refuses it unless it and
+    /// every directory up to here are owned by root or the agent's user and
+    /// writable by no one else (whoever could write there would choose
+    /// what runs as root).
+    #[serde(default)]
+    pub trusted_within: Option<PathBuf>,
 }
 
 /// One parsed record.
@@ -75,6 +91,10 @@ pub enum Record<'a> {
         raw: &'a [u8],
     },
     Steps(usize),
+    Planned {
+        index: usize,
+        label: &'a str,
+    },
     Start {
         index: usize,
         pid: u32,
@@ -120,6 +140,13 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
     let mut fields = rest.splitn(3, ' ');
     Some(match word {
         "steps" => Record::Steps(rest.parse().ok()?),
+        "step" => {
+            let (index, label) = rest.split_once(' ').unwrap_or((rest, ""));
+            Record::Planned {
+                index: index.parse().ok()?,
+                label,
+            }
+        }
         "start" => Record::Start {
             index: fields.next()?.parse().ok()?,
             pid: fields.next()?.parse().ok()?,
@@ -255,6 +282,13 @@ mod tests {
             }
         );
         assert_eq!(parse(b"# steps 3"), Record::Steps(3));
+        assert_eq!(
+            parse(b"# step 1 git fetch"),
+            Record::Planned {
+                index: 1,
+                label: "git fetch"
+            }
+        );
         assert_eq!(
             parse(b"# start 1 42 git fetch"),
             Record::Start {

@@ -177,7 +177,7 @@ impl Connection {
                             self.config.ping_timeout.as_secs()
                         ),
                         SessionEnd::Stalled => format!(
-                            "the dashboard accepted no data for {}s",
+                            "the dashboard read no data for {}s",
                             self.config.ping_timeout.as_secs()
                         ),
                         SessionEnd::ClosedByPeer(why) => {
@@ -641,9 +641,8 @@ impl Window {
         }
     }
 
-    /// When the oldest ping counts as answered without a pong: a dashboard
-    /// that never answers pings (against RFC 6455) slows output down to
-    /// one window per `patience` rather than stopping it.
+    /// When the oldest unanswered ping is overdue: the dashboard read none
+    /// of the output written since for `patience`.
     fn overdue_at(&self, patience: Duration) -> Option<Instant> {
         self.pending.front().map(|&(_, _, _, sent)| sent + patience)
     }
@@ -705,11 +704,13 @@ async fn write_frames(
                 window.answered(links.pongs.highest.load(Ordering::Relaxed), outbox);
                 continue;
             }
+            // Output counts as delivered only once acknowledged, so a
+            // dashboard that reads none of it for ping_timeout (it may
+            // still ping us, so the silence check never fires) is treated
+            // as one whose socket accepts nothing: the session ends and
+            // the unacknowledged batches are sent again on the next one.
             () = tokio::time::sleep_until(overdue.unwrap_or_else(Instant::now)), if overdue.is_some() => {
-                let oldest = window.pending.front().map_or(0, |p| p.0);
-                debug!(ping = oldest, "no pong for an output batch; counting it as read");
-                window.answered(oldest, outbox);
-                continue;
+                return SessionEnd::Stalled;
             }
             _ = outbox.wait_ready(), if window.open() => {
                 outbox.take_batch(OUTPUT_BATCH_BYTES, &mut batch);

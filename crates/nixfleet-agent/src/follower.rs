@@ -11,14 +11,16 @@
 //! the command, whose output goes to the supervisor, not to us.
 
 use crate::command_log::{Record, parse};
-use crate::commands::{CommandKind, PROGRESS_INTERVAL, Progress, StopRequest, line_text};
+use crate::commands::{
+    CommandKind, ErrorDetail, PROGRESS_INTERVAL, Progress, StopRequest, line_text,
+};
 use crate::handover::process_start_ticks;
 use crate::heartbeat::generation;
 use crate::nix_log::{Effect, NixLog};
 use crate::outbox::{Item, Outbox};
 use crate::protocol::{
     OperationProgress, Outbound, Outcome, OutputLine, PhaseProgress, PhaseStatus, Phases, Status,
-    Stream, TestProgress,
+    Stream, TestProgress, TestResult, TestsProgress,
 };
 use std::fs::File;
 use std::io::Read;
@@ -38,8 +40,6 @@ const YIELD_EVERY_BYTES: usize = 16 * 1024;
 const LIVENESS_POLL: Duration = Duration::from_millis(250);
 /// Without inotify, how often the log is read for new records.
 const FALLBACK_POLL: Duration = Duration::from_millis(20);
-/// Longest error detail quoted in a status message.
-const MAX_DETAIL_CHARS: usize = 200;
 
 /// The command to follow.
 pub struct Followed {
@@ -206,6 +206,21 @@ async fn send(emit: Emit, mut item: Item, outbox: &Outbox, progress: &mpsc::Send
         Emit::Started(pid) => {
             let _ = progress.send(Progress::Started { pid }).await;
         }
+        Emit::Tested {
+            passed,
+            total,
+            stopped,
+        } => {
+            let tested = Progress::Tested {
+                passed,
+                total,
+                stopped,
+            };
+            let _ = progress.send(tested).await;
+        }
+        Emit::Rebuilt(ok) => {
+            let _ = progress.send(Progress::Rebuilt { ok }).await;
+        }
     }
 }
 
@@ -270,6 +285,13 @@ impl LogWatch {
     }
 }
 
+/// A compartment whose steps are counted as dots.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Pull,
+    Lock,
+}
+
 /// What a record turns into.
 #[derive(Debug)]
 enum Emit {
@@ -277,6 +299,14 @@ enum Emit {
     /// An intermediate build progress report (a newer one replaces it).
     Progress(String),
     Started(u32),
+    /// A `test` command's result, for the tests compartment.
+    Tested {
+        passed: u32,
+        total: u32,
+        stopped: bool,
+    },
+    /// A `nixos-rebuild` step ran to its end (ok or not).
+    Rebuilt(bool),
 }
 
 /// The one place a line of the command's output becomes an `output` frame.
@@ -290,9 +320,32 @@ struct StepResult {
     code: i32,
     how: String,
     ok: bool,
-    /// The step's last non-empty stderr line, for messages.
-    last_stderr: String,
+    /// The stderr line that best says what went wrong (ErrorDetail).
+    detail: String,
     not_started: bool,
+}
+
+/// What a step is, from its label: phases report their own progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Git,
+    FlakeUpdate,
+    Rebuild,
+    Other,
+}
+
+impl StepKind {
+    fn of(label: &str) -> Self {
+        if label.starts_with("git ") {
+            StepKind::Git
+        } else if label.starts_with("nix flake update") {
+            StepKind::FlakeUpdate
+        } else if label.starts_with("nixos-rebuild") {
+            StepKind::Rebuild
+        } else {
+            StepKind::Other
+        }
+    }
 }
 
 /// A rebuild's structured log and what was last reported of it.
@@ -374,13 +427,17 @@ impl BuildProgress {
 /// Everything the log said so far that the status and progress need.
 struct Summary {
     kind: CommandKind,
+    /// Every step's label, by index (from the `step` records).
+    planned: Vec<String>,
+    /// Git steps done, once the pull's first dot was sent.
+    pull_done: Option<u32>,
     /// While a `nixos-rebuild` that builds runs: its structured log's state
     /// (rebuilt by replay after a restart, so counts stay right).
     build: Option<BuildProgress>,
     steps: usize,
     current_label: String,
     current_not_started: bool,
-    last_stderr: String,
+    error_detail: ErrorDetail,
     results: Vec<StepResult>,
     stopped: bool,
     done: bool,
@@ -391,11 +448,13 @@ impl Summary {
     fn new(kind: CommandKind) -> Self {
         Summary {
             kind,
+            planned: Vec::new(),
+            pull_done: None,
             build: None,
             steps: 0,
             current_label: String::new(),
             current_not_started: false,
-            last_stderr: String::new(),
+            error_detail: ErrorDetail::default(),
             results: Vec::new(),
             stopped: false,
             done: false,
@@ -418,11 +477,10 @@ impl Summary {
                     return;
                 }
                 let text = line_text(raw, cut);
-                let last_stderr = &mut self.last_stderr;
+                let error_detail = &mut self.error_detail;
                 let mut line = |plain: &str| {
-                    if stderr && !plain.trim().is_empty() {
-                        last_stderr.clear();
-                        last_stderr.extend(plain.trim().chars().take(MAX_DETAIL_CHARS));
+                    if stderr {
+                        error_detail.note(plain);
                     }
                     if sending {
                         out.push(Emit::Frame(output_frame(command, stream, plain)));
@@ -443,17 +501,29 @@ impl Summary {
                     None => line(&text),
                 }
             }
-            Record::Steps(n) => self.steps = n,
-            Record::Start { pid, label, .. } => {
-                self.current_label = label.to_owned();
-                self.current_not_started = false;
-                self.last_stderr.clear();
+            Record::Steps(n) => {
+                self.steps = n;
+                if self.kind == CommandKind::Test {
+                    self.tests_phase(PhaseStatus::InProgress, sending, out);
+                }
+            }
+            Record::Planned { index, label } => {
+                if index == self.planned.len() {
+                    self.planned.push(label.to_owned());
+                }
+            }
+            Record::Start { index, pid, label } => {
+                self.begin_step(index, label, sending, out);
                 let builds =
-                    label.starts_with("nixos-rebuild") && self.kind != CommandKind::Rollback;
+                    StepKind::of(label) == StepKind::Rebuild && self.kind != CommandKind::Rollback;
                 self.build = builds.then(BuildProgress::new);
                 out.push(Emit::Started(pid));
             }
-            Record::NotStarted { .. } => self.current_not_started = true,
+            Record::NotStarted { index, .. } => {
+                let label = self.planned.get(index).cloned().unwrap_or_default();
+                self.begin_step(index, &label, sending, out);
+                self.current_not_started = true;
+            }
             Record::Stopped => self.stopped = true,
             Record::End { code, how, .. } => {
                 let ok = code == 0 && !self.stopped && !self.current_not_started;
@@ -473,15 +543,28 @@ impl Summary {
                         out.push(Emit::Frame(Outbound::OperationProgress(&report).to_json()));
                     }
                 }
+                let label = std::mem::take(&mut self.current_label);
+                let step = StepKind::of(&label);
+                self.end_phase(step, ok, sending, out);
+                if step == StepKind::Rebuild && !self.current_not_started && !self.stopped {
+                    out.push(Emit::Rebuilt(ok));
+                }
                 self.results.push(StepResult {
-                    label: std::mem::take(&mut self.current_label),
+                    label,
                     code,
                     how: how.to_owned(),
                     ok,
-                    last_stderr: std::mem::take(&mut self.last_stderr),
+                    detail: self.error_detail.get().unwrap_or_default().to_owned(),
                     not_started: self.current_not_started,
                 });
                 if self.kind == CommandKind::Test {
+                    let last = self.results.len() >= self.steps || self.stopped;
+                    let status = match (last, self.passed() as usize == self.results.len()) {
+                        (false, _) => PhaseStatus::InProgress,
+                        (true, true) if !self.stopped => PhaseStatus::Complete,
+                        (true, _) => PhaseStatus::Error,
+                    };
+                    self.tests_phase(status, sending, out);
                     let progress = self.test_progress();
                     self.progress_frame(progress, sending, out);
                 }
@@ -494,7 +577,17 @@ impl Summary {
             }
             Record::Done => {
                 self.done = true;
+                if self.kind == CommandKind::Test {
+                    out.push(Emit::Tested {
+                        passed: self.passed(),
+                        total: self.steps as u32,
+                        stopped: self.stopped,
+                    });
+                }
                 if self.kind == CommandKind::Test && !self.final_progress {
+                    if self.steps == 0 {
+                        self.tests_phase(PhaseStatus::Complete, sending, out);
+                    }
                     let passed = self.passed();
                     let progress = TestProgress {
                         current: self.results.len() as u32,
@@ -508,6 +601,131 @@ impl Summary {
             }
             Record::Cut | Record::Unknown => {}
         }
+    }
+
+    /// A step starts (or could not start): the first git step opens the
+    /// pull's dots, a flake update the lock's.
+    fn begin_step(&mut self, index: usize, label: &str, sending: bool, out: &mut Vec<Emit>) {
+        let label = match self.planned.get(index) {
+            Some(planned) if label.is_empty() => planned.clone(),
+            _ => label.to_owned(),
+        };
+        self.current_not_started = false;
+        self.error_detail = ErrorDetail::default();
+        match StepKind::of(&label) {
+            StepKind::Git if self.pull_done.is_none() => {
+                self.pull_done = Some(0);
+                let total = self.git_steps();
+                self.phase(Phase::Pull, 0, total, PhaseStatus::InProgress, sending, out);
+            }
+            StepKind::FlakeUpdate => {
+                self.phase(Phase::Lock, 0, 1, PhaseStatus::InProgress, sending, out);
+            }
+            _ => {}
+        }
+        self.current_label = label;
+    }
+
+    /// A step ended: the pull's next dot, or the lock's.
+    fn end_phase(&mut self, step: StepKind, ok: bool, sending: bool, out: &mut Vec<Emit>) {
+        match step {
+            StepKind::Git => {
+                let total = self.git_steps();
+                let done = self.pull_done.unwrap_or(0) + u32::from(ok);
+                self.pull_done = Some(done);
+                let status = match ok {
+                    false => PhaseStatus::Error,
+                    true if done >= total => PhaseStatus::Complete,
+                    true => PhaseStatus::InProgress,
+                };
+                self.phase(Phase::Pull, done, total, status, sending, out);
+            }
+            StepKind::FlakeUpdate => {
+                let (done, status) = if ok {
+                    (1, PhaseStatus::Complete)
+                } else {
+                    (0, PhaseStatus::Error)
+                };
+                self.phase(Phase::Lock, done, 1, status, sending, out);
+            }
+            StepKind::Rebuild | StepKind::Other => {}
+        }
+    }
+
+    /// The pull's steps (a log without `step` records, from an older
+    /// supervisor, counts those seen so far).
+    fn git_steps(&self) -> u32 {
+        let planned = self
+            .planned
+            .iter()
+            .filter(|label| StepKind::of(label) == StepKind::Git)
+            .count() as u32;
+        planned.max(self.pull_done.unwrap_or(0)).max(1)
+    }
+
+    fn phase(
+        &self,
+        phase: Phase,
+        current: u32,
+        total: u32,
+        status: PhaseStatus,
+        sending: bool,
+        out: &mut Vec<Emit>,
+    ) {
+        if !sending {
+            return;
+        }
+        let step = Some(PhaseProgress {
+            current,
+            total,
+            status,
+            detail: None,
+        });
+        let progress = match phase {
+            Phase::Pull => Phases {
+                pull: step,
+                ..Phases::default()
+            },
+            Phase::Lock => Phases {
+                lock: step,
+                ..Phases::default()
+            },
+        };
+        out.push(Emit::Frame(
+            Outbound::OperationProgress(&OperationProgress { progress }).to_json(),
+        ));
+    }
+
+    /// The tests compartment's dots: one result per script so far, the
+    /// rest pending.
+    fn tests_phase(&self, status: PhaseStatus, sending: bool, out: &mut Vec<Emit>) {
+        if !sending {
+            return;
+        }
+        let mut results: Vec<TestResult> = self
+            .results
+            .iter()
+            .map(|r| {
+                if r.ok {
+                    TestResult::Pass
+                } else {
+                    TestResult::Fail
+                }
+            })
+            .collect();
+        results.resize(self.steps.max(results.len()), TestResult::Pending);
+        let progress = Phases {
+            tests: Some(TestsProgress {
+                current: self.results.len() as u32,
+                total: self.steps as u32,
+                results,
+                status,
+            }),
+            ..Phases::default()
+        };
+        out.push(Emit::Frame(
+            Outbound::OperationProgress(&OperationProgress { progress }).to_json(),
+        ));
     }
 
     /// When a held-back build progress report is due, if one is.
@@ -597,17 +815,16 @@ impl Summary {
             };
         }
         if let Some(failed) = self.results.iter().find(|r| !r.ok) {
-            let message = if failed.not_started {
-                failed.how.clone()
-            } else if failed.label.starts_with("git ") {
-                let detail = if failed.last_stderr.is_empty() {
-                    &failed.how
-                } else {
-                    &failed.last_stderr
-                };
-                format!("{} failed: {detail}", failed.label)
+            let detail = if failed.detail.is_empty() {
+                &failed.how
             } else {
-                failed.how.clone()
+                &failed.detail
+            };
+            let message = match StepKind::of(&failed.label) {
+                _ if failed.not_started => failed.how.clone(),
+                StepKind::Git => format!("{} failed: {detail}", failed.label),
+                StepKind::FlakeUpdate => format!("nix flake update failed: {detail}"),
+                StepKind::Rebuild | StepKind::Other => failed.how.clone(),
             };
             return (Outcome::Error, message, failed.code);
         }
@@ -620,6 +837,16 @@ impl Summary {
         }
         match self.kind {
             CommandKind::Pull => (Outcome::Ok, format!("at {generation}"), 0),
+            CommandKind::Update => (
+                Outcome::Ok,
+                "flake.lock updated (every input)".to_owned(),
+                0,
+            ),
+            CommandKind::BumpFlake => (
+                Outcome::Ok,
+                "flake.lock updated (input nixfleet)".to_owned(),
+                0,
+            ),
             kind => (Outcome::Ok, format!("{} succeeded", kind.name()), 0),
         }
     }
@@ -640,7 +867,7 @@ mod tests {
             summary.on_record(parse(record.as_bytes()), offset > resume_at, &mut out);
             frames.extend(out.into_iter().filter_map(|e| match e {
                 Emit::Frame(frame) | Emit::Progress(frame) => Some(frame),
-                Emit::Started(_) => None,
+                Emit::Started(_) | Emit::Tested { .. } | Emit::Rebuilt(_) => None,
             }));
         }
         (frames, summary.status("abc".into()))
@@ -701,14 +928,110 @@ mod tests {
         );
     }
 
+    fn of_type<'a>(frames: &'a [String], kind: &str) -> Vec<&'a String> {
+        let tag = format!("\"type\":\"{kind}\"");
+        frames.iter().filter(|f| f.contains(&tag)).collect()
+    }
+
+    /// `(current, total, status)` of each `phase` dot report.
+    fn dots(frames: &[String], phase: &str) -> Vec<(u64, u64, String)> {
+        of_type(frames, "operation_progress")
+            .iter()
+            .filter_map(|f| {
+                let value: serde_json::Value = serde_json::from_str(f).unwrap();
+                let p = value["payload"]["progress"].get(phase)?.clone();
+                Some((
+                    p["current"].as_u64()?,
+                    p["total"].as_u64()?,
+                    p["status"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_failed_git_step_names_its_last_stderr_line() {
-        let log = "# steps 3\n# start 0 5 git fetch\ne fatal: no remote\ne \n# end 0 128 exit code 128\n# done\n";
+    fn a_failed_git_step_quotes_gits_error_not_its_hints() {
+        let log = "# steps 3\n# step 0 git fetch\n# step 1 git checkout\n# step 2 git clean\n\
+                   # start 0 5 git fetch\ne fatal: no remote\ne hint: try this\ne \n\
+                   # end 0 128 exit code 128\n# done\n";
         let (frames, status) = summarise(CommandKind::Pull, log, 0);
-        assert_eq!(frames.len(), 2);
+        assert_eq!(of_type(&frames, "output").len(), 3);
         assert_eq!(status.status, Outcome::Error);
         assert_eq!(status.exit_code, 128);
         assert_eq!(status.message, "git fetch failed: fatal: no remote");
+        assert_eq!(
+            dots(&frames, "pull"),
+            [(0, 3, "in_progress".into()), (0, 3, "error".into())]
+        );
+    }
+
+    #[test]
+    fn a_pull_reports_a_dot_per_git_step_and_a_switch_after_it_none() {
+        let log = "# steps 4\n# step 0 git fetch\n# step 1 git checkout\n# step 2 git clean\n\
+                   # step 3 nixos-rebuild switch\n\
+                   # start 0 5 git fetch\n# end 0 0 exit code 0\n\
+                   # start 1 6 git checkout\n# end 1 0 exit code 0\n\
+                   # start 2 7 git clean\n# end 2 0 exit code 0\n\
+                   # start 3 8 nixos-rebuild switch\n# end 3 0 exit code 0\n# done\n";
+        let (frames, status) = summarise(CommandKind::PullSwitch, log, 0);
+        let expected = [
+            (0, 3, "in_progress"),
+            (1, 3, "in_progress"),
+            (2, 3, "in_progress"),
+            (3, 3, "complete"),
+        ]
+        .map(|(c, t, s)| (c, t, s.to_owned()));
+        assert_eq!(dots(&frames, "pull"), expected);
+        assert_eq!(status.message, "pull-switch succeeded");
+    }
+
+    #[test]
+    fn a_flake_update_reports_the_lock_dot_and_quotes_nix() {
+        let log = "# steps 1\n# step 0 nix flake update\n# start 0 5 nix flake update\n\
+                   # end 0 0 exit code 0\n# done\n";
+        let (frames, status) = summarise(CommandKind::Update, log, 0);
+        assert_eq!(
+            dots(&frames, "lock"),
+            [(0, 1, "in_progress".into()), (1, 1, "complete".into())]
+        );
+        assert_eq!(status.message, "flake.lock updated (every input)");
+        let log = "# steps 1\n# step 0 nix flake update nixfleet\n\
+                   # start 0 5 nix flake update nixfleet\ne warning: dirty\n\
+                   e error: cannot find flake input 'nixfleet'\n# end 0 1 exit code 1\n# done\n";
+        let (frames, status) = summarise(CommandKind::BumpFlake, log, 0);
+        assert_eq!(dots(&frames, "lock").last().unwrap().2, "error");
+        assert_eq!(
+            status.message,
+            "nix flake update failed: error: cannot find flake input 'nixfleet'"
+        );
+    }
+
+    #[test]
+    fn the_core_hears_of_rebuilds_and_test_results_also_when_replayed() {
+        let emits = |kind, log: &str| {
+            let mut summary = Summary::new(kind);
+            let mut out = Vec::new();
+            for record in log.lines() {
+                summary.on_record(parse(record.as_bytes()), false, &mut out);
+            }
+            out.into_iter()
+                .filter(|e| matches!(e, Emit::Tested { .. } | Emit::Rebuilt(_)))
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+        };
+        let log = "# steps 1\n# start 0 5 nixos-rebuild switch\n# end 0 1 exit code 1\n# done";
+        assert_eq!(emits(CommandKind::Switch, log), ["Rebuilt(false)"]);
+        let log =
+            "# steps 1\n# start 0 5 nixos-rebuild switch\n# stopped\n# end 0 143 killed\n# done";
+        assert!(
+            emits(CommandKind::Switch, log).is_empty(),
+            "a stop is no verdict"
+        );
+        let log = "# steps 2\n# start 0 5 T1.sh\n# end 0 0 exit code 0\n# start 1 6 T2.sh\n# end 1 1 exit code 1\n# done";
+        assert_eq!(
+            emits(CommandKind::Test, log),
+            ["Tested { passed: 1, total: 2, stopped: false }"]
+        );
     }
 
     #[test]
@@ -726,12 +1049,36 @@ mod tests {
     fn tests_send_progress_after_each_script_and_a_summary() {
         let log = "# steps 2\n# start 0 5 T1.sh\no a\n# end 0 0 exit code 0\n# start 1 6 T2.sh\n# end 1 1 exit code 1\n# done\n";
         let (frames, status) = summarise(CommandKind::Test, log, 0);
-        assert_eq!(frames.len(), 3);
-        assert!(frames[1].contains("\"T1.sh passed\"") && frames[1].contains("\"running\":true"));
-        assert!(frames[2].contains("\"1/2 passed\"") && frames[2].contains("\"running\":false"));
+        let progress = of_type(&frames, "test_progress");
+        assert_eq!(progress.len(), 2);
+        assert!(
+            progress[0].contains("\"T1.sh passed\"") && progress[0].contains("\"running\":true")
+        );
+        assert!(
+            progress[1].contains("\"1/2 passed\"") && progress[1].contains("\"running\":false")
+        );
         assert_eq!((status.status, status.exit_code), (Outcome::Error, 1));
+        let compartment: Vec<String> = of_type(&frames, "operation_progress")
+            .iter()
+            .map(|f| {
+                let value: serde_json::Value = serde_json::from_str(f).unwrap();
+                let tests = &value["payload"]["progress"]["tests"];
+                format!(
+                    "{} {} {}",
+                    tests["current"], tests["results"], tests["status"]
+                )
+            })
+            .collect();
+        assert_eq!(
+            compartment,
+            [
+                r#"0 ["pending","pending"] "in_progress""#,
+                r#"1 ["pass","pending"] "in_progress""#,
+                r#"2 ["pass","fail"] "error""#,
+            ]
+        );
         let (frames, status) = summarise(CommandKind::Test, "# steps 0\n# done\n", 0);
-        assert!(frames[0].contains("\"0/0 passed\""));
+        assert!(of_type(&frames, "test_progress")[0].contains("\"0/0 passed\""));
         assert_eq!(status.status, Outcome::Ok);
     }
 

@@ -148,6 +148,11 @@ impl Outbox {
         self.push(Item::new(frame))
     }
 
+    /// Frame bytes queued (written or not).
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Waits until the queue has room (less than its byte budget queued).
     pub async fn wait_room(&self) {
         loop {

@@ -15,9 +15,11 @@
 //! the disk cap of the log and the stop file the agent creates.
 
 use crate::command_log::{MAX_LINE_BYTES, Plan, Step, private_file};
+use crate::redact::Scrubber;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,7 @@ pub fn main() -> ExitCode {
     let written = file.metadata().map(|m| m.len()).unwrap_or(0);
     let log = Arc::new(Log {
         max_bytes: plan.max_bytes,
+        scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
         inner: Mutex::new(LogState {
             file,
             written,
@@ -62,6 +65,14 @@ pub fn main() -> ExitCode {
 
 fn run(plan: &Plan, log: &Arc<Log>) {
     log.event(&format!("steps {}", plan.steps.len()));
+    // All labels up front: the agent counts a phase's steps (the pull's
+    // dots) before they run, also when it picks the log up after a death.
+    for (index, step) in plan.steps.iter().enumerate() {
+        log.event(&format!("step {index} {}", one_line(&step.label)));
+    }
+    for note in &plan.notes {
+        log.note(note);
+    }
     for (index, step) in plan.steps.iter().enumerate() {
         if stop_request(plan).is_some() {
             log.event("stopped");
@@ -91,6 +102,21 @@ struct Ended {
 }
 
 fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
+    // Checked here, right before it runs, not when the agent planned it:
+    // an earlier step must not get to swap the script.
+    if let Some(repo) = &step.trusted_within
+        && let Some(why) = untrusted_program(repo, Path::new(&step.program))
+    {
+        let why = format!("refusing to run {}: {why}", step.label);
+        log.note(&format!("[nixfleet] {why}"));
+        log.event(&format!("notstarted {index} {}", one_line(&why)));
+        return Ended {
+            ok: false,
+            code: 127,
+            how: why,
+            stopped: false,
+        };
+    }
     let mut command = Command::new(&step.program);
     command
         .args(&step.args)
@@ -258,7 +284,7 @@ fn pump(mut pipe: Box<dyn Read + Send>, stderr: bool, log: &Log) {
             rest = &rest[part.len()..];
             if newline.is_some() {
                 rest = &rest[1..];
-                push_record(&mut records, tag, cut, &line);
+                log.push_line(&mut records, tag, cut, &line);
                 lines += 1;
                 line.clear();
                 cut = false;
@@ -271,7 +297,7 @@ fn pump(mut pipe: Box<dyn Read + Send>, stderr: bool, log: &Log) {
         }
     }
     if !line.is_empty() || cut {
-        push_record(&mut records, tag, cut, &line);
+        log.push_line(&mut records, tag, cut, &line);
         log.append(&records, 1);
     }
 }
@@ -287,6 +313,7 @@ fn push_record(records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
 /// `write`s, output capped, events always.
 struct Log {
     max_bytes: u64,
+    scrubber: Scrubber,
     inner: Mutex<LogState>,
 }
 
@@ -330,6 +357,23 @@ impl Log {
         }
     }
 
+    /// A line of the agent's own, as stdout of the command (under the cap
+    /// like any line).
+    /// Adds a line of the command to `records`, without `repo_url`'s
+    /// credentials.
+    fn push_line(&self, records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
+        match self.scrubber.scrub_bytes(line) {
+            Some(clean) => push_record(records, tag, cut, &clean),
+            None => push_record(records, tag, cut, line),
+        }
+    }
+
+    fn note(&self, text: &str) {
+        let mut record = Vec::with_capacity(text.len() + 3);
+        push_record(&mut record, b'o', false, one_line(text).as_bytes());
+        self.append(&record, 1);
+    }
+
     fn event(&self, text: &str) {
         let mut state = self.lock();
         let record = format!("# {text}\n");
@@ -365,6 +409,51 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
+/// Why a program from the repository (a test script) must not run (as
+/// root), if it must not: it, and every directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
+/// symlink out), be owned by root or the agent's user, and be writable by
+/// no one else. Otherwise whoever could write there would choose what runs.
+fn untrusted_program(repo_dir: &Path, script: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let repo = match std::fs::canonicalize(repo_dir) {
+        Ok(repo) => repo,
+        Err(e) => return Some(format!("cannot resolve repo_dir: {e}")),
+    };
+    let real = match std::fs::canonicalize(script) {
+        Ok(real) => real,
+        Err(e) => return Some(format!("cannot resolve it: {e}")),
+    };
+    if !real.starts_with(&repo) || real == repo {
+        return Some(format!(
+            "it resolves to {}, outside {}",
+            real.display(),
+            repo.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    for path in real.ancestors().take_while(|p| p.starts_with(&repo)) {
+        let metadata = match std::fs::symlink_metadata(path) {
+            Ok(metadata) => metadata,
+            Err(e) => return Some(format!("cannot inspect {}: {e}", path.display())),
+        };
+        if metadata.uid() != 0 && metadata.uid() != me {
+            return Some(format!(
+                "{} is owned by uid {}, not by root or the agent",
+                path.display(),
+                metadata.uid()
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{} is writable by group or others (mode {:04o})",
+                path.display(),
+                metadata.mode() & 0o7777
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +465,8 @@ mod tests {
             stop_file: dir.join("stop"),
             stop_grace_ms: 1000,
             max_bytes,
+            scrub_url: None,
+            notes: Vec::new(),
             steps,
         }
     }
@@ -387,6 +478,7 @@ mod tests {
             args: vec!["-c".into(), body.into()],
             cwd: "/".into(),
             stop_on_failure,
+            trusted_within: None,
         }
     }
 
@@ -395,6 +487,7 @@ mod tests {
         let file = OpenOptions::new().append(true).open(&plan.log).unwrap();
         let log = Arc::new(Log {
             max_bytes: plan.max_bytes,
+            scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
             inner: Mutex::new(LogState {
                 file,
                 written: 0,
@@ -433,12 +526,88 @@ mod tests {
         let stdout: Vec<_> = records.iter().filter(|r| r.starts_with("o ")).collect();
         assert_eq!(stdout, ["o a", "o no newline"]);
         assert!(records.contains(&"e b".to_owned()));
-        assert_eq!(records[0], "# steps 3");
-        assert_eq!(records[1], "# start 0 one");
+        assert_eq!(
+            records[..5],
+            [
+                "# steps 3",
+                "# step 0 one",
+                "# step 1 two",
+                "# step 2 three",
+                "# start 0 one"
+            ]
+        );
         assert!(records.contains(&"# end 0 0 exit code 0".to_owned()));
         assert!(records.contains(&"# end 1 3 exit code 3".to_owned()));
-        assert!(!records.iter().any(|r| r.contains("three")));
+        assert!(
+            !records
+                .iter()
+                .any(|r| r.contains("three") && !r.starts_with("# step "))
+        );
         assert_eq!(records.last().unwrap(), "# done");
+    }
+
+    #[test]
+    fn notes_come_first_and_untrusted_programs_never_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ran = dir.path().join("ran");
+        let script = repo.join("T01.sh");
+        std::fs::write(&script, format!("#!/bin/sh\ntouch {}\n", ran.display())).unwrap();
+        // Writable by the group: whoever is in it would choose what runs.
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let mut step = sh("T01.sh", "", false);
+        step.program = script.display().to_string();
+        step.args.clear();
+        step.trusted_within = Some(repo.clone());
+        let mut plan = plan(dir.path(), vec![step.clone()], u64::MAX);
+        plan.notes = vec!["[nixfleet] planned\nacross lines".into()];
+        let records = run_plan(&plan);
+        assert_eq!(records[2], "o [nixfleet] planned across lines");
+        assert!(
+            records.contains(
+                &"o [nixfleet] refusing to run T01.sh: \
+                  {} is writable by group or others (mode 0775)"
+                    .replace("{}", &script.display().to_string())
+            ),
+            "{records:?}"
+        );
+        assert!(
+            records
+                .iter()
+                .any(|r| r.starts_with("# end 0 127 refusing to run T01.sh"))
+        );
+        assert!(!ran.exists(), "a group-writable script ran");
+        // The same script, once only its owner may write it, runs.
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let records = run_plan(&plan);
+        assert!(
+            records.contains(&"# end 0 0 exit code 0".to_owned()),
+            "{records:?}"
+        );
+        assert!(ran.exists());
+    }
+
+    #[test]
+    fn repo_url_credentials_never_reach_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = "https://deploy:s3cr3t-pw@git.example/fleet.git";
+        let mut plan = plan(
+            dir.path(),
+            vec![sh(
+                "git clone",
+                &format!("echo cloning {url}; echo \"fatal: {url}\" >&2"),
+                true,
+            )],
+            u64::MAX,
+        );
+        plan.scrub_url = Some(url.to_owned());
+        let records = run_plan(&plan).join("\n");
+        assert!(!records.contains("s3cr3t-pw"), "{records}");
+        assert!(records.contains("o cloning https://<redacted>@git.example/fleet.git"));
+        assert!(records.contains("e fatal: https://<redacted>@git.example/fleet.git"));
     }
 
     #[test]
@@ -515,6 +684,10 @@ mod tests {
             records.contains(&"# end 0 143 killed by signal 15".to_owned()),
             "{records:?}"
         );
-        assert!(!records.iter().any(|r| r.contains("next")));
+        assert!(
+            !records
+                .iter()
+                .any(|r| r.contains("next") && !r.starts_with("# step "))
+        );
     }
 }
