@@ -3,14 +3,19 @@
 //! A command is a name from a fixed table; nothing the dashboard sends ever
 //! becomes an argument or reaches a shell. Programs come from `PATH`.
 //!
-//! Each process runs in its own session (so its own process group), with
-//! stdin from /dev/null and a small whitelisted environment: the agent's own
-//! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
-//! from both pipes concurrently, split into lines, written to the command's
-//! log file and queued in the outbox, which never blocks; so a child is
-//! never held up by a slow or absent dashboard. A rebuild's output is Nix's
-//! structured log, rendered back to plain lines on the way, with build
-//! progress reports (see nix_log.rs and `Output::emit`).
+//! A command that changes something is planned here (its steps, decided
+//! before any runs, and the agent's notes about them) and run by its
+//! supervisor (supervisor.rs), which writes everything into the command
+//! log; the follower (follower.rs) turns that log into frames and the
+//! status. So the command never waits for the agent or the dashboard, and
+//! it survives the agent.
+//!
+//! The read-only checks (`refresh-*`) run here, in the agent: each process
+//! in its own session (so its own process group), with stdin from
+//! /dev/null and a small whitelisted environment (the agent's own secrets,
+//! `NIXFLEET_*` and the token, never reach a child, supervised or not).
+//! Their output is read from both pipes, written to the check's log file
+//! and queued in the outbox up to [`CHECK_QUEUE_BYTES`].
 
 use crate::command_log::{self, Plan, Step};
 use crate::config::Config;
@@ -787,8 +792,19 @@ impl Job<'_> {
     }
 
     /// A line of the agent's own on stdout, e.g. the result of a check.
+    /// A line of the agent's own (a check's verdict): a few per check, so
+    /// never held to the queue bound that a child's flood is.
     fn note(&self, text: &str) {
-        self.output.emit(Stream::Stdout, text.as_bytes(), false);
+        self.output.log_line(text);
+        self.outbox().push_frame(crate::follower::output_frame(
+            self.command,
+            Stream::Stdout,
+            text,
+        ));
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.runner.outbox
     }
 
     /// `git fetch origin <branch>`, then HEAD against it.

@@ -365,6 +365,53 @@ impl Dashboard {
     }
 }
 
+/// A command's supervisor outlives the agent by design (as under systemd's
+/// `KillMode=process`); a test's must not outlive the test, flooding into a
+/// deleted log. So a dropped agent (not one handed on by [`Agent::crash`])
+/// asks every supervisor writing into its state directory to kill its
+/// command, as `kill_command` would, and waits for them briefly.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if self.end_command_on_drop {
+            end_supervisors(&self.state_dir);
+        }
+    }
+}
+
+pub fn end_supervisors(state_dir: &Path) {
+    let logs = state_dir.join("logs");
+    if supervisors_writing_into(&logs).is_empty() {
+        return;
+    }
+    let _ = std::fs::write(state_dir.join("running-command.stop"), "KILL");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !supervisors_writing_into(&logs).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live `nixfleet-agent --supervise` processes with a file open under `dir`.
+fn supervisors_writing_into(dir: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.starts_with(b"nixfleet-agent\0--supervise"))
+        })
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to.starts_with(dir)))
+            })
+        })
+        .collect()
+}
+
 impl Drop for Dashboard {
     fn drop(&mut self) {
         self.kill();
@@ -655,6 +702,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub bin_dir: PathBuf,
     stderr_path: PathBuf,
+    /// Whether dropping the agent also ends its running command (see Drop).
+    end_command_on_drop: bool,
 }
 
 impl Agent {
@@ -750,6 +799,7 @@ impl Agent {
             state_dir,
             bin_dir,
             stderr_path,
+            end_command_on_drop: true,
         }
     }
 
@@ -779,6 +829,8 @@ impl Agent {
     pub async fn crash(mut self) -> tempfile::TempDir {
         self.child.start_kill().unwrap();
         let _ = self.child.wait().await;
+        // The command goes on, for the next agent to adopt.
+        self.end_command_on_drop = false;
         let placeholder = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.dir, placeholder)
     }
