@@ -12,8 +12,10 @@
 use crate::commands::{CommandKind, Progress, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::{Connection, Control, LinkState, Links};
-use crate::handover::{CommandRecord, SelfImage, follow_adopted};
+use crate::follower::{Followed, follow, output_frame};
+use crate::handover::{self, CommandRecord, SelfImage, follow_legacy};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
+use crate::outbox::DeliveryCursor;
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status, Stream};
 use crate::shutdown;
@@ -240,7 +242,10 @@ enum Ending {
 struct Running {
     kind: CommandKind,
     since: SystemTime,
+    /// The process the command runs now (reported in heartbeats).
     pid: Option<u32>,
+    /// The command's supervisor, which the running-command record names.
+    supervisor: Option<u32>,
     stop: watch::Sender<Option<StopRequest>>,
     progress: mpsc::Receiver<Progress>,
     /// Whether `nixos-rebuild` ran and succeeded (for the system
@@ -342,17 +347,56 @@ impl Core {
             );
         }
         let (stop_tx, mut stop_rx) = watch::channel(None);
-        let (progress_tx, progress_rx) = mpsc::channel(1);
-        let (repo_dir, grace, pid) = (self.repo_dir.clone(), self.stop_grace, record.pid);
-        tokio::spawn(async move {
-            let status = follow_adopted(record, kind, repo_dir, grace, &mut stop_rx).await;
-            let _ = progress_tx.send(Progress::Finished(status)).await;
-        });
+        let (progress_tx, progress_rx) = mpsc::channel(8);
+        let (repo_dir, grace) = (self.repo_dir.clone(), self.stop_grace);
+        // Never report (nor let kill_command name) a pid that is not ours.
+        let ours = running.then_some(record.pid);
+        let (legacy_pid, supervisor_pid) = if record.supervised {
+            (None, ours)
+        } else {
+            (ours, None)
+        };
+        match (record.supervised, record.log.clone()) {
+            (true, Some(log)) => {
+                let (cursor, resume_at) = match DeliveryCursor::resume(&handover::sent_path(
+                    &self.state_dir,
+                )) {
+                    Ok(resumed) => resumed,
+                    Err(error) => {
+                        warn!(error = %error, "cannot open the delivery cursor; not following the command");
+                        CommandRecord::clear(&self.state_dir, None);
+                        return;
+                    }
+                };
+                let followed = Followed {
+                    kind,
+                    log,
+                    // A supervisor that is not ours (or gone) is never
+                    // waited for: its log is read to the end, no further.
+                    supervisor: running.then_some((record.pid, record.pid_start)),
+                    resume_at,
+                    log_id: self.outbox.track(cursor),
+                    stop_file: handover::stop_path(&self.state_dir),
+                    repo_dir,
+                };
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move {
+                    let status = follow(followed, &outbox, &progress_tx, &mut stop_rx).await;
+                    let _ = progress_tx.send(Progress::Finished(status)).await;
+                });
+            }
+            _ => {
+                tokio::spawn(async move {
+                    let status = follow_legacy(record, kind, repo_dir, grace, &mut stop_rx).await;
+                    let _ = progress_tx.send(Progress::Finished(status)).await;
+                });
+            }
+        }
         self.running = Some(Running {
             kind,
             since: SystemTime::now(),
-            // Never report (nor let kill_command name) a pid that is not ours.
-            pid: running.then_some(pid),
+            pid: legacy_pid,
+            supervisor: supervisor_pid,
             stop: stop_tx,
             progress: progress_rx,
             rebuilt: None,
@@ -422,6 +466,7 @@ impl Core {
             kind,
             since: SystemTime::now(),
             pid: None,
+            supervisor: None,
             stop: stop_tx,
             progress: progress_rx,
             rebuilt: None,
@@ -506,7 +551,11 @@ impl Core {
             };
             if let Some(why) = failure {
                 warn!("{why}");
-                outbox.push_line("reboot", Stream::Stderr, &format!("[nixfleet] {why}"));
+                outbox.push_frame(output_frame(
+                    "reboot",
+                    Stream::Stderr,
+                    &format!("[nixfleet] {why}"),
+                ));
             }
         });
     }
@@ -538,7 +587,8 @@ impl Core {
             ),
         ];
         for line in &lines {
-            self.outbox.push_line("check-version", Stream::Stdout, line);
+            self.outbox
+                .push_frame(output_frame("check-version", Stream::Stdout, line));
         }
         let (status, message) = match self.self_image.changed() {
             Some(why) => (
@@ -571,9 +621,7 @@ impl Core {
     /// delivered asks the connection for `then` (a heartbeat, or a fresh
     /// register). Returns its delivery ticket.
     fn send_status(&mut self, status: Status, then: Control) -> u64 {
-        let ticket = self
-            .outbox
-            .push_reliable(Outbound::Status(&status).to_json());
+        let ticket = self.outbox.push_frame(Outbound::Status(&status).to_json());
         // An idle restart (a switch this agent did not run) waits for it.
         self.last_status = Some(ticket);
         let (outbox, control) = (self.outbox.clone(), self.control.clone());
@@ -601,18 +649,17 @@ impl Core {
 
     fn on_progress(&mut self, progress: Progress) {
         match progress {
-            Progress::Started { pid, log } => {
+            Progress::Launched(record) => {
+                if let Some(running) = &mut self.running {
+                    running.supervisor = Some(record.pid);
+                }
+                record.save(&self.state_dir);
+            }
+            Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {
                     return;
                 };
                 running.pid = Some(pid);
-                match CommandRecord::new(running.kind.name(), pid, log) {
-                    Some(record) => record.save(&self.state_dir),
-                    // Already gone: the record of this command's previous
-                    // process must not outlive it (the status would be
-                    // cleared for this pid only, and sent again later).
-                    None => CommandRecord::clear(&self.state_dir, None),
-                }
                 self.publish_state();
             }
             Progress::Tested {
@@ -673,7 +720,7 @@ impl Core {
         }
         // The record stays until the status is out, so that an agent that
         // dies in between leaves it for the next one to send.
-        let pid = finished.as_ref().and_then(|r| r.pid);
+        let pid = finished.as_ref().and_then(|r| r.supervisor.or(r.pid));
         let (outbox, state_dir) = (self.outbox.clone(), self.state_dir.clone());
         tokio::spawn(async move {
             outbox.wait_delivered(ticket).await;

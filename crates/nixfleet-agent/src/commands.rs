@@ -3,38 +3,42 @@
 //! A command is a name from a fixed table; nothing the dashboard sends ever
 //! becomes an argument or reaches a shell. Programs come from `PATH`.
 //!
-//! Each process runs in its own session (so its own process group), with
-//! stdin from /dev/null and a small whitelisted environment: the agent's own
-//! secrets (`NIXFLEET_*`, the token) never reach a child. Output is read
-//! from both pipes concurrently, split into lines, written to the command's
-//! log file and queued in the outbox, which never blocks; so a child is
-//! never held up by a slow or absent dashboard. A rebuild's output is Nix's
-//! structured log, rendered back to plain lines on the way, with build
-//! progress reports (see nix_log.rs and `Output::emit`).
+//! A command that changes something is planned here (its steps, decided
+//! before any runs, and the agent's notes about them) and run by its
+//! supervisor (supervisor.rs), which writes everything into the command
+//! log; the follower (follower.rs) turns that log into frames and the
+//! status. So the command never waits for the agent or the dashboard, and
+//! it survives the agent.
+//!
+//! The read-only checks (`refresh-*`) run here, in the agent: each process
+//! in its own session (so its own process group), with stdin from
+//! /dev/null and a small whitelisted environment (the agent's own secrets,
+//! `NIXFLEET_*` and the token, never reach a child, supervised or not).
+//! Their output is read from both pipes, written to the check's log file
+//! and queued in the outbox up to [`CHECK_QUEUE_BYTES`].
 
+use crate::command_log::{self, Plan, Step};
 use crate::config::Config;
+use crate::follower::{Followed, follow};
+use crate::handover::{self, CommandRecord};
 use crate::heartbeat::{generation, head_commit, resolve_ref};
-use crate::nix_log::{Effect, NixLog};
-use crate::outbox::Outbox;
-use crate::protocol::{
-    CheckStatus, OperationProgress, Outbound, Outcome, PhaseProgress, PhaseStatus, Phases, Status,
-    Stream, TestProgress, TestResult, TestsProgress,
-};
+use crate::outbox::{DeliveryCursor, Outbox};
+use crate::protocol::{CheckStatus, Outcome, Status, Stream};
 use crate::redact::{Scrubber, redact_url};
 use crate::status::{ChildEnv, Compartment, LockAnswer, current_system, git_check};
+use crate::supervisor::SUPERVISE_ARG;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-/// Longest output line sent; longer ones are cut with [`TRUNCATED_MARK`].
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub use crate::command_log::MAX_LINE_BYTES;
 pub const TRUNCATED_MARK: &str = " …[truncated]";
 /// The last line of every command log starts with this, then the exit
 /// code: a restarted agent reads it back (see handover.rs).
@@ -55,6 +59,12 @@ pub const SYSTEM_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most stdout kept from a process whose stdout is parsed (the dry run's
 /// JSON); the rest is logged but not kept.
 const MAX_CAPTURED_BYTES: usize = 4 * 1024 * 1024;
+/// Most output frames queued in memory for a read-only check (`refresh-*`,
+/// run from the agent, not from the supervisor's disk-backed log): their
+/// output is a few lines, so this bound is only ever reached by a broken
+/// Nix or git printing without end; past it lines are counted, and the
+/// check's own log under `state_dir` still has every one.
+const CHECK_QUEUE_BYTES: usize = 1024 * 1024;
 /// Nix needs these for `nix build`/`nix flake` where the host has not
 /// enabled them (every NixOS flake host has; the flag is harmless then).
 const NIX_FEATURES: [&str; 2] = ["--extra-experimental-features", "nix-command flakes"];
@@ -157,6 +167,21 @@ impl CommandKind {
         )
     }
 
+    /// Whether the command runs as a plan under the supervisor (lossless
+    /// output that survives an agent restart): every command that changes
+    /// something. The read-only checks (`refresh-*`) run from the agent:
+    /// they compute a verdict from what they read, their output is a few
+    /// lines, and a check cut short by a restart is simply asked again.
+    pub fn supervised(self) -> bool {
+        !matches!(
+            self,
+            CommandKind::RefreshGit
+                | CommandKind::RefreshLock
+                | CommandKind::RefreshSystem
+                | CommandKind::RefreshAll
+        )
+    }
+
     /// The status compartments this command works on (shown as `working`
     /// while it runs).
     pub fn compartments(self) -> &'static [Compartment] {
@@ -186,10 +211,11 @@ pub enum StopRequest {
 /// What a running command tells the agent core.
 #[derive(Debug)]
 pub enum Progress {
+    /// The supervisor runs: the record a next agent needs to take over.
+    Launched(CommandRecord),
     /// A process of the command started (pull-switch and test run several).
     Started {
         pid: u32,
-        log: Option<PathBuf>,
     },
     /// The result of a `test` command, for the tests compartment.
     Tested {
@@ -251,6 +277,9 @@ impl Runner {
         progress: &mpsc::Sender<Progress>,
         stop: &mut watch::Receiver<Option<StopRequest>>,
     ) -> Status {
+        if kind.supervised() {
+            return self.run_supervised(kind, progress, stop).await;
+        }
         let mut job = Job {
             runner: self,
             command: kind.name(),
@@ -260,30 +289,35 @@ impl Runner {
                 log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
                 error_detail: Mutex::new(ErrorDetail::default()),
                 captured: Mutex::new(None),
+                dropped: Mutex::new(0),
                 scrubber: &self.scrubber,
-                build: Mutex::new(None),
             },
             progress,
             stop,
         };
         let (outcome, message, exit_code) = match kind {
-            CommandKind::Pull => job.pull().await,
-            CommandKind::PullSwitch => match job.pull().await {
-                (Outcome::Ok, ..) => job.rebuild(&["switch"]).await,
-                failed => failed,
-            },
-            CommandKind::Switch => job.rebuild(&["switch"]).await,
-            CommandKind::Boot => job.rebuild(&["boot"]).await,
-            CommandKind::Rollback => job.rebuild_plain(&["switch", "--rollback"]).await,
-            CommandKind::Test => job.test().await,
-            CommandKind::Update => job.flake_update(None).await,
-            CommandKind::BumpFlake => job.flake_update(Some("nixfleet")).await,
-            CommandKind::ForceUpdate | CommandKind::ForceRebuild => job.force_update().await,
             CommandKind::RefreshGit => job.refresh_git().await,
             CommandKind::RefreshLock => job.refresh_lock().await,
             CommandKind::RefreshSystem => job.refresh_system().await,
             CommandKind::RefreshAll => job.refresh_all().await,
+            // Dispatched to run_supervised above.
+            other => (
+                Outcome::Error,
+                format!("{} runs under the supervisor", other.name()),
+                1,
+            ),
         };
+        let dropped = *job.output.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        if dropped > 0 {
+            let notice = format!(
+                "[nixfleet] {dropped} lines not sent (the dashboard read too slowly); the command log has them"
+            );
+            self.outbox.push_frame(crate::follower::output_frame(
+                kind.name(),
+                Stream::Stderr,
+                &notice,
+            ));
+        }
         job.output.log_line(&format!(
             "{EXIT_CODE_LOG_PREFIX}{exit_code}: {} ({message})",
             outcome_word(outcome)
@@ -296,6 +330,370 @@ impl Runner {
             generation: generation(&self.config.repo_dir),
         }
     }
+}
+
+impl Runner {
+    /// Runs one command to its end and returns its status. Output lines and
+    /// test progress are queued in the outbox as they happen; the status is
+    /// left to the caller, which queues it after them.
+    async fn run_supervised(
+        &self,
+        kind: CommandKind,
+        progress: &mpsc::Sender<Progress>,
+        stop: &mut watch::Receiver<Option<StopRequest>>,
+    ) -> Status {
+        let failed = |message: String, exit_code: i32| {
+            warn!(command = kind.name(), "{message}");
+            Status {
+                status: Outcome::Error,
+                command: kind.name().to_owned(),
+                exit_code,
+                message,
+                generation: generation(&self.config.repo_dir),
+            }
+        };
+        if stop.borrow().is_some() {
+            return failed("Stopped by user".to_owned(), -1);
+        }
+        let (steps, notes) = match self.plan(kind).await {
+            Ok(planned) => planned,
+            Err(message) => return failed(message, 1),
+        };
+        let launched = match self.launch(kind, steps, notes).await {
+            Ok(launched) => launched,
+            Err(error) => return failed(format!("cannot start the command: {error}"), -1),
+        };
+        let _ = progress.send(Progress::Launched(launched.record)).await;
+        follow(launched.followed, &self.outbox, progress, stop).await
+    }
+
+    /// The processes a command runs, decided before any of them starts,
+    /// and the agent's notes about them.
+    async fn plan(&self, kind: CommandKind) -> Result<(Vec<Step>, Vec<String>), String> {
+        let mut notes = Vec::new();
+        let steps = match kind {
+            CommandKind::Pull => self.pull_steps(&mut notes).await?,
+            CommandKind::PullSwitch => {
+                let mut steps = self.pull_steps(&mut notes).await?;
+                steps.push(self.rebuild(&["switch"], true));
+                steps
+            }
+            CommandKind::Switch => vec![self.rebuild(&["switch"], true)],
+            CommandKind::Boot => vec![self.rebuild(&["boot"], true)],
+            CommandKind::Rollback => vec![self.rebuild(&["switch", "--rollback"], false)],
+            CommandKind::Test => self.test_steps(),
+            CommandKind::Update => vec![self.flake_update(None)],
+            CommandKind::BumpFlake => vec![self.flake_update(Some("nixfleet"))],
+            // Pull, bump the `nixfleet` input when the flake has one, then
+            // switch with the negative narinfo cache off, so that a freshly
+            // pushed agent is fetched or built rather than assumed missing.
+            // Whether the input exists is read from the lock as it is now,
+            // before the pull: an input added by this very pull is bumped
+            // by the next force-update.
+            CommandKind::ForceUpdate | CommandKind::ForceRebuild => {
+                let mut steps = self.pull_steps(&mut notes).await?;
+                if flake_has_input(&self.config.repo_dir, "nixfleet") {
+                    steps.push(self.flake_update(Some("nixfleet")));
+                } else {
+                    notes.push(
+                        "[nixfleet] the flake has no input named nixfleet; not bumping it"
+                            .to_owned(),
+                    );
+                }
+                steps.push(self.rebuild(
+                    &["switch", "--option", "narinfo-cache-negative-ttl", "0"],
+                    true,
+                ));
+                steps
+            }
+            CommandKind::RefreshGit
+            | CommandKind::RefreshLock
+            | CommandKind::RefreshSystem
+            | CommandKind::RefreshAll => {
+                return Err(format!("{} does not run under the supervisor", kind.name()));
+            }
+        };
+        Ok((steps, notes))
+    }
+
+    /// The git steps of a pull. In isolated mode (`repo_url` set): a clone
+    /// when there is no repository yet, else `origin` pointed at
+    /// `repo_url` if it differs, an explicit-refspec fetch, a forced
+    /// checkout of the branch at origin's commit, and a clean.
+    async fn pull_steps(&self, notes: &mut Vec<String>) -> Result<Vec<Step>, String> {
+        let config = &self.config;
+        let repo = config.repo_dir.as_path();
+        let git = |label: &str, cwd: &Path, args: &[&str]| Step {
+            label: label.to_owned(),
+            program: "git".to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            cwd: cwd.to_owned(),
+            stop_on_failure: true,
+            trusted_within: None,
+        };
+        let Some(url) = config.repo_url.as_deref() else {
+            return Ok(vec![git("git pull", repo, &["pull", "--ff-only"])]);
+        };
+        if !repo.join(".git").exists() {
+            if repo.exists()
+                && std::fs::read_dir(repo)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
+                return Err(format!(
+                    "repo_dir {} exists and is not a git repository",
+                    repo.display()
+                ));
+            }
+            let parent = repo.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
+            let args = [
+                "clone",
+                "--branch",
+                &config.branch,
+                "--single-branch",
+                "--",
+                url,
+                repo_arg,
+            ];
+            return Ok(vec![git("git clone", parent, &args)]);
+        }
+        let mut steps = Vec::new();
+        // `origin` must be repo_url, whatever it was before: a host moving
+        // away from a compromised repository must not keep pulling from it.
+        match self
+            .git_query(repo, &["config", "--get", "remote.origin.url"])
+            .await
+        {
+            Some(current) if current == url => {}
+            Some(current) => {
+                notes.push(format!(
+                    "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
+                    redact_url(&current),
+                    redact_url(url)
+                ));
+                steps.push(git(
+                    "git remote set-url",
+                    repo,
+                    &["remote", "set-url", "origin", url],
+                ));
+            }
+            None => {
+                notes.push(format!(
+                    "[nixfleet] the repository has no origin: adding repo_url {}",
+                    redact_url(url)
+                ));
+                steps.push(git(
+                    "git remote add",
+                    repo,
+                    &["remote", "add", "origin", url],
+                ));
+            }
+        }
+        let branch = config.branch.as_str();
+        let remote_branch = format!("refs/remotes/origin/{branch}");
+        // An explicit refspec: a clone made for another branch (or with
+        // --single-branch) would not update origin/<branch> otherwise.
+        let refspec = format!("+refs/heads/{branch}:{remote_branch}");
+        if let Some(previous) = self
+            .git_query(repo, &["symbolic-ref", "--short", "-q", "HEAD"])
+            .await
+            .filter(|previous| previous != branch)
+        {
+            notes.push(format!(
+                "[nixfleet] branch changed from {previous} to {branch}: checking out {branch}"
+            ));
+        }
+        steps.extend([
+            git("git fetch", repo, &["fetch", "origin", &refspec]),
+            git(
+                "git checkout",
+                repo,
+                &["checkout", "--force", "-B", branch, &remote_branch, "--"],
+            ),
+            git("git clean", repo, &["clean", "-fd"]),
+        ]);
+        Ok(steps)
+    }
+
+    /// The trimmed stdout of a quick git query, not shown anywhere; `None`
+    /// when git fails or prints nothing.
+    async fn git_query(&self, repo: &Path, args: &[&str]) -> Option<String> {
+        let output = tokio::process::Command::new("git")
+            .args(args)
+            .current_dir(repo)
+            .env_clear()
+            .envs(self.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        (output.status.success() && !text.is_empty()).then_some(text)
+    }
+
+    /// `nix flake update [input]` (the lock compartment's step).
+    fn flake_update(&self, input: Option<&str>) -> Step {
+        let mut args: Vec<String> = NIX_FEATURES.map(str::to_owned).to_vec();
+        args.extend(["flake".to_owned(), "update".to_owned()]);
+        args.extend(input.map(str::to_owned));
+        Step {
+            label: match input {
+                Some(input) => format!("nix flake update {input}"),
+                None => "nix flake update".to_owned(),
+            },
+            program: "nix".to_owned(),
+            args,
+            cwd: self.working_dir(),
+            stop_on_failure: true,
+            trusted_within: None,
+        }
+    }
+
+    /// `nixos-rebuild <op> [--flake <repo_dir>#<hostname>]`; with the
+    /// flake (a build), Nix's structured log for build progress. A rollback
+    /// builds nothing and runs plain.
+    fn rebuild(&self, op: &[&str], flake: bool) -> Step {
+        let mut args: Vec<String> = op.iter().map(|a| (*a).to_owned()).collect();
+        if flake {
+            args.push("--flake".to_owned());
+            args.push(format!(
+                "{}#{}",
+                self.config.repo_dir.display(),
+                self.config.hostname
+            ));
+            args.extend(STRUCTURED_LOG_ARGS.map(str::to_owned));
+        }
+        Step {
+            label: format!("nixos-rebuild {}", op.join(" ")),
+            program: "nixos-rebuild".to_owned(),
+            args,
+            cwd: self.working_dir(),
+            stop_on_failure: true,
+            trusted_within: None,
+        }
+    }
+
+    /// Every executable `hosts/<hostname>/tests/T*.sh`, in name order.
+    fn test_steps(&self) -> Vec<Step> {
+        let dir = self
+            .config
+            .repo_dir
+            .join("hosts")
+            .join(&self.config.hostname)
+            .join("tests");
+        let cwd = self.working_dir();
+        find_test_scripts(&dir)
+            .into_iter()
+            .map(|script| Step {
+                label: script
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                program: script.to_string_lossy().into_owned(),
+                args: Vec::new(),
+                cwd: cwd.clone(),
+                stop_on_failure: false,
+                trusted_within: Some(self.config.repo_dir.clone()),
+            })
+            .collect()
+    }
+
+    /// Commands run in the repository when it exists, else in `/` (so that
+    /// `rollback` works before the first pull).
+    fn working_dir(&self) -> PathBuf {
+        let repo = &self.config.repo_dir;
+        if repo.is_dir() {
+            repo.clone()
+        } else {
+            PathBuf::from("/")
+        }
+    }
+
+    /// Creates the command log and starts the supervisor on it.
+    async fn launch(
+        &self,
+        kind: CommandKind,
+        steps: Vec<Step>,
+        notes: Vec<String>,
+    ) -> std::io::Result<Launched> {
+        use tokio::io::AsyncWriteExt;
+        let state_dir = &self.config.state_dir;
+        let log = command_log::create(
+            state_dir,
+            kind.name(),
+            self.config.log_max_bytes,
+            self.config.logs_max_bytes,
+        )?;
+        let stop_file = handover::stop_path(state_dir);
+        let _ = std::fs::remove_file(&stop_file);
+        let cursor = DeliveryCursor::create(&handover::sent_path(state_dir))?;
+        let plan = Plan {
+            log: log.clone(),
+            stop_file: stop_file.clone(),
+            stop_grace_ms: self.config.stop_grace.as_millis() as u64,
+            max_bytes: self.config.log_max_bytes,
+            scrub_url: self.config.repo_url.clone(),
+            notes,
+            steps,
+        };
+        // The running binary, even when a switch replaced the file: the
+        // supervisor is always this very version.
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command
+            .arg0("nixfleet-agent")
+            .arg(SUPERVISE_ARG)
+            .current_dir("/")
+            .env_clear()
+            .envs(self.child_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        // Its own session: a signal meant for the agent (Ctrl-C in a
+        // terminal) reaches neither the supervisor nor the deployment.
+        unsafe {
+            command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+        }
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+        let json = serde_json::to_vec(&plan).map_err(std::io::Error::other)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&json).await?;
+        }
+        // Reaps the supervisor when it ends (a next agent cannot: it is
+        // then init's child).
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
+        let log_id = self.outbox.track(cursor);
+        let record = CommandRecord::supervised(kind.name(), pid, log.clone())
+            .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+        let followed = Followed {
+            kind,
+            log,
+            supervisor: Some((pid, record.pid_start)),
+            resume_at: 0,
+            log_id,
+            stop_file,
+            repo_dir: self.config.repo_dir.clone(),
+        };
+        Ok(Launched { record, followed })
+    }
+}
+
+struct Launched {
+    record: CommandRecord,
+    followed: Followed,
 }
 
 fn outcome_word(outcome: Outcome) -> &'static str {
@@ -337,8 +735,8 @@ struct Output<'a> {
     /// Stdout of the current process when it is kept for parsing.
     captured: Mutex<Option<String>>,
     scrubber: &'a Scrubber,
-    /// While a `nixos-rebuild` runs: its structured log's state.
-    build: Mutex<Option<BuildProgress>>,
+    /// Lines not queued because the outbox was over [`CHECK_QUEUE_BYTES`].
+    dropped: Mutex<u64>,
 }
 
 /// Picks the line of a failed process's stderr that a status message
@@ -346,13 +744,13 @@ struct Output<'a> {
 /// and follow it with hints, so the last such line wins; without one, the
 /// first line (the lead sentence: hints come after it).
 #[derive(Debug, Default)]
-struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     first: String,
     error: String,
 }
 
 impl ErrorDetail {
-    fn note(&mut self, line: &str) {
+    pub(crate) fn note(&mut self, line: &str) {
         let line = line.trim();
         if line.is_empty() {
             return;
@@ -365,7 +763,7 @@ impl ErrorDetail {
         }
     }
 
-    fn get(&self) -> Option<&str> {
+    pub(crate) fn get(&self) -> Option<&str> {
         [&self.error, &self.first]
             .into_iter()
             .find(|s| !s.is_empty())
@@ -373,243 +771,9 @@ impl ErrorDetail {
     }
 }
 
-/// A rebuild's structured log and what was last reported of it.
-struct BuildProgress {
-    log: NixLog,
-    /// Counts changed since the last report.
-    dirty: bool,
-    last_report: Option<Instant>,
-    /// The last `system` step sent; reports never go backwards.
-    sent: Option<PhaseProgress>,
-}
-
-impl BuildProgress {
-    fn new() -> Self {
-        BuildProgress {
-            log: NixLog::new(),
-            dirty: false,
-            last_report: None,
-            sent: None,
-        }
-    }
-
-    /// The report for the counts now, or `None` when it would repeat the
-    /// last one. `current`/`total` count builds plus downloaded paths; Nix
-    /// may lower an expected total (a path it no longer needs), but the
-    /// dots only move forward, so both are kept at their highest.
-    fn report(&mut self, status: PhaseStatus) -> Option<OperationProgress> {
-        let snapshot = self.log.snapshot();
-        let (done, expected) = snapshot.steps();
-        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-        let (mut current, mut total) = (clamp(done), clamp(expected));
-        if let Some(sent) = &self.sent {
-            current = current.max(sent.current);
-            total = total.max(sent.total);
-        }
-        if status == PhaseStatus::Complete {
-            // Success means everything expected was done.
-            current = current.max(total);
-        }
-        total = total.max(current);
-        let step = PhaseProgress {
-            current,
-            total,
-            status,
-            detail: serde_json::to_value(&snapshot).ok(),
-        };
-        if self.sent.as_ref() == Some(&step) {
-            return None;
-        }
-        self.sent = Some(step.clone());
-        Some(OperationProgress {
-            progress: Phases {
-                system: Some(step),
-                ..Phases::default()
-            },
-        })
-    }
-}
-
 impl Job<'_> {
     fn config(&self) -> &Config {
         &self.runner.config
-    }
-
-    /// `pull` with its progress dots: one per git step.
-    async fn pull(&mut self) -> StepOutcome {
-        let isolated_fetch =
-            self.config().repo_url.is_some() && self.config().repo_dir.join(".git").exists();
-        let total = if isolated_fetch { 3 } else { 1 };
-        self.pull_progress(0, total, PhaseStatus::InProgress);
-        let (outcome, steps_done) = self.pull_steps(total).await;
-        match outcome.0 {
-            Outcome::Ok => self.pull_progress(total, total, PhaseStatus::Complete),
-            _ => self.pull_progress(steps_done, total, PhaseStatus::Error),
-        }
-        outcome
-    }
-
-    fn pull_progress(&self, current: u32, total: u32, status: PhaseStatus) {
-        self.send_phases(Phases {
-            pull: Some(PhaseProgress {
-                current,
-                total,
-                status,
-                detail: None,
-            }),
-            ..Phases::default()
-        });
-    }
-
-    fn send_phases(&self, phases: Phases) {
-        self.runner.outbox.push_reliable(
-            Outbound::OperationProgress(&OperationProgress { progress: phases }).to_json(),
-        );
-    }
-
-    /// Returns the outcome and how many steps succeeded.
-    async fn pull_steps(&mut self, total: u32) -> (StepOutcome, u32) {
-        let config = self.runner.config.clone();
-        let repo = config.repo_dir.as_path();
-        let Some(url) = config.repo_url.as_deref() else {
-            let outcome = self
-                .git_step("git pull", repo, &["pull", "--ff-only"])
-                .await;
-            let done = u32::from(outcome.0 == Outcome::Ok);
-            return (outcome, done);
-        };
-        if !repo.join(".git").exists() {
-            if repo.exists()
-                && std::fs::read_dir(repo)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(true)
-            {
-                let why = format!(
-                    "repo_dir {} exists and is not a git repository",
-                    repo.display()
-                );
-                return ((Outcome::Error, why, 1), 0);
-            }
-            let parent = repo.parent().unwrap_or(Path::new("/"));
-            if let Err(e) = std::fs::create_dir_all(parent) {
-                let why = format!("cannot create {}: {e}", parent.display());
-                return ((Outcome::Error, why, 1), 0);
-            }
-            let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
-            let args = [
-                "clone",
-                "--branch",
-                &config.branch,
-                "--single-branch",
-                "--",
-                url,
-                repo_arg,
-            ];
-            return match self.git_step("git clone", parent, &args).await {
-                (Outcome::Ok, ..) => (self.pulled(), 1),
-                failed => (failed, 0),
-            };
-        }
-        if let Some(failed) = self.follow_configured_origin(repo, url).await {
-            return (failed, 0);
-        }
-        let branch = config.branch.as_str();
-        let remote_branch = format!("refs/remotes/origin/{branch}");
-        // An explicit refspec: a clone made for another branch (or with
-        // --single-branch) would not update origin/<branch> otherwise.
-        let refspec = format!("+refs/heads/{branch}:{remote_branch}");
-        let steps: [(&str, Vec<&str>); 3] = [
-            ("git fetch", vec!["fetch", "origin", &refspec]),
-            (
-                "git checkout",
-                vec!["checkout", "--force", "-B", branch, &remote_branch, "--"],
-            ),
-            ("git clean", vec!["clean", "-fd"]),
-        ];
-        let previous_branch = self
-            .git_query(repo, &["symbolic-ref", "--short", "-q", "HEAD"])
-            .await;
-        if previous_branch.as_deref().is_some_and(|b| b != branch) {
-            self.say(&format!(
-                "[nixfleet] branch changed from {} to {branch}: checking out {branch}",
-                previous_branch.as_deref().unwrap_or_default()
-            ));
-        }
-        let mut done = 0;
-        for (what, args) in steps {
-            if let failed @ (Outcome::Error, ..) = self.git_step(what, repo, &args).await {
-                return (failed, done);
-            }
-            done += 1;
-            if done < total {
-                self.pull_progress(done, total, PhaseStatus::InProgress);
-            }
-        }
-        (self.pulled(), done)
-    }
-
-    /// Isolated mode: `origin` must be `repo_url`, whatever it was before
-    /// (a host moving away from a compromised repository must not keep
-    /// pulling from it). Says so when it changes it; returns the failure.
-    async fn follow_configured_origin(&mut self, repo: &Path, url: &str) -> Option<StepOutcome> {
-        let current = self
-            .git_query(repo, &["config", "--get", "remote.origin.url"])
-            .await;
-        if current.as_deref() == Some(url) {
-            return None;
-        }
-        let (what, args) = match &current {
-            Some(old) => {
-                self.say(&format!(
-                    "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
-                    redact_url(old),
-                    redact_url(url)
-                ));
-                (
-                    "git remote set-url",
-                    vec!["remote", "set-url", "origin", url],
-                )
-            }
-            None => {
-                self.say(&format!(
-                    "[nixfleet] the repository has no origin: adding repo_url {}",
-                    redact_url(url)
-                ));
-                ("git remote add", vec!["remote", "add", "origin", url])
-            }
-        };
-        match self.git_step(what, repo, &args).await {
-            (Outcome::Ok, ..) => None,
-            failed => Some(failed),
-        }
-    }
-
-    /// A line of the agent's own in the command's output (log and dashboard).
-    fn say(&self, text: &str) {
-        self.output.emit(Stream::Stdout, text.as_bytes(), false);
-    }
-
-    /// The trimmed stdout of a quick git query, not shown anywhere; `None`
-    /// when git fails or prints nothing.
-    async fn git_query(&self, repo: &Path, args: &[&str]) -> Option<String> {
-        let output = tokio::process::Command::new("git")
-            .args(args)
-            .current_dir(repo)
-            .env_clear()
-            .envs(self.runner.child_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .ok()?;
-        let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        (output.status.success() && !text.is_empty()).then_some(text)
-    }
-
-    fn pulled(&self) -> StepOutcome {
-        let generation = generation(&self.config().repo_dir);
-        (Outcome::Ok, format!("at {generation}"), 0)
     }
 
     async fn git_step(&mut self, what: &str, cwd: &Path, args: &[&str]) -> StepOutcome {
@@ -627,207 +791,20 @@ impl Job<'_> {
         }
     }
 
-    /// `nixos-rebuild <op> --flake <repo_dir>#<hostname>`, with Nix's
-    /// structured log, reporting build progress.
-    async fn rebuild(&mut self, op: &[&str]) -> StepOutcome {
-        let flake = format!(
-            "{}#{}",
-            self.config().repo_dir.display(),
-            self.config().hostname
-        );
-        let mut args = op.to_vec();
-        args.extend(["--flake", &flake]);
-        args.extend(STRUCTURED_LOG_ARGS);
-        *self.output.build_lock() = Some(BuildProgress::new());
-        let outcome = self.rebuild_plain(&args).await;
-        self.output.finish_progress(outcome.0);
-        outcome
-    }
-
-    /// `nixos-rebuild` with these arguments. A rollback builds nothing, so
-    /// it runs without the structured log and reports no build progress.
-    async fn rebuild_plain(&mut self, args: &[&str]) -> StepOutcome {
-        let cwd = self.working_dir();
-        let ended = self.run_process("nixos-rebuild", args, &cwd).await;
-        if let Ended::Exited(status) = &ended {
-            let ok = status.success();
-            let _ = self.progress.send(Progress::Rebuilt { ok }).await;
-        }
-        match ended {
-            Ended::Exited(status) if status.success() => {
-                (Outcome::Ok, format!("{} succeeded", self.command), 0)
-            }
-            Ended::Exited(status) => (Outcome::Error, describe_exit(status), exit_code_of(status)),
-            ended => self.not_ok(ended),
-        }
-    }
-
-    /// Every executable `hosts/<hostname>/tests/T*.sh`, in name order.
-    async fn test(&mut self) -> StepOutcome {
-        let dir = self
-            .config()
-            .repo_dir
-            .join("hosts")
-            .join(&self.config().hostname)
-            .join("tests");
-        let scripts = find_test_scripts(&dir);
-        let total = scripts.len() as u32;
-        let cwd = self.working_dir();
-        let mut passed = 0;
-        let mut results = vec![TestResult::Pending; scripts.len()];
-        self.tests_progress(0, &results, PhaseStatus::InProgress);
-        for (index, script) in scripts.iter().enumerate() {
-            let current = index as u32 + 1;
-            let name = script
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let script_arg = script.to_string_lossy().into_owned();
-            let ended = match untrusted_script(&self.config().repo_dir, script) {
-                Some(why) => {
-                    self.say(&format!("[nixfleet] refusing to run {name}: {why}"));
-                    Ended::NotStarted(why)
-                }
-                None => self.run_process(&script_arg, &[], &cwd).await,
-            };
-            let ok = matches!(&ended, Ended::Exited(status) if status.success());
-            passed += ok as u32;
-            let stopped = matches!(ended, Ended::Stopped(_));
-            let last = current == total || stopped;
-            results[index] = if ok {
-                TestResult::Pass
-            } else {
-                TestResult::Fail
-            };
-            let phase = match (last, passed == current && !stopped) {
-                (false, _) => PhaseStatus::InProgress,
-                (true, true) => PhaseStatus::Complete,
-                (true, false) => PhaseStatus::Error,
-            };
-            self.tests_progress(current, &results, phase);
-            let result = if last {
-                format!("{passed}/{total} passed")
-            } else {
-                format!("{name} {}", if ok { "passed" } else { "failed" })
-            };
-            self.send_progress(TestProgress {
-                current,
-                total,
-                passed,
-                running: !last,
-                result,
-            });
-            if stopped {
-                let _ = self
-                    .progress
-                    .send(Progress::Tested {
-                        passed,
-                        total,
-                        stopped: true,
-                    })
-                    .await;
-                return self.not_ok(ended);
-            }
-        }
-        let _ = self
-            .progress
-            .send(Progress::Tested {
-                passed,
-                total,
-                stopped: false,
-            })
-            .await;
-        let summary = format!("{passed}/{total} passed");
-        if total == 0 {
-            self.tests_progress(0, &results, PhaseStatus::Complete);
-            self.send_progress(TestProgress {
-                current: 0,
-                total: 0,
-                passed: 0,
-                running: false,
-                result: summary.clone(),
-            });
-        }
-        if passed == total {
-            (Outcome::Ok, summary, 0)
-        } else {
-            (Outcome::Error, summary, 1)
-        }
-    }
-
-    fn tests_progress(&self, current: u32, results: &[TestResult], status: PhaseStatus) {
-        self.send_phases(Phases {
-            tests: Some(TestsProgress {
-                current,
-                total: results.len() as u32,
-                results: results.to_vec(),
-                status,
-            }),
-            ..Phases::default()
-        });
-    }
-
     /// A line of the agent's own on stdout, e.g. the result of a check.
+    /// A line of the agent's own (a check's verdict): a few per check, so
+    /// never held to the queue bound that a child's flood is.
     fn note(&self, text: &str) {
-        self.output.emit(Stream::Stdout, text.as_bytes(), false);
+        self.output.log_line(text);
+        self.outbox().push_frame(crate::follower::output_frame(
+            self.command,
+            Stream::Stdout,
+            text,
+        ));
     }
 
-    /// `nix flake update [input]` with the lock compartment's dot.
-    async fn flake_update(&mut self, input: Option<&str>) -> StepOutcome {
-        let lock = |status| Phases {
-            lock: Some(PhaseProgress {
-                current: u32::from(status == PhaseStatus::Complete),
-                total: 1,
-                status,
-                detail: None,
-            }),
-            ..Phases::default()
-        };
-        self.send_phases(lock(PhaseStatus::InProgress));
-        let mut args = NIX_FEATURES.to_vec();
-        args.extend(["flake", "update"]);
-        args.extend(input);
-        let cwd = self.working_dir();
-        let outcome = match self.run_process("nix", &args, &cwd).await {
-            Ended::Exited(status) if status.success() => {
-                let what = input.map_or("every input".to_owned(), |i| format!("input {i}"));
-                (Outcome::Ok, format!("flake.lock updated ({what})"), 0)
-            }
-            Ended::Exited(status) => {
-                let detail = self.failure_detail(status);
-                (
-                    Outcome::Error,
-                    format!("nix flake update failed: {detail}"),
-                    exit_code_of(status),
-                )
-            }
-            ended => self.not_ok(ended),
-        };
-        self.send_phases(lock(if outcome.0 == Outcome::Ok {
-            PhaseStatus::Complete
-        } else {
-            PhaseStatus::Error
-        }));
-        outcome
-    }
-
-    /// Pull, bump the `nixfleet` input when the flake has one, then switch
-    /// with the negative narinfo cache off, so that a freshly pushed agent
-    /// is fetched or built rather than assumed missing.
-    async fn force_update(&mut self) -> StepOutcome {
-        if let failed @ (Outcome::Error, ..) = self.pull().await {
-            return failed;
-        }
-        if flake_has_input(&self.config().repo_dir, "nixfleet") {
-            if let failed @ (Outcome::Error, ..) = self.flake_update(Some("nixfleet")).await {
-                return failed;
-            }
-        } else {
-            self.note("[nixfleet] the flake has no input named nixfleet; not bumping it");
-        }
-        self.rebuild(&["switch", "--option", "narinfo-cache-negative-ttl", "0"])
-            .await
+    fn outbox(&self) -> &Outbox {
+        &self.runner.outbox
     }
 
     /// `git fetch origin <branch>`, then HEAD against it.
@@ -946,16 +923,6 @@ impl Job<'_> {
         }
     }
 
-    fn send_progress(&self, progress: TestProgress) {
-        self.output.log_line(&format!(
-            "[nixfleet] test {}/{}: {}",
-            progress.current, progress.total, progress.result
-        ));
-        self.runner
-            .outbox
-            .push_reliable(Outbound::TestProgress(&progress).to_json());
-    }
-
     /// Commands run in the repository when it exists, else in `/` (so that
     /// `rollback` works before the first pull).
     fn working_dir(&self) -> PathBuf {
@@ -1062,8 +1029,7 @@ impl Job<'_> {
             return Ended::NotStarted(format!("{program} exited before it could be tracked"));
         };
         info!(command = self.command, pid, "started {program}");
-        let log = self.output.log_path();
-        let _ = self.progress.send(Progress::Started { pid, log }).await;
+        let _ = self.progress.send(Progress::Started { pid }).await;
 
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -1081,16 +1047,10 @@ impl Job<'_> {
         };
         let drain = async {
             let pumps = async {
-                let both = async {
-                    tokio::join!(
-                        output.pump(stdout, Stream::Stdout),
-                        output.pump(stderr, Stream::Stderr)
-                    );
-                };
-                tokio::select! {
-                    () = both => {}
-                    () = output.report_pending_progress() => {}
-                }
+                tokio::join!(
+                    output.pump(stdout, Stream::Stdout),
+                    output.pump(stderr, Stream::Stderr)
+                );
             };
             let exit_then_grace = async {
                 exited.notified().await;
@@ -1174,82 +1134,7 @@ impl Output<'_> {
                 return;
             }
         }
-        let mut build = self.build_lock();
-        let Some(progress) = build.as_mut() else {
-            drop(build);
-            self.send_line(stream, &text);
-            return;
-        };
-        let effect = progress
-            .log
-            .feed(&text, &mut |plain| self.send_line(stream, plain));
-        if effect == Effect::Counts {
-            progress.dirty = true;
-            self.report_progress(progress, false);
-        }
-    }
-
-    /// Sends a progress report when the counts changed and the last report
-    /// is at least [`PROGRESS_INTERVAL`] old. It is queued after the lines
-    /// read so far, so it never runs ahead of the lines it describes.
-    fn report_progress(&self, progress: &mut BuildProgress, force: bool) {
-        if !progress.dirty || !progress.log.is_structured() {
-            return;
-        }
-        let now = Instant::now();
-        if !force
-            && progress
-                .last_report
-                .is_some_and(|last| now.duration_since(last) < PROGRESS_INTERVAL)
-        {
-            return;
-        }
-        progress.dirty = false;
-        progress.last_report = Some(now);
-        if let Some(report) = progress.report(PhaseStatus::InProgress) {
-            self.outbox
-                .push_progress(Outbound::OperationProgress(&report).to_json());
-        }
-    }
-
-    /// Sends what the throttle held back once its interval is over, while
-    /// the pipes are quiet (a long build phase prints nothing). Runs until
-    /// dropped.
-    async fn report_pending_progress(&self) {
-        if self.build_lock().is_none() {
-            return std::future::pending().await;
-        }
-        loop {
-            tokio::time::sleep(PROGRESS_INTERVAL).await;
-            if let Some(progress) = self.build_lock().as_mut() {
-                self.report_progress(progress, false);
-            }
-        }
-    }
-
-    /// After the rebuild: the final report, whatever the throttle says, and
-    /// only when the output was Nix's structured log (for a stand-in or an
-    /// old Nix there are no counts to report). Reliable: it is what the
-    /// dots end on.
-    fn finish_progress(&self, outcome: Outcome) {
-        let Some(mut progress) = self.build_lock().take() else {
-            return;
-        };
-        if !progress.log.is_structured() {
-            return;
-        }
-        let status = match outcome {
-            Outcome::Ok => PhaseStatus::Complete,
-            Outcome::Error | Outcome::Warning => PhaseStatus::Error,
-        };
-        if let Some(report) = progress.report(status) {
-            self.outbox
-                .push_reliable(Outbound::OperationProgress(&report).to_json());
-        }
-    }
-
-    fn build_lock(&self) -> std::sync::MutexGuard<'_, Option<BuildProgress>> {
-        self.build.lock().unwrap_or_else(|e| e.into_inner())
+        self.send_line(stream, &text);
     }
 
     fn send_line(&self, stream: Stream, text: &str) {
@@ -1262,18 +1147,18 @@ impl Output<'_> {
             scrubbed.as_str()
         };
         self.log_line(text);
-        self.outbox.push_line(self.command, stream, text);
+        if self.outbox.queued_bytes() < CHECK_QUEUE_BYTES {
+            self.outbox
+                .push_frame(crate::follower::output_frame(self.command, stream, text));
+        } else {
+            *self.dropped.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        }
         if stream == Stream::Stderr {
             self.error_detail
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .note(text);
         }
-    }
-
-    fn log_path(&self) -> Option<PathBuf> {
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.as_ref().map(|l| l.path.clone())
     }
 
     fn log_line(&self, text: &str) {
@@ -1464,51 +1349,6 @@ fn describe_exit(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         _ => "ended abnormally".to_owned(),
     }
-}
-
-/// Why a test script must not run (as root) if it must not: it, and every
-/// directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
-/// symlink out), be owned by root or the agent's user, and be writable by
-/// no one else. Otherwise whoever could write there would choose what runs.
-fn untrusted_script(repo_dir: &Path, script: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let repo = match std::fs::canonicalize(repo_dir) {
-        Ok(repo) => repo,
-        Err(e) => return Some(format!("cannot resolve repo_dir: {e}")),
-    };
-    let real = match std::fs::canonicalize(script) {
-        Ok(real) => real,
-        Err(e) => return Some(format!("cannot resolve it: {e}")),
-    };
-    if !real.starts_with(&repo) || real == repo {
-        return Some(format!(
-            "it resolves to {}, outside {}",
-            real.display(),
-            repo.display()
-        ));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    for path in real.ancestors().take_while(|p| p.starts_with(&repo)) {
-        let metadata = match std::fs::symlink_metadata(path) {
-            Ok(metadata) => metadata,
-            Err(e) => return Some(format!("cannot inspect {}: {e}", path.display())),
-        };
-        if metadata.uid() != 0 && metadata.uid() != me {
-            return Some(format!(
-                "{} is owned by uid {}, not by root or the agent",
-                path.display(),
-                metadata.uid()
-            ));
-        }
-        if metadata.mode() & 0o022 != 0 {
-            return Some(format!(
-                "{} is writable by group or others (mode {:04o})",
-                path.display(),
-                metadata.mode() & 0o7777
-            ));
-        }
-    }
-    None
 }
 
 fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {
@@ -1752,61 +1592,6 @@ mod tests {
         ] {
             assert_eq!(CommandKind::parse(name), None, "{name:?}");
         }
-    }
-
-    #[test]
-    fn build_progress_reports_only_changes_and_never_goes_backwards() {
-        let mut progress = BuildProgress::new();
-        let feed = |p: &mut BuildProgress, line: &str| {
-            p.log.feed(line, &mut |_| {});
-        };
-        let step = |report: Option<OperationProgress>| {
-            report.map(|r| {
-                let s = r.progress.system.unwrap();
-                (s.current, s.total, s.status)
-            })
-        };
-        feed(
-            &mut progress,
-            r#"@nix {"action":"start","id":1,"type":104}"#,
-        );
-        feed(
-            &mut progress,
-            r#"@nix {"action":"result","id":1,"type":105,"fields":[1,5,1,0]}"#,
-        );
-        assert_eq!(
-            step(progress.report(PhaseStatus::InProgress)),
-            Some((1, 5, PhaseStatus::InProgress))
-        );
-        assert_eq!(
-            step(progress.report(PhaseStatus::InProgress)),
-            None,
-            "no change, no report"
-        );
-        // Nix lowers what it expects: the dots stay where they were.
-        feed(
-            &mut progress,
-            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,3,1,0]}"#,
-        );
-        assert_eq!(
-            step(progress.report(PhaseStatus::InProgress)),
-            Some((2, 5, PhaseStatus::InProgress))
-        );
-        // Success fills the dots; a failure keeps what was done.
-        let mut failed = BuildProgress::new();
-        feed(&mut failed, r#"@nix {"action":"start","id":1,"type":104}"#);
-        feed(
-            &mut failed,
-            r#"@nix {"action":"result","id":1,"type":105,"fields":[2,5,0,1]}"#,
-        );
-        assert_eq!(
-            step(failed.report(PhaseStatus::Error)),
-            Some((2, 5, PhaseStatus::Error))
-        );
-        assert_eq!(
-            step(progress.report(PhaseStatus::Complete)),
-            Some((5, 5, PhaseStatus::Complete))
-        );
     }
 
     #[test]

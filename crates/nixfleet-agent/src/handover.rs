@@ -5,10 +5,14 @@
 //! started it (a crash, a watchdog restart, the agent's own restart after a
 //! switch). Two things make that safe:
 //!
-//! - A record of the running command under `state_dir`. A new instance that
-//!   finds the command still running reports it in its heartbeats and sends
-//!   its final status when it ends. Its exit code is taken from the command
-//!   log when the previous instance got to write it, else it is unknown.
+//! - A record of the running command under `state_dir`: its supervisor
+//!   (supervisor.rs) and its log, plus a cursor saying how far the log was
+//!   delivered. A new instance follows the log from the cursor on, reports
+//!   the command in its heartbeats, and sends its status with the exit code
+//!   the supervisor wrote (also when the command ended while no agent ran).
+//!   Records of older agents, which ran commands without a supervisor, are
+//!   still followed the old way (exit code from the end of the log, if the
+//!   previous agent got to write it).
 //! - A snapshot of the agent's own unit file and binary, taken at start. When
 //!   a successful switch changed either, the agent delivers the status and
 //!   exits so that systemd starts the new version. A switch the agent did
@@ -25,6 +29,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 const RECORD_FILE: &str = "running-command.json";
+/// The running command's delivery cursor (outbox.rs).
+const SENT_FILE: &str = "running-command.sent";
+/// A stop request for the running command's supervisor.
+const STOP_FILE: &str = "running-command.stop";
 /// How often an adopted command (not our child: no SIGCHLD) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
@@ -36,25 +44,40 @@ pub const TEST_UNIT_FILE_ENV: &str = "NIXFLEET_TEST_UNIT_FILE";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandRecord {
     pub command: String,
-    /// Leader of the command's process group.
+    /// The command's supervisor (with `supervised`), else the leader of
+    /// the command's process group.
     pub pid: u32,
     /// The process's start time (clock ticks since boot), so a recycled pid
     /// is never mistaken for the command.
     pub pid_start: u64,
     pub log: Option<PathBuf>,
+    /// Whether `pid` is a supervisor writing `log` in the command log
+    /// format (absent in records of older agents).
+    #[serde(default)]
+    pub supervised: bool,
     /// The boot the process ran in: start ticks count from boot, so after a
     /// reboot another process can match pid and ticks.
     #[serde(default)]
     pub boot_id: Option<String>,
 }
 
+pub fn sent_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SENT_FILE)
+}
+
+pub fn stop_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(STOP_FILE)
+}
+
 impl CommandRecord {
-    pub fn new(command: &str, pid: u32, log: Option<PathBuf>) -> Option<Self> {
+    /// A command run by the supervisor `pid`, writing `log`.
+    pub fn supervised(command: &str, pid: u32, log: PathBuf) -> Option<Self> {
         Some(CommandRecord {
             command: command.to_owned(),
             pid,
             pid_start: process_start_ticks(pid)?,
-            log,
+            log: Some(log),
+            supervised: true,
             boot_id: boot_id(),
         })
     }
@@ -78,15 +101,17 @@ impl CommandRecord {
         }
     }
 
-    /// Removes the record; with `pid`, only if it is still that command's.
+    /// Removes the record (and its cursor and stop request); with `pid`,
+    /// only if it is still that command's.
     pub fn clear(state_dir: &Path, pid: Option<u32>) {
-        let path = state_dir.join(RECORD_FILE);
         if let Some(pid) = pid
             && Self::load_quiet(state_dir).is_some_and(|r| r.pid != pid)
         {
             return;
         }
-        let _ = std::fs::remove_file(path);
+        for file in [RECORD_FILE, SENT_FILE, STOP_FILE] {
+            let _ = std::fs::remove_file(state_dir.join(file));
+        }
     }
 
     fn load_quiet(state_dir: &Path) -> Option<Self> {
@@ -141,9 +166,10 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// Follows a command started by a previous instance until it ends and
-/// returns its status. Stop requests signal its process group as usual.
-pub async fn follow_adopted(
+/// Follows a command that an older agent started without a supervisor
+/// until it ends and returns its status. Stop requests signal its process
+/// group as usual.
+pub async fn follow_legacy(
     record: CommandRecord,
     kind: CommandKind,
     repo_dir: PathBuf,
@@ -390,10 +416,8 @@ pub fn save_json(
     value: &impl serde::Serialize,
 ) -> std::io::Result<()> {
     let json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    std::fs::create_dir_all(state_dir)?;
-    let tmp = state_dir.join(format!("{file}.tmp"));
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, state_dir.join(file))
+    crate::command_log::private_dir(state_dir)?;
+    crate::command_log::write_private(&state_dir.join(file), &json)
 }
 
 #[cfg(test)]
@@ -404,7 +428,7 @@ mod tests {
     fn records_round_trip_and_clear_only_their_own() {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
-        let record = CommandRecord::new("switch", me, Some("/x.log".into())).unwrap();
+        let record = CommandRecord::supervised("switch", me, "/x.log".into()).unwrap();
         record.save(dir.path());
         assert_eq!(CommandRecord::load(dir.path()), Some(record.clone()));
         assert!(record.is_running());
@@ -419,7 +443,8 @@ mod tests {
 
     #[test]
     fn a_recycled_pid_is_not_the_command() {
-        let mut record = CommandRecord::new("switch", std::process::id(), None).unwrap();
+        let mut record =
+            CommandRecord::supervised("switch", std::process::id(), "/x".into()).unwrap();
         record.pid_start += 1;
         assert!(!record.is_running());
         assert_eq!(process_start_ticks(u32::MAX), None);
@@ -427,7 +452,8 @@ mod tests {
 
     #[test]
     fn a_record_from_another_boot_is_not_running() {
-        let mut record = CommandRecord::new("switch", std::process::id(), None).unwrap();
+        let mut record =
+            CommandRecord::supervised("switch", std::process::id(), "/x".into()).unwrap();
         assert!(record.is_running());
         record.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
         assert!(!record.is_running());
@@ -441,6 +467,18 @@ mod tests {
         std::fs::write(dir.path().join(RECORD_FILE), "{not json").unwrap();
         assert_eq!(CommandRecord::load(dir.path()), None);
         assert!(!dir.path().join(RECORD_FILE).exists());
+    }
+
+    #[test]
+    fn records_of_older_agents_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(RECORD_FILE),
+            r#"{"command":"switch","pid":1,"pid_start":2,"log":"/x.log"}"#,
+        )
+        .unwrap();
+        let record = CommandRecord::load(dir.path()).unwrap();
+        assert!(!record.supervised);
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! One module per concern; `main.rs` only wires them together.
 
 pub mod agent;
+pub mod command_log;
 pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod file_cache;
+pub mod follower;
 pub mod handover;
 pub mod hardening;
 pub mod heartbeat;
@@ -19,6 +21,7 @@ pub mod protocol;
 pub mod redact;
 pub mod shutdown;
 pub mod status;
+pub mod supervisor;
 pub mod systemd;
 pub mod ticker;
 pub mod tls;

@@ -1,131 +1,125 @@
-//! The ordered queue of command traffic waiting for the dashboard: output
-//! lines, the "lines dropped" notices, test progress and statuses.
+//! The short, ordered queue of command frames on their way to the socket:
+//! output lines, test progress and statuses.
 //!
-//! It sits between command processes and the socket so that a child never
-//! blocks on a full pipe because the dashboard is slow or gone: pushing never
-//! waits. When output lines exceed the caps, new lines are dropped and
-//! counted, and a single notice line says so once there is room again (or
-//! just before the command's status). Statuses, progress and notices are
-//! never dropped; they are bounded by the number of commands, tests and
-//! gaps, not by the volume of output.
+//! It is not where a backlog lives: that is the command log on disk
+//! (command_log.rs). The follower reading the log waits for room here
+//! ([`Outbox::wait_room`]), so this queue stays a few hundred KiB however
+//! far behind the dashboard is, while the command itself, writing to its
+//! supervisor, never waits at all. Nothing is ever dropped here.
+//!
+//! Frames that come from the command log carry the log offset just past
+//! their record. A frame is *delivered* when the dashboard has read it:
+//! the connection follows each write batch with a WebSocket ping and the
+//! dashboard's pong (which it can only send after reading everything before
+//! the ping) acknowledges the batch ([`Outbox::acknowledge`]). Then the
+//! last offset is stored in the delivery cursor, where a restarted agent
+//! resumes the log. Frames written but not yet acknowledged are kept; when
+//! the connection ends they go back to the front, ahead of the rest, and
+//! are sent again. So the dashboard may see the frames in flight on a
+//! broken connection twice (at most the connection's unacknowledged
+//! window), and never misses one.
 //!
 //! Heartbeats, `register` and rejections do not go through here: the
 //! connection sends those itself, ahead of anything queued.
 
-use crate::protocol::{Outbound, OutputLine, Stream};
 use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
-/// Default cap on queued output lines.
-pub const MAX_QUEUED_LINES: usize = 8 * 1024;
-/// Default cap on the bytes of queued output frames (2 MiB): with the
-/// per-line overhead this keeps a stalled dashboard from costing the agent
-/// more than a few MiB.
-pub const MAX_QUEUED_BYTES: usize = 2 * 1024 * 1024;
+/// Frame bytes queued before the follower waits: a few write batches, so
+/// the writer never runs dry while the follower refills.
+pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
 
 /// One frame, already serialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub frame: String,
-    /// Output lines may be dropped under pressure; nothing else may.
-    pub droppable: bool,
+    /// Position in the order of pushes (set by the outbox), for
+    /// [`Outbox::acknowledge`].
+    pub seq: u64,
+    /// If the frame came from a command log: which one (the id
+    /// [`Outbox::track`] gave it) and the offset just past its record.
+    pub log_offset: Option<(u64, u64)>,
     /// An intermediate progress report: a newer one replaces it while it
     /// is queued, and it is not sent again after a broken connection.
     pub replaceable: bool,
 }
 
+impl Item {
+    /// A frame that is not part of a command log (a status).
+    pub fn new(frame: String) -> Self {
+        Item {
+            frame,
+            seq: 0,
+            log_offset: None,
+            replaceable: false,
+        }
+    }
+
+    /// A frame read from a command log.
+    pub fn from_log(frame: String, log_id: u64, offset: u64) -> Self {
+        Item {
+            frame,
+            seq: 0,
+            log_offset: Some((log_id, offset)),
+            replaceable: false,
+        }
+    }
+}
+
 pub struct Outbox {
     queue: Mutex<Queue>,
     ready: Notify,
-    /// Fired whenever reliable frames are confirmed written.
+    /// Fired whenever frames are acknowledged or room frees up.
     delivered: Notify,
-    max_lines: usize,
     max_bytes: usize,
 }
 
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Item>,
-    /// Droppable lines currently queued, and their frame bytes.
-    lines: usize,
-    line_bytes: usize,
-    /// Lines dropped (or lost on a broken connection) and not yet reported,
-    /// with the command they belonged to.
-    dropped: u64,
-    dropped_command: String,
-    /// Every line ever dropped, for logs and benchmarks.
-    dropped_total: u64,
-    /// The command whose lines were queued last: lines lost on a broken
-    /// connection are reported against it.
-    last_command: String,
-    /// Reliable frames ever queued, and how many of them were written out
-    /// (in order: requeued ones go back to the front).
-    reliable_queued: u64,
-    reliable_delivered: u64,
-    /// What the writer took and has not confirmed yet: copies of the
-    /// reliable frames (to put back if the connection fails) and a count of
-    /// the lines (to report as lost).
-    in_flight_reliable: Vec<Item>,
-    in_flight_lines: u64,
+    bytes: usize,
+    /// Frames ever queued, and the highest `seq` acknowledged.
+    queued: u64,
+    acknowledged: u64,
+    /// What the writer took and has not confirmed written yet.
+    in_flight: Vec<Item>,
+    /// Written, not yet acknowledged, oldest first.
+    unacknowledged: VecDeque<Item>,
+    /// The cursor of the log being followed, with its id.
+    cursor: Option<(u64, DeliveryCursor)>,
+    last_log_id: u64,
 }
 
 impl Default for Outbox {
     fn default() -> Self {
-        Outbox::new(MAX_QUEUED_LINES, MAX_QUEUED_BYTES)
+        Outbox::new(MAX_QUEUED_BYTES)
     }
 }
 
 impl Outbox {
-    pub fn new(max_lines: usize, max_bytes: usize) -> Self {
+    pub fn new(max_bytes: usize) -> Self {
         Outbox {
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
             delivered: Notify::new(),
-            max_lines,
             max_bytes,
         }
     }
 
-    /// Queues one output line. Never waits: if the caps are reached the line
-    /// is dropped and counted. Returns whether it was queued.
-    pub fn push_line(&self, command: &str, stream: Stream, line: &str) -> bool {
-        let frame = Outbound::Output(OutputLine::new(command, stream, line)).to_json();
+    /// Queues a frame. Never waits and never drops; producers of many
+    /// frames call [`Outbox::wait_room`] first. Returns a ticket for
+    /// [`Outbox::wait_delivered`].
+    pub fn push(&self, mut item: Item) -> u64 {
         let mut q = self.lock();
-        if q.lines >= self.max_lines || q.line_bytes + frame.len() > self.max_bytes {
-            q.note_dropped(command, 1);
-            return false;
-        }
-        q.flush_drop_notice();
-        if q.last_command != command {
-            q.last_command.clear();
-            q.last_command.push_str(command);
-        }
-        q.lines += 1;
-        q.line_bytes += frame.len();
-        q.items.push_back(Item {
-            frame,
-            droppable: true,
-            replaceable: false,
-        });
-        drop(q);
-        self.ready.notify_one();
-        true
-    }
-
-    /// Queues a frame that must not be dropped (status, test progress). Any
-    /// pending "lines dropped" notice goes first, so that it stays with the
-    /// command it belongs to. Returns a ticket for [`Outbox::wait_delivered`].
-    pub fn push_reliable(&self, frame: String) -> u64 {
-        let mut q = self.lock();
-        q.flush_drop_notice();
-        q.items.push_back(Item {
-            frame,
-            droppable: false,
-            replaceable: false,
-        });
-        q.reliable_queued += 1;
-        let ticket = q.reliable_queued;
+        q.bytes += item.frame.len();
+        q.queued += 1;
+        let ticket = q.queued;
+        item.seq = ticket;
+        q.items.push_back(item);
         drop(q);
         self.ready.notify_one();
         ticket
@@ -135,40 +129,90 @@ impl Outbox {
     /// matters: one still queued is removed and the new one goes to the
     /// back, so that a report never overtakes the lines it describes and
     /// an absent dashboard costs one queued report, not one per interval.
-    /// A command's final report goes through [`Outbox::push_reliable`].
-    pub fn push_progress(&self, frame: String) {
-        let mut q = self.lock();
-        if let Some(stale) = q.items.iter().rposition(|item| item.replaceable) {
-            q.items.remove(stale);
+    /// A final report goes through [`Outbox::push`].
+    pub fn push_progress(&self, mut item: Item) -> u64 {
+        item.replaceable = true;
+        {
+            let mut q = self.lock();
+            if let Some(stale) = q.items.iter().rposition(|i| i.replaceable)
+                && let Some(stale) = q.items.remove(stale)
+            {
+                q.bytes -= stale.frame.len();
+            }
         }
-        q.items.push_back(Item {
-            frame,
-            droppable: false,
-            replaceable: true,
-        });
+        self.push(item)
+    }
+
+    /// Queues a frame that is not part of a command log.
+    pub fn push_frame(&self, frame: String) -> u64 {
+        self.push(Item::new(frame))
+    }
+
+    /// Frame bytes queued (written or not).
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Waits until the queue has room (less than its byte budget queued).
+    pub async fn wait_room(&self) {
+        loop {
+            let notified = self.delivered.notified();
+            if self.lock().bytes < self.max_bytes {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// From now on, confirmed offsets of frames tagged with the returned
+    /// id are stored in `cursor`. Frames of an earlier log still queued
+    /// then no longer move any cursor.
+    pub fn track(&self, cursor: DeliveryCursor) -> u64 {
+        let mut q = self.lock();
+        q.last_log_id += 1;
+        let id = q.last_log_id;
+        q.cursor = Some((id, cursor));
+        id
+    }
+
+    /// The writer confirms that everything it took was flushed to the
+    /// socket; it stays kept until acknowledged.
+    pub fn confirm_written(&self) {
+        let mut q = self.lock();
+        let in_flight = std::mem::take(&mut q.in_flight);
+        q.unacknowledged.extend(in_flight);
         drop(q);
-        self.ready.notify_one();
+        // take_batch made room.
+        self.delivered.notify_waiters();
     }
 
-    /// The writer confirms that everything it took was flushed to the socket.
-    pub fn confirm_delivered(&self) {
+    /// The dashboard has read every frame up to `seq`.
+    pub fn acknowledge(&self, seq: u64) {
         let mut q = self.lock();
-        let reliable = q.in_flight_reliable.len() as u64;
-        q.in_flight_reliable.clear();
-        q.in_flight_lines = 0;
-        if reliable > 0 {
-            q.reliable_delivered += reliable;
-            drop(q);
-            self.delivered.notify_waiters();
+        let tracked = q.cursor.as_ref().map(|(id, _)| *id);
+        let mut offset = None;
+        while q.unacknowledged.front().is_some_and(|i| i.seq <= seq) {
+            let item = q.unacknowledged.pop_front().expect("front was Some");
+            if let Some((log, end)) = item.log_offset
+                && Some(log) == tracked
+            {
+                offset = Some(end);
+            }
         }
+        q.acknowledged = q.acknowledged.max(seq);
+        if let (Some(offset), Some((_, cursor))) = (offset, q.cursor.as_mut()) {
+            cursor.store(offset);
+        }
+        drop(q);
+        self.delivered.notify_waiters();
     }
 
-    /// Waits until the reliable frame with this ticket (and everything
-    /// queued before it) has been written to a connection.
+    /// Waits until the frame with this ticket (and everything queued
+    /// before it) has been read by the dashboard.
     pub async fn wait_delivered(&self, ticket: u64) {
         loop {
             let notified = self.delivered.notified();
-            if self.lock().reliable_delivered >= ticket {
+            if self.lock().acknowledged >= ticket {
                 return;
             }
             notified.await;
@@ -185,34 +229,27 @@ impl Outbox {
             }
             bytes += item.frame.len();
             let item = q.items.pop_front().expect("front was Some");
-            if item.droppable {
-                q.lines -= 1;
-                q.line_bytes -= item.frame.len();
-                q.in_flight_lines += 1;
-            } else if item.replaceable {
-                // Superseded by the next report; nothing to account for.
-            } else {
-                q.in_flight_reliable.push(item.clone());
-            }
+            q.bytes -= item.frame.len();
+            q.in_flight.push(item.clone());
             batch.push(item);
         }
     }
 
-    /// After a connection ended: what the writer took but could not confirm
-    /// goes back. Frames that must not be lost return to the front, in
-    /// order; lines are counted as dropped, since sending them again could
-    /// duplicate lines the dashboard already has.
+    /// After a connection ended: everything not acknowledged goes back to
+    /// the front, in order, to be sent again.
     pub fn requeue_in_flight(&self) {
         let mut q = self.lock();
-        let reliable = std::mem::take(&mut q.in_flight_reliable);
-        for item in reliable.into_iter().rev() {
+        let in_flight = std::mem::take(&mut q.in_flight);
+        let unacknowledged = std::mem::take(&mut q.unacknowledged);
+        // Progress reports are not sent again: a newer one follows.
+        for item in unacknowledged
+            .into_iter()
+            .chain(in_flight)
+            .rev()
+            .filter(|i| !i.replaceable)
+        {
+            q.bytes += item.frame.len();
             q.items.push_front(item);
-        }
-        let lost_lines = std::mem::take(&mut q.in_flight_lines);
-        if lost_lines > 0 {
-            let command = std::mem::take(&mut q.last_command);
-            q.note_dropped(&command, lost_lines);
-            q.last_command = command;
         }
         let has_items = !q.items.is_empty();
         drop(q);
@@ -238,10 +275,6 @@ impl Outbox {
         self.lock().items.is_empty()
     }
 
-    pub fn dropped_total(&self) -> u64 {
-        self.lock().dropped_total
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock would be a bug in the few lines
         // above; the queue itself stays consistent, so keep going.
@@ -249,54 +282,67 @@ impl Outbox {
     }
 }
 
-impl Queue {
-    fn note_dropped(&mut self, command: &str, count: u64) {
-        if self.dropped == 0 || self.dropped_command != command {
-            self.flush_drop_notice();
-            self.dropped_command.clear();
-            self.dropped_command.push_str(command);
-        }
-        self.dropped += count;
-        self.dropped_total += count;
+/// How far the running command's log has been delivered, kept in a small
+/// file under `state_dir` and overwritten in place after every confirmed
+/// batch (one `pwrite`, no rename: cheap enough for every batch, which is
+/// what bounds the duplicates after a crash to one batch).
+#[derive(Debug)]
+pub struct DeliveryCursor {
+    file: File,
+}
+
+/// Width of the stored number: fixed, so an overwrite never leaves digits
+/// of a longer old value behind.
+const CURSOR_WIDTH: usize = 20;
+
+impl DeliveryCursor {
+    /// Opens (creating, 0600) the cursor at `path`, starting at zero.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = crate::command_log::private_file(
+            path,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )?;
+        let mut cursor = DeliveryCursor { file };
+        cursor.store(0);
+        Ok(cursor)
     }
 
-    fn flush_drop_notice(&mut self) {
-        if self.dropped == 0 {
-            return;
-        }
-        let text = format!("[nixfleet] {} lines dropped", self.dropped);
-        let frame = Outbound::Output(OutputLine::new(
-            &self.dropped_command,
-            Stream::Stderr,
-            &text,
-        ))
-        .to_json();
-        self.items.push_back(Item {
-            frame,
-            droppable: false,
-            replaceable: false,
-        });
-        self.reliable_queued += 1;
-        self.dropped = 0;
+    /// Opens an existing cursor and reads where it stands (0 when missing
+    /// or unreadable: sending a log again beats skipping it).
+    pub fn resume(path: &Path) -> std::io::Result<(Self, u64)> {
+        let offset = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        let file = crate::command_log::private_file(
+            path,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )?;
+        Ok((DeliveryCursor { file }, offset))
+    }
+
+    pub fn store(&mut self, offset: u64) {
+        let text = format!("{offset:0CURSOR_WIDTH$}\n");
+        // Best effort: a cursor that lags only means duplicates after a
+        // crash, never a gap.
+        let _ = self.file.write_all_at(text.as_bytes(), 0);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
 
-    fn lines_of(batch: &[Item]) -> Vec<String> {
-        batch
-            .iter()
-            .map(|i| {
-                let v: Value = serde_json::from_str(&i.frame).unwrap();
-                match v["type"].as_str().unwrap() {
-                    "output" => v["payload"]["line"].as_str().unwrap().to_owned(),
-                    other => format!("<{other}>"),
-                }
-            })
-            .collect()
+    fn frames(batch: &[Item]) -> Vec<&str> {
+        batch.iter().map(|i| i.frame.as_str()).collect()
     }
 
     fn drain(outbox: &Outbox) -> Vec<Item> {
@@ -305,136 +351,132 @@ mod tests {
         batch
     }
 
-    #[test]
-    fn keeps_order_and_drops_past_the_line_cap_with_one_notice() {
-        let outbox = Outbox::new(3, usize::MAX);
-        for i in 0..10 {
-            outbox.push_line("switch", Stream::Stdout, &format!("line {i}"));
-        }
-        assert_eq!(outbox.dropped_total(), 7);
-        let first = drain(&outbox);
-        assert_eq!(lines_of(&first), ["line 0", "line 1", "line 2"]);
-        // Room again: the notice goes out before the next line.
-        outbox.push_line("switch", Stream::Stdout, "line 10");
-        outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
-        assert_eq!(
-            lines_of(&drain(&outbox)),
-            ["[nixfleet] 7 lines dropped", "line 10", "<status>"]
-        );
-    }
-
-    #[test]
-    fn only_the_newest_progress_waits_and_it_never_overtakes_lines() {
-        let outbox = Outbox::default();
-        let progress = |n: u32| format!(r#"{{"type":"operation_progress","payload":{{"n":{n}}}}}"#);
-        outbox.push_line("switch", Stream::Stderr, "a");
-        outbox.push_progress(progress(1));
-        outbox.push_line("switch", Stream::Stderr, "b");
-        outbox.push_progress(progress(2));
-        outbox.push_progress(progress(3));
-        outbox.push_line("switch", Stream::Stderr, "c");
-        let batch = drain(&outbox);
-        assert_eq!(lines_of(&batch), ["a", "b", "<operation_progress>", "c"]);
-        assert!(batch[2].frame.contains(r#""n":3"#));
-        // Progress is neither a reliable frame to wait for nor resent.
-        let ticket = outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
-        outbox.push_progress(progress(4));
-        let mut batch = Vec::new();
-        outbox.take_batch(usize::MAX, &mut batch);
-        outbox.requeue_in_flight();
-        assert_eq!(lines_of(&drain(&outbox)), ["<status>"]);
-        outbox.confirm_delivered();
-        assert_eq!(outbox.lock().reliable_delivered, ticket);
-    }
-
-    #[test]
-    fn notice_precedes_the_status_when_nothing_else_came() {
-        let outbox = Outbox::new(1, usize::MAX);
-        outbox.push_line("pull", Stream::Stdout, "a");
-        outbox.push_line("pull", Stream::Stderr, "b");
-        outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
-        let batch = drain(&outbox);
-        assert_eq!(
-            lines_of(&batch),
-            ["a", "[nixfleet] 1 lines dropped", "<status>"]
-        );
-        assert!(!batch[1].droppable && !batch[2].droppable);
-    }
-
-    #[test]
-    fn byte_cap_applies_and_reliable_frames_ignore_caps() {
-        let outbox = Outbox::new(usize::MAX, 200);
-        assert!(outbox.push_line("switch", Stream::Stdout, "short"));
-        assert!(!outbox.push_line("switch", Stream::Stdout, &"x".repeat(500)));
-        for _ in 0..100 {
-            outbox.push_reliable("{}".into());
-        }
-        assert_eq!(drain(&outbox).len(), 1 + 1 + 100);
+    fn logged(frame: &str, offset: u64) -> Item {
+        Item::from_log(frame.into(), 1, offset)
     }
 
     #[test]
     fn batches_respect_the_byte_budget_but_always_take_one() {
-        let outbox = Outbox::new(100, usize::MAX);
+        let outbox = Outbox::default();
         for i in 0..10 {
-            outbox.push_line("switch", Stream::Stdout, &format!("{i}"));
+            outbox.push_frame(format!("{i}"));
         }
         let mut batch = Vec::new();
         outbox.take_batch(1, &mut batch);
-        assert_eq!(batch.len(), 1);
+        assert_eq!(frames(&batch), ["0"]);
         batch.clear();
-        let one = batch_frame_len(&outbox);
-        outbox.take_batch(one * 3, &mut batch);
-        assert_eq!(batch.len(), 3);
+        outbox.take_batch(3, &mut batch);
+        assert_eq!(frames(&batch), ["1", "2", "3"]);
     }
 
-    fn batch_frame_len(outbox: &Outbox) -> usize {
-        outbox.lock().items.front().unwrap().frame.len()
+    /// Writes and acknowledges everything queued.
+    fn deliver(outbox: &Outbox) -> Vec<Item> {
+        let batch = drain(outbox);
+        outbox.confirm_written();
+        if let Some(last) = batch.last() {
+            outbox.acknowledge(last.seq);
+        }
+        batch
     }
 
     #[test]
-    fn requeue_keeps_reliable_frames_in_order_and_counts_lost_lines() {
-        let outbox = Outbox::new(100, usize::MAX);
-        outbox.push_line("switch", Stream::Stdout, "a");
-        outbox.push_reliable(r#"{"type":"status","payload":{}}"#.into());
+    fn unacknowledged_frames_are_sent_again_in_order() {
+        let outbox = Outbox::default();
+        outbox.push(logged("a", 10));
+        outbox.push(logged("b", 20));
         let mut batch = Vec::new();
+        outbox.take_batch(1, &mut batch);
+        outbox.confirm_written();
+        outbox.acknowledge(batch[0].seq);
+        batch.clear();
         outbox.take_batch(usize::MAX, &mut batch);
-        // The connection broke before the writer could confirm the batch.
-        drop(batch);
+        outbox.push_frame("status".into());
+        outbox.take_batch(usize::MAX, &mut batch);
+        outbox.confirm_written();
+        // The connection broke before the dashboard's pong.
         outbox.requeue_in_flight();
-        outbox.push_line("test", Stream::Stdout, "after");
-        assert_eq!(
-            lines_of(&drain(&outbox)),
-            ["<status>", "[nixfleet] 1 lines dropped", "after"]
-        );
+        assert_eq!(frames(&deliver(&outbox)), ["b", "status"]);
+        outbox.requeue_in_flight();
+        assert!(outbox.is_empty(), "nothing acknowledged is sent again");
+    }
+
+    #[test]
+    fn only_the_newest_progress_waits_and_it_is_not_sent_again() {
+        let outbox = Outbox::default();
+        outbox.push(logged("a", 1));
+        outbox.push_progress(logged("p1", 2));
+        outbox.push(logged("b", 3));
+        outbox.push_progress(logged("p2", 4));
+        outbox.push_progress(logged("p3", 5));
+        outbox.push(logged("c", 6));
+        assert_eq!(frames(&drain(&outbox)), ["a", "b", "p3", "c"]);
+        outbox.confirm_written();
+        outbox.requeue_in_flight();
+        assert_eq!(frames(&drain(&outbox)), ["a", "b", "c"]);
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn delivery_tickets_complete_in_order() {
-        let outbox = std::sync::Arc::new(Outbox::new(1, usize::MAX));
-        outbox.push_line("switch", Stream::Stdout, "a");
-        outbox.push_line("switch", Stream::Stdout, "dropped");
-        // The notice counts as a reliable frame ahead of the status.
-        let ticket = outbox.push_reliable("{}".into());
-        assert_eq!(ticket, 2);
+    async fn tickets_complete_when_acknowledged() {
+        let outbox = std::sync::Arc::new(Outbox::default());
+        let ticket = outbox.push_frame("status".into());
         let waiter = {
             let outbox = outbox.clone();
             tokio::spawn(async move { outbox.wait_delivered(ticket).await })
         };
+        let batch = drain(&outbox);
+        outbox.confirm_written();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "written is not read");
+        outbox.acknowledge(batch[0].seq);
+        waiter.await.unwrap();
+    }
+
+    #[test]
+    fn acknowledged_offsets_reach_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sent");
+        let outbox = Outbox::default();
+        assert_eq!(outbox.track(DeliveryCursor::create(&path).unwrap()), 1);
+        outbox.push(logged("a", 7));
+        outbox.push_frame("progress".into());
+        outbox.push(logged("b", 1234));
         let mut batch = Vec::new();
         outbox.take_batch(1, &mut batch);
-        assert_eq!(batch.len(), 1, "only the line");
-        outbox.confirm_delivered();
-        batch.clear();
-        outbox.take_batch(1, &mut batch);
-        outbox.confirm_delivered();
-        tokio::task::yield_now().await;
-        assert!(
-            !waiter.is_finished(),
-            "the notice is out, the status is not"
+        outbox.confirm_written();
+        assert_eq!(
+            DeliveryCursor::resume(&path).unwrap().1,
+            0,
+            "not acknowledged yet"
         );
-        batch.clear();
-        outbox.take_batch(1, &mut batch);
-        outbox.confirm_delivered();
+        outbox.acknowledge(batch[0].seq);
+        assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 7);
+        deliver(&outbox);
+        assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 1234);
+        // Frames of an earlier log do not move a newer log's cursor.
+        outbox.track(DeliveryCursor::resume(&path).unwrap().0);
+        outbox.push(logged("old", 99999));
+        deliver(&outbox);
+        assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 1234);
+        // A shorter number overwrites a longer one cleanly.
+        let (mut cursor, _) = DeliveryCursor::resume(&path).unwrap();
+        cursor.store(5);
+        assert_eq!(DeliveryCursor::resume(&path).unwrap().1, 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn room_is_awaited() {
+        let outbox = std::sync::Arc::new(Outbox::new(4));
+        outbox.push_frame("12".into());
+        outbox.push_frame("34".into());
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.wait_room().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "full");
+        let mut batch = Vec::new();
+        outbox.take_batch(2, &mut batch);
+        outbox.confirm_written();
         waiter.await.unwrap();
     }
 
@@ -446,7 +488,7 @@ mod tests {
             tokio::spawn(async move { outbox.wait_ready().await })
         };
         tokio::task::yield_now().await;
-        outbox.push_line("pull", Stream::Stdout, "x");
+        outbox.push_frame("x".into());
         waiter.await.unwrap();
     }
 }

@@ -83,6 +83,29 @@ impl Scrubber {
         out
     }
 
+    /// `line` (raw bytes of a child's output, not necessarily UTF-8) with
+    /// every secret replaced, or `None` when it holds none.
+    pub fn scrub_bytes(&self, line: &[u8]) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        for secret in &self.secrets {
+            let current = out.as_deref().unwrap_or(line);
+            let finder = memchr::memmem::Finder::new(secret.as_bytes());
+            if finder.find(current).is_none() {
+                continue;
+            }
+            let mut replaced = Vec::with_capacity(current.len());
+            let mut rest = current;
+            while let Some(at) = finder.find(rest) {
+                replaced.extend_from_slice(&rest[..at]);
+                replaced.extend_from_slice(REDACTED.as_bytes());
+                rest = &rest[at + secret.len()..];
+            }
+            replaced.extend_from_slice(rest);
+            out = Some(replaced);
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.secrets.is_empty()
     }
@@ -133,6 +156,11 @@ mod tests {
         );
         assert!(Scrubber::for_url(Some("git@github.com:org/fleet.git")).is_empty());
         assert!(Scrubber::for_url(None).is_empty());
+        assert_eq!(
+            scrubber.scrub_bytes(b"\xff https://deploy:s3cr3t@h \xfe s3cr3t"),
+            Some(b"\xff https://<redacted>@h \xfe <redacted>".to_vec())
+        );
+        assert_eq!(scrubber.scrub_bytes(b"nothing here"), None);
         let short = Scrubber::for_url(Some("https://u:pw@h/x.git"));
         assert_eq!(short.scrub("u:pw@ and pw"), "<redacted>@ and pw");
     }

@@ -12,12 +12,12 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The numbers of `line N` output frames, per connection, in arrival order.
+/// The numbers of `line N[ …]` output frames, per connection, in arrival
+/// order.
 fn numbered_lines(log: &[Seen]) -> Vec<(u64, u64)> {
     log.iter()
         .filter(|s| s.kind() == Some("output"))
@@ -25,11 +25,31 @@ fn numbered_lines(log: &[Seen]) -> Vec<(u64, u64)> {
             let n = s.payload()["line"]
                 .as_str()?
                 .strip_prefix("line ")?
+                .split(' ')
+                .next()?
                 .parse()
                 .ok()?;
             Some((s.conn(), n))
         })
         .collect()
+}
+
+/// Checks that numbers `first..=last` all arrived in order: each is the
+/// next one or a repeat of one already seen (sent again after a broken
+/// connection), never a jump. Returns the number of repeats.
+fn assert_gapless(numbers: &[u64], first: u64, last: u64) -> u64 {
+    let (mut next, mut repeats) = (first, 0);
+    for &n in numbers {
+        if n == next {
+            next += 1;
+        } else if n < next {
+            repeats += 1;
+        } else {
+            panic!("line {next} missing: line {n} arrived next");
+        }
+    }
+    assert_eq!(next, last + 1, "only lines up to {} arrived", next - 1);
+    repeats
 }
 
 /// Lines counted in `[nixfleet] N lines dropped` notices.
@@ -110,34 +130,12 @@ async fn dashboard_killed_mid_command_and_back_5s_later() {
     let log = dashboard.log();
     let lines = numbered_lines(&log);
     let numbers: Vec<u64> = lines.iter().map(|(_, n)| *n).collect();
-    assert!(
-        numbers.windows(2).all(|w| w[0] < w[1]),
-        "output lines duplicated or reordered: {numbers:?}"
-    );
-    // Everything the command printed after the agent noticed the outage was
-    // queued and delivered after the reconnect, the last line included.
-    let after: Vec<u64> = lines
-        .iter()
-        .filter(|(c, _)| *c == register.conn())
-        .map(|(_, n)| *n)
-        .collect();
-    assert_eq!(after.last(), Some(&total), "the last line arrived");
-    let first_after = *after.first().unwrap();
-    assert_eq!(
-        after,
-        (first_after..=total).collect::<Vec<_>>(),
-        "lines queued during the outage are all delivered"
-    );
-    // Lines in flight when the dashboard died were either written to the
-    // dying socket (gone, as TCP gives no receipt) or counted as dropped.
-    let dropped = dropped_lines(&log);
-    let unaccounted = total - numbers.len() as u64 - dropped;
-    eprintln!(
-        "figures: killed mid-command: {total} lines, {} delivered, {dropped} counted as dropped, \
-         {unaccounted} lost in the dying socket",
-        numbers.len()
-    );
-    assert!(unaccounted <= 25, "{unaccounted} lines unaccounted for");
+    // Every line, in order; lines written but not acknowledged when the
+    // dashboard died are sent again after the reconnect.
+    let repeats = assert_gapless(&numbers, 1, total);
+    assert_eq!(dropped_lines(&log), 0);
+    eprintln!("figures: killed mid-command: {total} lines, all delivered, {repeats} sent twice");
+    assert!(repeats <= 25, "{repeats} lines sent twice");
     // The status comes after every output line of the command.
     let last_output = log
         .iter()
@@ -237,19 +235,37 @@ echo "finished after $i"
         .await;
     assert_eq!(dashboard.frames("status").len(), 1, "exactly one status");
 
-    // No line twice, even though the old connection's last bytes reached
-    // the dashboard after the freeze ended.
+    // Every line, in order on each connection. What was in flight when the
+    // network froze is sent again on the new connection (the old one's last
+    // bytes may also reach the dashboard once the freeze ends): bounded by
+    // the unacknowledged window.
     let lines = numbered_lines(&dashboard.log());
-    let unique: BTreeSet<u64> = lines.iter().map(|(_, n)| *n).collect();
-    assert_eq!(unique.len(), lines.len(), "an output line was sent twice");
-    for c in [conn, register.conn()] {
-        let on: Vec<u64> = lines
-            .iter()
-            .filter(|(k, _)| *k == c)
-            .map(|(_, n)| *n)
-            .collect();
-        assert!(on.windows(2).all(|w| w[0] < w[1]), "reordered on conn {c}");
-    }
+    let last: u64 = finished.payload()["line"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("finished after ")
+        .parse()
+        .unwrap();
+    let on_new: Vec<u64> = lines
+        .iter()
+        .filter(|(k, _)| *k == register.conn())
+        .map(|(_, n)| *n)
+        .collect();
+    let resumed_at = *on_new.first().unwrap();
+    let on_old: Vec<u64> = lines
+        .iter()
+        .filter(|(k, _)| *k == conn)
+        .map(|(_, n)| *n)
+        .collect();
+    assert_gapless(&on_old, 1, *on_old.last().unwrap());
+    assert!(
+        resumed_at <= on_old.last().unwrap() + 1,
+        "a gap between the connections"
+    );
+    assert_gapless(&on_new, resumed_at, last);
+    let twice = lines.len() as u64 - last;
+    eprintln!("figures: frozen network: {last} lines, {twice} sent twice");
+    assert!(twice <= 2_000, "{twice} lines sent twice");
     assert!(!agent.stderr().contains("panicked"));
 }
 
@@ -264,9 +280,9 @@ date +%s%N > "$HOME/end"
 "#;
 
 /// Documented cap: the agent's peak RSS during a flood to a slow dashboard
-/// stays within this much of its RSS before the command (the outbox holds
-/// at most 8192 lines / 2 MiB of frames; the rest is buffers and the
-/// allocator's slack).
+/// stays within this much of its RSS before the command (the backlog is on
+/// disk; the outbox holds at most 256 KiB of frames plus the unacknowledged
+/// window; the rest is buffers and the allocator's slack).
 const FLOOD_RSS_CAP_KIB: u64 = 8 * 1024;
 
 struct FloodRun {
@@ -348,8 +364,9 @@ fn numbered_flood_lines(log: &[Seen]) -> u64 {
 async fn a_slow_reader_during_a_flood_costs_neither_memory_nor_child_speed_nor_heartbeats() {
     // The dashboard keeps up...
     let fast = flood(0).await;
-    // ...or reads about 512 KiB/s: 1-2 % of what the flood produces.
-    let slow = flood(512 * 1024).await;
+    // ...or reads about 4 MiB/s: a few % of what the flood produces (the
+    // backlog then takes about 10 s to drain from disk).
+    let slow = flood(4 * 1024 * 1024).await;
     for (name, run) in [("fast reader", &fast), ("slow reader", &slow)] {
         eprintln!(
             "figures: flood of 300000 lines, {name}: child ran {:.2} s, status {:.2} s after it; \
@@ -368,11 +385,8 @@ async fn a_slow_reader_during_a_flood_costs_neither_memory_nor_child_speed_nor_h
     }
     for run in [&fast, &slow] {
         assert_eq!(run.registers, 1, "the connection survived the flood");
-        assert_eq!(
-            run.delivered + run.dropped,
-            300_000,
-            "every line delivered or counted"
-        );
+        assert_eq!(run.dropped, 0, "nothing dropped below the disk cap");
+        assert_eq!(run.delivered, 300_000, "every line delivered");
         // 3 × interval: the dashboard would mark the host offline.
         assert!(
             run.longest_silence < 3 * SECOND,
@@ -386,7 +400,6 @@ async fn a_slow_reader_during_a_flood_costs_neither_memory_nor_child_speed_nor_h
             run.rss_before_kib
         );
     }
-    assert!(slow.dropped > 0, "a slow reader makes the agent drop lines");
     // The child is never held up by the slow dashboard (generous slack for
     // a loaded machine).
     assert!(

@@ -141,10 +141,10 @@ async fn a_failed_switch_never_restarts_the_agent() {
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
 }
 
-/// A switch that announces itself, then waits for the test's word. It does
-/// not print after that: its output pipe dies with the first agent.
-const WAITING_REBUILD: &str =
-    "echo $$ > \"$HOME/pid\"\necho waiting\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
+/// A switch that announces itself, waits for the test's word, prints once
+/// more (its output outlives the first agent: its supervisor reads it) and
+/// exits 0.
+const WAITING_REBUILD: &str = "echo $$ > \"$HOME/pid\"\necho waiting\nwhile [ ! -e \"$HOME/go\" ]; do sleep 0.05; done\necho went";
 
 /// Starts a switch, SIGKILLs the agent mid-way, and starts a second agent
 /// on the same state. Returns it and the switch's pid.
@@ -184,10 +184,16 @@ async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
     assert_eq!(status.conn(), register.conn());
     let p = status.payload();
     assert_eq!(p["command"], "switch");
-    assert_eq!(p["exit_code"], -1);
+    // The real exit code, from the supervisor, not "unknown".
+    assert_eq!(p["status"], "ok", "{p}");
+    assert_eq!(p["exit_code"], 0);
+    assert_eq!(p["message"], "switch succeeded");
+    let went = dashboard
+        .wait_frame_where("output", 5 * SECOND, |p| p["line"] == "went")
+        .await;
     assert!(
-        p["message"].as_str().unwrap().contains("exit code unknown"),
-        "{p}"
+        went.at() < status.at(),
+        "the line printed after the crash arrives before the status"
     );
     let after = dashboard
         .wait_for(5 * SECOND, "idle heartbeat", |log| {

@@ -130,16 +130,14 @@ async fn a_dashboard_that_pings_but_never_reads_is_dropped_and_sigterm_still_wor
         previous = upgrade;
     }
     assert!(
-        agent
-            .stderr()
-            .contains("the dashboard accepted no data for 2s"),
+        agent.stderr().contains("the dashboard read no data for 2s"),
         "{}",
         agent.stderr()
     );
 
-    // The new connection gets the backlog (over 1 MB of queued output)
-    // at once and cannot take it (about 270 KiB of socket buffers): keep
-    // pinging while the writer is stuck on it, then stop the agent.
+    // The new connection gets the backlog, one unacknowledged window
+    // (128 KiB) at a time, and reads none of it: keep pinging while the
+    // writer waits for its acknowledgement, then stop the agent.
     let stuck_until = Instant::now() + SECOND;
     while Instant::now() < stuck_until {
         if let Some(current) = dashboard.current_conn() {
@@ -178,7 +176,9 @@ async fn a_dashboard_that_pings_but_never_reads_is_dropped_and_sigterm_still_wor
         "watchdog starved for {longest:?}; stderr:\n{}",
         agent.stderr()
     );
-    assert!(!agent.stderr().contains("did not answer"));
+    // (The close frame of the shutdown may go unanswered, as this
+    // dashboard reads nothing; the watchdog's loops must not.)
+    assert!(!agent.stderr().contains("loop did not answer"));
 }
 
 #[tokio::test]
@@ -460,7 +460,12 @@ async fn credentials_in_repo_url_never_reach_logs_frames_or_messages() {
     for entry in std::fs::read_dir(&logs).unwrap() {
         log_text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
     }
-    assert!(log_text.contains("[nixfleet] $ git clone"), "{log_text}");
+    assert!(
+        log_text
+            .lines()
+            .any(|l| l.starts_with("# start 0 ") && l.ends_with(" git clone")),
+        "{log_text}"
+    );
     assert!(!log_text.contains(SECRET), "the command log:\n{log_text}");
     assert!(!agent.stderr().contains(SECRET), "{}", agent.stderr());
 

@@ -495,6 +495,163 @@ fn systemd_nspawn_agent_watchdog_and_long_switch() {
     );
 }
 
+/// A stand-in switch for the death tests: 60,000 numbered lines over
+/// about 4 s (seq in bursts), then a line in /var/tmp/rebuild-done, exit 0.
+const NUMBERED_REBUILD: &str = r#"#!/bin/sh
+i=0
+while [ "$i" -lt 60 ]; do
+  seq -f "line %.0f of the stand-in switch" $((i * 1000 + 1)) $((i * 1000 + 1000))
+  i=$((i + 1))
+  sleep 0.06
+done
+echo "done 60000" >> /var/tmp/rebuild-done
+"#;
+const NUMBERED_LINES: u64 = 60_000;
+
+/// The agent dies mid-switch (SIGKILL of its main process, then a
+/// watchdog abort after SIGSTOP) while the switch floods output, under the
+/// module's unit settings: each time the switch runs to its end, every line
+/// reaches the dashboard, and exactly one status `ok`/0 follows.
+#[test]
+fn systemd_nspawn_agent_death_mid_switch_loses_nothing() {
+    let Some(env) = environment() else { return };
+    let c = Container::boot(env, "death");
+    let setup = AgentSetup::install(&c, "nspawn-death");
+    c.write(
+        &format!("{STAND_IN_BIN}/nixos-rebuild"),
+        NUMBERED_REBUILD.as_bytes(),
+        0o755,
+    );
+    c.ok(&["systemctl", "start", "nixfleet-mock-dashboard.service"]);
+    c.ok(&["systemctl", "start", "nixfleet.service"]);
+    c.check(wait_for_heartbeats(&setup, 2), "registered, heartbeats");
+    for (round, death) in ["SIGKILL", "watchdog"].into_iter().enumerate() {
+        let outputs_from = setup.messages("output", u64::MAX)["next"]
+            .as_u64()
+            .unwrap_or(0);
+        let statuses_from = setup.messages("status", u64::MAX)["next"]
+            .as_u64()
+            .unwrap_or(0);
+        let restarts: u64 = c.prop("nixfleet.service", "NRestarts").parse().unwrap_or(0);
+        c.check(
+            http(
+                setup.port,
+                "POST",
+                &setup.host_path("/command"),
+                Some(r#"{"command":"switch"}"#),
+            ),
+            "POST command switch",
+        );
+        c.check(
+            wait_until("the first 2,000 lines", WAIT, || {
+                let seen = setup.messages("output", outputs_from)["messages"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                (seen >= 2_000).then_some(())
+            }),
+            "the switch's output flows",
+        );
+        let main_pid = c.prop("nixfleet.service", "MainPID");
+        match death {
+            "SIGKILL" => {
+                c.ok(&[
+                    "systemctl",
+                    "kill",
+                    "--kill-whom=main",
+                    "-s",
+                    "SIGKILL",
+                    "nixfleet.service",
+                ]);
+            }
+            _ => {
+                c.ok(&["sh", "-c", &format!("kill -STOP {main_pid}")]);
+            }
+        }
+        let status = c.check(
+            wait_until(
+                "the switch's status",
+                Duration::from_secs(WATCHDOG_SEC + 60),
+                || {
+                    let statuses = setup.messages("status", statuses_from);
+                    statuses["messages"].as_array()?.first().cloned()
+                },
+            ),
+            &format!("{death}: a status after the agent's death"),
+        );
+        let restarted: u64 = c.prop("nixfleet.service", "NRestarts").parse().unwrap_or(0);
+        c.check(
+            expect(restarted > restarts, "systemd restarted the agent"),
+            &format!("{death}: the agent was restarted"),
+        );
+        c.check(
+            expect_eq(
+                &format!(
+                    "{} {}",
+                    status["payload"]["status"], status["payload"]["exit_code"]
+                ),
+                "\"ok\" 0",
+            ),
+            &format!("{death}: the real status: {status}"),
+        );
+        let done = c.ok(&["cat", "/var/tmp/rebuild-done"]);
+        c.check(
+            expect(
+                done.lines().count() == round + 1,
+                "the stand-in ran to its end",
+            ),
+            &format!("{death}: the switch survived the agent: {done:?}"),
+        );
+        // Two heartbeats later: still exactly one status.
+        let status_index = status["index"].as_u64().unwrap_or(0);
+        c.check(
+            wait_until("two heartbeats after the status", WAIT, || {
+                let beats = setup.messages("heartbeat", status_index)["messages"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                (beats >= 2).then_some(())
+            }),
+            "heartbeats after the status",
+        );
+        let statuses = setup.messages("status", statuses_from)["messages"]
+            .as_array()
+            .map_or(0, Vec::len);
+        c.check(
+            expect(statuses == 1, "exactly one status"),
+            &format!("{death}: {statuses} statuses"),
+        );
+        let outputs = setup.messages("output", outputs_from);
+        let (mut next, mut repeats) = (1u64, 0u64);
+        for message in outputs["messages"].as_array().into_iter().flatten() {
+            let Some(n) = message["payload"]["line"]
+                .as_str()
+                .and_then(|l| l.strip_prefix("line "))
+                .and_then(|l| l.split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if n == next {
+                next += 1;
+            } else if n < next {
+                repeats += 1;
+            } else {
+                c.check::<()>(
+                    Err(format!("line {next} missing: line {n} came next")),
+                    &format!("{death}: every line"),
+                );
+            }
+        }
+        c.check(
+            expect(next == NUMBERED_LINES + 1, "every line arrived"),
+            &format!("{death}: lines 1..{} of {NUMBERED_LINES} arrived", next - 1),
+        );
+        eprintln!(
+            "{death}: {NUMBERED_LINES} lines, all delivered, {repeats} sent twice; status {}",
+            status["payload"]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The agent's setup inside a container
 

@@ -460,6 +460,73 @@ async fn check_version_reports_freshness_and_warns_when_the_unit_moved() {
     );
 }
 
+/// The read-only checks run from the agent, not from the supervisor's
+/// disk-backed log: a check printing without end to a slow dashboard must
+/// not grow the agent's memory. Past 1 MiB queued its lines are counted,
+/// and the count is said before the status.
+#[tokio::test]
+async fn a_check_flooding_a_slow_dashboard_is_bounded_and_counted() {
+    const LINES: u64 = 40_000;
+    let dashboard = Dashboard::start().await;
+    let real_git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let git_standin = format!(
+        "if [ \"$1\" = fetch ]; then\n\
+           seq 1 {LINES} | sed 's/^/a fetch that prints far too much, line /'\n\
+           exit 0\n\
+         fi\n\
+         exec {} \"$@\"\n",
+        real_git.trim()
+    );
+    let h = host(&dashboard, "true", &[("git", &git_standin)], |_| {}).await;
+    git(
+        &h.agent.repo_dir,
+        &[
+            "remote",
+            "add",
+            "origin",
+            h.agent.repo_dir.to_str().unwrap(),
+        ],
+    );
+    dashboard.set_read_rate(Some(5_000));
+    send(&dashboard, "refresh-git");
+    let status = status_of(&dashboard, 1).await;
+    dashboard.set_read_rate(None);
+    assert_eq!(status["status"], "ok", "{status}");
+    let lines: Vec<String> = dashboard
+        .frames("output")
+        .iter()
+        .map(|f| f.payload()["line"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let delivered = lines
+        .iter()
+        .filter(|l| l.starts_with("a fetch that prints far too much"))
+        .count() as u64;
+    let notice = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("[nixfleet] ")?
+                .strip_suffix(
+                    " lines not sent (the dashboard read too slowly); the command log has them",
+                )?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no drop notice among {} lines", lines.len()));
+    let connections = dashboard.frames("register").len();
+    eprintln!(
+        "figures: {delivered} lines delivered, {notice} counted, over {connections} connection(s)"
+    );
+    assert!(delivered < LINES, "all {LINES} lines were queued in memory");
+    assert_eq!(delivered + notice, LINES, "every line delivered or counted");
+}
+
 #[tokio::test]
 async fn refresh_git_and_lock_on_an_idle_host() {
     let dashboard = Dashboard::start().await;

@@ -370,7 +370,9 @@ fn git(dir: &Path, args: &[&str]) {
 
 /// A stand-in `nixos-rebuild` that talks like Nix: what it will build and
 /// fetch, one line per build and download, a warning on stderr, then it
-/// waits until `release` exists, so the test decides when the build ends.
+/// waits until `release` exists, so the test decides when the build ends
+/// (or until the test's directory is gone: the agent's commands outlive
+/// it by design, a test's must not outlive the test).
 fn rebuild_stand_in(release: &Path) -> String {
     format!(
         r#"#!/bin/sh
@@ -384,11 +386,12 @@ done
 echo "building '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-etc.drv'..."
 echo "warning: Git tree '/var/lib/nixfleet/repo' is dirty" >&2
 echo "building '/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system.drv'..."
-while [ ! -e '{release}' ]; do sleep 0.05; done
+until [ -e '{release}' ] || [ ! -d '{home}' ]; do sleep 0.05; done
 echo "activating the configuration..."
 echo "setting up /etc..."
 "#,
-        release = release.display()
+        release = release.display(),
+        home = release.parent().unwrap_or(Path::new("/")).display()
     )
 }
 

@@ -26,8 +26,12 @@ const OUTPUT_PREFIX: &str = r#"{"type":"output","payload":{"line":""#;
 pub struct Lines {
     /// Benchmark lines received, in order.
     pub received: u64,
-    /// Lines whose sequence number was not the next one expected.
+    /// Lines whose sequence number skipped ahead of the next one expected
+    /// (a gap: lines lost or reordered).
     pub out_of_order: u64,
+    /// Lines that arrived again (sent again after a broken connection or a
+    /// restarted agent); not counted in `received`.
+    pub repeats: u64,
     pub next_seq: u64,
     /// "[nixfleet] N lines dropped" notices, and the N they add up to.
     pub drop_notices: u64,
@@ -36,7 +40,9 @@ pub struct Lines {
     pub foreign: u64,
     /// Child write → dashboard arrival, per line, in microseconds.
     pub latency_us: Vec<u32>,
-    /// The stamp of the last benchmark line received.
+    /// The stamps of the first and the last benchmark line received: the
+    /// child's own wall time, as it wrote them.
+    pub first_stamp_ns: u64,
     pub last_stamp_ns: u64,
 }
 
@@ -62,6 +68,8 @@ pub struct Record {
 
 struct Shared {
     record: Mutex<Record>,
+    /// Frames read per second (0: as fast as they come).
+    read_rate: std::sync::atomic::AtomicU32,
     /// Fired for every frame except output lines.
     changed: Notify,
 }
@@ -80,6 +88,7 @@ impl Dashboard {
             addr: listener.local_addr()?,
             shared: Arc::new(Shared {
                 record: Mutex::new(Record::default()),
+                read_rate: Default::default(),
                 changed: Notify::new(),
             }),
             tasks: Arc::new(Mutex::new(Vec::new())),
@@ -87,6 +96,15 @@ impl Dashboard {
         };
         dashboard.acceptor = Some(dashboard.accept(listener));
         Ok(dashboard)
+    }
+
+    /// Reads at most this many frames per second from now on (None: as
+    /// fast as they come), like a dashboard on a slow link.
+    pub fn set_read_rate(&self, frames_per_second: Option<u32>) {
+        self.shared.read_rate.store(
+            frames_per_second.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn url(&self) -> String {
@@ -183,6 +201,7 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let (mut sink, mut stream) = ws.split();
     let (tx, mut control) = mpsc::unbounded_channel();
     lock(&shared.record).current = Some(tx);
+    let (mut paced_from, mut paced_frames, mut paced_rate) = (Instant::now(), 0u64, 0u32);
     loop {
         tokio::select! {
             Some(message) = control.recv() => {
@@ -196,6 +215,15 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                         && sink.send(reply).await.is_err()
                     {
                         break;
+                    }
+                    let rate = shared.read_rate.load(std::sync::atomic::Ordering::Relaxed);
+                    if rate != paced_rate {
+                        (paced_from, paced_frames, paced_rate) = (Instant::now(), 0, rate);
+                    }
+                    if rate > 0 {
+                        paced_frames += 1;
+                        let due = paced_from + Duration::from_secs_f64(paced_frames as f64 / f64::from(rate));
+                        tokio::time::sleep_until(due.into()).await;
                     }
                 }
                 Some(Ok(Message::Close(_))) => {
@@ -257,8 +285,15 @@ fn on_line(record: &mut Record, rest: &[u8]) {
             lines.latency_us.push(
                 (now.saturating_sub(stamp.realtime_ns) / 1000).min(u64::from(u32::MAX)) as u32,
             );
+            if stamp.seq < lines.next_seq {
+                lines.repeats += 1;
+                return;
+            }
             if stamp.seq != lines.next_seq {
                 lines.out_of_order += 1;
+            }
+            if lines.received == 0 {
+                lines.first_stamp_ns = stamp.realtime_ns;
             }
             lines.next_seq = stamp.seq + 1;
             lines.received += 1;

@@ -30,10 +30,16 @@
 //! 2. flood (the main agent from here on): `switch` printing 300,000 lines
 //!    of 93 bytes as fast as it can;
 //! 3. latency: `switch` printing 1,000 lines at 100 lines/s;
-//! 4. reconnect: the dashboard dies and listens again at once, 3 times.
+//! 4. reconnect: the dashboard dies and listens again at once, 3 times;
+//! 5. slow: `switch` printing 1,000,000 lines to a dashboard that reads
+//!    20,000 frames/s (the backlog waits on disk);
+//! 6. crash: `switch` printing 300,000 lines to that slow dashboard; the
+//!    agent is SIGKILLed when a tenth has arrived and started again, as
+//!    systemd would.
 //!
 //! `--quick` runs the 1 s idle agents for 5 s (no 30 s ones), 30,000
-//! lines, 200 paced lines and one reconnect.
+//! lines, 200 paced lines, one reconnect, 100,000 slow lines and 30,000
+//! crash lines; CPU time is still shown per 20 s.
 //!
 //! Timings are noisy on a shared machine, so a MISS does not fail the run;
 //! the exit status is non-zero only when the benchmark itself failed: the
@@ -117,7 +123,9 @@ struct Plan {
     latency_lines: u64,
     latency_rate: u64,
     reconnects: usize,
-    /// `BENCH_ONLY=idle,flood,latency,reconnect`: the phases to run.
+    slow_lines: u64,
+    crash_lines: u64,
+    /// `BENCH_ONLY=idle,flood,latency,reconnect,slow,crash`: the phases to run.
     only: Option<Vec<String>>,
 }
 
@@ -132,6 +140,8 @@ impl Plan {
             latency_lines: 1_000,
             latency_rate: 100,
             reconnects: 3,
+            slow_lines: 1_000_000,
+            crash_lines: 300_000,
             only: only_phases(),
         }
     }
@@ -145,6 +155,8 @@ impl Plan {
             latency_lines: 200,
             latency_rate: 100,
             reconnects: 1,
+            slow_lines: 100_000,
+            crash_lines: 30_000,
             only: only_phases(),
         }
     }
@@ -358,6 +370,8 @@ async fn run(plan: Plan) -> Result<(), String> {
         wrapper: &wrapper,
         bench_exe: &bench_exe,
         bin_dir: work.path().join("bin"),
+        settings: &settings,
+        fast_child: None,
         failures: Vec::new(),
     };
     if plan.wants("idle") {
@@ -371,6 +385,12 @@ async fn run(plan: Plan) -> Result<(), String> {
     }
     if plan.wants("reconnect") {
         phases.reconnect(&plan).await?;
+    }
+    if plan.wants("slow") {
+        phases.slow(&plan).await?;
+    }
+    if plan.wants("crash") {
+        phases.crash(&plan).await?;
     }
     let failures = std::mem::take(&mut phases.failures);
 
@@ -428,6 +448,9 @@ struct Phases<'a> {
     wrapper: &'a [String],
     bench_exe: &'a Path,
     bin_dir: PathBuf,
+    settings: &'a AgentSettings<'a>,
+    /// The child's own wall time in the flood phase (fast dashboard).
+    fast_child: Option<Duration>,
     /// Why the benchmark failed (not MISSes: broken runs).
     failures: Vec<String>,
 }
@@ -446,6 +469,7 @@ impl Phases<'_> {
         let lines = plan.flood_lines;
         stand_in(&self.bin_dir, self.bench_exe, &format!("__flood {lines}"))?;
         let flood = run_command(self.dashboard, self.agent, lines).await?;
+        self.fast_child = Some(flood.lines.child_time());
         let memory = probe::memory(self.agent.pid);
         let elapsed = flood.status_at - flood.sent_at;
         let rate = flood.lines.received as f64 / elapsed.as_secs_f64();
@@ -615,8 +639,166 @@ impl Phases<'_> {
     }
 }
 
+impl Phases<'_> {
+    /// A flood to a dashboard reading 20,000 frames/s: everything arrives,
+    /// the child is not held back, memory and heartbeats are unaffected.
+    async fn slow(&mut self, plan: &Plan) -> Result<(), String> {
+        let lines = plan.slow_lines;
+        stand_in(&self.bin_dir, self.bench_exe, &format!("__flood {lines}"))?;
+        self.dashboard.set_read_rate(Some(SLOW_READER));
+        let run = run_command(self.dashboard, self.agent, lines).await;
+        self.dashboard.set_read_rate(None);
+        let run = run?;
+        let memory = probe::memory(self.agent.pid);
+        self.backlog_rows("slow", lines, &run, memory.hwm);
+        self.failures.extend(run.failure(lines));
+        Ok(())
+    }
+
+    /// The agent dies (SIGKILL) mid-flood to a slow dashboard and is
+    /// started again: everything arrives once more, with the real status.
+    async fn crash(&mut self, plan: &Plan) -> Result<(), String> {
+        let lines = plan.crash_lines;
+        stand_in(&self.bin_dir, self.bench_exe, &format!("__flood {lines}"))?;
+        self.dashboard.set_read_rate(Some(SLOW_READER));
+        let dashboard = &*self.dashboard;
+        let agent = &mut *self.agent;
+        let settings = self.settings;
+        let kill_at = lines / 10;
+        let crash = async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            dashboard
+                .wait_for(Duration::from_secs(60), |r| {
+                    (r.lines.received >= kill_at).then_some(())
+                })
+                .await
+                .ok_or("the flood did not start")?;
+            let _ = agent.child.start_kill();
+            let _ = agent.child.wait().await;
+            let killed = Instant::now();
+            *agent = spawn_agent(settings)?;
+            Ok::<Instant, String>(killed)
+        };
+        let dashboard = &*self.dashboard;
+        let (run, killed) = tokio::join!(run_command_started(dashboard, lines), crash);
+        self.dashboard.set_read_rate(None);
+        let (run, killed) = (run?, killed?);
+        self.agent.alive()?;
+        let memory = probe::memory(self.agent.pid);
+        let report = &mut *self.report;
+        report.row(
+            "crash",
+            "SIGKILL → register of the next agent",
+            format!(
+                "{:.0} ms",
+                ms(run.first_register_after(killed).unwrap_or(killed) - killed)
+            ),
+            "",
+            "",
+            Verdict::Info,
+        );
+        self.backlog_rows("crash", lines, &run, memory.hwm);
+        self.failures.extend(run.failure(lines));
+        Ok(())
+    }
+
+    fn backlog_rows(&mut self, phase: &str, lines: u64, run: &CommandRun, hwm_kib: u64) {
+        let report = &mut *self.report;
+        report.row(
+            phase,
+            &format!(
+                "lines delivered at {} frames/s",
+                thousands(u64::from(SLOW_READER))
+            ),
+            format!(
+                "{} of {} ({} sent twice)",
+                thousands(run.lines.received),
+                thousands(lines),
+                run.lines.repeats
+            ),
+            "all",
+            "",
+            Report::check(run.lines.received == lines && run.lines.out_of_order == 0),
+        );
+        let child = run.lines.child_time();
+        let fast = self.fast_child.map(|f| f.mul_f64(lines as f64 / 300_000.0));
+        report.row(
+            phase,
+            "child wall time",
+            match fast {
+                Some(fast) => format!(
+                    "{:.0} ms (fast dashboard, scaled: {:.0} ms)",
+                    ms(child),
+                    ms(fast)
+                ),
+                None => format!("{:.0} ms", ms(child)),
+            },
+            "≤ fast + 10 %",
+            "",
+            match fast {
+                Some(fast) => Report::check(child <= fast.mul_f64(1.1)),
+                None => Verdict::Info,
+            },
+        );
+        report.row(
+            phase,
+            "peak RSS (VmHWM, whole run)",
+            format!("{:.2} MiB", mib(hwm_kib)),
+            "≤ 8 MiB",
+            "",
+            Report::check(mib(hwm_kib) <= 8.0),
+        );
+        let logs = self.settings.dir.join("state/logs");
+        let disk = std::fs::read_dir(&logs)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        report.row(
+            phase,
+            "disk: the command's log",
+            format!("{:.1} MiB", disk as f64 / (1024.0 * 1024.0)),
+            "≤ log_max_bytes (1 GiB)",
+            "",
+            Report::check(disk <= 1 << 30),
+        );
+        let gap_limit = INTERVAL_SECS as f64 * 1000.0 + 50.0;
+        report.row(
+            phase,
+            &format!("largest heartbeat gap (of {})", run.beats),
+            format!("{:.0} ms", ms(run.largest_gap)),
+            &format!("≤ {gap_limit:.0} ms"),
+            "",
+            if phase == "crash" {
+                // The restart itself is a gap.
+                Verdict::Info
+            } else {
+                Report::check(ms(run.largest_gap) <= gap_limit)
+            },
+        );
+        report.row(
+            phase,
+            "status",
+            format!("{} ({})", run.status, run.message),
+            "ok",
+            "",
+            Report::check(run.status == "ok"),
+        );
+    }
+}
+
+/// The slow dashboard's read rate, frames per second.
+const SLOW_READER: u32 = 20_000;
+
 /// What one command looked like from the dashboard.
 struct CommandRun {
+    /// When the agent registered, over the whole run.
+    registers: Vec<Instant>,
     sent_at: Instant,
     status_at: Instant,
     status: String,
@@ -628,6 +810,10 @@ struct CommandRun {
 }
 
 impl CommandRun {
+    fn first_register_after(&self, at: Instant) -> Option<Instant> {
+        self.registers.iter().copied().find(|r| *r > at)
+    }
+
     /// Why this run means the benchmark failed, if it does.
     fn failure(&self, expected: u64) -> Option<String> {
         let lines = &self.lines;
@@ -658,6 +844,17 @@ async fn run_command(
     agent: &mut Agent,
     expected_lines: u64,
 ) -> Result<CommandRun, String> {
+    let run = run_command_started(dashboard, expected_lines).await;
+    agent.alive()?;
+    run.map_err(|e| format!("{e}{}", agent.tail()))
+}
+
+/// Sends `switch` and waits for its status and the heartbeat after it,
+/// without watching the agent (which may be restarted meanwhile).
+async fn run_command_started(
+    dashboard: &Dashboard,
+    expected_lines: u64,
+) -> Result<CommandRun, String> {
     let statuses_before = {
         let mut record = dashboard.record();
         record.lines = Lines {
@@ -670,13 +867,21 @@ async fn run_command(
     if !dashboard.command("switch") {
         return Err("the agent is not connected".into());
     }
+    wait_command(dashboard, expected_lines, statuses_before, sent_at).await
+}
+
+async fn wait_command(
+    dashboard: &Dashboard,
+    expected_lines: u64,
+    statuses_before: usize,
+    sent_at: Instant,
+) -> Result<CommandRun, String> {
     // Generous: a slow debug build on a busy machine still finishes.
     let timeout = Duration::from_secs(60 + expected_lines / 5_000);
     let status = dashboard
         .wait_for(timeout, |r| r.statuses.get(statuses_before).cloned())
         .await;
-    agent.alive()?;
-    let status = status.ok_or_else(|| format!("no status within {timeout:?}{}", agent.tail()))?;
+    let status = status.ok_or_else(|| format!("no status within {timeout:?}"))?;
     // The heartbeat after the status closes the last gap of the command.
     let beat_wait = Duration::from_secs(INTERVAL_SECS * 2 + 1);
     dashboard
@@ -694,7 +899,9 @@ async fn run_command(
         .collect();
     let last_line_to_status_ms =
         status.realtime_ns.saturating_sub(lines.last_stamp_ns) as f64 / 1e6;
+    let registers = record.registers.clone();
     Ok(CommandRun {
+        registers,
         sent_at,
         status_at: status.at,
         status: status.status,
@@ -888,6 +1095,13 @@ fn spawn_agent(settings: &AgentSettings<'_>) -> Result<Agent, String> {
         .map_err(|e| format!("cannot start {}: {e}", settings.binary.display()))?;
     let pid = child.id().ok_or("the agent exited at once")?;
     Ok(Agent { child, pid, stderr })
+}
+
+impl Lines {
+    /// The child's own wall time, from the stamps of its first and last line.
+    fn child_time(&self) -> Duration {
+        Duration::from_nanos(self.last_stamp_ns.saturating_sub(self.first_stamp_ns))
+    }
 }
 
 fn ms(d: Duration) -> f64 {

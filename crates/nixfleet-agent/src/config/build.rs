@@ -39,6 +39,8 @@ struct Raw {
     stop_grace: Option<Value>,
     state_dir: Option<String>,
     ca_file: Option<String>,
+    log_max_bytes: Option<Value>,
+    logs_max_bytes: Option<Value>,
     allow_insecure_url: Option<Value>,
     theme_color: Option<String>,
     location: Option<String>,
@@ -140,6 +142,8 @@ fn validate(
     let backoff_max = v.duration("backoff_max", raw.backoff_max, 1, MAX_PERIOD_SECS)?;
     let stop_grace = v.duration("stop_grace", raw.stop_grace, 0, MAX_STOP_GRACE_SECS)?;
     v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
+    let log_max_bytes = v.byte_size("log_max_bytes", raw.log_max_bytes)?;
+    let logs_max_bytes = v.byte_size("logs_max_bytes", raw.logs_max_bytes)?;
     let theme_color = v.theme_color(raw.theme_color)?;
     let location = v.one_of("location", raw.location, LOCATIONS)?;
     let device_type = v.one_of("device_type", raw.device_type, DEVICE_TYPES)?;
@@ -163,6 +167,8 @@ fn validate(
         stop_grace,
         state_dir,
         ca_file,
+        log_max_bytes,
+        logs_max_bytes,
         allow_insecure_url,
         theme_color,
         location,

@@ -64,6 +64,11 @@ pub struct Config {
     pub stop_grace: Duration,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// Cap on one command's log, which is also the backlog of output the
+    /// dashboard has not read yet: past it, lines are counted and dropped.
+    pub log_max_bytes: u64,
+    /// Budget for all command logs together (older logs are removed).
+    pub logs_max_bytes: u64,
     /// Allows `ws://` to a host other than loopback (the token then
     /// crosses the network in clear text).
     pub allow_insecure_url: bool,

@@ -24,6 +24,8 @@ pub const KEYS: &[&str] = &[
     "stop_grace",
     "state_dir",
     "ca_file",
+    "log_max_bytes",
+    "logs_max_bytes",
     "allow_insecure_url",
     "theme_color",
     "location",
@@ -46,6 +48,8 @@ pub(super) fn default_layer() -> Layer {
     defaults.set("backoff_max", 60u64);
     defaults.set("stop_grace", 10u64);
     defaults.set("state_dir", "/var/lib/nixfleet");
+    defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
+    defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
     defaults.set("allow_insecure_url", false);
     defaults.set("allow_reboot", false);
     defaults

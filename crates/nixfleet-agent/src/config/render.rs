@@ -36,6 +36,8 @@ impl Config {
             ("stop_grace", Some(secs(self.stop_grace))),
             ("state_dir", Some(path(&self.state_dir))),
             ("ca_file", self.ca_file.as_deref().map(path)),
+            ("log_max_bytes", Some(self.log_max_bytes.to_string())),
+            ("logs_max_bytes", Some(self.logs_max_bytes.to_string())),
             (
                 "allow_insecure_url",
                 Some(self.allow_insecure_url.to_string()),

@@ -118,6 +118,8 @@ pub struct Dashboard {
     /// When set, the dashboard does not read frames (simulates a stalled
     /// reader) until cleared.
     read_gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Frames read per second and connection; 0: as fast as they come.
+    read_rate: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Dashboard {
@@ -146,6 +148,7 @@ impl Dashboard {
             acceptor: None,
             reject_with: Arc::new(Mutex::new(None)),
             read_gate: Arc::new(gate),
+            read_rate: Arc::default(),
         };
         dashboard.acceptor = Some(dashboard.spawn_acceptor(listener));
         dashboard
@@ -165,11 +168,21 @@ impl Dashboard {
         self.read_gate.send_replace(reading);
     }
 
+    /// Read at most this many frames per second (None: as fast as they
+    /// come), like a dashboard on a slow link or a busy server.
+    pub fn set_read_rate(&self, frames_per_second: Option<u32>) {
+        self.read_rate.store(
+            frames_per_second.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     fn spawn_acceptor(&self, listener: TcpListener) -> JoinHandle<()> {
         let shared = self.shared.clone();
         let changed = self.changed.clone();
         let reject_with = self.reject_with.clone();
         let gate = self.read_gate.clone();
+        let rate = self.read_rate.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -188,6 +201,7 @@ impl Dashboard {
                     changed.clone(),
                     *reject_with.lock().unwrap(),
                     gate.subscribe(),
+                    rate.clone(),
                 ));
             }
         })
@@ -351,6 +365,53 @@ impl Dashboard {
     }
 }
 
+/// A command's supervisor outlives the agent by design (as under systemd's
+/// `KillMode=process`); a test's must not outlive the test, flooding into a
+/// deleted log. So a dropped agent (not one handed on by [`Agent::crash`])
+/// asks every supervisor writing into its state directory to kill its
+/// command, as `kill_command` would, and waits for them briefly.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if self.end_command_on_drop {
+            end_supervisors(&self.state_dir);
+        }
+    }
+}
+
+pub fn end_supervisors(state_dir: &Path) {
+    let logs = state_dir.join("logs");
+    if supervisors_writing_into(&logs).is_empty() {
+        return;
+    }
+    let _ = std::fs::write(state_dir.join("running-command.stop"), "KILL");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !supervisors_writing_into(&logs).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live `nixfleet-agent --supervise` processes with a file open under `dir`.
+fn supervisors_writing_into(dir: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.starts_with(b"nixfleet-agent\0--supervise"))
+        })
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to.starts_with(dir)))
+            })
+        })
+        .collect()
+}
+
 impl Drop for Dashboard {
     fn drop(&mut self) {
         self.kill();
@@ -393,7 +454,10 @@ async fn serve(
     changed: Arc<Notify>,
     reject_with: Option<u16>,
     mut gate: tokio::sync::watch::Receiver<bool>,
+    rate: Arc<std::sync::atomic::AtomicU32>,
 ) {
+    // Pacing: frames read since `paced_from` at the rate in force then.
+    let (mut paced_from, mut paced_frames, mut paced_rate) = (Instant::now(), 0u64, 0u32);
     let authorised = Arc::new(Mutex::new(false));
     let auth = authorised.clone();
     let callback =
@@ -454,6 +518,15 @@ async fn serve(
                     let kind = frame_kind(&text);
                     let raw: Arc<str> = Arc::from(text.as_str());
                     record(&shared, &changed, Seen::Frame { conn, at: Instant::now(), kind, raw, payload: Default::default() });
+                    let per_second = rate.load(std::sync::atomic::Ordering::Relaxed);
+                    if per_second != paced_rate {
+                        (paced_from, paced_frames, paced_rate) = (Instant::now(), 0, per_second);
+                    }
+                    if per_second > 0 {
+                        paced_frames += 1;
+                        let due = paced_from + Duration::from_secs_f64(paced_frames as f64 / f64::from(per_second));
+                        tokio::time::sleep_until(due).await;
+                    }
                 }
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
@@ -598,6 +671,8 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Put the token in the environment instead of a token file.
     pub token_in_env: bool,
+    /// The agent's umask (None: the test's).
+    pub umask: Option<u32>,
 }
 
 impl AgentOptions {
@@ -614,6 +689,7 @@ impl AgentOptions {
             extra_toml: Vec::new(),
             env: Vec::new(),
             token_in_env: false,
+            umask: None,
         }
     }
 }
@@ -626,6 +702,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub bin_dir: PathBuf,
     stderr_path: PathBuf,
+    /// Whether dropping the agent also ends its running command (see Drop).
+    end_command_on_drop: bool,
 }
 
 impl Agent {
@@ -703,6 +781,16 @@ impl Agent {
         for (k, v) in &options.env {
             command.env(k, v);
         }
+        if let Some(mask) = options.umask {
+            let mask = rustix::fs::Mode::from_raw_mode(mask);
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         let child = command.spawn().expect("agent binary starts");
         Agent {
             child,
@@ -711,6 +799,7 @@ impl Agent {
             state_dir,
             bin_dir,
             stderr_path,
+            end_command_on_drop: true,
         }
     }
 
@@ -740,6 +829,8 @@ impl Agent {
     pub async fn crash(mut self) -> tempfile::TempDir {
         self.child.start_kill().unwrap();
         let _ = self.child.wait().await;
+        // The command goes on, for the next agent to adopt.
+        self.end_command_on_drop = false;
         let placeholder = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.dir, placeholder)
     }

@@ -1,0 +1,372 @@
+//! The command log: one file per command under `state_dir/logs`, written by
+//! the command's supervisor (supervisor.rs) and read by the agent
+//! (follower.rs). It is both the record a human reads afterwards and the
+//! queue of output waiting for the dashboard: the agent keeps only a byte
+//! offset saying how far it has delivered.
+//!
+//! One record per line, in the order the supervisor saw things happen:
+//!
+//! ```text
+//! o <bytes>          a stdout line of the command (raw bytes, no newline)
+//! O <bytes>          a stdout line cut at MAX_LINE_BYTES
+//! e <bytes>          a stderr line
+//! E <bytes>          a stderr line cut at MAX_LINE_BYTES
+//! # steps <n>        the command has n steps (processes run one by one)
+//! # step <i> <label> what step i will be (one per step, after `steps`)
+//! # start <i> <pid> <label>
+//! # notstarted <i> <why>
+//! # stopped          a stop was requested; no further step runs
+//! # end <i> <code> <how it ended>
+//! # cut <bytes>      the log reached its cap here; later lines are counted only
+//! # dropped <n>      lines not kept because of the cap
+//! # done             the supervisor finished; nothing follows
+//! ```
+//!
+//! A single file keeps the order between a test script's lines and the
+//! progress after it, and lets one offset describe what was delivered.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Longest output line kept; longer ones are cut and marked.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Command logs kept under `state_dir/logs`.
+pub const KEPT_LOGS: usize = 50;
+/// Default cap on one command's log: the backlog a dashboard outage may
+/// build up before lines are dropped.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default budget for all command logs together.
+pub const DEFAULT_LOGS_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// What the agent hands its supervisor (as JSON on the supervisor's stdin,
+/// so nothing of it shows in `ps`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub log: PathBuf,
+    /// Created by the agent to ask for a stop; holds `TERM` or `KILL`.
+    pub stop_file: PathBuf,
+    pub stop_grace_ms: u64,
+    /// Output bytes the log may hold before lines are dropped.
+    pub max_bytes: u64,
+    /// The agent's own lines about the command (decisions taken while
+    /// planning it), written as stdout lines before the first step.
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// `repo_url`, whose credentials (if it has any) are replaced in every
+    /// line before it is written (a child may print the URL it was given).
+    #[serde(default)]
+    pub scrub_url: Option<String>,
+    pub steps: Vec<Step>,
+}
+
+/// One process of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Short and secret-free: it is logged (`git fetch`, `T01-boot.sh`).
+    pub label: String,
+    pub program: String,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// Whether a failure ends the command (every step but a test script's).
+    pub stop_on_failure: bool,
+    /// For a program from the repository (a test script): the repository.
+    /// Right before running it, the supervisor refuses it unless it and
+    /// every directory up to here are owned by root or the agent's user and
+    /// writable by no one else (whoever could write there would choose
+    /// what runs as root).
+    #[serde(default)]
+    pub trusted_within: Option<PathBuf>,
+}
+
+/// One parsed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    Line {
+        stderr: bool,
+        cut: bool,
+        raw: &'a [u8],
+    },
+    Steps(usize),
+    Planned {
+        index: usize,
+        label: &'a str,
+    },
+    Start {
+        index: usize,
+        pid: u32,
+        label: &'a str,
+    },
+    NotStarted {
+        index: usize,
+        why: &'a str,
+    },
+    Stopped,
+    End {
+        index: usize,
+        code: i32,
+        how: &'a str,
+    },
+    Cut,
+    Dropped(u64),
+    Done,
+    /// Anything else (a newer format, a damaged line): skipped.
+    Unknown,
+}
+
+/// Parses one record (without its newline).
+pub fn parse(record: &[u8]) -> Record<'_> {
+    let (tag, rest) = match record {
+        [tag, b' ', rest @ ..] => (*tag, rest),
+        [tag] => (*tag, &[][..]),
+        _ => return Record::Unknown,
+    };
+    match tag {
+        b'o' | b'O' | b'e' | b'E' => Record::Line {
+            stderr: tag.eq_ignore_ascii_case(&b'e'),
+            cut: tag.is_ascii_uppercase(),
+            raw: rest,
+        },
+        b'#' => parse_event(std::str::from_utf8(rest).unwrap_or("")).unwrap_or(Record::Unknown),
+        _ => Record::Unknown,
+    }
+}
+
+fn parse_event(text: &str) -> Option<Record<'_>> {
+    let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let mut fields = rest.splitn(3, ' ');
+    Some(match word {
+        "steps" => Record::Steps(rest.parse().ok()?),
+        "step" => {
+            let (index, label) = rest.split_once(' ').unwrap_or((rest, ""));
+            Record::Planned {
+                index: index.parse().ok()?,
+                label,
+            }
+        }
+        "start" => Record::Start {
+            index: fields.next()?.parse().ok()?,
+            pid: fields.next()?.parse().ok()?,
+            label: fields.next().unwrap_or(""),
+        },
+        "notstarted" => {
+            let (index, why) = rest.split_once(' ').unwrap_or((rest, ""));
+            Record::NotStarted {
+                index: index.parse().ok()?,
+                why,
+            }
+        }
+        "stopped" => Record::Stopped,
+        "end" => Record::End {
+            index: fields.next()?.parse().ok()?,
+            code: fields.next()?.parse().ok()?,
+            how: fields.next().unwrap_or(""),
+        },
+        "cut" => Record::Cut,
+        "dropped" => Record::Dropped(rest.parse().ok()?),
+        "done" => Record::Done,
+        _ => return None,
+    })
+}
+
+/// Creates `dir` (and parents) private to the agent: 0700 whatever the
+/// umask, also when it existed with looser bits.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Opens a file readable and writable by the agent only (0600 whatever
+/// the umask).
+pub fn private_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let file = options.mode(0o600).open(path)?;
+    // A file that existed keeps its old mode through open(): fix it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, then rename), 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = private_file(
+        &tmp,
+        OpenOptions::new().write(true).create(true).truncate(true),
+    )?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+/// Creates a new, empty command log and prunes old ones so that at most
+/// [`KEPT_LOGS`] remain and, with the new one's cap, they fit `total_budget`.
+pub fn create(
+    state_dir: &Path,
+    command: &str,
+    max_bytes: u64,
+    total_budget: u64,
+) -> io::Result<PathBuf> {
+    private_dir(state_dir)?;
+    let dir = state_dir.join("logs");
+    private_dir(&dir)?;
+    prune(&dir, KEPT_LOGS - 1, total_budget.saturating_sub(max_bytes));
+    let stamp = humantime::format_rfc3339_millis(SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    let path = dir.join(format!("{stamp}-{command}.log"));
+    private_file(&path, OpenOptions::new().create_new(true).write(true))?;
+    Ok(path)
+}
+
+/// Keeps the newest `keep` logs whose sizes add up to at most `max_total`
+/// bytes. Names start with a UTC timestamp, so name order is age order.
+pub fn prune(dir: &Path, keep: usize, max_total: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<(PathBuf, u64)> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| {
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            (p, len)
+        })
+        .collect();
+    logs.sort();
+    let mut total = 0u64;
+    let mut kept = 0usize;
+    for (path, len) in logs.iter().rev() {
+        if kept < keep && total + len <= max_total {
+            kept += 1;
+            total += len;
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse() {
+        assert_eq!(
+            parse(b"o hello"),
+            Record::Line {
+                stderr: false,
+                cut: false,
+                raw: b"hello"
+            }
+        );
+        assert_eq!(
+            parse(b"E x"),
+            Record::Line {
+                stderr: true,
+                cut: true,
+                raw: b"x"
+            }
+        );
+        assert_eq!(
+            parse(b"e "),
+            Record::Line {
+                stderr: true,
+                cut: false,
+                raw: b""
+            }
+        );
+        assert_eq!(parse(b"# steps 3"), Record::Steps(3));
+        assert_eq!(
+            parse(b"# step 1 git fetch"),
+            Record::Planned {
+                index: 1,
+                label: "git fetch"
+            }
+        );
+        assert_eq!(
+            parse(b"# start 1 42 git fetch"),
+            Record::Start {
+                index: 1,
+                pid: 42,
+                label: "git fetch"
+            }
+        );
+        assert_eq!(
+            parse(b"# end 0 -1 killed by signal 9"),
+            Record::End {
+                index: 0,
+                code: -1,
+                how: "killed by signal 9"
+            }
+        );
+        assert_eq!(
+            parse(b"# notstarted 2 cannot run x: No such file"),
+            Record::NotStarted {
+                index: 2,
+                why: "cannot run x: No such file"
+            }
+        );
+        assert_eq!(parse(b"# dropped 7"), Record::Dropped(7));
+        assert_eq!(parse(b"# done"), Record::Done);
+        assert_eq!(parse(b"# stopped"), Record::Stopped);
+        assert_eq!(parse(b"# start x"), Record::Unknown);
+        assert_eq!(parse(b"zz"), Record::Unknown);
+        assert_eq!(parse(b""), Record::Unknown);
+    }
+
+    #[test]
+    fn logs_are_pruned_by_count_and_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..7 {
+            std::fs::write(
+                dir.path().join(format!("2026010{i}T000000Z-pull.log")),
+                "x".repeat(10),
+            )
+            .unwrap();
+        }
+        let left = |dir: &Path| {
+            let mut left: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        prune(dir.path(), 3, u64::MAX);
+        assert_eq!(
+            left(dir.path()),
+            [
+                "20260104T000000Z-pull.log",
+                "20260105T000000Z-pull.log",
+                "20260106T000000Z-pull.log"
+            ]
+        );
+        prune(dir.path(), 3, 25);
+        assert_eq!(
+            left(dir.path()),
+            ["20260105T000000Z-pull.log", "20260106T000000Z-pull.log"]
+        );
+    }
+
+    #[test]
+    fn private_files_and_dirs_ignore_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        private_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
+        private_dir(&sub).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sub), 0o700);
+        let file = sub.join("f");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_private(&file, b"y").unwrap();
+        assert_eq!(mode(&file), 0o600);
+    }
+}
