@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod file_cache;
+pub mod footprint;
 pub mod handover;
 pub mod hardening;
 pub mod heartbeat;
