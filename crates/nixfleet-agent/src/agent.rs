@@ -13,6 +13,7 @@ use crate::commands::{CommandKind, Progress, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::{Connection, Control, LinkState, Links};
 use crate::follower::{Followed, follow, output_frame};
+use crate::footprint;
 use crate::handover::{self, CommandRecord, SelfImage, follow_legacy};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::DeliveryCursor;
@@ -27,7 +28,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Exit code when the agent restarts itself to become the version a switch
 /// installed (EX_TEMPFAIL): non-zero, so `Restart=on-failure` would restart
@@ -84,6 +85,7 @@ pub async fn run(config: Config) -> ExitCode {
         },
     );
     let connection = tokio::spawn(connection.run());
+    tokio::spawn(release_startup_memory_once_connected(link_state_rx.clone()));
     let shutdown_tx = Arc::new(shutdown_tx);
     tokio::spawn(shutdown::on_signals(shutdown_tx.clone()));
 
@@ -143,6 +145,26 @@ pub async fn run(config: Config) -> ExitCode {
             info!("exiting so that systemd starts the new version");
             ExitCode::from(EXIT_RESTART)
         }
+    }
+}
+
+/// Once the first connection is up, start-up is over: what runs from here
+/// on is the idle loop (see `footprint`).
+async fn release_startup_memory_once_connected(mut link_state: watch::Receiver<LinkState>) {
+    if link_state
+        .wait_for(|state| matches!(state, LinkState::Connected))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match footprint::release_startup_memory() {
+        Ok(released) => debug!(
+            mappings = released.mappings,
+            resident_kib = released.resident_kib,
+            "released the pages only start-up used"
+        ),
+        Err(error) => debug!(%error, "cannot release start-up memory"),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod file_cache;
 pub mod follower;
+pub mod footprint;
 pub mod handover;
 pub mod hardening;
 pub mod heartbeat;
