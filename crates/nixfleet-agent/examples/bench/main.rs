@@ -882,6 +882,16 @@ async fn wait_command(
         .wait_for(timeout, |r| r.statuses.get(statuses_before).cloned())
         .await;
     let status = status.ok_or_else(|| format!("no status within {timeout:?}"))?;
+    if status.status == "ok" {
+        // After a successful switch the agent registers again on a fresh
+        // connection (v3); the next command must go to that one.
+        dashboard
+            .wait_for(Duration::from_secs(10), |r| {
+                r.registers.last().filter(|&&at| at > status.at).copied()
+            })
+            .await
+            .ok_or("no register after the successful switch within 10 s")?;
+    }
     // The heartbeat after the status closes the last gap of the command.
     let beat_wait = Duration::from_secs(INTERVAL_SECS * 2 + 1);
     dashboard
