@@ -304,21 +304,40 @@ async fn after_a_sigkill_the_log_holds_every_line_the_dashboard_saw() {
     drop(dir);
 }
 
-/// Checks every file and directory under `dir`; returns how many.
-fn assert_private(dir: &Path) -> usize {
+/// Checks every file and directory under `dir`; returns the names of
+/// those checked. The agent keeps writing meanwhile: a file gone between
+/// the listing and its check (a record's temporary, removed by its rename)
+/// is skipped, but whatever exists must be private, temporaries included.
+fn assert_private(dir: &Path) -> BTreeSet<String> {
     use std::os::unix::fs::PermissionsExt;
-    let mut checked = 0;
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut checked = BTreeSet::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(path) = pending.pop() {
-        let meta = std::fs::metadata(&path).unwrap();
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if gone(&e) => continue,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
         let mode = meta.permissions().mode() & 0o777;
         if meta.is_dir() {
             assert_eq!(mode, 0o700, "{}", path.display());
-            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            match std::fs::read_dir(&path) {
+                Ok(entries) => pending.extend(entries.flatten().map(|e| e.path())),
+                Err(e) if gone(&e) => continue,
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
         } else {
             assert_eq!(mode, 0o600, "{}", path.display());
         }
-        checked += 1;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // Logs are named by time: one name for all of them.
+        let name = if name.ends_with(".log") {
+            "<log>".into()
+        } else {
+            name.into_owned()
+        };
+        checked.insert(name);
     }
     checked
 }
@@ -342,11 +361,27 @@ while [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
     dashboard
         .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "secret-ish output")
         .await;
+    // The core has taken the command (and so written its record).
+    dashboard
+        .wait_frame_where("heartbeat", 10 * SECOND, |p| {
+            p["pending_command"] == "switch"
+        })
+        .await;
     // While it runs: state_dir, logs/, the log, the record, the cursor.
-    assert_eq!(assert_private(&agent.state_dir), 5);
+    let running = assert_private(&agent.state_dir);
+    for expected in [
+        "state",
+        "logs",
+        "<log>",
+        "running-command.json",
+        "running-command.sent",
+    ] {
+        assert!(running.contains(expected), "{expected} not in {running:?}");
+    }
     dashboard.command(conn, "stop");
     dashboard.wait_frame("status", 1, 10 * SECOND).await;
-    assert!(assert_private(&agent.state_dir) >= 3);
+    let after = assert_private(&agent.state_dir);
+    assert!(after.contains("<log>"), "{after:?}");
 }
 
 #[tokio::test]
