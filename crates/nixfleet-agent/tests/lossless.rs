@@ -301,6 +301,8 @@ async fn after_a_sigkill_the_log_holds_every_line_the_dashboard_saw() {
     );
     assert!(seen.len() >= 300);
     std::fs::write(home.join("finish"), "").unwrap();
+    // No agent is left to end the command with the test (see Agent::drop).
+    end_supervisors(&state);
     drop(dir);
 }
 
