@@ -657,6 +657,15 @@ async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
         )
         .await;
 
+    // The next command goes to the agent's fresh connection: wait for it
+    // (a click while the old one closes finds no agent to send to).
+    browser
+        .wait(
+            "[...document.querySelectorAll('#timeline tr[data-kind=\"registered\"]')].some((r) => r.textContent.includes('registered on connection #2'))",
+            "the agent registered again after the switch",
+        )
+        .await;
+
     // "stop" while busy ends the command with the agent's stop status.
     std::fs::remove_file(work.path().join("release")).unwrap();
     browser.click("button[data-command=\"switch\"]").await;
