@@ -256,6 +256,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn logs_are_pruned_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..7 {
+            std::fs::write(dir.path().join(format!("2026010{i}T000000Z-pull.log")), "").unwrap();
+        }
+        prune(dir.path(), 3, u64::MAX);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "20260104T000000Z-pull.log",
+                "20260105T000000Z-pull.log",
+                "20260106T000000Z-pull.log"
+            ]
+        );
+    }
+
+    #[test]
     fn records_parse() {
         assert_eq!(
             parse(b"o hello"),

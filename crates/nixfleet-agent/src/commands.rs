@@ -26,14 +26,14 @@ use crate::outbox::{DeliveryCursor, Outbox};
 use crate::protocol::{CheckStatus, Outcome, Status, Stream};
 use crate::redact::{Scrubber, redact_url};
 use crate::status::{ChildEnv, Compartment, LockAnswer, current_system, git_check};
-use crate::supervisor::SUPERVISE_ARG;
+use crate::supervisor::{SUPERVISE_ARG, describe_exit, exit_code_of};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -43,8 +43,6 @@ pub const TRUNCATED_MARK: &str = " …[truncated]";
 /// The last line of every command log starts with this, then the exit
 /// code: a restarted agent reads it back (see handover.rs).
 pub const EXIT_CODE_LOG_PREFIX: &str = "[nixfleet] exit code ";
-/// Command logs kept under `state_dir/logs`.
-pub const KEPT_LOGS: usize = 50;
 /// After a process exits, how long its output pipes may stay open (held by
 /// a leftover background process) before the agent stops reading them.
 const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -286,7 +284,7 @@ impl Runner {
             output: Output {
                 command: kind.name(),
                 outbox: &self.outbox,
-                log: Mutex::new(CommandLog::create(&self.config.state_dir, kind.name())),
+                log: Mutex::new(CommandLog::create(&self.config, kind.name())),
                 error_detail: Mutex::new(ErrorDetail::default()),
                 captured: Mutex::new(None),
                 dropped: Mutex::new(0),
@@ -1334,23 +1332,6 @@ pub fn line_text(raw: &[u8], cut: bool) -> String {
     text
 }
 
-fn exit_code_of(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-fn describe_exit(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => "ended abnormally".to_owned(),
-    }
-}
-
 fn find_test_scripts(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -1430,40 +1411,40 @@ fn git_ssh_command(key: &Path) -> String {
     format!("ssh -i '{quoted}' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new")
 }
 
-/// The full output of one command in `state_dir/logs`, before any dropping.
+/// The output of a check run from the agent, in `state_dir/logs` beside the
+/// supervised commands' logs: created, made private and pruned by the same
+/// code (command_log.rs), written a line at a time (so it survives the
+/// agent), and capped like them.
 struct CommandLog {
-    file: std::io::BufWriter<std::fs::File>,
+    file: std::io::LineWriter<std::fs::File>,
     path: PathBuf,
+    room: u64,
     failed: bool,
 }
 
 impl CommandLog {
-    /// Opens a new log and prunes old ones; on failure the command runs
-    /// without a log (a full disk must not stop a rollback).
-    fn create(state_dir: &Path, command: &str) -> Option<CommandLog> {
-        let dir = state_dir.join("logs");
-        let result = std::fs::create_dir_all(&dir).and_then(|()| {
-            let stamp = humantime::format_rfc3339_millis(SystemTime::now())
-                .to_string()
-                .replace([':', '-'], "");
-            let path = dir.join(format!("{stamp}-{command}.log"));
-            let file = std::fs::OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&path)?;
+    /// On failure the check runs without a log (a full disk must not stop
+    /// it).
+    fn create(config: &Config, command: &str) -> Option<CommandLog> {
+        let result = command_log::create(
+            &config.state_dir,
+            command,
+            config.log_max_bytes,
+            config.logs_max_bytes,
+        )
+        .and_then(|path| {
+            let file = command_log::private_file(&path, std::fs::OpenOptions::new().append(true))?;
             Ok((file, path))
         });
         match result {
-            Ok((file, path)) => {
-                prune_logs(&dir, KEPT_LOGS);
-                Some(CommandLog {
-                    file: std::io::BufWriter::with_capacity(64 * 1024, file),
-                    path,
-                    failed: false,
-                })
-            }
+            Ok((file, path)) => Some(CommandLog {
+                file: std::io::LineWriter::new(file),
+                path,
+                room: config.log_max_bytes,
+                failed: false,
+            }),
             Err(error) => {
-                warn!(command, error = %error, dir = %dir.display(), "cannot write the command log");
+                warn!(command, error = %error, "cannot write the command log");
                 None
             }
         }
@@ -1473,6 +1454,14 @@ impl CommandLog {
         if self.failed {
             return;
         }
+        let needed = text.len() as u64 + 1;
+        if needed > self.room {
+            // Past log_max_bytes, as a supervised command's log: the rest
+            // is not kept.
+            self.failed = true;
+            return;
+        }
+        self.room -= needed;
         let result = self
             .file
             .write_all(text.as_bytes())
@@ -1481,32 +1470,6 @@ impl CommandLog {
             warn!(error = %error, path = %self.path.display(), "writing the command log failed; the rest of this command is not logged");
             self.failed = true;
         }
-    }
-}
-
-impl Drop for CommandLog {
-    fn drop(&mut self) {
-        let _ = self.file.flush();
-    }
-}
-
-/// Keeps the newest `keep` logs. Names start with a UTC timestamp, so name
-/// order is age order.
-fn prune_logs(dir: &Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut logs: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    if logs.len() <= keep {
-        return;
-    }
-    logs.sort();
-    for old in &logs[..logs.len() - keep] {
-        let _ = std::fs::remove_file(old);
     }
 }
 
@@ -1655,27 +1618,5 @@ mod tests {
             .collect();
         assert_eq!(names, ["T02-early.sh", "T10-late.sh"]);
         assert!(find_test_scripts(&dir.path().join("missing")).is_empty());
-    }
-
-    #[test]
-    fn logs_are_pruned_to_the_newest() {
-        let dir = tempfile::tempdir().unwrap();
-        for i in 0..7 {
-            std::fs::write(dir.path().join(format!("2026010{i}T000000Z-pull.log")), "").unwrap();
-        }
-        prune_logs(dir.path(), 3);
-        let mut left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                "20260104T000000Z-pull.log",
-                "20260105T000000Z-pull.log",
-                "20260106T000000Z-pull.log"
-            ]
-        );
     }
 }

@@ -384,6 +384,18 @@ while [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
     dashboard.wait_frame("status", 1, 10 * SECOND).await;
     let after = assert_private(&agent.state_dir);
     assert!(after.contains("<log>"), "{after:?}");
+    // A check run from the agent writes its log in the same directory, as
+    // privately.
+    let logs_before = std::fs::read_dir(agent.state_dir.join("logs"))
+        .unwrap()
+        .count();
+    dashboard.command(conn, "refresh-lock");
+    dashboard.wait_frame("status", 2, 10 * SECOND).await;
+    assert_private(&agent.state_dir);
+    let logs_after = std::fs::read_dir(agent.state_dir.join("logs"))
+        .unwrap()
+        .count();
+    assert_eq!(logs_after, logs_before + 1, "the check wrote its log");
 }
 
 #[tokio::test]
