@@ -19,6 +19,13 @@ use std::time::{Duration, SystemTime};
 /// recomputed once more on the next use (git's "racily clean" rule).
 const SETTLING_TIME: Duration = Duration::from_secs(2);
 
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread looked at a file's metadata, for tests of
+    /// what an idle heartbeat costs.
+    pub static METADATA_LOOKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// What a file's metadata says about its content. Replacing a file (git
 /// and Nix write aside and rename) changes the inode; writing in place
 /// changes the size or the modification and change times.
@@ -35,6 +42,8 @@ impl Stamp {
     /// The stamp of `path` (following symlinks), `None` when it cannot be
     /// read (absent, no permission).
     pub fn of(path: &Path) -> Option<Stamp> {
+        #[cfg(test)]
+        METADATA_LOOKS.with(|looks| looks.set(looks.get() + 1));
         std::fs::metadata(path).ok().map(|m| Stamp::from(&m))
     }
 
@@ -66,6 +75,8 @@ pub struct Derived<T> {
     inputs: Vec<(PathBuf, Option<Stamp>)>,
     /// An input was modified within [`SETTLING_TIME`] of being read.
     settling: bool,
+    /// How many times the value was computed: its inputs may have changed.
+    computations: u64,
 }
 
 impl<T> Default for Derived<T> {
@@ -74,6 +85,7 @@ impl<T> Default for Derived<T> {
             value: None,
             inputs: Vec::new(),
             settling: false,
+            computations: 0,
         }
     }
 }
@@ -82,7 +94,21 @@ impl<T> Derived<T> {
     /// The value; `compute` runs the first time and whenever a file it read
     /// (through [`Reads`]) last time has changed since.
     pub fn get(&mut self, compute: impl FnOnce(&mut Reads<'_>) -> T) -> &T {
-        if self.value.is_none() || self.settling || !self.inputs_unchanged() {
+        self.refresh(true, compute);
+        self.value.as_ref().expect("computed by refresh")
+    }
+
+    /// Like [`Derived::get`], but trusts the cached value without looking
+    /// at its files when the caller knows none of them changed
+    /// (`maybe_changed` false, from [`crate::file_watch`]); a settling value
+    /// is checked regardless.
+    pub fn refresh(&mut self, maybe_changed: bool, compute: impl FnOnce(&mut Reads<'_>) -> T) {
+        let stale = match self.value {
+            None => true,
+            Some(_) if self.settling => true,
+            Some(_) => maybe_changed && !self.inputs_unchanged(),
+        };
+        if stale {
             self.inputs.clear();
             let mut reads = Reads {
                 inputs: &mut self.inputs,
@@ -92,8 +118,23 @@ impl<T> Derived<T> {
             let value = compute(&mut reads);
             self.settling = reads.settling;
             self.value = Some(value);
+            self.computations += 1;
         }
-        self.value.as_ref().expect("computed above")
+    }
+
+    /// The value as last computed.
+    pub fn value(&self) -> Option<&T> {
+        self.value.as_ref()
+    }
+
+    /// Every path the last computation looked at, present or not.
+    pub fn inputs(&self) -> impl Iterator<Item = &Path> {
+        self.inputs.iter().map(|(path, _)| path.as_path())
+    }
+
+    /// Grows whenever the value is computed (and so its inputs may differ).
+    pub fn computations(&self) -> u64 {
+        self.computations
     }
 
     fn inputs_unchanged(&self) -> bool {
@@ -114,6 +155,8 @@ pub struct Reads<'a> {
 impl Reads<'_> {
     /// The metadata of `path` (following symlinks).
     pub fn metadata(&mut self, path: &Path) -> Option<Metadata> {
+        #[cfg(test)]
+        METADATA_LOOKS.with(|looks| looks.set(looks.get() + 1));
         let metadata = std::fs::metadata(path).ok();
         self.note(path, metadata.as_ref().map(Stamp::from));
         metadata

@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::file_cache::{Derived, Reads};
+use crate::file_watch::ChangeWatch;
 use crate::metrics::Sampler;
 use crate::protocol::{Heartbeat, Register, UpdateStatus};
 use std::path::{Path, PathBuf};
@@ -54,50 +55,46 @@ impl AgentIdentity {
 }
 
 /// Builds `register` and `heartbeat` payloads. What they report from files
-/// is re-read only when the files changed (see [`crate::file_cache`]): an
-/// idle heartbeat costs a few `statx` calls, no reads.
+/// is re-read only when the files changed (see [`crate::file_cache`]), and
+/// their metadata is looked at only when inotify saw something happen in
+/// their directories (see [`crate::file_watch`]): an idle heartbeat costs
+/// one `read` that finds no events.
 pub struct Reporter {
     hostname: String,
-    repo_dir: PathBuf,
     repo_url: Option<String>,
     interval_secs: u64,
     identity: AgentIdentity,
-    nixos_version_file: PathBuf,
     sampler: Sampler,
-    generation: Derived<String>,
-    nixpkgs_version: Derived<String>,
+    files: FileFacts,
     theme_color: Option<String>,
     location: Option<String>,
     device_type: Option<String>,
     update_status: Option<watch::Receiver<UpdateStatus>>,
     /// The compartments as of the last heartbeat: heartbeats borrow them.
     update_status_now: Option<UpdateStatus>,
-    /// sha256 of `flake.lock`, re-hashed only when the file changed.
-    lock_hash: Derived<Option<String>>,
 }
 
 impl Reporter {
     pub fn new(config: &Config, identity: AgentIdentity) -> Self {
         Reporter {
             hostname: config.hostname.clone(),
-            repo_dir: config.repo_dir.clone(),
             // Shown without credentials (redact.rs).
             repo_url: config.repo_url.as_deref().map(crate::redact::redact_url),
             interval_secs: config.interval.as_secs(),
             identity,
-            // The test stand-in for /run/current-system brings its own.
-            nixos_version_file: std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
-                .map(|link| PathBuf::from(link).join("nixos-version"))
-                .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
-            generation: Derived::default(),
-            nixpkgs_version: Derived::default(),
+            files: FileFacts::new(
+                config.repo_dir.clone(),
+                // The test stand-in for /run/current-system brings its own.
+                std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
+                    .map(|link| PathBuf::from(link).join("nixos-version"))
+                    .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
+            ),
             theme_color: config.theme_color.clone(),
             location: config.location.clone(),
             device_type: config.device_type.clone(),
             update_status: None,
             update_status_now: None,
-            lock_hash: Derived::default(),
         }
     }
 
@@ -108,18 +105,19 @@ impl Reporter {
     }
 
     pub fn register(&mut self) -> Register {
-        let nixpkgs_version =
-            cached_text(&mut self.nixpkgs_version, &self.nixos_version_file).to_owned();
+        // A new connection: look at the files whatever the watch says.
+        self.files.refresh(true);
+        let nixpkgs_version = self.files.nixpkgs_version().to_owned();
         Register {
             hostname: self.hostname.clone(),
             host_type: self.identity.host_type.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             os_version: os_version(&nixpkgs_version),
             nixpkgs_version,
-            generation: cached_generation(&mut self.generation, &self.repo_dir).to_owned(),
+            generation: self.files.generation().to_owned(),
             heartbeat_interval: self.interval_secs,
             repo_url: self.repo_url.clone(),
-            repo_dir: Some(self.repo_dir.display().to_string()),
+            repo_dir: Some(self.files.repo_dir.display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
             theme_color: self.theme_color.clone(),
@@ -138,42 +136,102 @@ impl Reporter {
         {
             self.update_status_now = Some(published.borrow_and_update().clone());
         }
+        self.files.refresh_if_changed();
         Heartbeat {
             metrics: self.sampler.sample(),
-            generation: cached_generation(&mut self.generation, &self.repo_dir),
-            nixpkgs_version: cached_text(&mut self.nixpkgs_version, &self.nixos_version_file),
+            generation: self.files.generation(),
+            nixpkgs_version: self.files.nixpkgs_version(),
             pending_command: command.name.as_deref(),
             command_pid: command.pid,
             update_status: self.update_status_now.as_ref(),
             source_commit: self.identity.source_commit.as_deref(),
             store_path: self.identity.store_path.as_deref(),
             binary_hash: self.identity.binary_hash.as_deref(),
-            lock_hash: cached_lock_hash(&mut self.lock_hash, &self.repo_dir),
+            lock_hash: self.files.lock_hash(),
         }
     }
 }
 
-fn cached_generation<'a>(cache: &'a mut Derived<String>, repo_dir: &Path) -> &'a str {
-    cache.get(|reads| short_commit(head_commit_in(repo_dir, reads)))
+/// What the agent reports from small files: the repository's commit, the
+/// NixOS version, the lock file's hash. Each is read again only when one of
+/// its files changed, and the files' metadata is looked at only when
+/// something happened in their directories.
+struct FileFacts {
+    repo_dir: PathBuf,
+    nixos_version_file: PathBuf,
+    generation: Derived<String>,
+    nixpkgs_version: Derived<String>,
+    /// sha256 of `flake.lock`.
+    lock_hash: Derived<Option<String>>,
+    /// Whether any file behind the values may have changed.
+    inputs_watch: ChangeWatch,
+    /// The values' computations when their inputs were last watched.
+    watched_computations: u64,
 }
 
-/// sha256 hex of the repository's `flake.lock`, hashed again only when the
-/// file changed: an idle heartbeat costs one `statx`.
-fn cached_lock_hash<'a>(
-    cache: &'a mut Derived<Option<String>>,
-    repo_dir: &Path,
-) -> Option<&'a str> {
-    cache
-        .get(|reads| {
-            let mut file = reads.open(&repo_dir.join("flake.lock"))?;
-            sha256_hex_of_reader(&mut file)
-        })
-        .as_deref()
+impl FileFacts {
+    fn new(repo_dir: PathBuf, nixos_version_file: PathBuf) -> Self {
+        FileFacts {
+            repo_dir,
+            nixos_version_file,
+            generation: Derived::default(),
+            nixpkgs_version: Derived::default(),
+            lock_hash: Derived::default(),
+            inputs_watch: ChangeWatch::new(),
+            watched_computations: 0,
+        }
+    }
+
+    fn generation(&self) -> &str {
+        self.generation.value().map_or("", String::as_str)
+    }
+
+    fn nixpkgs_version(&self) -> &str {
+        self.nixpkgs_version.value().map_or("", String::as_str)
+    }
+
+    fn lock_hash(&self) -> Option<&str> {
+        self.lock_hash.value().and_then(Option::as_deref)
+    }
+
+    /// Up to date at the cost of one `read` when nothing happened.
+    fn refresh_if_changed(&mut self) {
+        let maybe_changed = self.inputs_watch.maybe_changed();
+        self.refresh(maybe_changed);
+    }
+
+    /// Brings the values up to date (looking at their files only if
+    /// `maybe_changed`), and watches the files a value was just read from.
+    fn refresh(&mut self, maybe_changed: bool) {
+        let repo_dir = &self.repo_dir;
+        self.generation.refresh(maybe_changed, |reads| {
+            short_commit(head_commit_in(repo_dir, reads))
+        });
+        self.nixpkgs_version.refresh(maybe_changed, |reads| {
+            read_trimmed(reads, &self.nixos_version_file).unwrap_or_default()
+        });
+        self.lock_hash
+            .refresh(maybe_changed, |reads| lock_hash_in(repo_dir, reads));
+        let computations = self.generation.computations()
+            + self.nixpkgs_version.computations()
+            + self.lock_hash.computations();
+        if computations != self.watched_computations {
+            self.watched_computations = computations;
+            self.inputs_watch.watch(
+                self.generation
+                    .inputs()
+                    .chain(self.nixpkgs_version.inputs())
+                    .chain(self.lock_hash.inputs()),
+            );
+        }
+    }
 }
 
-/// A file's trimmed text, `""` when it cannot be read.
-fn cached_text<'a>(cache: &'a mut Derived<String>, path: &Path) -> &'a str {
-    cache.get(|reads| read_trimmed(reads, path).unwrap_or_default())
+/// sha256 hex of the repository's `flake.lock` (hashed again only when the
+/// file changed).
+fn lock_hash_in(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
+    let mut file = reads.open(&repo_dir.join("flake.lock"))?;
+    sha256_hex_of_reader(&mut file)
 }
 
 fn host_type(nixos_marker: &Path) -> &'static str {
@@ -250,7 +308,9 @@ const SHORT_COMMIT_LEN: usize = 7;
 /// `packed-refs`; follows `gitdir:` files (worktrees, submodules) and
 /// `commondir`.
 pub fn generation(repo_dir: &Path) -> String {
-    cached_generation(&mut Derived::default(), repo_dir).to_owned()
+    Derived::default()
+        .get(|reads| short_commit(head_commit_in(repo_dir, reads)))
+        .clone()
 }
 
 fn short_commit(id: Option<String>) -> String {
@@ -383,7 +443,11 @@ mod tests {
         git(repo, &["init", "-q", "-b", "main"]);
         git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
         let short = |r: &Path| git(r, &["rev-parse", "--short=7", "HEAD"]);
-        let mut cache = Derived::default();
+        let mut facts = FileFacts::new(repo.to_owned(), repo.join("nixos-version"));
+        let mut generation = || {
+            facts.refresh_if_changed();
+            facts.generation().to_owned()
+        };
         // Each step but the packing moves HEAD; the packing moves the
         // branch's ref from its own file into packed-refs.
         let steps: [&[&str]; 5] = [
@@ -396,11 +460,59 @@ mod tests {
         for step in steps {
             backdate_tree(&repo.join(".git"));
             let before = short(repo);
-            assert_eq!(cached_generation(&mut cache, repo), before);
-            assert_eq!(cached_generation(&mut cache, repo), before);
+            assert_eq!(generation(), before);
+            assert_eq!(generation(), before);
             git(repo, step);
-            assert_eq!(cached_generation(&mut cache, repo), short(repo), "{step:?}");
+            assert_eq!(generation(), short(repo), "{step:?}");
         }
+    }
+
+    #[test]
+    fn an_idle_heartbeat_looks_at_no_file_and_a_change_is_still_seen() {
+        use crate::file_cache::METADATA_LOOKS;
+        let looks = || METADATA_LOOKS.with(std::cell::Cell::get);
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        std::fs::write(repo.join("flake.lock"), "{}").unwrap();
+        // As /run/current-system: a link replaced by a switch.
+        for system in ["system-1", "system-2"] {
+            std::fs::create_dir(dir.path().join(system)).unwrap();
+            std::fs::write(dir.path().join(system).join("nixos-version"), system).unwrap();
+        }
+        let current = dir.path().join("current-system");
+        std::os::unix::fs::symlink(dir.path().join("system-1"), &current).unwrap();
+        backdate_tree(dir.path());
+        let mut facts = FileFacts::new(repo.clone(), current.join("nixos-version"));
+        facts.refresh_if_changed();
+        facts.refresh_if_changed();
+        assert_eq!(facts.nixpkgs_version(), "system-1");
+
+        let before = looks();
+        for _ in 0..3 {
+            facts.refresh_if_changed();
+        }
+        assert_eq!(looks(), before, "idle beats look at no file's metadata");
+
+        git(&repo, &["commit", "-q", "--allow-empty", "-m", "two"]);
+        facts.refresh_if_changed();
+        assert_eq!(
+            facts.generation(),
+            git(&repo, &["rev-parse", "--short=7", "HEAD"])
+        );
+
+        let next = dir.path().join("current-system.new");
+        std::os::unix::fs::symlink(dir.path().join("system-2"), &next).unwrap();
+        std::fs::rename(&next, &current).unwrap();
+        facts.refresh_if_changed();
+        assert_eq!(facts.nixpkgs_version(), "system-2", "the switch is seen");
+
+        std::fs::write(repo.join("flake.lock"), "{\"nodes\":{}}").unwrap();
+        let old_hash = facts.lock_hash().map(str::to_owned);
+        facts.refresh_if_changed();
+        assert_ne!(facts.lock_hash().map(str::to_owned), old_hash);
     }
 
     #[test]
@@ -454,14 +566,18 @@ mod tests {
         const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join("flake.lock");
-        let mut cache = Derived::default();
-        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+        let mut facts = FileFacts::new(dir.path().to_owned(), dir.path().join("nixos-version"));
+        let mut lock_hash = || {
+            facts.refresh_if_changed();
+            facts.lock_hash().map(str::to_owned)
+        };
+        assert_eq!(lock_hash(), None);
         std::fs::write(&lock, "abc").unwrap();
-        assert_eq!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        assert_eq!(lock_hash().as_deref(), Some(ABC));
         std::fs::write(&lock, "abcd").unwrap();
-        assert_ne!(cached_lock_hash(&mut cache, dir.path()), Some(ABC));
+        assert_ne!(lock_hash().as_deref(), Some(ABC));
         std::fs::remove_file(&lock).unwrap();
-        assert_eq!(cached_lock_hash(&mut cache, dir.path()), None);
+        assert_eq!(lock_hash(), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod file_cache;
+pub mod file_watch;
 pub mod follower;
 pub mod footprint;
 pub mod handover;
