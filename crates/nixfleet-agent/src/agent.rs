@@ -22,6 +22,7 @@ use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, S
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
 use crate::systemd::{CommandStatus, ConnectionStatus, StatusLine, Systemd};
+use crate::ticker::Ticker;
 use crate::watchdog::{Probe, Prober, probe_channel};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,6 +173,14 @@ async fn release_startup_memory_once_connected(mut link_state: watch::Receiver<L
 /// waiting for the dashboard, which may be down at boot), a STATUS= line
 /// that follows the connection and the command, WATCHDOG=1 only while the
 /// core and the connection answer probes, STOPPING=1 at the end.
+/// The next tick of a ticker that may not exist (then never).
+async fn tick_if_any(ticker: &mut Option<Ticker>) -> std::io::Result<()> {
+    match ticker {
+        Some(ticker) => ticker.tick().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn report_to_systemd(
     systemd: Systemd,
     url: String,
@@ -184,9 +193,7 @@ async fn report_to_systemd(
     line.publish(&systemd);
     systemd.ready();
     let watchdog_interval = systemd.watchdog_interval();
-    let mut watchdog =
-        tokio::time::interval(watchdog_interval.unwrap_or(Duration::from_secs(3600)));
-    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog = watchdog_interval.map(Ticker::new);
     loop {
         tokio::select! {
             () = shutdown::requested(&mut shutdown) => break,
@@ -206,7 +213,7 @@ async fn report_to_systemd(
                     pid: state.pid,
                 }));
             }
-            _ = watchdog.tick(), if watchdog_interval.is_some() => {
+            Ok(()) = tick_if_any(&mut watchdog) => {
                 let patience = watchdog_interval.unwrap_or_default() / 2;
                 let answers = futures_util::future::join_all(loops.iter().map(|l| l.check(patience))).await;
                 match answers.iter().find_map(|a| a.err()) {
@@ -285,14 +292,13 @@ impl Core {
         mut shutdown: shutdown::Listener,
         mut probes: mpsc::Receiver<Probe>,
     ) -> Ending {
-        let every = self.self_check_every.max(Duration::from_secs(1));
-        let mut self_check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + COMPARTMENT_TICK,
-            COMPARTMENT_TICK,
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // On the heartbeat's grid (ticker.rs): checks share its wake-ups.
+        // The self-check only exists where there is a unit to compare with.
+        let mut self_check = self
+            .self_image
+            .watches_a_unit()
+            .then(|| Ticker::on_grid(self.self_check_every));
+        let mut tick = Ticker::on_grid(COMPARTMENT_TICK);
         let ending = loop {
             let idle_and_watching = self.running.is_none()
                 && self.restart.is_none()
@@ -306,9 +312,9 @@ impl Core {
                     None => self.runner_vanished(),
                 },
                 Some(answer) = lock_answers.recv() => self.compartments.on_lock_answer(answer),
-                _ = tick.tick() => self.compartments.reevaluate(),
+                Ok(()) = tick.tick() => self.compartments.reevaluate(),
                 Some(probe) = probes.recv() => probe.answer(),
-                _ = self_check.tick(), if idle_and_watching => self.check_self_image(),
+                Ok(()) = tick_if_any(&mut self_check), if idle_and_watching => self.check_self_image(),
             }
         };
         if let Some(running) = &self.running {
@@ -864,6 +870,7 @@ mod tests {
                 tokio::select! {
                     Some(p) = connection_probes.recv() => p.answer(),
                     Some(p) = core_probes.recv(), if core_answers => p.answer(),
+                    else => break,
                 }
             }
         });

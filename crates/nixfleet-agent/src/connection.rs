@@ -30,7 +30,7 @@ use crate::heartbeat::{CommandState, Reporter};
 use crate::outbox::{Item, Outbox};
 use crate::protocol::{self, FrameBuffer, Inbound, Outbound};
 use crate::shutdown;
-use crate::ticker::Ticker;
+use crate::ticker::{Alarm, Ticker};
 use crate::watchdog::{Probe, answering_probes};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::ExposeSecret;
@@ -43,7 +43,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -321,8 +321,30 @@ impl Connection {
                 written: &self.written,
                 control,
             };
-            let writer = write_frames(&mut sink, &self.config, &mut self.reporter, outgoing);
-            let silence = detect_silence(epoch, &last_heard_ms, self.config.ping_timeout);
+            // The session's clocks exist before `register` goes out: a
+            // session's descriptors are all open once it is up.
+            let clocks = Clocks {
+                // The first tick is immediate: the first heartbeat follows
+                // `register`.
+                beat: Ticker::new(self.config.interval),
+                // On the same grid as the heartbeat: a ping goes out in the
+                // same wake-up as the heartbeat due with it.
+                ping: Ticker::on_grid(self.config.ping_interval),
+            };
+            let mut silence_alarm = Alarm::new();
+            let writer = write_frames(
+                &mut sink,
+                &self.config,
+                &mut self.reporter,
+                outgoing,
+                clocks,
+            );
+            let silence = detect_silence(
+                epoch,
+                &last_heard_ms,
+                self.config.ping_timeout,
+                &mut silence_alarm,
+            );
             tokio::select! {
                 end = reader => end,
                 end = writer => end,
@@ -531,10 +553,13 @@ fn reason_suffix(reason: &str) -> String {
     }
 }
 
+/// Checked when the last deadline passes (a frame since moves the next
+/// one), on the heartbeat's grid: at most a second late.
 async fn detect_silence(
     epoch: Instant,
     last_heard_ms: &AtomicU64,
     timeout: Duration,
+    alarm: &mut Alarm,
 ) -> SessionEnd {
     loop {
         let last_heard = epoch + Duration::from_millis(last_heard_ms.load(Ordering::Relaxed));
@@ -542,7 +567,7 @@ async fn detect_silence(
         if Instant::now() >= deadline {
             return SessionEnd::Silent;
         }
-        tokio::time::sleep_until(deadline).await;
+        alarm.wait_until(deadline).await;
     }
 }
 
@@ -648,29 +673,27 @@ impl Window {
     }
 }
 
+/// The writer's periodic duties.
+struct Clocks {
+    beat: Ticker,
+    ping: Ticker,
+}
+
 async fn write_frames(
     sink: &mut futures_util::stream::SplitSink<Socket, Message>,
     config: &Config,
     reporter: &mut Reporter,
     links: Outgoing<'_>,
+    clocks: Clocks,
 ) -> SessionEnd {
     let mut links = links;
+    let Clocks { mut beat, mut ping } = clocks;
     let stall_limit = config.ping_timeout;
     let register = Outbound::Register(&reporter.register()).to_json();
     let sent = links.write(send(sink, Message::text(register)), stall_limit);
     if let Err(end) = sent.await {
         return end;
     }
-    // The first tick is immediate: the first heartbeat follows `register`.
-    let mut beat = match Ticker::new(config.interval) {
-        Ok(ticker) => ticker,
-        Err(error) => {
-            return SessionEnd::Broken(format!("cannot start the heartbeat timer: {error}"));
-        }
-    };
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::new();
     let mut frames = FrameBuffer::default();
     let outbox = links.outbox;
@@ -699,7 +722,12 @@ async fn write_frames(
                 probe.answer();
                 continue;
             }
-            _ = ping.tick() => (Message::Ping(Default::default()), false),
+            ping_result = ping.tick() => {
+                if let Err(error) = ping_result {
+                    return SessionEnd::Broken(format!("the ping timer failed: {error}"));
+                }
+                (Message::Ping(Default::default()), false)
+            }
             () = links.pongs.arrived.notified() => {
                 window.answered(links.pongs.highest.load(Ordering::Relaxed), outbox);
                 continue;
