@@ -13,7 +13,7 @@ use crate::protocol::Metrics;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// StaSysMo files older than this count as absent (config.md).
 pub const STASYSMO_MAX_AGE: Duration = Duration::from_secs(30);
@@ -22,13 +22,31 @@ pub const STASYSMO_MAX_AGE: Duration = Duration::from_secs(30);
 /// `/proc/meminfo` up to `SwapFree` (its 16th line; the file is ~1.5 KiB).
 const PROC_READ_BUFFER: usize = 4096;
 
+/// How often the slow gauges (memory, swap, load) are read from `/proc`.
+/// The kernel recomputes the load average every 5 s (`LOAD_FREQ`), so
+/// reading it more often returns the same number; memory use moves as
+/// slowly (and StaSysMo's values count as fresh for 30 s). CPU use, a rate
+/// over the time since the previous heartbeat, is read on every one.
+const SLOW_GAUGES_PERIOD: Duration = Duration::from_secs(5);
+
 /// Samples metrics once per heartbeat. CPU usage is the share of busy time
 /// between two samples, so the sampler keeps the previous counters.
 pub struct Sampler {
     mode: MetricsMode,
     stasysmo: [PathBuf; 4],
+    /// `/proc` (elsewhere in tests).
+    proc_root: PathBuf,
     proc: Option<ProcFiles>,
     previous_cpu: Option<CpuTimes>,
+    slow: Option<SlowGauges>,
+}
+
+/// Memory and load as last read, and when.
+#[derive(Debug, Clone, Copy)]
+struct SlowGauges {
+    read_at: Instant,
+    memory: Memory,
+    load: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +60,10 @@ impl Sampler {
         Sampler {
             mode,
             stasysmo: ["cpu", "ram", "swap", "load"].map(|name| stasysmo_dir.join(name)),
+            proc_root: PathBuf::from("/proc"),
             proc: None,
             previous_cpu: None,
+            slow: None,
         }
     }
 
@@ -52,24 +72,34 @@ impl Sampler {
         match self.mode {
             MetricsMode::None => None,
             MetricsMode::Stasysmo => read_stasysmo(&self.stasysmo, SystemTime::now()),
-            MetricsMode::Proc => self.sample_proc(),
-            MetricsMode::Auto => {
-                read_stasysmo(&self.stasysmo, SystemTime::now()).or_else(|| self.sample_proc())
-            }
+            MetricsMode::Proc => self.sample_proc(Instant::now()),
+            MetricsMode::Auto => read_stasysmo(&self.stasysmo, SystemTime::now())
+                .or_else(|| self.sample_proc(Instant::now())),
         }
     }
 
-    fn sample_proc(&mut self) -> Option<Metrics> {
+    fn sample_proc(&mut self, now: Instant) -> Option<Metrics> {
         if self.proc.is_none() {
             // Opened on first use; retried on the next sample if it failed.
-            self.proc = ProcFiles::open(Path::new("/proc")).ok();
+            self.proc = ProcFiles::open(&self.proc_root).ok();
         }
         let proc = self.proc.as_mut()?;
         let cpu_now = proc.cpu_times()?;
         let cpu = cpu_percent(self.previous_cpu, cpu_now);
         self.previous_cpu = Some(cpu_now);
-        let memory = proc.memory()?;
-        let load = proc.load_one()?;
+        let slow = match self.slow {
+            Some(slow) if now.saturating_duration_since(slow.read_at) < SLOW_GAUGES_PERIOD => slow,
+            _ => {
+                let slow = SlowGauges {
+                    read_at: now,
+                    memory: proc.memory()?,
+                    load: proc.load_one()?,
+                };
+                self.slow = Some(slow);
+                slow
+            }
+        };
+        let SlowGauges { memory, load, .. } = slow;
         Some(Metrics {
             cpu: round2(cpu),
             ram: round2(percent_used(memory.total, memory.available)),
@@ -328,6 +358,37 @@ mod tests {
             }
             assert!(m.load >= 0.0);
         }
+    }
+
+    #[test]
+    fn cpu_is_read_every_beat_memory_and_load_every_five_seconds() {
+        let proc = tempfile::tempdir().unwrap();
+        let write = |cpu_busy: u64, cpu_idle: u64, mem_available: u64, load: &str| {
+            let stat = format!("cpu  {cpu_busy} 0 0 {cpu_idle} 0 0 0 0 0 0\ncpu0 0\n");
+            std::fs::write(proc.path().join("stat"), stat).unwrap();
+            let meminfo = format!(
+                "MemTotal: 1000 kB\nMemFree: 1 kB\nMemAvailable: {mem_available} kB\n\
+                 Cached: 1 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n"
+            );
+            std::fs::write(proc.path().join("meminfo"), meminfo).unwrap();
+            std::fs::write(proc.path().join("loadavg"), format!("{load} 0 0 1/1 1\n")).unwrap();
+        };
+        let mut sampler = Sampler::new(MetricsMode::Proc, proc.path().join("no-stasysmo"));
+        sampler.proc_root = proc.path().to_owned();
+        let start = Instant::now();
+        write(100, 900, 750, "0.50");
+        let first = sampler.sample_proc(start).unwrap();
+        assert_eq!((first.cpu, first.ram, first.load), (10.0, 25.0, 0.5));
+
+        // A second later: a new CPU figure, the same slow gauges.
+        write(600, 1400, 250, "2.00");
+        let second = sampler.sample_proc(start + Duration::from_secs(1)).unwrap();
+        assert_eq!(second.cpu, 50.0, "busy 500 of the 1000 since the first");
+        assert_eq!((second.ram, second.load), (25.0, 0.5));
+
+        // Five seconds after they were read, they are read again.
+        let third = sampler.sample_proc(start + SLOW_GAUGES_PERIOD).unwrap();
+        assert_eq!((third.ram, third.load), (75.0, 2.0));
     }
 
     /// This reader against the `procfs` crate on this machine: the same
