@@ -116,3 +116,22 @@ mod tests {
         assert!(stamp.realtime_ns > 1_600_000_000_000_000_000);
     }
 }
+
+/// The idle phase's reference (`bench __floor PORT`): what any agent must
+/// do at least for a heartbeat every second, a wake-up and one
+/// heartbeat-sized write to a TCP socket on loopback, and nothing else.
+/// Runs until the socket is closed.
+pub fn floor(port: u64) -> std::io::Result<()> {
+    let port = u16::try_from(port).map_err(std::io::Error::other)?;
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    socket.set_nodelay(true)?;
+    // A heartbeat frame's size (a masked text frame of about 750 bytes).
+    let frame = [b'x'; 751];
+    let start = Instant::now();
+    for beat in 1u32.. {
+        let due = start + Duration::from_secs(1) * beat;
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        socket.write_all(&frame)?;
+    }
+    Ok(())
+}

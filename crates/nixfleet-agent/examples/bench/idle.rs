@@ -47,18 +47,34 @@ pub struct Measured {
     case: Case,
     window: Duration,
     cpu_ns: u64,
+    /// Times the agent was scheduled in over the window.
+    runs: u64,
     threads: usize,
     beats: usize,
     memory: probe::Memory,
 }
 
-/// Starts an agent per case, watches them all for `window`, stops them.
+/// What the idle agents are measured against: a process that only wakes
+/// up and writes a heartbeat-sized frame every second (`bench __floor`),
+/// measured over the same window. Its figure is the part of an idle
+/// agent's cost that is the machine's (the timer wake-up, the loopback
+/// send, which also charges the receiver's TCP processing to the sender),
+/// and it moves with the machine as the agents' figures do.
+pub struct Floor {
+    window: Duration,
+    cpu_ns: u64,
+    beats: u64,
+}
+
+/// Starts an agent per case and the floor process, watches them all for
+/// `window`, stops them.
 pub async fn measure(
     cases: &[Case],
     window: Duration,
     binary: &Path,
     wrapper: &[String],
-) -> Result<Vec<Measured>, String> {
+    bench_exe: &Path,
+) -> Result<(Vec<Measured>, Floor), String> {
     let work = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let mut running = Vec::new();
     for (i, case) in cases.iter().enumerate() {
@@ -98,12 +114,43 @@ pub async fn measure(
         }
     }
 
+    let floor_sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("floor listener: {e}"))?;
+    let floor_port = floor_sink
+        .local_addr()
+        .map_err(|e| format!("floor listener: {e}"))?
+        .port();
+    let mut floor = tokio::process::Command::new(bench_exe)
+        .args(["__floor", &floor_port.to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("floor process: {e}"))?;
+    let floor_pid = floor.id().ok_or("the floor process exited at once")?;
+    let (mut floor_socket, _) = tokio::time::timeout(Duration::from_secs(10), floor_sink.accept())
+        .await
+        .map_err(|_| "the floor process did not connect".to_owned())?
+        .map_err(|e| format!("floor accept: {e}"))?;
+    let floor_reader = tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        tokio::io::copy(&mut floor_socket, &mut sink).await
+    });
+
+    let floor_before = probe::cpu(floor_pid);
     let before: Vec<(probe::Cpu, usize)> = running
         .iter()
         .map(|(dashboard, agent)| (probe::cpu(agent.pid), dashboard.record().heartbeats.len()))
         .collect();
     let started = Instant::now();
     tokio::time::sleep(window).await;
+    let floor_after = probe::cpu(floor_pid);
+    let floor_figures = Floor {
+        window: started.elapsed(),
+        cpu_ns: floor_after.ns.saturating_sub(floor_before.ns),
+        beats: floor_after.runs.saturating_sub(floor_before.runs),
+    };
+    let _ = floor.kill().await;
+    floor_reader.abort();
     let mut measured = Vec::new();
     for (((dashboard, agent), case), (cpu_before, beats_before)) in
         running.iter_mut().zip(cases).zip(before)
@@ -116,6 +163,7 @@ pub async fn measure(
             case: *case,
             window: started.elapsed(),
             cpu_ns: cpu.ns.saturating_sub(cpu_before.ns),
+            runs: cpu.runs.saturating_sub(cpu_before.runs),
             threads: cpu.threads,
             beats,
             memory,
@@ -124,10 +172,20 @@ pub async fn measure(
     for (_, agent) in &mut running {
         agent.stop().await?;
     }
-    Ok(measured)
+    Ok((measured, floor_figures))
 }
 
-pub fn report(report: &mut Report, measured: &[Measured]) {
+pub fn report(report: &mut Report, measured: &[Measured], floor: &Floor) {
+    let per_period =
+        floor.cpu_ns as f64 / 1e6 * CPU_PERIOD.as_secs_f64() / floor.window.as_secs_f64();
+    report.row(
+        "idle",
+        "floor: wake + 751 B send / 1 s: CPU / 18 s",
+        format!("{per_period:.2} ms ({} wake-ups)", floor.beats),
+        "",
+        "",
+        Verdict::Info,
+    );
     for m in measured {
         let Case {
             interval_secs,
@@ -159,6 +217,18 @@ pub fn report(report: &mut Report, measured: &[Measured]) {
             &format!("≤ {CPU_TARGET_MS} ms"),
             if go_reference { "8.7 ms" } else { "" },
             Report::check(per_period <= CPU_TARGET_MS),
+        );
+        report.row(
+            "idle",
+            "  wake-ups",
+            format!(
+                "{} ({:.2} per heartbeat)",
+                m.runs,
+                m.runs as f64 / m.beats.max(1) as f64
+            ),
+            "",
+            "",
+            Verdict::Info,
         );
         if m.threads != 1 {
             report.row(

@@ -72,6 +72,7 @@ fn main() -> ExitCode {
     let generated = match args.get(1).map(String::as_str) {
         Some("__flood") => Some(generator::flood(number(2))),
         Some("__paced") => Some(generator::paced(number(2), number(3))),
+        Some("__floor") => Some(generator::floor(number(2))),
         _ => None,
     };
     if let Some(result) = generated {
@@ -459,8 +460,16 @@ impl Phases<'_> {
     /// Agents connected and idle, at both intervals, metrics off and on.
     async fn idle(&mut self, plan: &Plan) -> Result<(), String> {
         let cases = idle::cases(plan.idle_intervals);
-        let measured = idle::measure(&cases, plan.idle, self.agent_binary, self.wrapper).await?;
-        idle::report(self.report, &measured);
+        let measured = idle::measure(
+            &cases,
+            plan.idle,
+            self.agent_binary,
+            self.wrapper,
+            self.bench_exe,
+        )
+        .await?;
+        let (measured, floor) = measured;
+        idle::report(self.report, &measured, &floor);
         Ok(())
     }
 

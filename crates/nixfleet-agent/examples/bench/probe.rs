@@ -1,6 +1,7 @@
 //! What the kernel says about the agent process: memory from
 //! `/proc/PID/status`, CPU time from the threads' `schedstat` (nanoseconds
-//! of run time, not clock ticks, so a few milliseconds are measurable).
+//! of run time, not clock ticks, so a few milliseconds are measurable) and
+//! how many times they were scheduled in (for an idle agent, its wake-ups).
 
 use std::path::Path;
 
@@ -35,6 +36,8 @@ pub fn memory(pid: u32) -> Memory {
 pub struct Cpu {
     pub ns: u64,
     pub threads: usize,
+    /// Times a thread was put on a CPU.
+    pub runs: u64,
 }
 
 pub fn cpu(pid: u32) -> Cpu {
@@ -43,17 +46,20 @@ pub fn cpu(pid: u32) -> Cpu {
         return total;
     };
     for task in tasks.flatten() {
-        if let Some(ns) = first_number(&task.path().join("schedstat")) {
+        if let Some([ns, _waited, runs]) = numbers(&task.path().join("schedstat")) {
             total.ns += ns;
+            total.runs += runs;
             total.threads += 1;
         }
     }
     total
 }
 
-fn first_number(path: &Path) -> Option<u64> {
+/// `schedstat`: run time (ns), time waiting for a CPU (ns), times run.
+fn numbers(path: &Path) -> Option<[u64; 3]> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    let mut fields = text.split_whitespace().map(|f| f.parse().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
 /// Drops the file's pages from the page cache (when no one maps it), so
