@@ -696,6 +696,8 @@ async fn write_frames(
     }
     let mut batch: Vec<Item> = Vec::new();
     let mut frames = FrameBuffer::default();
+    // This session's last heartbeat frame.
+    let mut last_heartbeat = None;
     let outbox = links.outbox;
     let mut window = Window::new();
     let patience = config.ping_timeout;
@@ -711,10 +713,10 @@ async fn write_frames(
                 if let Err(error) = beat_result {
                     return SessionEnd::Broken(format!("the heartbeat timer failed: {error}"));
                 }
-                (heartbeat_message(reporter, links.command_state, &mut frames), false)
+                (heartbeat_message(reporter, links.command_state, &mut frames, &mut last_heartbeat), false)
             }
             Some(control) = links.control.recv() => (
-                heartbeat_message(reporter, links.command_state, &mut frames),
+                heartbeat_message(reporter, links.command_state, &mut frames, &mut last_heartbeat),
                 control == Control::Reregister,
             ),
             Some(reply) = links.replies.recv() => (Message::text(reply), false),
@@ -771,14 +773,25 @@ fn text_frame(json: bytes::Bytes) -> Message {
     Message::Text(tungstenite::Utf8Bytes::try_from(json).unwrap_or_default())
 }
 
-/// The next heartbeat, serialised into the reused frame buffer.
+/// The next heartbeat, serialised into the reused frame buffer, or the
+/// session's last heartbeat frame when nothing it says has changed.
 fn heartbeat_message(
     reporter: &mut Reporter,
     command_state: &watch::Receiver<CommandState>,
     frames: &mut FrameBuffer,
+    last: &mut Option<bytes::Bytes>,
 ) -> Message {
     let command = command_state.borrow();
-    text_frame(frames.encode(&Outbound::Heartbeat(&reporter.heartbeat(&command))))
+    let (heartbeat, unchanged) = reporter.heartbeat(&command);
+    match last {
+        // An idle heartbeat says what the last one said: its frame again.
+        Some(json) if unchanged => text_frame(json.clone()),
+        _ => {
+            let json = frames.encode(&Outbound::Heartbeat(&heartbeat));
+            *last = Some(json.clone());
+            text_frame(json)
+        }
+    }
 }
 
 /// Writes a batch and its numbered ping with one flush. What is not

@@ -72,6 +72,10 @@ pub struct Reporter {
     update_status: Option<watch::Receiver<UpdateStatus>>,
     /// The compartments as of the last heartbeat: heartbeats borrow them.
     update_status_now: Option<UpdateStatus>,
+    /// Grows whenever `update_status_now` is replaced.
+    update_status_revision: u64,
+    /// What the last heartbeat was built from.
+    last_built_from: Option<BuiltFrom>,
 }
 
 impl Reporter {
@@ -95,6 +99,8 @@ impl Reporter {
             device_type: config.device_type.clone(),
             update_status: None,
             update_status_now: None,
+            update_status_revision: 0,
+            last_built_from: None,
         }
     }
 
@@ -128,17 +134,37 @@ impl Reporter {
     }
 
     /// The heartbeat, borrowing from the reporter's cached values and from
-    /// `command`: building one allocates nothing.
-    pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> Heartbeat<'a> {
+    /// `command`: building one allocates nothing. With it, whether it says
+    /// exactly what the previous one said (then the previous frame can be
+    /// sent again instead of serialising this one).
+    pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> (Heartbeat<'a>, bool) {
         // The compartments change a few times a day: copy them only then.
         if let Some(published) = self.update_status.as_mut()
             && (self.update_status_now.is_none() || published.has_changed().unwrap_or(false))
         {
             self.update_status_now = Some(published.borrow_and_update().clone());
+            self.update_status_revision += 1;
         }
         self.files.refresh_if_changed();
-        Heartbeat {
-            metrics: self.sampler.sample(),
+        let metrics = self.sampler.sample();
+        let unchanged = self.last_built_from.as_ref().is_some_and(|last| {
+            last.files == self.files.watched_computations
+                && last.update_status == self.update_status_revision
+                && last.metrics == metrics
+                && last.command_name.as_deref() == command.name.as_deref()
+                && last.command_pid == command.pid
+        });
+        if !unchanged {
+            self.last_built_from = Some(BuiltFrom {
+                files: self.files.watched_computations,
+                update_status: self.update_status_revision,
+                metrics,
+                command_name: command.name.clone(),
+                command_pid: command.pid,
+            });
+        }
+        let heartbeat = Heartbeat {
+            metrics,
             generation: self.files.generation(),
             nixpkgs_version: self.files.nixpkgs_version(),
             pending_command: command.name.as_deref(),
@@ -148,8 +174,20 @@ impl Reporter {
             store_path: self.identity.store_path.as_deref(),
             binary_hash: self.identity.binary_hash.as_deref(),
             lock_hash: self.files.lock_hash(),
-        }
+        };
+        (heartbeat, unchanged)
     }
+}
+
+/// What a heartbeat was built from. The identity never changes, and the
+/// values read from files change only when they are computed again.
+#[derive(Debug)]
+struct BuiltFrom {
+    files: u64,
+    update_status: u64,
+    metrics: Option<crate::protocol::Metrics>,
+    command_name: Option<String>,
+    command_pid: Option<u32>,
 }
 
 /// What the agent reports from small files: the repository's commit, the
@@ -513,6 +551,63 @@ mod tests {
         let old_hash = facts.lock_hash().map(str::to_owned);
         facts.refresh_if_changed();
         assert_ne!(facts.lock_hash().map(str::to_owned), old_hash);
+    }
+
+    #[test]
+    fn a_heartbeat_is_unchanged_until_what_it_says_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        backdate_tree(dir.path());
+        let env: std::collections::HashMap<&str, String> = [
+            ("NIXFLEET_URL", "ws://127.0.0.1:9/ws".to_owned()),
+            ("NIXFLEET_TOKEN", "test-token".to_owned()),
+            ("NIXFLEET_REPO_DIR", repo.display().to_string()),
+            ("NIXFLEET_HOSTNAME", "h".to_owned()),
+            ("NIXFLEET_METRICS", "none".to_owned()),
+        ]
+        .into();
+        let config = crate::config::load_with(&crate::config::Cli::default(), |name| {
+            env.get(name).cloned()
+        })
+        .unwrap();
+        let identity = AgentIdentity {
+            host_type: "nixos".into(),
+            store_path: None,
+            binary_hash: None,
+            source_commit: None,
+        };
+        let (status_tx, status_rx) = watch::channel(UpdateStatus::default());
+        let mut reporter = Reporter::new(&config, identity).with_update_status(status_rx);
+        let idle = CommandState::default();
+        let unchanged =
+            |reporter: &mut Reporter, command: &CommandState| reporter.heartbeat(command).1;
+        assert!(!unchanged(&mut reporter, &idle), "the first one is new");
+        assert!(unchanged(&mut reporter, &idle));
+        assert!(unchanged(&mut reporter, &idle));
+
+        let running = CommandState {
+            name: Some("switch".into()),
+            pid: Some(42),
+            since: None,
+        };
+        assert!(!unchanged(&mut reporter, &running), "a command started");
+        assert!(unchanged(&mut reporter, &running));
+        assert!(!unchanged(&mut reporter, &idle), "it ended");
+
+        git(&repo, &["commit", "-q", "--allow-empty", "-m", "two"]);
+        // Settled (a file written within 2 s is read again on every beat).
+        backdate_tree(dir.path());
+        assert!(!unchanged(&mut reporter, &idle), "a new generation");
+        assert!(unchanged(&mut reporter, &idle));
+
+        let mut status = UpdateStatus::default();
+        status.git.message = "behind origin".into();
+        status_tx.send_replace(status);
+        assert!(!unchanged(&mut reporter, &idle), "the compartments changed");
+        assert!(unchanged(&mut reporter, &idle));
     }
 
     #[test]
