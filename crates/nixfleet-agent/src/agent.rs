@@ -169,10 +169,6 @@ async fn release_startup_memory_once_connected(mut link_state: watch::Receiver<L
     }
 }
 
-/// Tells systemd the truth about the agent: READY once the loops run (not
-/// waiting for the dashboard, which may be down at boot), a STATUS= line
-/// that follows the connection and the command, WATCHDOG=1 only while the
-/// core and the connection answer probes, STOPPING=1 at the end.
 /// The next tick of a ticker that may not exist (then never).
 async fn tick_if_any(ticker: &mut Option<Ticker>) -> std::io::Result<()> {
     match ticker {
@@ -181,6 +177,10 @@ async fn tick_if_any(ticker: &mut Option<Ticker>) -> std::io::Result<()> {
     }
 }
 
+/// Tells systemd the truth about the agent: READY once the loops run (not
+/// waiting for the dashboard, which may be down at boot), a STATUS= line
+/// that follows the connection and the command, WATCHDOG=1 only while the
+/// core and the connection answer probes, STOPPING=1 at the end.
 async fn report_to_systemd(
     systemd: Systemd,
     url: String,

@@ -26,6 +26,14 @@ thread_local! {
     pub static METADATA_LOOKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// The metadata of `path` (following symlinks): every look at a file that
+/// a derived value depends on goes through here.
+fn metadata_of(path: &Path) -> Option<Metadata> {
+    #[cfg(test)]
+    METADATA_LOOKS.with(|looks| looks.set(looks.get() + 1));
+    std::fs::metadata(path).ok()
+}
+
 /// What a file's metadata says about its content. Replacing a file (git
 /// and Nix write aside and rename) changes the inode; writing in place
 /// changes the size or the modification and change times.
@@ -42,9 +50,7 @@ impl Stamp {
     /// The stamp of `path` (following symlinks), `None` when it cannot be
     /// read (absent, no permission).
     pub fn of(path: &Path) -> Option<Stamp> {
-        #[cfg(test)]
-        METADATA_LOOKS.with(|looks| looks.set(looks.get() + 1));
-        std::fs::metadata(path).ok().map(|m| Stamp::from(&m))
+        metadata_of(path).map(|m| Stamp::from(&m))
     }
 
     fn modified(&self) -> SystemTime {
@@ -155,9 +161,7 @@ pub struct Reads<'a> {
 impl Reads<'_> {
     /// The metadata of `path` (following symlinks).
     pub fn metadata(&mut self, path: &Path) -> Option<Metadata> {
-        #[cfg(test)]
-        METADATA_LOOKS.with(|looks| looks.set(looks.get() + 1));
-        let metadata = std::fs::metadata(path).ok();
+        let metadata = metadata_of(path);
         self.note(path, metadata.as_ref().map(Stamp::from));
         metadata
     }

@@ -55,13 +55,10 @@ pub struct ChangeWatch {
 
 impl ChangeWatch {
     pub fn new() -> Self {
-        let inotify =
-            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok();
         ChangeWatch {
-            inotify,
-            watches: Vec::new(),
-            check_due: true,
-            incomplete: true,
+            inotify: inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+                .ok(),
+            ..ChangeWatch::disabled()
         }
     }
 

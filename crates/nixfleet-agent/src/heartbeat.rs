@@ -148,7 +148,7 @@ impl Reporter {
         self.files.refresh_if_changed();
         let metrics = self.sampler.sample();
         let unchanged = self.last_built_from.as_ref().is_some_and(|last| {
-            last.files == self.files.watched_computations
+            last.files == self.files.revision()
                 && last.update_status == self.update_status_revision
                 && last.metrics == metrics
                 && last.command_name.as_deref() == command.name.as_deref()
@@ -156,7 +156,7 @@ impl Reporter {
         });
         if !unchanged {
             self.last_built_from = Some(BuiltFrom {
-                files: self.files.watched_computations,
+                files: self.files.revision(),
                 update_status: self.update_status_revision,
                 metrics,
                 command_name: command.name.clone(),
@@ -232,6 +232,12 @@ impl FileFacts {
         self.lock_hash.value().and_then(Option::as_deref)
     }
 
+    /// Grows whenever a value is computed again: equal revisions, equal
+    /// values.
+    fn revision(&self) -> u64 {
+        self.watched_computations
+    }
+
     /// Up to date at the cost of one `read` when nothing happened.
     fn refresh_if_changed(&mut self) {
         let maybe_changed = self.inputs_watch.maybe_changed();
@@ -242,9 +248,8 @@ impl FileFacts {
     /// `maybe_changed`), and watches the files a value was just read from.
     fn refresh(&mut self, maybe_changed: bool) {
         let repo_dir = &self.repo_dir;
-        self.generation.refresh(maybe_changed, |reads| {
-            short_commit(head_commit_in(repo_dir, reads))
-        });
+        self.generation
+            .refresh(maybe_changed, |reads| generation_in(repo_dir, reads));
         self.nixpkgs_version.refresh(maybe_changed, |reads| {
             read_trimmed(reads, &self.nixos_version_file).unwrap_or_default()
         });
@@ -347,8 +352,12 @@ const SHORT_COMMIT_LEN: usize = 7;
 /// `commondir`.
 pub fn generation(repo_dir: &Path) -> String {
     Derived::default()
-        .get(|reads| short_commit(head_commit_in(repo_dir, reads)))
+        .get(|reads| generation_in(repo_dir, reads))
         .clone()
+}
+
+fn generation_in(repo_dir: &Path, reads: &mut Reads<'_>) -> String {
+    short_commit(head_commit_in(repo_dir, reads))
 }
 
 fn short_commit(id: Option<String>) -> String {
@@ -474,12 +483,19 @@ mod tests {
             .unwrap();
     }
 
+    /// `dir` (created if need be) as a git repository with one commit on
+    /// `main`.
+    fn repo_with_a_commit(dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        git(dir, &["init", "-q", "-b", "main"]);
+        git(dir, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        dir.to_owned()
+    }
+
     #[test]
     fn cached_generation_follows_commits_packing_and_checkouts() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path();
-        git(repo, &["init", "-q", "-b", "main"]);
-        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let repo = &repo_with_a_commit(dir.path());
         let short = |r: &Path| git(r, &["rev-parse", "--short=7", "HEAD"]);
         let mut facts = FileFacts::new(repo.to_owned(), repo.join("nixos-version"));
         let mut generation = || {
@@ -510,10 +526,7 @@ mod tests {
         use crate::file_cache::METADATA_LOOKS;
         let looks = || METADATA_LOOKS.with(std::cell::Cell::get);
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let repo = repo_with_a_commit(&dir.path().join("repo"));
         std::fs::write(repo.join("flake.lock"), "{}").unwrap();
         // As /run/current-system: a link replaced by a switch.
         for system in ["system-1", "system-2"] {
@@ -556,10 +569,7 @@ mod tests {
     #[test]
     fn a_heartbeat_is_unchanged_until_what_it_says_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let repo = repo_with_a_commit(&dir.path().join("repo"));
         backdate_tree(dir.path());
         let env: std::collections::HashMap<&str, String> = [
             ("NIXFLEET_URL", "ws://127.0.0.1:9/ws".to_owned()),
@@ -613,10 +623,7 @@ mod tests {
     #[test]
     fn generation_follows_worktree_gitdir_files() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("main");
-        std::fs::create_dir(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
-        git(&repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let repo = repo_with_a_commit(&dir.path().join("main"));
         let wt = dir.path().join("wt");
         git(
             &repo,
@@ -678,9 +685,7 @@ mod tests {
     #[test]
     fn remote_refs_resolve_loose_and_packed() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path();
-        git(repo, &["init", "-q", "-b", "main"]);
-        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let repo = &repo_with_a_commit(dir.path());
         let head = git(repo, &["rev-parse", "HEAD"]);
         git(repo, &["update-ref", "refs/remotes/origin/main", &head]);
         assert_eq!(head_commit(repo).as_deref(), Some(head.as_str()));

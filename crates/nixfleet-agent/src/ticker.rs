@@ -126,15 +126,7 @@ impl Alarm {
         let at = monotonic_now().saturating_add(
             u64::try_from(deadline.saturating_duration_since(now).as_nanos()).unwrap_or(u64::MAX),
         );
-        let at = next_grid_point(Duration::from_secs(1), at);
-        let armed = timerfd_settime(
-            timer.get_ref(),
-            TimerfdTimerFlags::ABSTIME,
-            &Itimerspec {
-                it_interval: timespec(0),
-                it_value: timespec(at),
-            },
-        );
+        let armed = arm_at(timer, next_grid_point(Duration::from_secs(1), at), 0);
         if armed.is_err() || expired(timer).await.is_err() {
             tokio::time::sleep_until(deadline).await;
         }
@@ -184,15 +176,22 @@ fn new_timerfd() -> io::Result<AsyncFd<OwnedFd>> {
 /// after: the kernel keeps it on the grid, however late the agent reads.
 fn periodic_timer(first: u64, period: Duration) -> io::Result<AsyncFd<OwnedFd>> {
     let timer = new_timerfd()?;
+    arm_at(&timer, first, nanos(period))?;
+    Ok(timer)
+}
+
+/// Sets `timer` to expire at `first` (monotonic nanoseconds, absolute) and
+/// then every `period_ns` (never again if 0).
+fn arm_at(timer: &AsyncFd<OwnedFd>, first: u64, period_ns: u64) -> io::Result<()> {
     timerfd_settime(
         timer.get_ref(),
         TimerfdTimerFlags::ABSTIME,
         &Itimerspec {
-            it_interval: timespec(nanos(period)),
+            it_interval: timespec(period_ns),
             it_value: timespec(first),
         },
     )?;
-    Ok(timer)
+    Ok(())
 }
 
 /// The grid's origin: the first time any clock asked, in this process.
