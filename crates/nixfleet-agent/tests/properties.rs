@@ -498,6 +498,8 @@ fn value_for(key: &str) -> BoxedStrategy<TomlValue> {
         "repo_url" => strings(&[
             "git@example.org:fleet.git",
             "https://example.org/fleet.git",
+            // Credentials, which the rendering redacts.
+            "https://user:pw@example.org/fleet.git",
             "/srv/upstream",
         ])
         .boxed(),
@@ -768,12 +770,20 @@ proptest! {
                 }
 
                 // The rendering is a configuration file that loads back to
-                // the same values (with the real token in place of the
-                // redaction).
+                // the same values (with the real secrets in place of the
+                // redactions: the token, and repo_url's user info).
                 let token_line = format!("token = {}", nixfleet_agent::config::toml_str(config.token.expose_secret()));
+                let repo_url_line = config
+                    .repo_url
+                    .as_deref()
+                    .map(|url| format!("repo_url = {}", nixfleet_agent::config::toml_str(url)));
                 let again: String = rendered
                     .lines()
-                    .map(|l| if l.starts_with("token = ") { token_line.clone() } else { l.to_owned() })
+                    .map(|l| match &repo_url_line {
+                        _ if l.starts_with("token = ") => token_line.clone(),
+                        Some(line) if l.starts_with("repo_url = ") => line.clone(),
+                        _ => l.to_owned(),
+                    })
                     .map(|l| l + "\n")
                     .collect();
                 let dir = tempfile::tempdir().unwrap();
