@@ -568,6 +568,8 @@ mod tests {
 
     #[test]
     fn a_heartbeat_is_unchanged_until_what_it_says_changes() {
+        // Fresh StaSysMo files (outside the tree the test backdates).
+        let stasysmo = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let repo = repo_with_a_commit(&dir.path().join("repo"));
         backdate_tree(dir.path());
@@ -576,9 +578,16 @@ mod tests {
             ("NIXFLEET_TOKEN", "test-token".to_owned()),
             ("NIXFLEET_REPO_DIR", repo.display().to_string()),
             ("NIXFLEET_HOSTNAME", "h".to_owned()),
-            ("NIXFLEET_METRICS", "none".to_owned()),
+            ("NIXFLEET_METRICS", "stasysmo".to_owned()),
+            (
+                "NIXFLEET_STASYSMO_DIR",
+                stasysmo.path().display().to_string(),
+            ),
         ]
         .into();
+        for (gauge, value) in [("cpu", "5"), ("ram", "40"), ("swap", "0"), ("load", "0.5")] {
+            std::fs::write(stasysmo.path().join(gauge), value).unwrap();
+        }
         let config = crate::config::load_with(&crate::config::Cli::default(), |name| {
             env.get(name).cloned()
         })
@@ -605,6 +614,16 @@ mod tests {
         };
         assert!(!unchanged(&mut reporter, &running), "a command started");
         assert!(unchanged(&mut reporter, &running));
+        let restarted = CommandState {
+            pid: Some(43),
+            ..running.clone()
+        };
+        assert!(!unchanged(&mut reporter, &restarted), "another pid");
+        let renamed = CommandState {
+            name: Some("boot".into()),
+            ..restarted.clone()
+        };
+        assert!(!unchanged(&mut reporter, &renamed), "another command");
         assert!(!unchanged(&mut reporter, &idle), "it ended");
 
         git(&repo, &["commit", "-q", "--allow-empty", "-m", "two"]);
@@ -617,6 +636,10 @@ mod tests {
         status.git.message = "behind origin".into();
         status_tx.send_replace(status);
         assert!(!unchanged(&mut reporter, &idle), "the compartments changed");
+        assert!(unchanged(&mut reporter, &idle));
+
+        std::fs::write(stasysmo.path().join("cpu"), "75").unwrap();
+        assert!(!unchanged(&mut reporter, &idle), "new metrics");
         assert!(unchanged(&mut reporter, &idle));
     }
 
