@@ -16,10 +16,15 @@
           "aarch64-linux"
         ] (system: f nixpkgs.legacyPackages.${system});
 
+      # One derivation per source and Nixpkgs: nothing of this flake's own
+      # revision goes into the packages (see nix/package.nix).
+      buildAgent = pkgs: pkgs.callPackage ./nix/package.nix { };
+      buildMockDashboard = pkgs: pkgs.callPackage ./nix/mock-dashboard.nix { };
+
       # Reported by the agent as `source_commit` (v3 dashboards compare it
-      # before and after a switch).
-      sourceCommit = self.rev or self.dirtyRev or "";
-      buildAgent = pkgs: pkgs.callPackage ./nix/package.nix { inherit sourceCommit; };
+      # before and after a switch). A run-time setting, not a build input:
+      # a commit that only changes docs leaves the agent's store path alone.
+      sourceCommit = self.rev or self.dirtyRev or null;
 
       mkApp = drv: {
         type = "app";
@@ -36,10 +41,7 @@
         {
           inherit nixfleet-agent;
           default = nixfleet-agent;
-          # The same store path; only `nix run` picks the other binary.
-          nixfleet-mock-dashboard = lib.addMetaAttrs {
-            mainProgram = "nixfleet-mock-dashboard";
-          } nixfleet-agent;
+          nixfleet-mock-dashboard = buildMockDashboard pkgs;
         }
       );
 
@@ -50,6 +52,7 @@
 
       overlays.default = final: _prev: {
         nixfleet-agent = buildAgent final;
+        nixfleet-mock-dashboard = buildMockDashboard final;
       };
 
       # The module proper lives in modules/nixfleet.nix and, like a Nixpkgs
@@ -58,7 +61,8 @@
       # Nixpkgs (`callPackage`), so it shares that system's toolchain, when
       # that Nixpkgs' rustc is new enough for the crate (nixos-25.11 and
       # later). On an older channel it is the flake's own package, built
-      # with the pinned nixos-25.11.
+      # with the pinned nixos-25.11. Either way it is the package without
+      # its test suite: hosts install it, CI tests it (checks.package).
       nixosModules = {
         nixfleet =
           { lib, pkgs, ... }:
@@ -73,13 +77,21 @@
             key = "${toString ./flake.nix}#nixosModules.nixfleet";
             _file = "${toString ./flake.nix}#nixosModules.nixfleet";
             imports = [ ./modules/nixfleet.nix ];
-            services.nixfleet.package = lib.mkDefault (
-              if lib.versionAtLeast pkgs.rustc.version rustVersion then
-                buildAgent pkgs
-              else
-                self.packages.${system}.nixfleet-agent
-                  or (throw "services.nixfleet: this host's Nixpkgs has rustc ${pkgs.rustc.version}, older than the ${rustVersion} the agent needs, and the flake has no package for ${system}; set services.nixfleet.package")
-            );
+            services.nixfleet = {
+              package = lib.mkDefault (
+                if lib.versionAtLeast pkgs.rustc.version rustVersion then
+                  buildAgent pkgs
+                else
+                  self.packages.${system}.nixfleet-agent
+                    or (throw "services.nixfleet: this host's Nixpkgs has rustc ${pkgs.rustc.version}, older than the ${rustVersion} the agent needs, and the flake has no package for ${system}; set services.nixfleet.package")
+              );
+              # A flake without a revision (a `path:` input, an unlocked
+              # checkout) has no commit to report; the agent then reports
+              # the one it was built from, if any.
+              settings = lib.optionalAttrs (sourceCommit != null) {
+                source_commit = lib.mkDefault sourceCommit;
+              };
+            };
           };
         default = self.nixosModules.nixfleet;
       };
@@ -90,7 +102,10 @@
           testArgs = { inherit pkgs self; };
         in
         {
-          package = self.packages.${pkgs.stdenv.hostPlatform.system}.nixfleet-agent;
+          # The packages with their test suites (hosts install them
+          # without: nix/package.nix).
+          package = pkgs.callPackage ./nix/package.nix { runTests = true; };
+          mock-dashboard = pkgs.callPackage ./nix/mock-dashboard.nix { runTests = true; };
 
           formatting =
             pkgs.runCommand "nixfleet-nixfmt-check"

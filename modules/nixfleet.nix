@@ -18,18 +18,13 @@ let
   settingsFormat = pkgs.formats.toml { };
   configFile = settingsFormat.generate "nixfleet.toml" cfg.settings;
 
-  # A secret is read by systemd (LoadCredential=) when the service starts.
-  # A relative path would not resolve, and a store path is world-readable.
-  secretFileAssertions = option: path: [
-    {
-      assertion = lib.hasPrefix "/" path;
-      message = "services.nixfleet.${option} must be an absolute path, not \"${path}\".";
-    }
-    {
-      assertion = !lib.hasPrefix "${builtins.storeDir}/" path;
-      message = "services.nixfleet.${option} is \"${path}\", inside the world-readable Nix store; point it at a root-only file outside the store (for example one managed by agenix or sops-nix).";
-    }
-  ];
+  # A file the service reads at run time: absolute, and never a store path
+  # (world-readable) or a Nix path literal (which would be copied into the
+  # store when interpolated). The type refuses both, with the option's name.
+  runtimePath = lib.types.pathWith {
+    inStore = false;
+    absolute = true;
+  };
 
   # Keys of the configuration file that must come from a credential instead.
   secretSettings = {
@@ -61,7 +56,7 @@ in
     };
 
     tokenFile = lib.mkOption {
-      type = lib.types.str;
+      type = runtimePath;
       example = "/run/agenix/nixfleet-token";
       description = ''
         Absolute path of a file holding the agent's token. systemd reads it
@@ -69,7 +64,7 @@ in
         `token` ({manpage}`systemd.exec(5)`, `LoadCredential=`), so the file
         may be readable by root only and the token never enters the Nix
         store. Give it as a string: a Nix path literal such as `./token`
-        would be copied into the store.
+        is refused, because it would be copied into the store.
       '';
     };
 
@@ -87,7 +82,7 @@ in
     };
 
     repoDir = lib.mkOption {
-      type = lib.types.str;
+      type = runtimePath;
       default = "/var/lib/nixfleet/repo";
       description = ''
         Directory of the configuration repository (a flake) that `pull` and
@@ -125,7 +120,7 @@ in
     };
 
     sshKeyFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
+      type = lib.types.nullOr runtimePath;
       default = null;
       example = "/run/agenix/nixfleet-deploy-key";
       description = ''
@@ -270,8 +265,6 @@ in
         message = "services.nixfleet.hostname \"${toString cfg.settings.hostname}\" must be non-empty and use only letters, digits, '-', '_' and '.': it names the nixosConfigurations attribute that switch builds. Set it explicitly if networking.hostName is empty.";
       }
     ]
-    ++ secretFileAssertions "tokenFile" cfg.tokenFile
-    ++ lib.optionals (cfg.sshKeyFile != null) (secretFileAssertions "sshKeyFile" cfg.sshKeyFile)
     ++ lib.mapAttrsToList (key: option: {
       assertion = !(cfg.settings ? ${key});
       message = "services.nixfleet.settings.${key} is not allowed: the settings file is world-readable in the Nix store. Use services.nixfleet.${option}, which is passed as a systemd credential.";
@@ -304,8 +297,24 @@ in
       # the result. Instead, after a successful switch the agent checks
       # whether its own unit file or binary changed and, if so, exits after
       # sending the status, and Restart=always starts the new version.
+      # (With no restart there is no stop either: stopIfChanged has nothing
+      # to decide.) For the same reason a new configuration that drops this
+      # module does not stop the agent in the middle of its switch, as
+      # nixpkgs' nixos-upgrade.service does it; the agent then runs until it
+      # exits or the host reboots.
       restartIfChanged = false;
-      stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
+
+      # What nixos-upgrade.service gives nixos-rebuild: Nix's own variables,
+      # a HOME for git and Nix's caches, and the host's proxy settings
+      # (networking.proxy), so that fetches go where the host's do. The
+      # agent passes HOME and the proxy variables on to its commands.
+      environment =
+        config.nix.envVars
+        // {
+          HOME = "/root";
+        }
+        // config.networking.proxy.envVars;
 
       # Runs as root without sandboxing: `switch` and `rollback` activate
       # system configurations, which needs full access to the system (bind
@@ -317,8 +326,19 @@ in
         ExecStart = "${lib.getExe cfg.package} --config ${configFile}";
         Restart = "always";
         RestartSec = 2;
+        # Exit 78 (EX_CONFIG) is a configuration error: starting again every
+        # 2 s cannot fix it. The unit stays failed, with the agent's one-line
+        # reason in the journal, until a switch changes the configuration
+        # (or `systemctl restart nixfleet`).
+        RestartPreventExitStatus = 78;
         WatchdogSec = cfg.watchdogSec;
-        # A restarted agent must not kill a deployment in flight.
+        # Each command runs under a supervisor process of its own, in this
+        # unit's cgroup, that outlives the agent: an agent restarted by the
+        # watchdog, after a crash or after its own upgrade adopts the running
+        # command from its log. The default control-group kill mode would
+        # end the supervisor, and the evaluation and build under it, with
+        # the agent. (The activation itself runs outside this unit:
+        # nixos-rebuild starts switch-to-configuration as a transient unit.)
         KillMode = "process";
         StateDirectory = "nixfleet";
         # Command logs and the running-command record are the agent's alone

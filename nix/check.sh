@@ -189,10 +189,10 @@ EOF
 }
 
 evaluate() {
-  # evaluate NAME FILE OUT: nix-instantiate a nix/eval-*.nix file to JSON.
+  # evaluate NAME FILE OUT [ARGS…]: nix-instantiate a nix/eval-*.nix file to JSON.
   local err
   if err=$(nix-instantiate --readonly-mode --eval --strict --json "$2" \
-    --arg lib "import $NIXPKGS_LIB" --arg nixosLib "$NIXOS_LIB" 2>&1 >"$3"); then
+    --arg lib "import $NIXPKGS_LIB" --arg nixosLib "$NIXOS_LIB" "${@:4}" 2>&1 >"$3"); then
     return 0
   fi
   fail "$1: evaluation failed"
@@ -241,8 +241,8 @@ elif have nix-instantiate "install Debian's nix-bin" && have python3 "install py
     "The option \`systemd.services.nixfleet.restartIfChange' does not exist"
 
     "a wrong type"
-    "stopIfChanged = false;" 'stopIfChanged = "no";'
-    "\`systemd.services.nixfleet.stopIfChanged' is not of type \`boolean'"
+    'wants = [ "network-online.target" ];' 'wants = "network-online.target";'
+    "\`systemd.services.nixfleet.wants' is not of type \`list of"
 
     "an invalid Type="
     'Type = "notify";' 'Type = "notify-ready";'
@@ -283,7 +283,17 @@ EOF
     )"
   fi
 
-  if evaluate "flake outputs" nix/eval-flake.nix "$tmp/flake.json"; then
+  # The rebuild VM test's configuration repository as the VM lays it out,
+  # with stand-ins for the two files that only the VM has: its generated
+  # hardware configuration and NixOS's test instrumentation.
+  repo="$tmp/rebuild-repo"
+  mkdir -p "$repo/modules/testing"
+  cp nixos-tests/rebuild/repo-flake.nix "$repo/flake.nix"
+  cp nixos-tests/rebuild/configuration.nix nixos-tests/rebuild/common.nix "$repo/"
+  echo '{ }' >"$repo/hardware-configuration.nix"
+  echo '{ }' >"$repo/modules/testing/test-instrumentation.nix"
+
+  if evaluate "flake outputs" nix/eval-flake.nix "$tmp/flake.json" --argstr rebuildRepo "$repo"; then
     report "flake outputs (nix/eval-flake.nix)" "$tmp/flake.json" || failures=$((failures + 1))
 
     # The VM tests' Python, as the test driver would see it: its globals

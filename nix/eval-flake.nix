@@ -8,7 +8,19 @@
 # The result is { results = [ { name; ok; detail; } … ]; testScripts = …; }:
 # one entry per expectation, and the Python test scripts of the VM tests
 # (keyed by check name, with their node names) for check.sh to lint.
-{ lib, nixosLib }:
+#
+# `rebuildRepo` is a directory laid out as the rebuild VM test's
+# configuration repository (nixos-tests/rebuild/: flake.nix,
+# configuration.nix, common.nix, and a hardware-configuration.nix that the
+# VM would generate), plus `modules/testing/test-instrumentation.nix`
+# standing in for NixOS's; check.sh makes it. With it, the repository's
+# flake is evaluated as the VM evaluates it, against this flake without a
+# revision, as its `path:` input is.
+{
+  lib,
+  nixosLib,
+  rebuildRepo ? null,
+}:
 let
   stubs = import ./stubs.nix { inherit lib nixosLib; };
 
@@ -25,14 +37,30 @@ let
 
   flake = import ../flake.nix;
 
-  self =
-    flake.outputs {
-      inherit self nixpkgs;
-    }
-    // {
-      outPath = toString ../.;
-      inputs = { inherit nixpkgs; };
-    };
+  # This flake as Nix gives it to itself: `extra` holds what its source
+  # adds (a git checkout's `rev`, `dirtyRev`; a `path:` flake has neither).
+  selfWith =
+    extra:
+    let
+      this =
+        flake.outputs {
+          self = this;
+          inherit nixpkgs;
+        }
+        // {
+          outPath = toString ../.;
+          inputs = { inherit nixpkgs; };
+        }
+        // extra;
+    in
+    this;
+  rev = "0123456789abcdef0123456789abcdef01234567";
+  # As `nix flake check` on a clean checkout sees it.
+  self = selfWith { inherit rev; };
+  # As a `path:` input, or an unlocked tree, sees it.
+  selfWithoutRev = selfWith { };
+  otherRev = selfWith { rev = "89abcdef0123456789abcdef0123456789abcdef"; };
+  dirty = selfWith { dirtyRev = "${rev}-dirty"; };
 
   expect = name: ok: detail: { inherit name ok detail; };
   expectEqual =
@@ -45,7 +73,13 @@ let
   x86 = "x86_64-linux";
   packages = self.packages.${x86};
   agent = packages.nixfleet-agent;
+  mock = packages.nixfleet-mock-dashboard;
   checks = self.checks.${x86};
+  # The stand-in builds' store paths change with every argument (nix/stubs.nix).
+  agentPath = flakeSelf: flakeSelf.packages.${x86}.nixfleet-agent.outPath;
+  # A package's arguments, comparable with `==`: the source as its store
+  # path (two evaluations of lib.fileset.toSource are equal only as text).
+  argsOf = drv: drv.args // { src = toString drv.args.src; };
 
   # The flake's module on the stand-in NixOS, with a minimal configuration.
   moduleConfig = stubs.evalNixos [
@@ -58,6 +92,14 @@ let
       };
     }
   ];
+
+  moduleWith =
+    flakeSelf:
+    stubs.evalNixos [
+      flakeSelf.nixosModules.default
+      minimalHost
+    ];
+  unitText = config: config.systemd.units."nixfleet.service".text;
 
   minimalHost = {
     services.nixfleet = {
@@ -96,6 +138,67 @@ let
   );
 
   vmTests = lib.filterAttrs (name: _: lib.hasPrefix "vm-" name) checks;
+  vmNodes = lib.mapAttrs (_: check: check.args.test.nodes) vmTests;
+  mockExe = "${mock.outPath}/bin/nixfleet-mock-dashboard";
+
+  # The rebuild VM test: its host's first generation, from this flake ...
+  rebuildFirst = stubs.evalNixos [ vmNodes.vm-rebuild.host ];
+  # ... and the generation the switch builds, from the configuration
+  # repository's flake, whose nixfleet input is this flake without a revision.
+  repoFlake = import "${rebuildRepo}/flake.nix";
+  rebuildSecond =
+    (repoFlake.outputs {
+      nixpkgs = nixpkgs // {
+        lib = nixpkgs.lib // {
+          nixosSystem =
+            { modules, ... }:
+            {
+              config = stubs.evalNixosWith {
+                modulesPath = "${rebuildRepo}/modules";
+              } modules;
+            };
+        };
+      };
+      nixfleet = selfWithoutRev;
+    }).nixosConfigurations.host.config;
+  rebuildResults = lib.optionals (rebuildRepo != null) [
+    (expectEqual "vm-rebuild: the repository flake takes nixpkgs and this flake as path: inputs"
+      repoFlake.inputs
+      {
+        nixpkgs.url = "path:@nixpkgs@";
+        nixfleet.url = "path:@nixfleet@";
+        nixfleet.inputs.nixpkgs.follows = "nixpkgs";
+      }
+    )
+    (expectEqual "vm-rebuild: the switch builds the same agent package (nothing to compile in the VM)"
+      rebuildSecond.services.nixfleet.package.outPath
+      rebuildFirst.services.nixfleet.package.outPath
+    )
+    (expectEqual "vm-rebuild: the switch renders the same agent unit (the agent lives on)"
+      (unitText rebuildSecond)
+      (unitText rebuildFirst)
+    )
+    (expectEqual "vm-rebuild: the new generation is another system (the /etc file changes)"
+      (map (config: config.environment.etc."nixfleet-test-generation".text) [
+        rebuildFirst
+        rebuildSecond
+      ])
+      [
+        "1\n"
+        "2\n"
+      ]
+    )
+    (expectEqual "vm-rebuild: the VM's memory and disk are set for the switch"
+      (lib.mapAttrs (_: builtins.isInt) {
+        memorySize = vmNodes.vm-rebuild.host.virtualisation.memorySize or null;
+        diskSize = vmNodes.vm-rebuild.host.virtualisation.diskSize or null;
+      })
+      {
+        memorySize = true;
+        diskSize = true;
+      }
+    )
+  ];
 in
 {
   results = [
@@ -119,8 +222,70 @@ in
       "nixfleet-mock-dashboard"
     ])
     (expectEqual "flake: packages.default is the agent" packages.default.outPath agent.outPath)
-    (expectEqual "flake: the mock dashboard is the same build" packages.nixfleet-mock-dashboard.outPath
-      agent.outPath
+    (expect "flake: the mock dashboard is a package of its own" (
+      mock.outPath != agent.outPath
+      &&
+        mock.args.cargoBuildFlags or null == [
+          "-p"
+          "nixfleet-mock-dashboard"
+        ]
+    ) "mock ${mock.outPath}, agent ${agent.outPath}")
+    (expectEqual "flake: the mock dashboard shares the agent's source and vendored dependencies"
+      {
+        inherit (argsOf mock) src cargoLock;
+      }
+      {
+        inherit (argsOf agent) src cargoLock;
+      }
+    )
+    (expectEqual "flake: one agent derivation per source: the flake's revision is not a build input"
+      (map agentPath [
+        otherRev
+        selfWithoutRev
+        dirty
+      ])
+      [
+        agent.outPath
+        agent.outPath
+        agent.outPath
+      ]
+    )
+    (expectEqual "flake: the module reports the flake's revision as the setting source_commit"
+      (map (flakeSelf: (moduleWith flakeSelf).services.nixfleet.settings.source_commit or null) [
+        self
+        dirty
+        selfWithoutRev
+      ])
+      [
+        rev
+        "${rev}-dirty"
+        null
+      ]
+    )
+    (expectEqual "flake: a new revision changes the host's settings file, not its agent package"
+      (map (flakeSelf: (moduleWith flakeSelf).services.nixfleet.package.outPath) [
+        self
+        otherRev
+      ])
+      [
+        agent.outPath
+        agent.outPath
+      ]
+    )
+    (expect "flake: the host's unit and package do not carry the mock dashboard" (
+      !(lib.hasInfix mock.outPath (unitText moduleConfig))
+      && agent.args ? cargoBuildFlags
+      && !(lib.hasInfix "mock" (builtins.toJSON agent.args.cargoBuildFlags))
+    ) "unit: ${unitText moduleConfig}")
+    (expectEqual "flake: the VM tests run the mock dashboard's own package"
+      {
+        vm-service = lib.hasInfix mockExe vmNodes.vm-service.dashboard.systemd.services.nixfleet-mock-dashboard.serviceConfig.ExecStart;
+        vm-rebuild = lib.hasInfix mockExe checks.vm-rebuild.args.test.testScript;
+      }
+      {
+        vm-service = true;
+        vm-rebuild = true;
+      }
     )
     (expectEqual "flake: mainPrograms"
       (map (p: p.meta.mainProgram) [
@@ -141,13 +306,17 @@ in
       };
       mock-dashboard = {
         type = "app";
-        program = "${agent.outPath}/bin/nixfleet-mock-dashboard";
-        meta.description = agent.meta.description;
+        program = mockExe;
+        meta.description = mock.meta.description;
       };
     })
-    (expectEqual "flake: overlays.default adds nixfleet-agent" (names (
-      self.overlays.default nixpkgs.legacyPackages.${x86} { }
-    )) [ "nixfleet-agent" ])
+    (expectEqual "flake: overlays.default adds both packages"
+      (names (self.overlays.default nixpkgs.legacyPackages.${x86} { }))
+      [
+        "nixfleet-agent"
+        "nixfleet-mock-dashboard"
+      ]
+    )
     (expectEqual "flake: nixosModules" (names self.nixosModules) [
       "default"
       "nixfleet"
@@ -172,11 +341,39 @@ in
     )
     (expectEqual "flake: checks" (names checks) [
       "formatting"
+      "mock-dashboard"
       "package"
       "vm-rebuild"
       "vm-service"
     ])
-    (expectEqual "flake: checks.package is the package" checks.package.outPath agent.outPath)
+    (expectEqual "flake: checks.package is the package with its test suite"
+      {
+        doCheck = checks.package.args.doCheck or true;
+        rest = removeAttrs (argsOf checks.package) [ "doCheck" ];
+      }
+      {
+        doCheck = true;
+        rest = removeAttrs (argsOf agent) [ "doCheck" ];
+      }
+    )
+    (expectEqual "flake: the packages hosts install run no test suite"
+      (map (p: p.args.doCheck or true) [
+        agent
+        mock
+        (moduleWith self).services.nixfleet.package
+      ])
+      [
+        false
+        false
+        false
+      ]
+    )
+    (expectEqual "flake: checks.mock-dashboard is the mock with its test suite" (
+      removeAttrs (argsOf (checks.mock-dashboard or mock)) [ "doCheck" ]
+      // {
+        doCheck = checks.mock-dashboard.args.doCheck or null;
+      }
+    ) (removeAttrs (argsOf mock) [ "doCheck" ] // { doCheck = true; }))
     (expectEqual "flake: the formatting check runs nixfmt --check"
       {
         inherit (checks.formatting.args) nativeBuildInputs;
@@ -212,7 +409,8 @@ in
       self.formatter.${x86}
       nixpkgs.legacyPackages.${x86}.nixfmt-tree
     )
-  ];
+  ]
+  ++ rebuildResults;
 
   testScripts = lib.mapAttrs (_: check: {
     nodes = names check.args.test.nodes;

@@ -76,6 +76,10 @@ let
     (expectEqual "NotifyAccess=main" sc.NotifyAccess "main")
     (expectEqual "Restart=always" sc.Restart "always")
     (expectEqual "RestartSec=2" sc.RestartSec 2)
+    (expectEqual "RestartPreventExitStatus=78: a configuration error is not restarted forever"
+      (sc.RestartPreventExitStatus or null)
+      78
+    )
     (expectEqual "WatchdogSec defaults to 60" sc.WatchdogSec 60)
     (expectEqual "KillMode=process" sc.KillMode "process")
     (expectEqual "StateDirectory=nixfleet" sc.StateDirectory "nixfleet")
@@ -87,7 +91,38 @@ let
       "${agentExe} --config ${configFile}"
     )
     (expectEqual "restartIfChanged = false" unit.restartIfChanged false)
-    (expectEqual "stopIfChanged = false" unit.stopIfChanged false)
+    (expectEqual
+      "X-StopOnRemoval=false (a switch that drops the module does not stop the agent mid-switch)"
+      (unit.unitConfig.X-StopOnRemoval or null)
+      false
+    )
+    (expectEqual "environment: Nix's variables, HOME=/root, no proxy unless one is set" unit.environment
+      {
+        HOME = "/root";
+        inherit (unit.environment) PATH;
+      }
+    )
+    (expectEqual "environment: nix.envVars and networking.proxy, as nixos-upgrade.service has them"
+      (lib.removeAttrs
+        (withMinimal {
+          nix.envVars.NIX_REMOTE = "daemon";
+          networking.proxy = {
+            default = "http://proxy.example.com:3128";
+            noProxy = "127.0.0.1,localhost,.example.com";
+          };
+        }).systemd.services.nixfleet.environment
+        [ "PATH" ]
+      )
+      {
+        NIX_REMOTE = "daemon";
+        HOME = "/root";
+        http_proxy = "http://proxy.example.com:3128";
+        https_proxy = "http://proxy.example.com:3128";
+        ftp_proxy = "http://proxy.example.com:3128";
+        rsync_proxy = "http://proxy.example.com:3128";
+        no_proxy = "127.0.0.1,localhost,.example.com";
+      }
+    )
     (expectEqual "wantedBy multi-user.target" unit.wantedBy [ "multi-user.target" ])
     (expectEqual "wants network-online.target" unit.wants [ "network-online.target" ])
     (expectEqual "after network-online.target" unit.after [ "network-online.target" ])
@@ -128,10 +163,12 @@ let
       "RestartSec=2"
       "WatchdogSec=60"
       "KillMode=process"
+      "RestartPreventExitStatus=78"
       "StateDirectory=nixfleet"
       "LoadCredential=token:${tokenFile}"
       "X-RestartIfChanged=false"
-      "X-StopIfChanged=false"
+      "X-StopOnRemoval=false"
+      "Environment=\"HOME=/root\""
       "Environment=\"PATH=${unit.environment.PATH}\""
       "[Install]"
       "WantedBy=multi-user.target"
@@ -249,18 +286,6 @@ let
     (expectAssertion "url overridden in settings" {
       services.nixfleet.settings.url = "fleet.example.com";
     } "must start with ws:// or wss://")
-    (expectAssertion "tokenFile in the Nix store" {
-      services.nixfleet.tokenFile = "${builtins.storeDir}/00000000000000000000000000000000-token";
-    } "services.nixfleet.tokenFile is \"${builtins.storeDir}/")
-    (expectAssertion "relative tokenFile" {
-      services.nixfleet.tokenFile = "secrets/token";
-    } "services.nixfleet.tokenFile must be an absolute path")
-    (expectAssertion "sshKeyFile in the Nix store" {
-      services.nixfleet.sshKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-id_ed25519";
-    } "services.nixfleet.sshKeyFile is \"${builtins.storeDir}/")
-    (expectAssertion "relative sshKeyFile" {
-      services.nixfleet.sshKeyFile = "id_ed25519";
-    } "services.nixfleet.sshKeyFile must be an absolute path")
     (expectAssertion "hostname with a space" {
       services.nixfleet.hostname = "web 01";
     } "must be non-empty and use only letters")
@@ -309,6 +334,24 @@ let
     (expectTypeError "tokenFile as a Nix path literal (would be copied to the store)" {
       services.nixfleet.tokenFile = ./eval-module.nix;
     } (c: c.services.nixfleet.tokenFile))
+    (expectTypeError "tokenFile in the Nix store" {
+      services.nixfleet.tokenFile = "${builtins.storeDir}/00000000000000000000000000000000-token";
+    } (c: c.services.nixfleet.tokenFile))
+    (expectTypeError "relative tokenFile" { services.nixfleet.tokenFile = "secrets/token"; } (
+      c: c.services.nixfleet.tokenFile
+    ))
+    (expectTypeError "sshKeyFile in the Nix store" {
+      services.nixfleet.sshKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-id_ed25519";
+    } (c: c.services.nixfleet.sshKeyFile))
+    (expectTypeError "relative sshKeyFile" { services.nixfleet.sshKeyFile = "id_ed25519"; } (
+      c: c.services.nixfleet.sshKeyFile
+    ))
+    (expectTypeError "repoDir in the Nix store" {
+      services.nixfleet.repoDir = "${builtins.storeDir}/00000000000000000000000000000000-repo";
+    } (c: c.services.nixfleet.repoDir))
+    (expectTypeError "relative repoDir" { services.nixfleet.repoDir = "fleet"; } (
+      c: c.services.nixfleet.repoDir
+    ))
     (expectTypeError "interval = 0" { services.nixfleet.interval = 0; } (
       c: c.services.nixfleet.interval
     ))
@@ -341,7 +384,27 @@ let
         inherit version;
       };
     };
+  packageTested =
+    let
+      f = import ../nix/package.nix;
+    in
+    f (
+      builtins.intersectAttrs (builtins.functionArgs f) {
+        lib = stubs.libCompat;
+        rustPlatform.buildRustPackage = args: args;
+        inherit (pkgs) rustc gitMinimal;
+        runTests = true;
+      }
+    );
   root = toString ../.;
+  # The tests of tests/systemd_nspawn.rs that boot a container.
+  nspawnTests = lib.concatLists (
+    builtins.filter builtins.isList (
+      builtins.split "fn (systemd_nspawn_[a-z_]+)\\(" (
+        builtins.readFile ../crates/nixfleet-agent/tests/systemd_nspawn.rs
+      )
+    )
+  );
   skipped = map (lib.removePrefix "--skip=") (
     builtins.filter (lib.hasPrefix "--skip=") package.checkFlags
   );
@@ -368,9 +431,55 @@ let
     )
     (expectEqual "package: meta.mainProgram" package.meta.mainProgram "nixfleet-agent")
     (expectEqual "package: tests run in the debug profile (test-only hooks)" package.checkType "debug")
-    (expect "package: checkFlags skip the systemd-nspawn tests"
-      (builtins.elem "--skip=systemd_nspawn" package.checkFlags)
-      "checkFlags are ${builtins.toJSON package.checkFlags}"
+    (expectEqual "package: --exact, so that each --skip drops one whole test name"
+      (builtins.head package.checkFlags)
+      "--exact"
+    )
+    (expectEqual "package: checkFlags skip every test that boots a systemd-nspawn container"
+      (lib.subtractLists skipped nspawnTests)
+      [ ]
+    )
+    (expect "package: there are systemd-nspawn tests to skip" (
+      builtins.length nspawnTests >= 4
+    ) "found ${builtins.toJSON nspawnTests}")
+    (expectEqual
+      "package: builds and tests the agent's crate only (no mock dashboard in a host's closure)"
+      {
+        cargoBuildFlags = package.cargoBuildFlags or null;
+        cargoTestFlags = package.cargoTestFlags or null;
+      }
+      {
+        cargoBuildFlags = [
+          "-p"
+          "nixfleet-agent"
+        ];
+        cargoTestFlags = [
+          "-p"
+          "nixfleet-agent"
+        ];
+      }
+    )
+    (expectEqual "package: no test suite by default (hosts install it); runTests = true runs it"
+      [
+        (package.doCheck or true)
+        (packageTested.doCheck or true)
+      ]
+      [
+        false
+        true
+      ]
+    )
+    (expectEqual "package: no commit or revision among its inputs (one derivation per source)"
+      {
+        arguments = builtins.filter (
+          arg: lib.hasInfix "commit" (lib.toLower arg) || lib.hasInfix "rev" (lib.toLower arg)
+        ) (builtins.attrNames (builtins.functionArgs (import ../nix/package.nix)));
+        env = package.env or { };
+      }
+      {
+        arguments = [ ];
+        env = { };
+      }
     )
     (expectEqual "package: every --skip names a test of the workspace" (builtins.filter (
       name: !containsText "fn ${name}" rustSources

@@ -51,6 +51,22 @@ let
       overrideAttrs = f: fakeDerivation (args // f args);
     };
 
+  # A package build whose store path, like a real one, changes with any of
+  # its arguments: two calls give the same outPath exactly when they would
+  # give the same derivation. (Only for arguments that are plain data.)
+  fakeBuild =
+    args:
+    let
+      hash = builtins.substring 0 32 (
+        builtins.hashString "sha256" (builtins.unsafeDiscardStringContext (builtins.toJSON args))
+      );
+    in
+    fakeDerivation args
+    // {
+      outPath = "${builtins.storeDir}/${hash}-${args.name}";
+      overrideAttrs = f: fakeBuild (args // f args);
+    };
+
   # Nixpkgs for `system`; `overrides` replace packages (callPackage sees them).
   pkgsWith =
     system: overrides:
@@ -71,7 +87,7 @@ let
           f (builtins.intersectAttrs (builtins.functionArgs f) self // args);
 
         rustPlatform = {
-          buildRustPackage = args: fakeDerivation (args // { name = "${args.pname}-${args.version}"; });
+          buildRustPackage = args: fakeBuild (args // { name = "${args.pname}-${args.version}"; });
           rustLibSrc = fakeStorePath "rust-lib-src";
         };
         runCommand =
@@ -137,6 +153,13 @@ let
 
   pkgsFor = system: pkgsWith system { };
 
+  evalNixosWith =
+    specialArgs: modules:
+    (lib.evalModules {
+      inherit specialArgs;
+      modules = [ nixos ] ++ modules;
+    }).config;
+
   listOption = mkOption {
     type = types.listOf types.str;
     default = [ ];
@@ -162,9 +185,76 @@ let
           type = types.str;
           default = "nixos";
         };
+        # As nixos/modules/config/networking.nix declares them; envVars is
+        # computed from the others in `config` below, as there.
+        networking.proxy =
+          lib.genAttrs [ "default" "noProxy" ] (
+            _:
+            mkOption {
+              type = types.nullOr types.str;
+              default = null;
+            }
+          )
+          // lib.genAttrs [ "httpProxy" "httpsProxy" "ftpProxy" "rsyncProxy" ] (
+            _:
+            mkOption {
+              type = types.nullOr types.str;
+              default = config.networking.proxy.default;
+            }
+          )
+          // {
+            envVars = mkOption {
+              type = types.attrs;
+              internal = true;
+              default = { };
+            };
+          };
         nix.package = mkOption {
           type = types.package;
           default = fakePackage "nix-2.31.2" "nix";
+        };
+        # Internal in NixOS too; set by the modules that need Nix variables.
+        nix.envVars = mkOption {
+          type = types.attrs;
+          internal = true;
+          default = { };
+        };
+        # Options the VM tests' configurations set, not read here.
+        nix.settings = mkOption {
+          type = types.attrsOf types.anything;
+          default = { };
+        };
+        documentation.enable = mkOption {
+          type = types.bool;
+          default = true;
+        };
+        environment.systemPackages = mkOption {
+          type = types.listOf types.package;
+          default = [ ];
+        };
+        environment.etc = mkOption {
+          type = types.attrsOf types.anything;
+          default = { };
+        };
+        virtualisation = mkOption {
+          type = types.attrsOf types.anything;
+          default = { };
+        };
+        boot.loader.grub.enable = mkOption {
+          type = types.bool;
+          default = true;
+        };
+        system.includeBuildDependencies = mkOption {
+          type = types.bool;
+          default = false;
+        };
+        system.switch.enable = mkOption {
+          type = types.bool;
+          default = false;
+        };
+        system.extraDependencies = mkOption {
+          type = types.listOf types.anything;
+          default = [ ];
         };
         programs.ssh.package = mkOption {
           type = types.package;
@@ -209,6 +299,17 @@ let
           utils = import (nixosLib + "/utils.nix") { inherit lib config pkgs; };
         };
         system.build.nixos-rebuild = fakePackage "nixos-rebuild-ng-25.11" "nixos-rebuild";
+        networking.proxy.envVars =
+          let
+            proxy = config.networking.proxy;
+            set = name: value: lib.optionalAttrs (value != null) { ${name} = value; };
+          in
+          lib.optionalAttrs (proxy.default != null) { no_proxy = "127.0.0.1,localhost"; }
+          // set "http_proxy" proxy.httpProxy
+          // set "https_proxy" proxy.httpsProxy
+          // set "rsync_proxy" proxy.rsyncProxy
+          // set "ftp_proxy" proxy.ftpProxy
+          // set "no_proxy" proxy.noProxy;
         systemd.units = lib.mapAttrs' (
           _: service: lib.nameValuePair service.name (utils.systemdUtils.lib.serviceToUnit service)
         ) config.systemd.services;
@@ -226,9 +327,8 @@ in
     ;
 
   # The NixOS configuration of `modules` on top of the stand-ins.
-  evalNixos =
-    modules:
-    (lib.evalModules {
-      modules = [ nixos ] ++ modules;
-    }).config;
+  evalNixos = evalNixosWith { };
+  # The same with module arguments that NixOS passes as specialArgs
+  # (`modulesPath`).
+  inherit evalNixosWith;
 }

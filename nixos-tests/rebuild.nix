@@ -8,6 +8,14 @@
 # is a git flake whose inputs are `path:`s to this Nixpkgs and this NixFleet
 # source, both added to the VM's store. The dashboard runs on the same VM
 # (loopback) so that network changes of the switch cannot cut it off.
+#
+# Nothing of ours is built in the VM: the agent's derivation depends only on
+# its sources and Nixpkgs (nix/package.nix), which the repository flake gets
+# as the same store paths, and rebuild/common.nix pins the one setting that
+# would differ (the reported commit). So the new generation has the very
+# agent and unit that run, and the switch leaves the agent's process alone,
+# which the test asserts. Should the agent ever differ, the switch would
+# have to compile it offline in the VM, which this test is not sized for.
 { pkgs, self, ... }:
 let
   inherit (pkgs) lib;
@@ -39,7 +47,15 @@ pkgs.testers.runNixOSTest {
 
     virtualisation = {
       cores = 2;
+      # The switch evaluates Nixpkgs (1-2 GiB) and writes its new store
+      # paths to the writable store's overlay, which lives in memory
+      # (writableStoreUseTmpfs, the default), as in nixpkgs' own
+      # nixos-rebuild tests.
       memorySize = 4096;
+      # The root file system holds the configuration repository, Nix's
+      # caches under /root and the journal; the default 1 GiB leaves little
+      # room for a switch's evaluation caches.
+      diskSize = 4096;
     };
   };
 
@@ -123,6 +139,9 @@ pkgs.testers.runNixOSTest {
         host.succeed("grep -qx 1 /etc/nixfleet-test-generation")
         pid_before = main_pid()
         system_before = host.succeed("readlink -f /run/current-system").strip()
+        unit_before = host.succeed("readlink -f /etc/systemd/system/nixfleet.service").strip()
+        register = messages("register")[0]["payload"]
+        assert register.get("source_commit") == "nixfleet-rebuild-test", register
 
     with subtest("the dashboard's switch runs nixos-rebuild to the end"):
         host.succeed(
@@ -170,14 +189,17 @@ pkgs.testers.runNixOSTest {
         host.succeed("grep -qx 2 /etc/nixfleet-test-generation")
         assert host.succeed("readlink -f /run/current-system").strip() != system_before
 
-    with subtest("the agent survived the activation, or restarted only after reporting"):
+    with subtest("the new generation has the same agent and unit, and the agent lived on"):
         registers = messages("register")
         assert not [
             m for m in registers if outputs[0]["index"] < m["index"] < status["index"]
         ], "the agent reconnected during the switch"
+        unit_after = host.succeed("readlink -f /etc/systemd/system/nixfleet.service").strip()
+        assert unit_after == unit_before, (unit_before, unit_after)
         host.wait_for_unit("nixfleet.service")
-        # Restarted only when the switch changed its unit or binary.
-        print(f"agent pid {pid_before} before the switch, {main_pid()} after")
+        pid_after = main_pid()
+        print(f"agent pid {pid_before} before the switch, {pid_after} after")
+        assert pid_after == pid_before, "the switch restarted the agent"
 
     with subtest("the agent registered again after the switch (v3 dashboards wait for it)"):
         wait_for("a register after the status", lambda: [

@@ -13,8 +13,10 @@
 #     as PID 1 (it reaps orphans, as the builder's shell does);
 #   - the command of nixpkgs' cargoCheckHook with NIX_BUILD_CORES=2:
 #     `cargo test -j 2 [--profile <checkType>] --target <host> --offline
-#     -- --test-threads=2 <checkFlags>`, with checkType and checkFlags read
-#     from nix/package.nix (so this script and the package cannot disagree).
+#     <cargoTestFlags> -- --test-threads=2 <checkFlags>`, with checkType,
+#     cargoTestFlags and checkFlags read from nix/package.nix with its test
+#     suite on (checks.package), so this script and the package cannot
+#     disagree.
 #
 # The rustc is this machine's (rustup), not nixpkgs'.
 #
@@ -72,17 +74,19 @@ lib=${NIXPKGS_LIB:-../shared/nix/nixpkgs/lib}
 }
 lib=$(cd "$lib" && pwd)
 
-# checkType and checkFlags as nix/package.nix gives them to buildRustPackage.
+# checkType, cargoTestFlags and checkFlags as nix/package.nix gives them to
+# buildRustPackage.
 args=$(nix-instantiate --readonly-mode --eval --strict --json --expr "
   let
     lib = import $lib;
     stubs = import $repo/nix/stubs.nix { inherit lib; nixosLib = null; };
-    package = (stubs.pkgsFor \"x86_64-linux\").callPackage $repo/nix/package.nix { };
+    package = (stubs.pkgsFor \"x86_64-linux\").callPackage $repo/nix/package.nix { runTests = true; };
   in
-  { checkType = package.args.checkType or \"release\"; inherit (package.args) checkFlags; }
+  { checkType = package.args.checkType or \"release\"; inherit (package.args) cargoTestFlags checkFlags; }
 ")
 check_type=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["checkType"])' "$args")
 mapfile -t check_flags < <(python3 -c 'import json,sys; print("\n".join(json.loads(sys.argv[1])["checkFlags"]))' "$args")
+mapfile -t test_flags < <(python3 -c 'import json,sys; print("\n".join(json.loads(sys.argv[1])["cargoTestFlags"]))' "$args")
 profile_flag=()
 [[ $check_type == debug ]] || profile_flag=(--profile "$check_type")
 host=$(rustc -vV | sed -n 's/^host: //p')
@@ -116,7 +120,7 @@ chown -R "$user:$group" "$work/source" "$work/target" "$work/tmp" "$work/cargo-h
 chmod -R a+rX "$work/vendor"
 
 sysroot=$(rustc --print sysroot)
-inner_cmd=(cargo test -j 2 "${profile_flag[@]}" --target "$host" --offline -- --test-threads=2 "${check_flags[@]}")
+inner_cmd=(cargo test -j 2 "${profile_flag[@]}" --target "$host" --offline "${test_flags[@]}" -- --test-threads=2 "${check_flags[@]}")
 echo "==> in the sandbox as $user: ${inner_cmd[*]}"
 
 # Runs inside the new namespaces, as root until setpriv.

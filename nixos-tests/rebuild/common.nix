@@ -10,6 +10,11 @@
     hostname = "host";
     interval = 2;
     logLevel = "debug";
+    # The first generation comes from this flake (a git revision, when the
+    # test is built from a checkout), the second from the configuration
+    # repository's `path:` copy of it, which has no revision. Both report
+    # the same commit, so both render the same settings file and unit.
+    settings.source_commit = "nixfleet-rebuild-test";
   };
   # The token is written at run time, so the test starts the agent.
   systemd.services.nixfleet.wantedBy = lib.mkForce [ ];
