@@ -98,7 +98,7 @@ fn docs_every_key_has_a_row_and_every_row_a_key() {
         assert!(
             rows.contains_key(*key),
             "config key `{key}` (config::KEYS) is not documented: add a row to the \"Keys\" \
-             table of {PAGE}, like\n  {}\nand a line to the README's configuration table",
+             table of {PAGE}, like\n  {}",
             suggested_row(key)
         );
     }
