@@ -1,13 +1,8 @@
 //! One session's writer: `register` first, then heartbeats, the core's
 //! replies and pings ahead of queued command output, which goes out in
-//! bounded batches under the flow-control window (see `window`). So a
-//! heartbeat waits for at most one batch, however much output is queued.
-//!
-//! Every write has a deadline: a dashboard can stay loud (it pings, so the
-//! silence check never fires) but stop reading, and then a write would
-//! wait forever. A peer that accepts no byte for `ping_timeout` while a
-//! write waits is dead. While it waits, the writer still answers the
-//! watchdog's probes and a shutdown request.
+//! bounded batches under the flow-control window (`window`). Every write
+//! has a deadline and still answers probes and shutdown while it waits
+//! (why: see the module `connection`).
 
 use super::connect::Socket;
 use super::end::SessionEnd;
