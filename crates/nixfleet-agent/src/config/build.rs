@@ -1,15 +1,19 @@
 //! Building the [`Config`]: the layers merged in order of precedence, the
 //! merged values extracted into `Raw`, then validated key by key.
 
-use super::Env;
-use super::cli::{Cli, flag_layer};
-use super::effective::Config;
+use super::cli::Cli;
+use super::effective::{Config, TokenSource};
 use super::errors::figment_error;
-use super::keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, default_layer};
-use super::layers::{Layer, LayerKind, credentials_layer, describe, env_layer, system_layer};
-use super::token::{CredentialToken, TokenSetting, check_token_not_in_url, resolve_token};
-use super::toml_file::config_file_layer;
-use super::validate::{DEVICE_TYPES, LOCATIONS, Validator};
+use super::keys::{Env, KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS};
+use super::layer::{Layer, LayerKind, describe};
+use super::sources::credentials::{CredentialToken, credentials_layer};
+use super::sources::defaults::{default_layer, system_layer};
+use super::sources::env::env_layer;
+use super::sources::flags::flag_layer;
+use super::sources::toml_file::config_file_layer;
+use super::validate::{
+    DEVICE_TYPES, LOCATIONS, TokenSetting, Validator, check_token_not_in_url, resolve_token,
+};
 use figment::value::Value;
 use figment::{Figment, Provider};
 use secrecy::SecretString;
@@ -107,25 +111,16 @@ fn refuse_token_and_token_file(layer: &Layer) -> Result<(), String> {
 }
 
 /// Every key, in a fixed order: when several values are wrong, the first
-/// in this order is the one reported.
+/// in this order is the one reported. (The keys after the timing checks
+/// are validated inside the `Config { … }` literal, whose fields are
+/// evaluated in the order written.)
 fn validate(
-    raw: Raw,
+    mut raw: Raw,
     mut v: Validator<'_>,
     credential: Option<CredentialToken>,
     secrets: &mut Vec<SecretString>,
 ) -> Result<Config, String> {
-    // The token is resolved (files read) first so that its value can be
-    // scrubbed from any later message; its errors are reported after url's.
-    let setting = TokenSetting {
-        inline: raw.token.as_ref(),
-        file: raw.token_file.as_deref(),
-    };
-    let token = resolve_token(setting, &mut v, credential, secrets);
-    let url = v.url(raw.url)?;
-    let allow_insecure_url = v.boolean("allow_insecure_url", raw.allow_insecure_url)?;
-    v.url_is_private_or_allowed(&url, allow_insecure_url)?;
-    let (token, token_source) = token?;
-    check_token_not_in_url(&url, &token, &v)?;
+    let access = dashboard_access(&mut raw, &mut v, credential, secrets)?;
     let repo_dir = v.repo_dir(raw.repo_dir)?;
     let repo_url = v.repo_url(raw.repo_url)?;
     let branch = v.branch(raw.branch)?;
@@ -142,16 +137,11 @@ fn validate(
     let backoff_max = v.duration("backoff_max", raw.backoff_max, 1, MAX_PERIOD_SECS)?;
     let stop_grace = v.duration("stop_grace", raw.stop_grace, 0, MAX_STOP_GRACE_SECS)?;
     v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
-    let log_max_bytes = v.byte_size("log_max_bytes", raw.log_max_bytes)?;
-    let logs_max_bytes = v.byte_size("logs_max_bytes", raw.logs_max_bytes)?;
-    let theme_color = v.theme_color(raw.theme_color)?;
-    let location = v.one_of("location", raw.location, LOCATIONS)?;
-    let device_type = v.one_of("device_type", raw.device_type, DEVICE_TYPES)?;
-    let allow_reboot = v.allow_reboot(raw.allow_reboot)?;
-    let origins = origins(&v);
     Ok(Config {
-        url,
-        token,
+        url: access.url,
+        token: access.token,
+        token_source: access.token_source,
+        allow_insecure_url: access.allow_insecure_url,
         repo_dir,
         repo_url,
         branch,
@@ -167,16 +157,49 @@ fn validate(
         stop_grace,
         state_dir,
         ca_file,
-        log_max_bytes,
-        logs_max_bytes,
-        allow_insecure_url,
-        theme_color,
-        location,
-        device_type,
-        allow_reboot,
-        token_source,
+        log_max_bytes: v.byte_size("log_max_bytes", raw.log_max_bytes)?,
+        logs_max_bytes: v.byte_size("logs_max_bytes", raw.logs_max_bytes)?,
+        theme_color: v.theme_color(raw.theme_color)?,
+        location: v.one_of("location", raw.location, LOCATIONS)?,
+        device_type: v.one_of("device_type", raw.device_type, DEVICE_TYPES)?,
+        allow_reboot: v.allow_reboot(raw.allow_reboot)?,
+        origins: origins(&v),
         warnings: v.warnings,
-        origins,
+    })
+}
+
+/// How the agent reaches the dashboard: the keys validated first.
+struct DashboardAccess {
+    url: String,
+    token: SecretString,
+    token_source: TokenSource,
+    allow_insecure_url: bool,
+}
+
+/// `url`, the token and `allow_insecure_url`. The token is resolved (files
+/// read) first so that its value can be scrubbed from any later message;
+/// its errors are reported after url's.
+fn dashboard_access(
+    raw: &mut Raw,
+    v: &mut Validator<'_>,
+    credential: Option<CredentialToken>,
+    secrets: &mut Vec<SecretString>,
+) -> Result<DashboardAccess, String> {
+    let setting = TokenSetting {
+        inline: raw.token.as_ref(),
+        file: raw.token_file.as_deref(),
+    };
+    let token = resolve_token(setting, v, credential, secrets);
+    let url = v.url(raw.url.take())?;
+    let allow_insecure_url = v.boolean("allow_insecure_url", raw.allow_insecure_url.take())?;
+    v.url_is_private_or_allowed(&url, allow_insecure_url)?;
+    let (token, token_source) = token?;
+    check_token_not_in_url(&url, &token, v)?;
+    Ok(DashboardAccess {
+        url,
+        token,
+        token_source,
+        allow_insecure_url,
     })
 }
 

@@ -1,8 +1,6 @@
-//! The command-line interface, and the flags as the highest layer.
+//! The command-line interface. (The flags become the highest layer in
+//! `sources::flags`.)
 
-use super::files::path_string;
-use super::keys::flag_name;
-use super::layers::{Layer, LayerKind};
 use std::path::PathBuf;
 
 /// Command-line interface of `nixfleet-agent`.
@@ -53,36 +51,4 @@ pub struct Cli {
     /// Extra PEM CA file for wss://.
     #[arg(long, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-}
-
-/// The flag layer (the highest): every flag that was given.
-pub(super) fn flag_layer(cli: &Cli) -> Result<Layer, String> {
-    let mut flags = Layer::new(LayerKind::Flags);
-    let strings = [
-        ("url", &cli.url),
-        ("hostname", &cli.hostname),
-        ("repo_url", &cli.repo_url),
-        ("branch", &cli.branch),
-        ("interval", &cli.interval),
-        ("log_level", &cli.log_level),
-        ("metrics", &cli.metrics),
-    ];
-    for (key, value) in strings {
-        if let Some(value) = value {
-            flags.set(key, value.as_str());
-        }
-    }
-    let paths = [
-        ("token_file", &cli.token_file),
-        ("repo_dir", &cli.repo_dir),
-        ("ssh_key", &cli.ssh_key),
-        ("state_dir", &cli.state_dir),
-        ("ca_file", &cli.ca_file),
-    ];
-    for (key, value) in paths {
-        if let Some(path) = value {
-            flags.set(key, path_string(path, &format!("flag {}", flag_name(key)))?);
-        }
-    }
-    Ok(flags)
 }

@@ -1,10 +1,9 @@
 //! The validated, effective configuration the rest of the agent reads.
 
-use super::token::TokenSource;
 use secrecy::SecretString;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,4 +89,41 @@ pub struct Config {
     /// `systemd credential /run/credentials/x/ssh_key`, `flag --interval`,
     /// `built-in default`.
     pub origins: BTreeMap<&'static str, String>,
+}
+
+/// Where the effective token came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `token` set inline; `origin` names the layer (config file path or
+    /// environment variable).
+    Inline { origin: String },
+    /// Read from `token_file` at `path`; `origin` names where `token_file`
+    /// was set (config file path, environment variable or flag).
+    File { path: PathBuf, origin: String },
+    /// Read from the systemd credential `$CREDENTIALS_DIRECTORY/token`.
+    Credential { path: PathBuf },
+}
+
+impl TokenSource {
+    /// The file the token was read from, if any (token_file or credential).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            TokenSource::Inline { .. } => None,
+            TokenSource::File { path, .. } | TokenSource::Credential { path } => Some(path),
+        }
+    }
+}
+
+impl fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::Inline { origin } => f.write_str(origin),
+            TokenSource::File { path, origin } => {
+                write!(f, "token_file {} (set by {origin})", path.display())
+            }
+            TokenSource::Credential { path } => {
+                write!(f, "systemd credential {}", path.display())
+            }
+        }
+    }
 }

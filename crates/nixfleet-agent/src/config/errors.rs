@@ -1,13 +1,12 @@
 //! Configuration errors: one line that names the key and the source of the
-//! bad value, and the helpers that show values in messages without ever
-//! showing the token.
+//! bad value, and figment's own errors worded the same way, never showing
+//! the token.
 
-use super::layers::describe;
-use super::toml_file::unknown_key;
-use super::validate::num_to_i128;
+use super::layer::describe;
+use super::sources::toml_file::unknown_key;
+use super::values::{short_str, toml_str};
 use figment::Figment;
 use figment::error::{Actual, Kind};
-use figment::value::{Num, Value};
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 
@@ -83,14 +82,7 @@ fn kind_of(actual: &Actual) -> &'static str {
     }
 }
 
-/// A value for an error message: a TOML string, shortened when long.
-pub(super) fn short_str(s: &str) -> String {
-    match s.char_indices().nth(200) {
-        Some((i, _)) => format!("{}…\"", &toml_str(&s[..i]).trim_end_matches('"')),
-        None => toml_str(s),
-    }
-}
-
+/// The value figment found, for a type error (the token never gets here).
 fn show_actual(actual: &Actual) -> String {
     match actual {
         Actual::Bool(b) => b.to_string(),
@@ -103,40 +95,4 @@ fn show_actual(actual: &Actual) -> String {
         Actual::Map => "{…}".to_owned(),
         other => kind_of(other).to_owned(),
     }
-}
-
-pub(super) fn show_value(value: &Value) -> String {
-    match value {
-        Value::String(_, s) => short_str(s),
-        Value::Char(_, c) => toml_str(&c.to_string()),
-        Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => match *n {
-            Num::F32(f) => f.to_string(),
-            Num::F64(f) => f.to_string(),
-            n => num_to_i128(n).map_or_else(|| "a huge number".to_owned(), |i| i.to_string()),
-        },
-        Value::Empty(..) => "nothing".to_owned(),
-        Value::Dict(..) => "{…}".to_owned(),
-        Value::Array(..) => "[…]".to_owned(),
-    }
-}
-
-/// A TOML basic string: quoted, with `"`, `\\` and control characters
-/// escaped.
-pub fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }

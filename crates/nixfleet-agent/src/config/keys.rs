@@ -1,8 +1,7 @@
-//! The configuration keys: their names, built-in defaults and limits, and
-//! how each is spelt as an environment variable and as a flag. A new key
-//! starts here (see the checklist in the module `config`).
-
-use super::layers::{Layer, LayerKind};
+//! The configuration keys: their names and limits, and how each is spelt
+//! as an environment variable and as a flag. A new key starts here (see the
+//! checklist in the module `config`). Plain data: every other part of the
+//! loader builds on this file, and it imports none of them.
 
 /// Every configuration key (the file may hold only these).
 pub const KEYS: &[&str] = &[
@@ -33,28 +32,6 @@ pub const KEYS: &[&str] = &[
     "allow_reboot",
 ];
 
-/// The built-in defaults (the lowest layer). Keys without a default here
-/// are optional, required (url, token, repo_dir) or come from the system
-/// (hostname, and state_dir from `$STATE_DIRECTORY`).
-pub(super) fn default_layer() -> Layer {
-    let mut defaults = Layer::new(LayerKind::Defaults);
-    defaults.set("branch", "main");
-    defaults.set("interval", 30u64);
-    defaults.set("log_level", "info");
-    defaults.set("metrics", "auto");
-    defaults.set("stasysmo_dir", "/dev/shm/stasysmo");
-    defaults.set("ping_interval", 15u64);
-    defaults.set("ping_timeout", 45u64);
-    defaults.set("backoff_max", 60u64);
-    defaults.set("stop_grace", 10u64);
-    defaults.set("state_dir", "/var/lib/nixfleet");
-    defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
-    defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
-    defaults.set("allow_insecure_url", false);
-    defaults.set("allow_reboot", false);
-    defaults
-}
-
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.
 pub const MAX_PERIOD_SECS: u64 = 86_400;
 /// Upper bound for `stop_grace`.
@@ -63,6 +40,10 @@ pub const MAX_STOP_GRACE_SECS: u64 = 3_600;
 pub(super) const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 /// Config files larger than this are refused.
 pub(super) const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The environment as the loader sees it: a lookup by variable name (for
+/// tests, a map; in the agent, the process environment).
+pub(super) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// Every environment variable the loader reads: `NIXFLEET_<KEY>` for each
 /// key, `NIXFLEET_CONFIG` (the file), and the two that systemd sets.

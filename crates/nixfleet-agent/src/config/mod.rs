@@ -10,34 +10,40 @@
 //! one line that names the key and where its value came from — and never
 //! contains the token.
 //!
-//! The parts, in the order a value passes through them:
+//! The parts, from the bottom up; each imports only parts listed before it
+//! here:
 //!
-//! - `keys`: the list of keys, their built-in defaults and limits, and how
-//!   a key is spelt as an environment variable and as a flag.
-//! - `cli`: the command-line flags and the flag layer.
-//! - `layers`: the layer type, the system, environment and credential
-//!   layers, and naming the source of a value; `toml_file`: the file layer.
-//! - `build`: merges the layers, extracts `Raw` and validates it key by
-//!   key, in a fixed order (the first problem is the one reported).
+//! - Plain data, importing no other part: `keys` (the list of keys, their
+//!   limits, and how a key is spelt as an environment variable and as a
+//!   flag), `values` (showing a value in a message), `files` (reading files
+//!   without trusting them), `cli` (the command-line interface) and
+//!   `effective` (the typed [`Config`] the agent reads).
+//! - `layer`: the layer type, the kinds of layer in order of precedence,
+//!   and naming the source of a value.
+//! - `sources`: one file per layer (built-in and system defaults, the TOML
+//!   file, the environment, systemd credentials, flags) and reading a token
+//!   file.
 //! - `validate`: one method per key on `Validator`, grouped by what the
-//!   keys are about (`dashboard`, `repository`, `host`, `runtime`), and
-//!   durations.
-//! - `token`: where the token comes from and how token files are read.
-//! - `errors`: the one-line error, and showing values without secrets.
-//! - `render`: `--check-config`'s TOML output with sources.
+//!   keys are about (`dashboard`, `repository`, `host`, `runtime`,
+//!   `token`), and durations; `errors`: the one-line error, and figment's
+//!   errors in the same words.
+//! - `build`: merges the layers, extracts `Raw` and validates it key by
+//!   key, in a fixed order (the first problem is the one reported);
+//!   `render`: `--check-config`'s TOML output with sources.
 //!
 //! # Adding a key
 //!
-//! 1. `keys.rs`: add the name to [`KEYS`] and, if it has one, its default in
-//!    `default_layer` (its environment name `NIXFLEET_<KEY>` follows).
+//! 1. `keys.rs`: add the name to [`KEYS`] (its environment name
+//!    `NIXFLEET_<KEY>` follows); if it has a default, set it in
+//!    `default_layer` (`sources/defaults.rs`).
 //! 2. `build.rs`: a field in `Raw` (`Option<String>`, or `Option<Value>` for
-//!    durations and numbers) and one line in `validate` that calls the
-//!    key's check, then the field in the `Config { … }` it returns.
+//!    durations and numbers) and, in `validate`, the key's check and its
+//!    field in the `Config { … }` it returns.
 //! 3. `validate/<group>.rs`: the key's check as a `Validator` method (errors
 //!    via `Validator::bad`, so they name the key and its source).
 //! 4. `effective.rs`: the typed field on [`Config`]; `render.rs`: its line.
-//! 5. If it has a flag: a field on [`Cli`] and a line in `flag_layer`
-//!    (`cli.rs`).
+//! 5. If it has a flag: a field on [`Cli`] (`cli.rs`) and a line in
+//!    `flag_layer` (`sources/flags.rs`).
 //! 6. Documentation: a row in the README's configuration table and in the
 //!    key table of `docs/config.md` (a test compares that table with
 //!    [`KEYS`] and [`env_var_names`]).
@@ -48,25 +54,26 @@ mod effective;
 mod errors;
 mod files;
 mod keys;
-mod layers;
+mod layer;
 mod render;
-mod token;
-mod toml_file;
+mod sources;
 mod validate;
+mod values;
 
 #[cfg(test)]
 mod tests;
 
 pub use cli::Cli;
-pub use effective::{Config, MetricsMode};
-pub use errors::{ConfigError, toml_str};
+pub use effective::{Config, MetricsMode, TokenSource};
+pub use errors::ConfigError;
 pub use keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, env_var_names};
-pub use token::TokenSource;
 pub use validate::{
     check_branch, check_hostname, check_log_level, check_repo_url, check_url, parse_duration,
 };
+pub use values::toml_str;
 
 use errors::error_line;
+use keys::Env;
 use secrecy::SecretString;
 
 /// Exit code for every configuration error (EX_CONFIG from sysexits.h).
@@ -100,9 +107,6 @@ where
         .map(str::to_owned);
     load_inner(cli, &env, nodename)
 }
-
-/// The environment as the loader sees it: a lookup by variable name.
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 fn load_inner(
     cli: &Cli,

@@ -2,7 +2,7 @@
 //! the source of its value; the token redacted.
 
 use super::effective::Config;
-use super::errors::toml_str;
+use super::values::toml_str;
 use std::path::Path;
 use std::time::Duration;
 

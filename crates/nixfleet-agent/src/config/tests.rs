@@ -1,9 +1,10 @@
 //! Unit tests of the loader: value checks, and `load_inner` with an explicit
 //! environment (no process environment is touched).
 
-use super::errors::{error_line, short_str, show_value};
-use super::toml_file::suggest_key;
+use super::errors::error_line;
+use super::sources::toml_file::suggest_key;
 use super::validate::redact_url;
+use super::values::{short_str, show_value};
 use super::*;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Value};

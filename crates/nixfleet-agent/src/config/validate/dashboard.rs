@@ -1,11 +1,10 @@
 //! Keys about the dashboard connection: `url`, `ca_file`, and the timing
 //! of pings and reconnects (`ping_interval`, `ping_timeout`,
-//! `backoff_max`). The token is in `config::token`.
+//! `backoff_max`). The token is in `token`.
 
 use super::{Validator, check_path};
-use crate::config::errors::{short_str, show_value};
 use crate::config::files::check_readable_file;
-use crate::config::validate::num_to_i128;
+use crate::config::values::{num_to_i128, short_str, show_value};
 use figment::value::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

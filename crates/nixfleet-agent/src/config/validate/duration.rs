@@ -2,7 +2,7 @@
 //! `backoff_max`, `stop_grace`): whole seconds, as a number or a string.
 
 use super::Validator;
-use crate::config::errors::show_value;
+use crate::config::values::{num_to_i128, show_value};
 use figment::value::{Num, Value};
 use std::time::Duration;
 
@@ -61,12 +61,6 @@ pub fn parse_duration(value: &Value, min: u64, max: u64) -> Result<Duration, Str
         return Err(too_large(max));
     }
     Ok(Duration::from_secs(seconds as u64))
-}
-
-/// Any integer `Num` as `i128` (figment's own `to_i128` is signed-only).
-pub(crate) fn num_to_i128(n: Num) -> Option<i128> {
-    n.to_i128()
-        .or_else(|| n.to_u128().and_then(|u| i128::try_from(u).ok()))
 }
 
 fn too_large(max: u64) -> String {

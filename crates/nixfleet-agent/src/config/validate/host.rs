@@ -4,7 +4,7 @@
 //! heartbeat period, is a duration: see `build::validate`.)
 
 use super::{Validator, check_path};
-use crate::config::MetricsMode;
+use crate::config::effective::MetricsMode;
 use std::path::PathBuf;
 
 impl Validator<'_> {

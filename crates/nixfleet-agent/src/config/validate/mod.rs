@@ -1,8 +1,8 @@
 //! Validation, key by key: a `Validator` method per key that turns the raw
 //! merged value into the typed one, or into one message naming the key, the
 //! value and its source. The methods live with their group of keys:
-//! `dashboard`, `repository`, `host`, `runtime`; `duration` holds the
-//! shared duration parser. A new key's check goes into the group it
+//! `dashboard`, `repository`, `host`, `runtime`, and `token` (which
+//! layer supplies it); `duration` holds the shared duration parser. A new key's check goes into the group it
 //! belongs to (or a new group module here), called from `build::validate`.
 //!
 //! The `check_*` functions return only the problem (no key, no source).
@@ -12,20 +12,21 @@ mod duration;
 mod host;
 mod repository;
 mod runtime;
+mod token;
 
 pub(crate) use host::{DEVICE_TYPES, LOCATIONS};
 
 pub use dashboard::check_url;
 #[cfg(test)]
 pub(crate) use dashboard::redact_url;
-pub(crate) use duration::num_to_i128;
 pub use duration::parse_duration;
 pub use host::check_hostname;
 pub use repository::{check_branch, check_repo_url};
 pub use runtime::check_log_level;
+pub(crate) use token::{TokenSetting, check_token_not_in_url, resolve_token};
 
-use super::errors::short_str;
-use super::layers::{LayerKind, describe};
+use super::layer::{LayerKind, describe};
+use super::values::short_str;
 use figment::Figment;
 
 /// Looks up where each merged value came from, and collects warnings.

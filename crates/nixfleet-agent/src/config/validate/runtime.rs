@@ -4,7 +4,7 @@
 //! `build::validate`.)
 
 use super::Validator;
-use crate::config::errors::show_value;
+use crate::config::values::{num_to_i128, show_value};
 use figment::value::{Num, Value};
 
 /// Smallest command log cap: room for a few long lines.
@@ -95,7 +95,7 @@ pub fn parse_byte_size(value: &Value) -> Result<u64, String> {
         "expected a number of bytes like 1073741824 or \"1G\" (K, M, G: binary units)";
     let bytes: Option<u64> = match value {
         Value::Num(_, Num::F32(_) | Num::F64(_)) => None,
-        Value::Num(_, n) => super::duration::num_to_i128(*n).and_then(|n| u64::try_from(n).ok()),
+        Value::Num(_, n) => num_to_i128(*n).and_then(|n| u64::try_from(n).ok()),
         Value::String(_, s) => {
             let s = s.trim();
             let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {

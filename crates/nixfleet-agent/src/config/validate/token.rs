@@ -1,74 +1,26 @@
 //! The token: which layer supplies it (inline, `token_file`, or the systemd
-//! credential `token`), reading it from a file, and checking it. The token
-//! is never part of a message; every value read is added to `secrets` so the
-//! final error line can scrub it.
+//! credential `token`), and checking it. The token is never part of a
+//! message; every value read is added to `secrets` so the final error line
+//! can scrub it. (Reading a token file is in `sources::token_file`.)
 
-use super::errors::short_str;
-use super::files::{check_readable_file, read_capped, warn_loose_permissions};
-use super::keys::MAX_TOKEN_FILE_BYTES;
-use super::layers::LayerKind;
-use super::validate::{Validator, check_path};
+use super::{Validator, check_path};
+use crate::config::effective::TokenSource;
+use crate::config::files::warn_loose_permissions;
+use crate::config::layer::LayerKind;
+use crate::config::sources::credentials::CredentialToken;
+use crate::config::sources::token_file::{check_token, read_token_file};
+use crate::config::values::short_str;
 use secrecy::{ExposeSecret, SecretString};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Where the effective token came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// `token` set inline; `origin` names the layer (config file path or
-    /// environment variable).
-    Inline { origin: String },
-    /// Read from `token_file` at `path`; `origin` names where `token_file`
-    /// was set (config file path, environment variable or flag).
-    File { path: PathBuf, origin: String },
-    /// Read from the systemd credential `$CREDENTIALS_DIRECTORY/token`.
-    Credential { path: PathBuf },
-}
-
-impl TokenSource {
-    /// The file the token was read from, if any (token_file or credential).
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            TokenSource::Inline { .. } => None,
-            TokenSource::File { path, .. } | TokenSource::Credential { path } => Some(path),
-        }
-    }
-}
-
-impl fmt::Display for TokenSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenSource::Inline { origin } => f.write_str(origin),
-            TokenSource::File { path, origin } => {
-                write!(f, "token_file {} (set by {origin})", path.display())
-            }
-            TokenSource::Credential { path } => {
-                write!(f, "systemd credential {}", path.display())
-            }
-        }
-    }
-}
-
-/// The result of reading a token from a file: the trimmed token, or what is
-/// wrong with the file (no content).
-pub(super) type TokenRead = Result<SecretString, String>;
-
-/// The credential file `$CREDENTIALS_DIRECTORY/token`, read when the
-/// credentials layer is built; its error matters only if no later layer
-/// overrides the token.
-pub(super) struct CredentialToken {
-    pub(super) path: PathBuf,
-    pub(super) read: TokenRead,
-}
-
 /// The token as merged from the layers: inline `token` and/or `token_file`.
-pub(super) struct TokenSetting<'a> {
-    pub(super) inline: Option<&'a SecretString>,
-    pub(super) file: Option<&'a str>,
+pub(crate) struct TokenSetting<'a> {
+    pub(crate) inline: Option<&'a SecretString>,
+    pub(crate) file: Option<&'a str>,
 }
 
 /// Picks the layer that supplies the token and reads it.
-pub(super) fn resolve_token(
+pub(crate) fn resolve_token(
     setting: TokenSetting<'_>,
     v: &mut Validator<'_>,
     credential: Option<CredentialToken>,
@@ -152,7 +104,7 @@ fn source_file(origin: &str) -> Option<PathBuf> {
 }
 
 /// The url must not carry the token: it is sent in the Authorization header.
-pub(super) fn check_token_not_in_url(
+pub(crate) fn check_token_not_in_url(
     url: &str,
     token: &SecretString,
     v: &Validator<'_>,
@@ -166,32 +118,4 @@ pub(super) fn check_token_not_in_url(
         ));
     }
     Ok(())
-}
-
-/// Checks a token (already trimmed where it came from a file).
-fn check_token(token: &str) -> Result<(), String> {
-    if token.trim().is_empty() {
-        return Err("is empty".to_owned());
-    }
-    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(
-            "contains whitespace or control characters (it is sent in an HTTP \
-                    header and must be a single word)"
-                .to_owned(),
-        );
-    }
-    Ok(())
-}
-
-/// Reads and trims a token file; the error never contains the content.
-pub(super) fn read_token_file(path: &Path) -> TokenRead {
-    check_readable_file(path)?;
-    let bytes = read_capped(path, MAX_TOKEN_FILE_BYTES)?;
-    let text = String::from_utf8(bytes).map_err(|_| "is not valid UTF-8".to_owned())?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err("the file is empty".to_owned());
-    }
-    check_token(token)?;
-    Ok(SecretString::from(token.to_owned()))
 }

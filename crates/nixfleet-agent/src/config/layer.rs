@@ -1,16 +1,10 @@
-//! The layers: the `Layer` type every source is turned into, the layers
-//! that come from the process (system defaults, `NIXFLEET_*` variables,
-//! systemd credentials), and naming the source of a value for messages.
-//! The file layer is in `toml_file`, the flag layer in `cli`.
+//! The layer: the `Layer` type every source is turned into, the kinds of
+//! layer in order of precedence, and naming the source of a value for
+//! messages. The sources that fill layers are in `sources`.
 
-use super::Env;
-use super::files::path_string;
-use super::keys::{KEYS, env_name, flag_name};
-use super::token::{CredentialToken, read_token_file};
+use super::keys::{env_name, flag_name};
 use figment::value::{Dict, Map, Value};
 use figment::{Metadata, Profile, Provider};
-use secrecy::SecretString;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The layers, lowest precedence first.
@@ -125,73 +119,4 @@ pub(super) fn describe(meta: Option<&Metadata>, key: &str) -> String {
         Some(LayerKind::Flags) => format!("flag {}", flag_name(key)),
         None => meta.name.to_string(),
     }
-}
-
-/// Defaults that come from the system: the hostname, and the state
-/// directory systemd created (`StateDirectory=`).
-pub(super) fn system_layer(system_hostname: Option<String>, env: Env<'_>) -> Layer {
-    let mut system = Layer::new(LayerKind::System);
-    if let Some(name) = system_hostname {
-        system.set("hostname", name);
-    }
-    if let Some(dirs) = env("STATE_DIRECTORY") {
-        // systemd passes a colon-separated list with StateDirectory=a b.
-        if let Some(first) = dirs.split(':').find(|d| !d.is_empty()) {
-            system.set("state_dir", first);
-        }
-    }
-    system
-}
-
-/// `NIXFLEET_<KEY>` for the known keys only.
-pub(super) fn env_layer(env: Env<'_>) -> Layer {
-    let mut layer = Layer::new(LayerKind::Env);
-    for key in KEYS {
-        if let Some(value) = env(&env_name(key)) {
-            layer.set(key, value);
-        }
-    }
-    layer
-}
-
-/// The systemd credentials `token` and `ssh_key` in
-/// `$CREDENTIALS_DIRECTORY`. The token's value stays out of the layer (it
-/// only records that the credential sets the token) and is returned beside
-/// it.
-pub(super) fn credentials_layer(
-    env: Env<'_>,
-    secrets: &mut Vec<SecretString>,
-    warnings: &mut Vec<String>,
-) -> Result<(Layer, Option<CredentialToken>), String> {
-    let mut creds = Layer::new(LayerKind::Credentials);
-    let mut credential = None;
-    let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) else {
-        return Ok((creds, credential));
-    };
-    let dir = PathBuf::from(dir);
-    if !dir.is_dir() {
-        warnings.push(format!(
-            "CREDENTIALS_DIRECTORY {} is not a directory; no credentials loaded",
-            dir.display()
-        ));
-    }
-    let token_path = dir.join("token");
-    if fs::symlink_metadata(&token_path).is_ok() {
-        let read = read_token_file(&token_path);
-        // A read error matters only if no later layer overrides the token.
-        creds.set("token", "");
-        if let Ok(token) = &read {
-            secrets.push(token.clone());
-        }
-        credential = Some(CredentialToken {
-            path: token_path,
-            read,
-        });
-    }
-    let ssh_key = dir.join("ssh_key");
-    if fs::symlink_metadata(&ssh_key).is_ok() {
-        creds.set("ssh_key", path_string(&ssh_key, "CREDENTIALS_DIRECTORY")?);
-    }
-    creds.path = Some(dir);
-    Ok((creds, credential))
 }

@@ -2,19 +2,18 @@
 //! cap, parsed without quoting the offending line (it may hold the token),
 //! unknown keys refused with a suggestion.
 
-use super::Cli;
-use super::Env;
-use super::errors::toml_str;
-use super::files::read_capped;
-use super::keys::{KEYS, MAX_CONFIG_FILE_BYTES};
-use super::layers::{Layer, LayerKind};
+use crate::config::cli::Cli;
+use crate::config::files::read_capped;
+use crate::config::keys::{Env, KEYS, MAX_CONFIG_FILE_BYTES};
+use crate::config::layer::{Layer, LayerKind};
+use crate::config::values::toml_str;
 use figment::providers::{Format, Toml};
 use figment::value::Dict;
 use std::fs;
 use std::path::PathBuf;
 
 /// Reads `--config` / `$NIXFLEET_CONFIG` into the file layer.
-pub(super) fn config_file_layer(cli: &Cli, env: Env<'_>) -> Result<Option<Layer>, String> {
+pub(crate) fn config_file_layer(cli: &Cli, env: Env<'_>) -> Result<Option<Layer>, String> {
     let (path, given_by) = match (&cli.config, env("NIXFLEET_CONFIG")) {
         (Some(path), _) => (path.clone(), "flag --config"),
         (None, Some(path)) => (PathBuf::from(path), "environment variable NIXFLEET_CONFIG"),
@@ -62,7 +61,7 @@ pub(super) fn config_file_layer(cli: &Cli, env: Env<'_>) -> Result<Option<Layer>
     Ok(Some(layer))
 }
 
-pub(super) fn unknown_key(key: &str, file: &str) -> String {
+pub(crate) fn unknown_key(key: &str, file: &str) -> String {
     let hint = match suggest_key(key) {
         Some(known) => format!(" (did you mean {known}?)"),
         None => format!(" (known keys: {})", KEYS.join(", ")),
@@ -71,7 +70,7 @@ pub(super) fn unknown_key(key: &str, file: &str) -> String {
 }
 
 /// The known key closest to a misspelt one, if any is close.
-pub(super) fn suggest_key(key: &str) -> Option<&'static str> {
+pub(crate) fn suggest_key(key: &str) -> Option<&'static str> {
     let normal = key.to_ascii_lowercase().replace('-', "_");
     KEYS.iter()
         .map(|k| (edit_distance(&normal, k), *k))

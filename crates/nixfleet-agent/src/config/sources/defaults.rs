@@ -1,0 +1,43 @@
+//! The two lowest layers: the built-in defaults, and the defaults that come
+//! from the system this agent runs on.
+
+use crate::config::keys::Env;
+use crate::config::layer::{Layer, LayerKind};
+
+/// The built-in defaults (the lowest layer). Keys without a default here
+/// are optional, required (url, token, repo_dir) or come from the system
+/// (hostname, and state_dir from `$STATE_DIRECTORY`).
+pub(crate) fn default_layer() -> Layer {
+    let mut defaults = Layer::new(LayerKind::Defaults);
+    defaults.set("branch", "main");
+    defaults.set("interval", 30u64);
+    defaults.set("log_level", "info");
+    defaults.set("metrics", "auto");
+    defaults.set("stasysmo_dir", "/dev/shm/stasysmo");
+    defaults.set("ping_interval", 15u64);
+    defaults.set("ping_timeout", 45u64);
+    defaults.set("backoff_max", 60u64);
+    defaults.set("stop_grace", 10u64);
+    defaults.set("state_dir", "/var/lib/nixfleet");
+    defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
+    defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
+    defaults.set("allow_insecure_url", false);
+    defaults.set("allow_reboot", false);
+    defaults
+}
+
+/// Defaults that come from the system: the hostname, and the state
+/// directory systemd created (`StateDirectory=`).
+pub(crate) fn system_layer(system_hostname: Option<String>, env: Env<'_>) -> Layer {
+    let mut system = Layer::new(LayerKind::System);
+    if let Some(name) = system_hostname {
+        system.set("hostname", name);
+    }
+    if let Some(dirs) = env("STATE_DIRECTORY") {
+        // systemd passes a colon-separated list with StateDirectory=a b.
+        if let Some(first) = dirs.split(':').find(|d| !d.is_empty()) {
+            system.set("state_dir", first);
+        }
+    }
+    system
+}
