@@ -14,7 +14,7 @@
     # test is built from a checkout), the second from the configuration
     # repository's `path:` copy of it, which has no revision. Both report
     # the same commit, so both render the same settings file and unit.
-    settings.source_commit = "nixfleet-rebuild-test";
+    settings.source_commit = "0000000000000000000000000000000000000000";
   };
   # The token is written at run time, so the test starts the agent.
   systemd.services.nixfleet.wantedBy = lib.mkForce [ ];

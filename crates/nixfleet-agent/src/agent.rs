@@ -69,7 +69,7 @@ pub async fn run(config: Config) -> ExitCode {
         runner.shared_child_env(),
         lock_answers_tx,
     );
-    let identity = AgentIdentity::detect();
+    let identity = AgentIdentity::detect(config.source_commit.clone());
     let reporter = Reporter::new(&config, identity.clone()).with_update_status(update_status);
     let connection = Connection::new(
         config.clone(),

@@ -29,7 +29,9 @@ pub struct AgentIdentity {
     pub host_type: String,
     pub store_path: Option<String>,
     pub binary_hash: Option<String>,
-    /// The git commit this binary was built from (see build.rs).
+    /// The commit to report: the setting `source_commit` (the flake's
+    /// module writes the flake's revision there), else the one this binary
+    /// was built from (see build.rs).
     pub source_commit: Option<String>,
 }
 
@@ -43,13 +45,16 @@ pub fn source_commit() -> Option<String> {
 }
 
 impl AgentIdentity {
-    pub fn detect() -> Self {
+    /// `configured_commit` is the setting `source_commit`, which wins over
+    /// the commit recorded at build time: the Nix package is built without
+    /// the revision, so that it stays one derivation per source.
+    pub fn detect(configured_commit: Option<String>) -> Self {
         let exe = std::fs::read_link("/proc/self/exe").ok();
         AgentIdentity {
             host_type: host_type(Path::new("/etc/NIXOS")).into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
-            source_commit: source_commit(),
+            source_commit: configured_commit.or_else(source_commit),
         }
     }
 }

@@ -50,6 +50,7 @@ struct Raw {
     location: Option<String>,
     device_type: Option<String>,
     allow_reboot: Option<Value>,
+    source_commit: Option<String>,
 }
 
 pub(super) fn build(
@@ -163,6 +164,7 @@ fn validate(
         location: v.one_of("location", raw.location, LOCATIONS)?,
         device_type: v.one_of("device_type", raw.device_type, DEVICE_TYPES)?,
         allow_reboot: v.allow_reboot(raw.allow_reboot)?,
+        source_commit: v.source_commit(raw.source_commit)?,
         origins: origins(&v),
         warnings: v.warnings,
     })

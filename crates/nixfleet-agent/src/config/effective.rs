@@ -79,6 +79,9 @@ pub struct Config {
     pub device_type: Option<String>,
     /// Whether the dashboard's `reboot` command may reboot the host.
     pub allow_reboot: bool,
+    /// The commit to report as `source_commit` (the flake's module sets
+    /// the flake's revision); `None`: the one recorded at build time.
+    pub source_commit: Option<String>,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

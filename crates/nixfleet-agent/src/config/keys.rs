@@ -30,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "location",
     "device_type",
     "allow_reboot",
+    "source_commit",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.

@@ -46,6 +46,7 @@ impl Config {
             ("location", self.location.as_deref().map(toml_str)),
             ("device_type", self.device_type.as_deref().map(toml_str)),
             ("allow_reboot", Some(self.allow_reboot.to_string())),
+            ("source_commit", self.source_commit.as_deref().map(toml_str)),
         ];
         let mut out = String::new();
         for (key, value) in lines {

@@ -38,6 +38,14 @@ impl Validator<'_> {
         Ok(Some(color))
     }
 
+    /// `source_commit` (optional): what the host reports as the commit it
+    /// runs (the flake's module writes the flake's revision here).
+    pub(crate) fn source_commit(&self, commit: Option<String>) -> Result<Option<String>, String> {
+        let Some(commit) = commit else { return Ok(None) };
+        check_source_commit(&commit).map_err(|p| self.bad("source_commit", &commit, &p))?;
+        Ok(Some(commit))
+    }
+
     /// An optional key whose value is one of `allowed`.
     pub(crate) fn one_of(
         &self,
@@ -92,6 +100,26 @@ pub fn check_hostname(name: &str) -> Result<(), String> {
 pub(crate) const LOCATIONS: &[&str] = &["home", "work", "cloud"];
 /// The `device_type` values v3 dashboards know.
 pub(crate) const DEVICE_TYPES: &[&str] = &["server", "desktop", "laptop", "gaming"];
+
+/// Longer than any git revision (`self.dirtyRev` of a SHA-256 repository
+/// is 64 hex digits and `-dirty`).
+const MAX_SOURCE_COMMIT_LEN: usize = 80;
+
+/// `source_commit`: a revision as Nix and git print it: hex digits, and
+/// `-dirty` for a flake's dirty tree. It goes into every `register`, so
+/// anything else (empty, control characters, a long text) is refused.
+pub fn check_source_commit(commit: &str) -> Result<(), String> {
+    let hex = commit.strip_suffix("-dirty").unwrap_or(commit);
+    if hex.is_empty() || commit.len() > MAX_SOURCE_COMMIT_LEN {
+        return Err(format!(
+            "expected a git revision (1 to {MAX_SOURCE_COMMIT_LEN} characters)"
+        ));
+    }
+    if !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("expected a git revision: hex digits, optionally ending in -dirty".to_owned());
+    }
+    Ok(())
+}
 
 /// `theme_color`: `#` and six hex digits.
 pub fn check_theme_color(color: &str) -> Result<(), String> {
