@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::state::{Msg, Outgoing, SendError, Shared};
+use crate::conn::Outgoing;
+use crate::frame::Msg;
+use crate::shared::Shared;
+use crate::state::SendError;
 
 type ApiResult = Result<Response, ApiError>;
 

@@ -46,7 +46,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::api::{MsgOut, error};
-use crate::state::{Kind, Msg, Shared, now_ms};
+use crate::frame::{Kind, Msg, now_ms};
+use crate::host::Host;
+use crate::shared::Shared;
 
 /// Messages sent at most per event.
 pub const BATCH: u64 = 2_000;
@@ -175,46 +177,8 @@ impl Subscriber {
                 "host": host.name, "events": host.view.events(), "connections": connections,
             }));
         }
-        let first = host.evicted;
-        let head = host.next_index;
-        let mut cursor = self
-            .cursor
-            .unwrap_or_else(|| head.saturating_sub(BACKLOG))
-            .clamp(first, head);
-        let evicted = cursor.saturating_sub(self.cursor.unwrap_or(cursor));
-        let skip_from = cursor - evicted;
-        let mut skipped_lines = 0u64;
-        if head - cursor > MAX_BEHIND {
-            let to = head - BATCH;
-            let offset = usize::try_from(cursor - first).unwrap_or(usize::MAX);
-            let count = usize::try_from(to - cursor).unwrap_or(usize::MAX);
-            for (i, msg) in host.messages.iter().enumerate().skip(offset).take(count) {
-                match msg.kind {
-                    Kind::Output => skipped_lines += 1,
-                    Kind::Heartbeat => {}
-                    _ if read.messages.len() < MAX_KEPT_WHEN_SKIPPING => {
-                        read.messages.push((first + i as u64, msg.clone()));
-                    }
-                    _ => {}
-                }
-            }
-            cursor = to;
-        }
-        if evicted > 0 || skipped_lines > 0 {
-            read.skipped = Some(json!({
-                "lines": skipped_lines, "messages": evicted, "from": skip_from, "to": cursor,
-            }));
-        }
-        let offset = usize::try_from(cursor - first).unwrap_or(usize::MAX);
-        let mut taken = 0;
-        for msg in host.messages.iter().skip(offset).take(BATCH as usize) {
-            if msg.kind != Kind::Heartbeat {
-                read.messages.push((cursor + taken, msg.clone()));
-            }
-            taken += 1;
-        }
-        cursor += taken;
-        self.more = cursor < head;
+        let cursor = read_messages(self.cursor, host, &mut read);
+        self.more = cursor < host.next_index;
         self.cursor = Some(cursor);
         read
     }
@@ -253,4 +217,58 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// The next batch of `host`'s messages after the cursor, skipping ahead
+/// first when the cursor fell too far behind (or behind the store);
+/// returns the cursor after them.
+fn read_messages(last: Option<u64>, host: &Host, read: &mut Read) -> u64 {
+    let first = host.evicted;
+    let head = host.next_index;
+    let mut cursor = last
+        .unwrap_or_else(|| head.saturating_sub(BACKLOG))
+        .clamp(first, head);
+    let evicted = cursor.saturating_sub(last.unwrap_or(cursor));
+    let skip_from = cursor - evicted;
+    let mut skipped_lines = 0u64;
+    if head - cursor > MAX_BEHIND {
+        let to = head - BATCH;
+        skipped_lines = keep_when_skipping(host, cursor, to, &mut read.messages);
+        cursor = to;
+    }
+    if evicted > 0 || skipped_lines > 0 {
+        read.skipped = Some(json!({
+            "lines": skipped_lines, "messages": evicted, "from": skip_from, "to": cursor,
+        }));
+    }
+    let offset = usize::try_from(cursor - first).unwrap_or(usize::MAX);
+    let mut taken = 0;
+    for msg in host.messages.iter().skip(offset).take(BATCH as usize) {
+        if msg.kind != Kind::Heartbeat {
+            read.messages.push((cursor + taken, msg.clone()));
+        }
+        taken += 1;
+    }
+    cursor + taken
+}
+
+/// Passes over `host`'s messages from index `from` to `to`: keeps the few
+/// that are neither output nor heartbeats (statuses, rejections, progress)
+/// in `kept`; returns how many output lines it passed over.
+fn keep_when_skipping(host: &Host, from: u64, to: u64, kept: &mut Vec<(u64, Msg)>) -> u64 {
+    let first = host.evicted;
+    let offset = usize::try_from(from - first).unwrap_or(usize::MAX);
+    let count = usize::try_from(to - from).unwrap_or(usize::MAX);
+    let mut skipped_lines = 0u64;
+    for (i, msg) in host.messages.iter().enumerate().skip(offset).take(count) {
+        match msg.kind {
+            Kind::Output => skipped_lines += 1,
+            Kind::Heartbeat => {}
+            _ if kept.len() < MAX_KEPT_WHEN_SKIPPING => {
+                kept.push((first + i as u64, msg.clone()));
+            }
+            _ => {}
+        }
+    }
+    skipped_lines
 }

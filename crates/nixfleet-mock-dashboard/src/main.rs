@@ -192,21 +192,31 @@
 //!
 //! # Design
 //!
-//! One `State` behind one mutex (`state.rs`), locked briefly once per frame
-//! and per API call; one task per agent connection owns its socket and
+//! One `State` behind one mutex (`state.rs`, shared with the token in
+//! `shared.rs`), locked briefly once per frame and per API call: it holds
+//! the hosts (`host.rs`) and the connections (`conn.rs`); what a received
+//! frame does to it is in `session.rs`, and frames are classified before
+//! the lock (`frame.rs`). One task per agent connection owns its socket and
 //! receives API requests over a channel (`ws.rs`); frames are stored as
 //! their received text (one copy, reference-counted) and the payload is
 //! extracted when the API serves it; the record file has its own writer
 //! thread (`record.rs`). The page's feed (`live.rs`) keeps a cursor per
 //! browser and reads the store only when the browser can take more; what
 //! the page shows beyond raw messages (metrics history, running command,
-//! timeline) is small and bounded per host (`view.rs`).
+//! timeline) is small and bounded per host (`view.rs`), and the commands
+//! sent through the API are tracked as a v3 dashboard does
+//! (`lifecycle.rs`).
 
 mod api;
+mod conn;
+mod frame;
+mod host;
 mod lifecycle;
 mod live;
 mod page;
 mod record;
+mod session;
+mod shared;
 mod state;
 mod view;
 mod ws;
@@ -230,7 +240,8 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use crate::record::Recorder;
-use crate::state::{Shared, State};
+use crate::shared::Shared;
+use crate::state::State;
 
 /// Request bodies (e.g. `/send` with a large raw frame) up to this size.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -349,15 +360,26 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Listens until SIGTERM or SIGINT, then shuts down gracefully. Every
+/// failure before listening has been announced is reported on stderr and
+/// ends the program with status 1.
 async fn run(cli: Cli, token: String) -> ExitCode {
+    match serve(cli, token).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(cli: Cli, token: String) -> Result<ExitCode, String> {
     let (recorder, writer) = match &cli.record {
-        Some(path) => match Recorder::open(path) {
-            Ok((recorder, writer)) => (Some(recorder), Some(writer)),
-            Err(e) => {
-                eprintln!("error: cannot open record file {}: {e}", path.display());
-                return ExitCode::from(1);
-            }
-        },
+        Some(path) => {
+            let (recorder, writer) = Recorder::open(path)
+                .map_err(|e| format!("cannot open record file {}: {e}", path.display()))?;
+            (Some(recorder), Some(writer))
+        }
         None => (None, None),
     };
     let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
@@ -365,20 +387,12 @@ async fn run(cli: Cli, token: String) -> ExitCode {
     state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
     let shared = Arc::new(Shared::new(state, token));
 
-    let listener = match TcpListener::bind(cli.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: cannot listen on {}: {e}", cli.listen);
-            return ExitCode::from(1);
-        }
-    };
-    let addr = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: cannot read the listening address: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
     // Install the handlers before announcing the port, so a SIGTERM sent
     // right after reading it is handled gracefully.
     let (mut sigterm, mut sigint) = match (
@@ -386,35 +400,69 @@ async fn run(cli: Cli, token: String) -> ExitCode {
         signal(SignalKind::interrupt()),
     ) {
         (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
+        (Err(e), _) | (_, Err(e)) => return Err(format!("cannot install signal handlers: {e}")),
     };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = spawn_server(listener, shared.clone(), stop_rx);
+    let ticker = spawn_ticker(shared.clone());
+    announce(addr);
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        result = &mut server => {
+            tracing::error!("the HTTP server stopped: {result:?}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    tracing::info!("{why}: shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    shut_down(&shared, &mut server).await;
+    ticker.abort();
+    drop(shared.lock().take_recorder());
+    if let Some(writer) = writer {
+        let join = tokio::task::spawn_blocking(move || writer.join());
+        let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
+    }
+    tracing::info!("bye");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The HTTP server (API, page and `/ws`), until `stop` fires.
+fn spawn_server(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let mut server = tokio::spawn(async move {
+    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
+                let _ = stop.await;
             })
             .await
-    });
-    let ticker = tokio::spawn({
-        let shared = shared.clone();
-        async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                interval.tick().await;
-                shared.lock().check_online();
-            }
-        }
-    });
+    })
+}
 
+/// Checks every host's online state four times a second.
+fn spawn_ticker(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            interval.tick().await;
+            shared.lock().check_online();
+        }
+    })
+}
+
+/// The one line on stdout, and readiness for systemd.
+fn announce(addr: SocketAddr) {
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "listening on {addr}");
@@ -423,31 +471,15 @@ async fn run(cli: Cli, token: String) -> ExitCode {
     tracing::info!("listening on {addr}");
     // For `Type=notify` units; a no-op without NOTIFY_SOCKET.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
 
-    let why = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
-        result = &mut server => {
-            tracing::error!("the HTTP server stopped: {result:?}");
-            return ExitCode::from(1);
-        }
-    };
-    tracing::info!("{why}: shutting down");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    shared.shutting_down.store(true, Ordering::Relaxed);
-    let _ = stop_tx.send(());
+/// Closes every agent connection with 1001 and waits a little for them to
+/// end, and for the server to finish.
+async fn shut_down(shared: &Shared, server: &mut tokio::task::JoinHandle<std::io::Result<()>>) {
     shared.lock().close_all(1001, "dashboard shutting down");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while shared.lock().open_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
-    ticker.abort();
-    drop(shared.lock().take_recorder());
-    if let Some(writer) = writer {
-        let join = tokio::task::spawn_blocking(move || writer.join());
-        let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
-    }
-    tracing::info!("bye");
-    ExitCode::SUCCESS
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
 }

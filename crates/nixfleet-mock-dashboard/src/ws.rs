@@ -3,6 +3,7 @@
 //! queued for it.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,7 +16,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::api::error;
-use crate::state::{ConnId, Outgoing, Shared, classify};
+use crate::conn::Outgoing;
+use crate::frame::{ConnId, classify};
+use crate::shared::Shared;
 
 /// Largest message (and frame) accepted from an agent.
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
@@ -88,6 +91,23 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, remote: SocketAddr) {
     shared.lock().conn_closed(id, error);
 }
 
+/// Where a connection stands between two events.
+#[derive(Default)]
+struct Closing {
+    /// Set once the mock has sent its close frame: the agent's must arrive
+    /// by then.
+    deadline: Option<Instant>,
+    /// Set once the agent's close frame arrived: nothing may be sent after it.
+    peer_closed: bool,
+}
+
+impl Closing {
+    /// Whether frames may still be sent.
+    fn open(&self) -> bool {
+        self.deadline.is_none() && !self.peer_closed
+    }
+}
+
 /// Runs the connection until it is over; returns a transport error, if any.
 async fn serve(
     socket: &mut WebSocket,
@@ -95,69 +115,100 @@ async fn serve(
     id: ConnId,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
 ) -> Option<String> {
-    // Set once the mock has sent its close frame.
-    let mut closing: Option<Instant> = None;
-    // Set once the agent's close frame arrived: nothing may be sent after it.
-    let mut peer_closed = false;
+    let mut closing = Closing::default();
     loop {
-        tokio::select! {
+        let step = tokio::select! {
             biased;
-            out = rx.recv(), if closing.is_none() && !peer_closed => {
-                let message = match out {
-                    Some(Outgoing::Text(text)) => Message::Text(text.into()),
-                    Some(Outgoing::Binary(data)) => Message::Binary(data.into()),
-                    Some(Outgoing::Close { code, reason }) => {
-                        shared.lock().note_sent_close(id, code, &reason);
-                        closing = Some(Instant::now() + CLOSE_TIMEOUT);
-                        Message::Close(Some(CloseFrame { code, reason: reason.into() }))
-                    }
-                    Some(Outgoing::Abort) => {
-                        shared.lock().note_abort(id);
-                        return None;
-                    }
-                    // The state dropped the sender: nothing left to do.
-                    None => return None,
-                };
-                if let Err(e) = socket.send(message).await {
-                    return Some(e.to_string());
-                }
+            out = rx.recv(), if closing.open() => {
+                send_queued(socket, shared, id, out, &mut closing).await
             }
-            _ = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
-                return Some("timed out waiting for the agent's close frame".into());
+            _ = tokio::time::sleep_until(closing.deadline.unwrap_or_else(Instant::now)),
+                if closing.deadline.is_some() =>
+            {
+                ControlFlow::Break(Some("timed out waiting for the agent's close frame".into()))
             }
-            received = socket.recv() => match received {
-                Some(Ok(Message::Text(text))) => {
-                    let text = text.as_str();
-                    let incoming = classify(text);
-                    if incoming.is_malformed() {
-                        tracing::debug!(conn = id, len = text.len(), "malformed frame stored");
-                    }
-                    let reply = shared.lock().on_text(id, incoming, text);
-                    if let Some(reply) = reply
-                        && closing.is_none()
-                        && !peer_closed
-                        && let Err(e) = socket.send(Message::Text(reply.into())).await
-                    {
-                        return Some(e.to_string());
-                    }
-                }
-                Some(Ok(Message::Binary(data))) => shared.lock().on_binary(id, &data),
-                // Pings are answered by tungstenite itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = match &frame {
-                        Some(f) => (Some(f.code), Some(f.reason.as_str())),
-                        None => (None, None),
-                    };
-                    tracing::info!(conn = id, code, reason, "close frame from the agent");
-                    shared.lock().note_agent_close(id, code, reason);
-                    peer_closed = true;
-                    // Keep reading: that sends tungstenite's close reply and
-                    // then ends the stream.
-                }
-                Some(Err(e)) => return Some(e.to_string()),
-                None => return None,
+            received = socket.recv() => {
+                on_received(socket, shared, id, received, &mut closing).await
             }
+        };
+        if let ControlFlow::Break(error) = step {
+            return error;
         }
     }
+}
+
+/// Sends what the API queued; breaks when the connection is over.
+async fn send_queued(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    id: ConnId,
+    out: Option<Outgoing>,
+    closing: &mut Closing,
+) -> ControlFlow<Option<String>> {
+    let message = match out {
+        Some(Outgoing::Text(text)) => Message::Text(text.into()),
+        Some(Outgoing::Binary(data)) => Message::Binary(data.into()),
+        Some(Outgoing::Close { code, reason }) => {
+            shared.lock().note_sent_close(id, code, &reason);
+            closing.deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+            Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))
+        }
+        Some(Outgoing::Abort) => {
+            shared.lock().note_abort(id);
+            return ControlFlow::Break(None);
+        }
+        // The state dropped the sender: nothing left to do.
+        None => return ControlFlow::Break(None),
+    };
+    match socket.send(message).await {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => ControlFlow::Break(Some(e.to_string())),
+    }
+}
+
+/// Stores what the agent sent and answers a `register`; breaks when the
+/// connection is over.
+async fn on_received(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    id: ConnId,
+    received: Option<Result<Message, axum::Error>>,
+    closing: &mut Closing,
+) -> ControlFlow<Option<String>> {
+    match received {
+        Some(Ok(Message::Text(text))) => {
+            let text = text.as_str();
+            let incoming = classify(text);
+            if incoming.is_malformed() {
+                tracing::debug!(conn = id, len = text.len(), "malformed frame stored");
+            }
+            let reply = shared.lock().on_text(id, incoming, text);
+            if let Some(reply) = reply
+                && closing.open()
+                && let Err(e) = socket.send(Message::Text(reply.into())).await
+            {
+                return ControlFlow::Break(Some(e.to_string()));
+            }
+        }
+        Some(Ok(Message::Binary(data))) => shared.lock().on_binary(id, &data),
+        // Pings are answered by tungstenite itself.
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+        Some(Ok(Message::Close(frame))) => {
+            let (code, reason) = match &frame {
+                Some(f) => (Some(f.code), Some(f.reason.as_str())),
+                None => (None, None),
+            };
+            tracing::info!(conn = id, code, reason, "close frame from the agent");
+            shared.lock().note_agent_close(id, code, reason);
+            closing.peer_closed = true;
+            // Keep reading: that sends tungstenite's close reply and
+            // then ends the stream.
+        }
+        Some(Err(e)) => return ControlFlow::Break(Some(e.to_string())),
+        None => return ControlFlow::Break(None),
+    }
+    ControlFlow::Continue(())
 }

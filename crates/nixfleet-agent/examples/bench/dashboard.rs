@@ -46,6 +46,13 @@ pub struct Lines {
     pub last_stamp_ns: u64,
 }
 
+impl Lines {
+    /// The child's own wall time, from the stamps of its first and last line.
+    pub fn child_time(&self) -> Duration {
+        Duration::from_nanos(self.last_stamp_ns.saturating_sub(self.first_stamp_ns))
+    }
+}
+
 /// A `status` frame.
 #[derive(Debug, Clone)]
 pub struct StatusSeen {
