@@ -9,16 +9,18 @@
 //!                 └──────── command state (watch) for heartbeats
 //! ```
 
-use crate::commands::{CommandKind, Progress, Runner, StopRequest};
+use crate::commands::follow::follow;
+use crate::commands::handover::{self, CommandRecord, follow_legacy};
+use crate::commands::launch::Followed;
+use crate::commands::{CommandKind, Progress, Runner, StopRequest, output_frame};
 use crate::config::Config;
 use crate::connection::{Connection, Control, LinkState, Links};
-use crate::follower::{Followed, follow, output_frame};
 use crate::footprint;
-use crate::handover::{self, CommandRecord, SelfImage, follow_legacy};
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::DeliveryCursor;
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound, Outcome, Status, Stream};
+use crate::self_image::SelfImage;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
 use crate::systemd::{CommandStatus, ConnectionStatus, StatusLine, Systemd};
@@ -102,6 +104,7 @@ pub async fn run(config: Config) -> ExitCode {
         running: None,
         state_dir: config.state_dir.clone(),
         repo_dir: config.repo_dir.clone(),
+        branch: config.branch.clone(),
         stop_grace: config.stop_grace,
         self_image,
         self_check_every: config.interval,
@@ -238,6 +241,7 @@ struct Core {
     running: Option<Running>,
     state_dir: PathBuf,
     repo_dir: PathBuf,
+    branch: String,
     stop_grace: Duration,
     self_image: SelfImage,
     /// How often an idle agent compares itself with `self_image` (the
@@ -406,6 +410,7 @@ impl Core {
                     log_id: self.outbox.track(cursor),
                     stop_file: handover::stop_path(&self.state_dir),
                     repo_dir,
+                    branch: self.branch.clone(),
                 };
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
@@ -527,7 +532,7 @@ impl Core {
                 command: "restart".to_owned(),
                 exit_code: 0,
                 message,
-                generation: crate::heartbeat::generation(&self.repo_dir),
+                generation: crate::host_facts::generation(&self.repo_dir),
             },
             Control::Heartbeat,
         );
@@ -554,7 +559,7 @@ impl Core {
                 command: "reboot".to_owned(),
                 exit_code: 0,
                 message: format!("rebooting in {}s", REBOOT_DELAY.as_secs()),
-                generation: crate::heartbeat::generation(&self.repo_dir),
+                generation: crate::host_facts::generation(&self.repo_dir),
             },
             Control::Heartbeat,
         );
@@ -639,7 +644,7 @@ impl Core {
                 command: "check-version".to_owned(),
                 exit_code: 0,
                 message,
-                generation: crate::heartbeat::generation(&self.repo_dir),
+                generation: crate::host_facts::generation(&self.repo_dir),
             },
             Control::Heartbeat,
         );
@@ -778,7 +783,7 @@ impl Core {
             command: running.kind.name().to_owned(),
             exit_code: -1,
             message: "internal error: the command's task ended unexpectedly".to_owned(),
-            generation: crate::heartbeat::generation(&self.repo_dir),
+            generation: crate::host_facts::generation(&self.repo_dir),
         };
         self.finish(status);
     }
