@@ -672,6 +672,7 @@ printf '[{"drvPath":"/nix/store/x.drv","outputs":{"out":"%s"}}]\n' "$(cat "$HOME
     let current = std::fs::canonicalize(&h.link).unwrap();
     std::fs::write(home.join("nix-out"), current.display().to_string()).unwrap();
     send(&dashboard, "refresh-system");
+    wait_for_file(&home.join("nix-pid"), 20 * SECOND).await;
     let nix = read_pid(&home.join("nix-pid"));
     let dir = h.agent.crash().await;
     assert!(alive(nix), "the check died with the agent");

@@ -24,12 +24,13 @@ use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
 use crate::outbox::Outbox;
 use crate::shutdown;
-use crate::status::Compartments;
+use crate::status::{Compartments, LockAnswer};
 use crate::systemd::Systemd;
 use crate::watchdog::probe_channel;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 /// Exit code when the agent restarts itself to become the version a switch
@@ -46,8 +47,9 @@ pub async fn run(config: Config) -> ExitCode {
     // 1000); after a signal this is already set.
     tasks.shutdown.send_replace(true);
     // The connection sends the close frame and waits for the answer.
-    let _ = tasks.connection.await;
-    let _ = tasks.systemd.await;
+    let (connection, systemd) = tasks.tasks;
+    let _ = connection.await;
+    let _ = systemd.await;
     match ending {
         Ending::Shutdown => {
             info!("stopped");
@@ -60,11 +62,11 @@ pub async fn run(config: Config) -> ExitCode {
     }
 }
 
-/// The tasks beside the core, ended after it.
+/// The tasks beside the core (the connection, the systemd reporter),
+/// ended after it.
 struct Tasks {
-    shutdown: Arc<watch::Sender<bool>>,
-    connection: tokio::task::JoinHandle<()>,
-    systemd: tokio::task::JoinHandle<()>,
+    shutdown: Arc<shutdown::Trigger>,
+    tasks: (JoinHandle<()>, JoinHandle<()>),
 }
 
 /// Starts every task and builds the core (which has adopted a command a
@@ -82,15 +84,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
     let (lock_answers_tx, lock_answers_rx) = mpsc::channel(4);
 
     let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
-    let (compartments, update_status) = Compartments::new(
-        config.repo_dir.clone(),
-        config.branch.clone(),
-        config.state_dir.clone(),
-        runner.shared_child_env(),
-        lock_answers_tx,
-    );
-    let identity = AgentIdentity::detect();
-    let reporter = Reporter::new(config, identity.clone()).with_update_status(update_status);
+    let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
     let links = Links {
         inbound: inbound_tx,
         replies: replies_rx,
@@ -131,12 +125,27 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         shutdown: shutdown_rx,
         probes: core_probes,
     };
-    let tasks = Tasks {
-        shutdown: shutdown_tx,
-        connection,
-        systemd,
-    };
-    (core, inputs, tasks)
+    let (shutdown, tasks) = (shutdown_tx, (connection, systemd));
+    (core, inputs, Tasks { shutdown, tasks })
+}
+
+/// The status compartments, and the reporter that puts them (and the
+/// agent's identity) into heartbeats.
+fn reporting(
+    config: &Config,
+    runner: &Runner,
+    lock_answers: mpsc::Sender<LockAnswer>,
+) -> (Compartments, Reporter, AgentIdentity) {
+    let (compartments, update_status) = Compartments::new(
+        config.repo_dir.clone(),
+        config.branch.clone(),
+        config.state_dir.clone(),
+        runner.shared_child_env(),
+        lock_answers,
+    );
+    let identity = AgentIdentity::detect();
+    let reporter = Reporter::new(config, identity.clone()).with_update_status(update_status);
+    (compartments, reporter, identity)
 }
 
 /// Once the first connection is up, start-up is over: what runs from here
