@@ -683,6 +683,31 @@ mod tests {
     }
 
     #[test]
+    fn a_step_past_its_timeout_is_stopped_and_recorded_as_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut slow = sh("slow", "sleep 30 & sleep 30", true);
+        slow.timeout_ms = Some(200);
+        let plan = plan(
+            dir.path(),
+            vec![slow, sh("next", "echo next", true)],
+            u64::MAX,
+        );
+        let started = Instant::now();
+        let records = run_plan(&plan);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(records.contains(&"# timedout".to_owned()), "{records:?}");
+        assert!(
+            records.contains(&"# end 0 124 timed out after 0s".to_owned()),
+            "{records:?}"
+        );
+        assert!(
+            !records.contains(&"# stopped".to_owned()),
+            "not a user's stop"
+        );
+        assert!(!records.contains(&"o next".to_owned()), "{records:?}");
+    }
+
+    #[test]
     fn a_stop_file_stops_the_group_and_the_remaining_steps() {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan(
