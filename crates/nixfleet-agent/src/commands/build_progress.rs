@@ -21,7 +21,7 @@ pub struct BuildProgress {
 }
 
 impl BuildProgress {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         BuildProgress {
             log: NixLog::new(),
             dirty: false,
