@@ -59,7 +59,8 @@ impl Checks {
     /// A step starts: the checks before its own, which had no step, are
     /// settled first.
     pub fn begin(&mut self, label: &str, out: &mut Vec<CheckEvent>) {
-        let check = Check::of_label(label);
+        // Only this command's checks: a pull's `git fetch` is no check.
+        let check = Check::of_label(label).filter(|check| self.checks.contains(check));
         if let Some(check) = check {
             while self.next().is_some_and(|next| next != check) {
                 self.settle(None, out);
