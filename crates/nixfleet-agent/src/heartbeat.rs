@@ -5,8 +5,9 @@
 //! a heartbeat every second must cost next to nothing.
 
 use crate::config::Config;
-use crate::file_cache::{Derived, Reads};
+use crate::file_cache::Derived;
 use crate::file_watch::ChangeWatch;
+use crate::host_facts::{generation_in, lock_hash_in, read_trimmed, sha256_hex_of_file};
 use crate::metrics::Sampler;
 use crate::protocol::{Heartbeat, Register, UpdateStatus};
 use std::path::{Path, PathBuf};
@@ -95,7 +96,7 @@ impl Reporter {
             files: FileFacts::new(
                 config.repo_dir.clone(),
                 // The test stand-in for /run/current-system brings its own.
-                std::env::var_os(crate::status::TEST_CURRENT_SYSTEM_ENV)
+                std::env::var_os(crate::host_facts::TEST_CURRENT_SYSTEM_ENV)
                     .map(|link| PathBuf::from(link).join("nixos-version"))
                     .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
             ),
@@ -275,13 +276,6 @@ impl FileFacts {
     }
 }
 
-/// sha256 hex of the repository's `flake.lock` (hashed again only when the
-/// file changed).
-fn lock_hash_in(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
-    let mut file = reads.open(&repo_dir.join("flake.lock"))?;
-    sha256_hex_of_reader(&mut file)
-}
-
 fn host_type(nixos_marker: &Path) -> &'static str {
     if nixos_marker.exists() {
         "nixos"
@@ -320,118 +314,6 @@ fn store_path_of(exe: &Path) -> Option<String> {
     Some(format!("/nix/store/{entry}"))
 }
 
-pub fn sha256_hex_of_file(path: &Path) -> Option<String> {
-    sha256_hex_of_reader(&mut std::fs::File::open(path).ok()?)
-}
-
-fn sha256_hex_of_reader(file: &mut impl std::io::Read) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let n = file.read(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Some(
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
-}
-
-fn read_trimmed(reads: &mut Reads<'_>, path: &Path) -> Option<String> {
-    reads.read_to_string(path).map(|s| s.trim().to_owned())
-}
-
-/// Length of the short commit id the dashboard shows.
-const SHORT_COMMIT_LEN: usize = 7;
-
-/// The short commit of the repository's HEAD, or `""` when there is no
-/// repository (yet). Reads `.git` directly: HEAD, then the loose ref, then
-/// `packed-refs`; follows `gitdir:` files (worktrees, submodules) and
-/// `commondir`.
-pub fn generation(repo_dir: &Path) -> String {
-    Derived::default()
-        .get(|reads| generation_in(repo_dir, reads))
-        .clone()
-}
-
-fn generation_in(repo_dir: &Path, reads: &mut Reads<'_>) -> String {
-    short_commit(head_commit_in(repo_dir, reads))
-}
-
-fn short_commit(id: Option<String>) -> String {
-    id.map(|id| id[..SHORT_COMMIT_LEN].to_owned())
-        .unwrap_or_default()
-}
-
-/// The full commit id of the repository's HEAD, read afresh (for callers
-/// outside the heartbeat path, which keeps its own cache).
-pub fn head_commit(repo_dir: &Path) -> Option<String> {
-    Derived::default()
-        .get(|reads| head_commit_in(repo_dir, reads))
-        .clone()
-}
-
-/// The commit a full ref name (`refs/remotes/origin/main`) points to.
-pub fn resolve_ref(repo_dir: &Path, reference: &str) -> Option<String> {
-    Derived::default()
-        .get(|reads| resolve_in(&git_dir(repo_dir, reads)?, reference, reads))
-        .clone()
-}
-
-/// Every file looked at goes through `reads`, so that a cached generation
-/// is recomputed when any of them changes (a commit, a checkout, `git gc`
-/// packing the refs).
-fn head_commit_in(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<String> {
-    let git_dir = git_dir(repo_dir, reads)?;
-    let head = read_trimmed(reads, &git_dir.join("HEAD"))?;
-    let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
-        return valid_commit(&head);
-    };
-    resolve_in(&git_dir, reference, reads)
-}
-
-fn resolve_in(git_dir: &Path, reference: &str, reads: &mut Reads<'_>) -> Option<String> {
-    let common_dir = read_trimmed(reads, &git_dir.join("commondir"))
-        .map(|c| git_dir.join(c))
-        .unwrap_or_else(|| git_dir.to_owned());
-    if !reference.starts_with("refs/") || reference.split('/').any(|c| c == "..") {
-        return None;
-    }
-    for dir in [git_dir, common_dir.as_path()] {
-        if let Some(id) = read_trimmed(reads, &dir.join(reference)) {
-            return valid_commit(&id);
-        }
-    }
-    let packed = reads.read_to_string(&common_dir.join("packed-refs"))?;
-    packed.lines().find_map(|line| {
-        let (id, name) = line.split_once(' ')?;
-        (name == reference).then(|| valid_commit(id)).flatten()
-    })
-}
-
-fn git_dir(repo_dir: &Path, reads: &mut Reads<'_>) -> Option<PathBuf> {
-    let dot_git = repo_dir.join(".git");
-    let meta = reads.metadata(&dot_git)?;
-    if meta.is_dir() {
-        return Some(dot_git);
-    }
-    let text = read_trimmed(reads, &dot_git)?;
-    let target = text.strip_prefix("gitdir:")?.trim();
-    Some(repo_dir.join(target))
-}
-
-fn valid_commit(id: &str) -> Option<String> {
-    let id = id.trim();
-    (id.len() >= 40 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,26 +337,6 @@ mod tests {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
-    #[test]
-    fn generation_matches_git_for_loose_packed_and_detached_heads() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path();
-        assert_eq!(generation(repo), "");
-        git(repo, &["init", "-q", "-b", "main"]);
-        assert_eq!(generation(repo), "", "no commit yet");
-        git(repo, &["commit", "-q", "--allow-empty", "-m", "one"]);
-        let short = |r: &Path| git(r, &["rev-parse", "--short=7", "HEAD"]);
-        assert_eq!(generation(repo), short(repo));
-        git(repo, &["commit", "-q", "--allow-empty", "-m", "two"]);
-        git(repo, &["pack-refs", "--all", "--prune"]);
-        assert_eq!(generation(repo), short(repo));
-        git(repo, &["checkout", "-q", "--detach", "HEAD~1"]);
-        assert_eq!(generation(repo), short(repo));
-    }
-
-    /// Backdates `path` and everything under it, so that a cached value
-    /// read from there is settled and only a change in the metadata of its
-    /// inputs can refresh it.
     fn backdate_tree(path: &Path) {
         if path.is_dir() {
             for entry in std::fs::read_dir(path).unwrap().flatten() {
@@ -649,33 +511,6 @@ mod tests {
     }
 
     #[test]
-    fn generation_follows_worktree_gitdir_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = repo_with_a_commit(&dir.path().join("main"));
-        let wt = dir.path().join("wt");
-        git(
-            &repo,
-            &["worktree", "add", "-q", "-b", "other", wt.to_str().unwrap()],
-        );
-        git(&wt, &["commit", "-q", "--allow-empty", "-m", "two"]);
-        assert_eq!(
-            generation(&wt),
-            git(&wt, &["rev-parse", "--short=7", "HEAD"])
-        );
-    }
-
-    #[test]
-    fn hostile_head_contents_yield_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let git_dir = dir.path().join(".git");
-        std::fs::create_dir(&git_dir).unwrap();
-        std::fs::write(git_dir.join("HEAD"), "ref: ../../../etc/passwd").unwrap();
-        assert_eq!(generation(dir.path()), "");
-        std::fs::write(git_dir.join("HEAD"), "not-a-commit").unwrap();
-        assert_eq!(generation(dir.path()), "");
-    }
-
-    #[test]
     fn store_path_and_host_facts() {
         assert_eq!(
             store_path_of(Path::new(
@@ -708,36 +543,5 @@ mod tests {
         assert_ne!(lock_hash().as_deref(), Some(ABC));
         std::fs::remove_file(&lock).unwrap();
         assert_eq!(lock_hash(), None);
-    }
-
-    #[test]
-    fn remote_refs_resolve_loose_and_packed() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = &repo_with_a_commit(dir.path());
-        let head = git(repo, &["rev-parse", "HEAD"]);
-        git(repo, &["update-ref", "refs/remotes/origin/main", &head]);
-        assert_eq!(head_commit(repo).as_deref(), Some(head.as_str()));
-        assert_eq!(
-            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
-            Some(head.as_str())
-        );
-        git(repo, &["pack-refs", "--all", "--prune"]);
-        assert_eq!(
-            resolve_ref(repo, "refs/remotes/origin/main").as_deref(),
-            Some(head.as_str())
-        );
-        assert_eq!(resolve_ref(repo, "refs/remotes/origin/other"), None);
-        assert_eq!(resolve_ref(repo, "refs/../../x"), None);
-    }
-
-    #[test]
-    fn binary_hash_is_sha256_hex() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("f");
-        std::fs::write(&f, "abc").unwrap();
-        assert_eq!(
-            sha256_hex_of_file(&f).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

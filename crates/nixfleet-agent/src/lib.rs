@@ -4,27 +4,33 @@
 //! One module per concern; `main.rs` only wires them together.
 
 pub mod agent;
-pub mod command_log;
+pub mod child_env;
 pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod file_cache;
 pub mod file_watch;
-pub mod follower;
 pub mod footprint;
-pub mod handover;
 pub mod hardening;
 pub mod heartbeat;
+pub mod host_facts;
 pub mod logging;
 pub mod metrics;
 pub mod nix_log;
 pub mod outbox;
 pub mod protocol;
 pub mod redact;
+pub mod self_image;
 pub mod shutdown;
+pub mod state_file;
 pub mod status;
-pub mod supervisor;
 pub mod systemd;
 pub mod ticker;
 pub mod tls;
 pub mod watchdog;
+
+/// The running-command record under its older name.
+pub use commands::handover;
+/// The command log under its older name (the configuration's defaults and
+/// the outbox's cursor file use it).
+pub use commands::log as command_log;

@@ -5,7 +5,7 @@
 //! from a few small files (git refs, one symlink, one record in
 //! `state_dir`), never by evaluating the flake. The one expensive check,
 //! the dry-run build behind `refresh-system`, runs as a command (see
-//! commands.rs) and only reports its verdict here.
+//! commands/) and only reports its verdict here.
 //!
 //! - `git`: HEAD against the last fetched `origin/<branch>` (no network).
 //! - `lock`: age of the commit that last changed `flake.lock` (upstream's
@@ -17,7 +17,8 @@
 //!   system changed underneath (someone switched by hand).
 //! - `tests`: the last `test` command's result, `outdated` after a switch.
 
-use crate::heartbeat::{head_commit, resolve_ref};
+use crate::child_env::ChildEnv;
+use crate::host_facts::{CURRENT_SYSTEM, current_system, head_commit, resolve_ref};
 use crate::protocol::{Check, CheckStatus, UpdateStatus};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -25,10 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-/// The symlink to the running NixOS system.
-pub const CURRENT_SYSTEM: &str = "/run/current-system";
-/// Test-only: a stand-in for `/run/current-system`.
-pub const TEST_CURRENT_SYSTEM_ENV: &str = "NIXFLEET_TEST_CURRENT_SYSTEM";
 const SYSTEM_RECORD_FILE: &str = "system-record.json";
 /// How long the lock's `git log` may take.
 const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,19 +66,10 @@ impl SystemRecord {
     }
 
     pub fn save(&self, state_dir: &Path) {
-        if let Err(error) = crate::handover::save_json(state_dir, SYSTEM_RECORD_FILE, self) {
+        if let Err(error) = crate::state_file::save_json(state_dir, SYSTEM_RECORD_FILE, self) {
             warn!(error = %error, path = %state_dir.join(SYSTEM_RECORD_FILE).display(), "cannot record the switched system");
         }
     }
-}
-
-/// The running system's store path, when there is one.
-pub fn current_system() -> Option<String> {
-    let link = std::env::var_os(TEST_CURRENT_SYSTEM_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(CURRENT_SYSTEM));
-    let target = std::fs::canonicalize(link).ok()?;
-    target.to_str().map(str::to_owned)
 }
 
 fn short(commit: &str) -> &str {
@@ -198,9 +186,6 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The children's environment, shared with the command runner.
-pub type ChildEnv = std::sync::Arc<Vec<(std::ffi::OsString, std::ffi::OsString)>>;
-
 /// What identifies the lock's age query: HEAD and the file's stat.
 type LockKey = (Option<String>, Option<(u64, i64)>);
 
@@ -220,6 +205,13 @@ pub struct LockAnswer {
 }
 
 impl LockAnswer {
+    /// The answer of a `git log` that ran elsewhere (the `refresh-lock`
+    /// check's step), for the repository as it is now.
+    pub fn new(repo_dir: &Path, result: Result<Option<i64>, String>) -> Self {
+        let key = lock_key(repo_dir, head_commit(repo_dir).as_deref());
+        LockAnswer { key, result }
+    }
+
     /// Asks git now (bounded by a timeout).
     pub async fn query(repo_dir: &Path, env: &[(std::ffi::OsString, std::ffi::OsString)]) -> Self {
         let key = lock_key(repo_dir, head_commit(repo_dir).as_deref());

@@ -460,10 +460,10 @@ async fn check_version_reports_freshness_and_warns_when_the_unit_moved() {
     );
 }
 
-/// The read-only checks run from the agent, not from the supervisor's
-/// disk-backed log: a check printing without end to a slow dashboard must
-/// not grow the agent's memory. Past 1 MiB queued its lines are counted,
-/// and the count is said before the status.
+/// A read-only check printing without end (a broken git or Nix) to a slow
+/// dashboard must not grow the agent's memory nor its disk: its log keeps
+/// 1 MiB of output (the checks' cap, see `CHECK_LOG_MAX_BYTES`), past it
+/// lines are counted, and the count is said before the status.
 #[tokio::test]
 async fn a_check_flooding_a_slow_dashboard_is_bounded_and_counted() {
     const LINES: u64 = 40_000;
@@ -512,9 +512,7 @@ async fn a_check_flooding_a_slow_dashboard_is_bounded_and_counted() {
         .iter()
         .find_map(|l| {
             l.strip_prefix("[nixfleet] ")?
-                .strip_suffix(
-                    " lines not sent (the dashboard read too slowly); the command log has them",
-                )?
+                .strip_suffix(" lines dropped")?
                 .parse::<u64>()
                 .ok()
         })
@@ -657,6 +655,68 @@ async fn refresh_system_shows_working_while_it_runs_and_heartbeats_go_on() {
         p["update_status"]["system"]["status"] == "outdated"
     })
     .await;
+}
+
+/// A check runs under its supervisor like every other command: the
+/// agent's death does not cut it short, and the next agent adopts it,
+/// sends its verdict line and status, and gives the system compartment
+/// the verdict.
+#[tokio::test]
+async fn a_check_survives_the_agents_death_and_the_next_agent_reports_it() {
+    let dashboard = Dashboard::start().await;
+    let slow_nix = r#"echo $$ > "$HOME/nix-pid"
+while [ ! -e "$HOME/nix-go" ]; do sleep 0.05; done
+printf '[{"drvPath":"/nix/store/x.drv","outputs":{"out":"%s"}}]\n' "$(cat "$HOME/nix-out")""#;
+    let h = host(&dashboard, "true", &[("nix", slow_nix)], |_| {}).await;
+    let home = h.agent.dir.path().to_owned();
+    let current = std::fs::canonicalize(&h.link).unwrap();
+    std::fs::write(home.join("nix-out"), current.display().to_string()).unwrap();
+    send(&dashboard, "refresh-system");
+    wait_for_file(&home.join("nix-pid"), 20 * SECOND).await;
+    let nix = read_pid(&home.join("nix-pid"));
+    let dir = h.agent.crash().await;
+    assert!(alive(nix), "the check died with the agent");
+
+    let mut options = AgentOptions::new(dashboard.url());
+    options.env.push((
+        "NIXFLEET_TEST_CURRENT_SYSTEM".into(),
+        h.link.display().to_string(),
+    ));
+    let _second = Agent::spawn(dir, options).await;
+    let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    dashboard
+        .wait_for(5 * SECOND, "the new agent's heartbeat", |log| {
+            log.iter()
+                .find(|s| {
+                    s.conn() == register.conn()
+                        && s.kind() == Some("heartbeat")
+                        && s.payload()["pending_command"] == "refresh-system"
+                        && s.payload()["update_status"]["system"]["status"] == "working"
+                })
+                .map(|_| ())
+        })
+        .await;
+    std::fs::write(home.join("nix-go"), "").unwrap();
+    let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
+    assert_eq!(status.conn(), register.conn());
+    let p = status.payload();
+    assert_eq!(p["command"], "refresh-system");
+    assert_eq!(p["status"], "ok", "{p}");
+    assert_eq!(
+        p["message"],
+        "system: ok (the repo builds the running system)"
+    );
+    let verdict = dashboard
+        .wait_frame_where("output", 5 * SECOND, |p| {
+            p["line"] == "[nixfleet] system: ok (the repo builds the running system)"
+        })
+        .await;
+    assert!(verdict.at() < status.at(), "the verdict line comes first");
+    heartbeat_where(&dashboard, "system ok", |p| {
+        p["update_status"]["system"]["status"] == "ok" && p["pending_command"].is_null()
+    })
+    .await;
+    assert_eq!(dashboard.frames("status").len(), 1);
 }
 
 #[tokio::test]

@@ -41,7 +41,9 @@ impl Validator<'_> {
     /// `source_commit` (optional): what the host reports as the commit it
     /// runs (the flake's module writes the flake's revision here).
     pub(crate) fn source_commit(&self, commit: Option<String>) -> Result<Option<String>, String> {
-        let Some(commit) = commit else { return Ok(None) };
+        let Some(commit) = commit else {
+            return Ok(None);
+        };
         check_source_commit(&commit).map_err(|p| self.bad("source_commit", &commit, &p))?;
         Ok(Some(commit))
     }

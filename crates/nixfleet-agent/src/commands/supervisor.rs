@@ -14,21 +14,19 @@
 //! command's whitelist), blocking I/O on three threads. Its only limits are
 //! the disk cap of the log and the stop file the agent creates.
 
-use crate::command_log::{MAX_LINE_BYTES, Plan, Step, private_file};
+use super::group::{GROUP_POLL, GroupStop, describe_exit, exit_code_of, lower_priority};
+use super::log::{MAX_LINE_BYTES, Plan, Step, private_file};
+use super::table::StopRequest;
 use crate::redact::Scrubber;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The hidden first argument that makes the binary a supervisor.
-pub const SUPERVISE_ARG: &str = "--supervise";
-/// How often a running step is checked for a stop request.
-const STOP_POLL: Duration = Duration::from_millis(50);
 /// After a step exits, how long its pipes may stay open (held by a leftover
 /// background process) before the supervisor stops reading them.
 const PIPE_DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -82,6 +80,9 @@ fn run(plan: &Plan, log: &Arc<Log>) {
         if ended.stopped {
             log.event("stopped");
         }
+        if ended.timed_out {
+            log.event("timedout");
+        }
         log.event(&format!("end {index} {} {}", ended.code, ended.how));
         if ended.stopped || (!ended.ok && step.stop_on_failure) {
             break;
@@ -99,6 +100,20 @@ struct Ended {
     code: i32,
     how: String,
     stopped: bool,
+    timed_out: bool,
+}
+
+impl Ended {
+    /// The step never ran.
+    fn not_started(why: String) -> Self {
+        Ended {
+            ok: false,
+            code: 127,
+            how: why,
+            stopped: false,
+            timed_out: false,
+        }
+    }
 }
 
 fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
@@ -110,13 +125,56 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
         let why = format!("refusing to run {}: {why}", step.label);
         log.note(&format!("[nixfleet] {why}"));
         log.event(&format!("notstarted {index} {}", one_line(&why)));
-        return Ended {
-            ok: false,
-            code: 127,
-            how: why,
-            stopped: false,
-        };
+        return Ended::not_started(why);
     }
+    let mut child = match spawn(step) {
+        Ok(child) => child,
+        Err(error) => {
+            let why = format!("cannot run {}: {error}", step.program);
+            log.event(&format!("notstarted {index} {}", one_line(&why)));
+            return Ended::not_started(why);
+        }
+    };
+    let pid = child.id();
+    log.event(&format!("start {index} {pid} {}", one_line(&step.label)));
+    let (drained, pumps) = start_pumps(&mut child, log);
+    let timeout = step.timeout_ms.map(Duration::from_millis);
+    let waited = wait(plan, &mut child, pid, timeout);
+    let deadline = Instant::now() + PIPE_DRAIN_GRACE;
+    for _ in 0..pumps {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if drained.recv_timeout(left).is_err() {
+            log.event("output pipes still open after the process exited; not reading them further");
+            break;
+        }
+    }
+    match (waited.status, waited.timed_out) {
+        (_, Some(after)) => Ended {
+            ok: false,
+            code: 124,
+            how: format!("timed out after {}s", after.as_secs()),
+            stopped: false,
+            timed_out: true,
+        },
+        (Some(status), None) => Ended {
+            ok: status.success() && !waited.stopped,
+            code: exit_code_of(status),
+            how: describe_exit(status),
+            stopped: waited.stopped,
+            timed_out: false,
+        },
+        (None, None) => Ended {
+            ok: false,
+            code: -1,
+            how: "waiting for the process failed".to_owned(),
+            stopped: waited.stopped,
+            timed_out: false,
+        },
+    }
+}
+
+/// Starts the step's process, leading its own process group.
+fn spawn(step: &Step) -> std::io::Result<Child> {
     let mut command = Command::new(&step.program);
     command
         .args(&step.args)
@@ -124,30 +182,28 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
-    // Each step leads its own process group, so a stop signals everything
-    // it started and nothing else (not this supervisor).
+    let low_priority = step.low_priority;
+    // SAFETY: setsid, setpriority and ioprio_set are async-signal-safe and
+    // touch no memory of ours. Each step leads its own process group, so a
+    // stop signals everything it started and nothing else (not this
+    // supervisor).
     unsafe {
-        command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+        command.pre_exec(move || {
+            rustix::process::setsid()?;
+            if low_priority {
+                lower_priority();
+            }
+            Ok(())
+        });
     }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            let why = format!("cannot run {}: {error}", step.program);
-            log.event(&format!("notstarted {index} {}", one_line(&why)));
-            return Ended {
-                ok: false,
-                code: 127,
-                how: why,
-                stopped: false,
-            };
-        }
-    };
-    let pid = child.id();
-    log.event(&format!("start {index} {pid} {}", one_line(&step.label)));
+    command.spawn()
+}
+
+/// One thread per pipe, each writing whole lines into the log; returns
+/// where they say they are done, and how many there are.
+fn start_pumps(child: &mut Child, log: &Arc<Log>) -> (mpsc::Receiver<()>, usize) {
     let (drained_tx, drained_rx) = mpsc::channel();
-    let mut pumps = 0;
-    for (pipe, stderr) in [
+    let pipes = [
         (
             child
                 .stdout
@@ -162,7 +218,9 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
             true,
         ),
-    ] {
+    ];
+    let mut pumps = 0;
+    for (pipe, stderr) in pipes {
         if let Some(pipe) = pipe {
             let (log, done) = (log.clone(), drained_tx.clone());
             let spawned = std::thread::Builder::new()
@@ -174,82 +232,60 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
             pumps += usize::from(spawned.is_ok());
         }
     }
-    let (status, stopped) = wait(plan, &mut child, pid);
-    let deadline = Instant::now() + PIPE_DRAIN_GRACE;
-    for _ in 0..pumps {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if drained_rx.recv_timeout(left).is_err() {
-            log.event("output pipes still open after the process exited; not reading them further");
-            break;
-        }
-    }
-    match status {
-        Some(status) => Ended {
-            ok: status.success() && !stopped,
-            code: exit_code_of(status),
-            how: describe_exit(status),
-            stopped,
-        },
-        None => Ended {
-            ok: false,
-            code: -1,
-            how: "waiting for the process failed".to_owned(),
-            stopped,
-        },
-    }
+    (drained_rx, pumps)
 }
 
-/// Waits for the step, applying stop requests to its whole group: the
-/// requested signal, SIGKILL after the grace period (or at once when the
-/// request says KILL), until no process of the group is left.
-fn wait(plan: &Plan, child: &mut Child, pid: u32) -> (Option<ExitStatus>, bool) {
-    use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
-    let group = Pid::from_raw(pid as i32);
-    let mut status = None;
-    let mut stop: Option<(Signal, Instant)> = None;
+/// How waiting for a step ended.
+struct Waited {
+    status: Option<ExitStatus>,
+    stopped: bool,
+    /// Stopped because its time ran out, after this long.
+    timed_out: Option<Duration>,
+}
+
+/// Waits for the step, applying stop requests (and its timeout) to its
+/// whole group, until no process of the group is left.
+fn wait(plan: &Plan, child: &mut Child, pid: u32, timeout: Option<Duration>) -> Waited {
+    let grace = Duration::from_millis(plan.stop_grace_ms);
+    let mut group = GroupStop::new(pid, grace);
+    let started = Instant::now();
+    let mut waited = Waited {
+        status: None,
+        stopped: false,
+        timed_out: None,
+    };
     loop {
-        if status.is_none() {
+        if waited.status.is_none() {
             match child.try_wait() {
-                Ok(Some(s)) => status = Some(s),
+                Ok(Some(status)) => waited.status = Some(status),
                 Ok(None) => {}
-                Err(_) => return (None, stop.is_some()),
+                Err(_) => return waited,
             }
         }
-        let group_gone = group.is_none_or(|g| test_kill_process_group(g).is_err());
-        match stop {
-            None if status.is_some() => return (status, false),
-            Some(_) if status.is_some() && group_gone => return (status, true),
-            _ => {}
+        if waited.status.is_some() && (!group.requested() || group.group_gone()) {
+            return waited;
         }
-        if let Some(request) = stop_request(plan) {
-            let now = Instant::now();
-            let grace_over = stop.is_some_and(|(_, since)| {
-                now.duration_since(since) >= Duration::from_millis(plan.stop_grace_ms)
-            });
-            let signal = if request == "KILL" || grace_over {
-                Signal::KILL
-            } else {
-                Signal::TERM
-            };
-            if stop.is_none_or(|(sent, _)| sent != signal) {
-                if let Some(group) = group {
-                    let _ = kill_process_group(group, signal);
-                }
-                let since = stop.map_or(now, |(_, since)| since);
-                stop = Some((signal, since));
-            }
+        if waited.timed_out.is_none()
+            && let Some(after) = timeout.filter(|after| started.elapsed() >= *after)
+        {
+            waited.timed_out = Some(after);
         }
-        std::thread::sleep(STOP_POLL);
+        let request = stop_request(plan);
+        waited.stopped |= request.is_some();
+        if let Some(request) = request.or(waited.timed_out.map(|_| StopRequest::Terminate)) {
+            group.request(request);
+        }
+        std::thread::sleep(GROUP_POLL);
     }
 }
 
-/// `TERM` or `KILL` when the agent asked for a stop.
-fn stop_request(plan: &Plan) -> Option<&'static str> {
+/// What the agent asked for, if it asked for a stop.
+fn stop_request(plan: &Plan) -> Option<StopRequest> {
     let text = std::fs::read(&plan.stop_file).ok()?;
     Some(if text.starts_with(b"KILL") {
-        "KILL"
+        StopRequest::Kill
     } else {
-        "TERM"
+        StopRequest::Terminate
     })
 }
 
@@ -394,21 +430,6 @@ fn one_line(text: &str) -> String {
     text.replace(['\n', '\r'], " ")
 }
 
-pub fn exit_code_of(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-pub fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => "ended abnormally".to_owned(),
-    }
-}
-
 /// Why a program from the repository (a test script) must not run (as
 /// root), if it must not: it, and every directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
 /// symlink out), be owned by root or the agent's user, and be writable by
@@ -457,7 +478,7 @@ fn untrusted_program(repo_dir: &Path, script: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command_log::{Record, parse};
+    use crate::commands::log::{Record, parse};
 
     fn plan(dir: &std::path::Path, steps: Vec<Step>, max_bytes: u64) -> Plan {
         Plan {
@@ -479,6 +500,8 @@ mod tests {
             cwd: "/".into(),
             stop_on_failure,
             trusted_within: None,
+            low_priority: false,
+            timeout_ms: None,
         }
     }
 
@@ -657,6 +680,31 @@ mod tests {
                 .any(|r| r.starts_with("# notstarted 1 cannot run /nonexistent/program"))
         );
         assert!(records.contains(&"# end 1 127 cannot run /nonexistent/program: No such file or directory (os error 2)".to_owned()), "{records:?}");
+    }
+
+    #[test]
+    fn a_step_past_its_timeout_is_stopped_and_recorded_as_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut slow = sh("slow", "sleep 30 & sleep 30", true);
+        slow.timeout_ms = Some(200);
+        let plan = plan(
+            dir.path(),
+            vec![slow, sh("next", "echo next", true)],
+            u64::MAX,
+        );
+        let started = Instant::now();
+        let records = run_plan(&plan);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(records.contains(&"# timedout".to_owned()), "{records:?}");
+        assert!(
+            records.contains(&"# end 0 124 timed out after 0s".to_owned()),
+            "{records:?}"
+        );
+        assert!(
+            !records.contains(&"# stopped".to_owned()),
+            "not a user's stop"
+        );
+        assert!(!records.contains(&"o next".to_owned()), "{records:?}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The command log: one file per command under `state_dir/logs`, written by
 //! the command's supervisor (supervisor.rs) and read by the agent
-//! (follower.rs). It is both the record a human reads afterwards and the
+//! (follow.rs). It is both the record a human reads afterwards and the
 //! queue of output waiting for the dashboard: the agent keeps only a byte
 //! offset saying how far it has delivered.
 //!
@@ -16,6 +16,7 @@
 //! # start <i> <pid> <label>
 //! # notstarted <i> <why>
 //! # stopped          a stop was requested; no further step runs
+//! # timedout         the step ran out of its time and was stopped
 //! # end <i> <code> <how it ended>
 //! # cut <bytes>      the log reached its cap here; later lines are counted only
 //! # dropped <n>      lines not kept because of the cap
@@ -25,10 +26,10 @@
 //! A single file keeps the order between a test script's lines and the
 //! progress after it, and lets one offset describe what was delivered.
 
+pub use crate::state_file::{private_dir, private_file, write_private};
 use serde::{Deserialize, Serialize};
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -80,6 +81,13 @@ pub struct Step {
     /// what runs as root).
     #[serde(default)]
     pub trusted_within: Option<PathBuf>,
+    /// Lowest CPU priority (nice 19) and the idle IO class, so that a
+    /// check never makes a small host unresponsive.
+    #[serde(default)]
+    pub low_priority: bool,
+    /// Stopped like a `stop` once this has passed.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// One parsed record.
@@ -105,6 +113,7 @@ pub enum Record<'a> {
         why: &'a str,
     },
     Stopped,
+    TimedOut,
     End {
         index: usize,
         code: i32,
@@ -160,6 +169,7 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
             }
         }
         "stopped" => Record::Stopped,
+        "timedout" => Record::TimedOut,
         "end" => Record::End {
             index: fields.next()?.parse().ok()?,
             code: fields.next()?.parse().ok()?,
@@ -170,37 +180,6 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
         "done" => Record::Done,
         _ => return None,
     })
-}
-
-/// Creates `dir` (and parents) private to the agent: 0700 whatever the
-/// umask, also when it existed with looser bits.
-pub fn private_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Opens a file readable and writable by the agent only (0600 whatever
-/// the umask).
-pub fn private_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    let file = options.mode(0o600).open(path)?;
-    // A file that existed keeps its old mode through open(): fix it.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(file)
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, then rename), 0600.
-pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = private_file(
-        &tmp,
-        OpenOptions::new().write(true).create(true).truncate(true),
-    )?;
-    file.write_all(bytes)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
 }
 
 /// Creates a new, empty command log and prunes old ones so that at most
@@ -337,6 +316,7 @@ mod tests {
         assert_eq!(parse(b"# dropped 7"), Record::Dropped(7));
         assert_eq!(parse(b"# done"), Record::Done);
         assert_eq!(parse(b"# stopped"), Record::Stopped);
+        assert_eq!(parse(b"# timedout"), Record::TimedOut);
         assert_eq!(parse(b"# start x"), Record::Unknown);
         assert_eq!(parse(b"zz"), Record::Unknown);
         assert_eq!(parse(b""), Record::Unknown);
@@ -374,21 +354,5 @@ mod tests {
             left(dir.path()),
             ["20260105T000000Z-pull.log", "20260106T000000Z-pull.log"]
         );
-    }
-
-    #[test]
-    fn private_files_and_dirs_ignore_the_umask() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("a/b");
-        private_dir(&sub).unwrap();
-        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
-        private_dir(&sub).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&sub), 0o700);
-        let file = sub.join("f");
-        std::fs::write(&file, "x").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-        write_private(&file, b"y").unwrap();
-        assert_eq!(mode(&file), 0o600);
     }
 }

@@ -1,0 +1,169 @@
+//! The agent: its tasks started and wired together, and the core that owns
+//! "what is running".
+//!
+//! ```text
+//!  dashboard ⇄ Connection ──inbound──▶ Core ──spawns──▶ command task
+//!                 ▲   ▲                 │  ▲                 │
+//!                 │   └──replies────────┘  └──progress───────┘
+//!                 └──────── Outbox ◀──── output lines, progress
+//!                 └──────── command state (watch) for heartbeats
+//! ```
+
+mod adopt;
+mod core;
+mod finish;
+mod requests;
+mod systemd_report;
+
+use self::core::{Core, CoreInputs, CoreLinks, Ending};
+use self::systemd_report::report_to_systemd;
+use crate::commands::Runner;
+use crate::config::Config;
+use crate::connection::{Connection, LinkState, Links};
+use crate::footprint;
+use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
+use crate::outbox::Outbox;
+use crate::shutdown;
+use crate::status::{Compartments, LockAnswer};
+use crate::systemd::Systemd;
+use crate::watchdog::probe_channel;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+/// Exit code when the agent restarts itself to become the version a switch
+/// installed (EX_TEMPFAIL): non-zero, so `Restart=on-failure` would restart
+/// it too, and easy to tell apart in the journal.
+pub const EXIT_RESTART: u8 = 75;
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> ExitCode {
+    let config = Arc::new(config);
+    let (mut core, inputs, tasks) = start(&config);
+    let ending = core.run(inputs).await;
+    // A restart stops the connection the same way as a shutdown (close
+    // 1000); after a signal this is already set.
+    tasks.shutdown.send_replace(true);
+    // The connection sends the close frame and waits for the answer.
+    let (connection, systemd) = tasks.tasks;
+    let _ = connection.await;
+    let _ = systemd.await;
+    match ending {
+        Ending::Shutdown => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Ending::Restart => {
+            info!("exiting so that systemd starts the new version");
+            ExitCode::from(EXIT_RESTART)
+        }
+    }
+}
+
+/// The tasks beside the core (the connection, the systemd reporter),
+/// ended after it.
+struct Tasks {
+    shutdown: Arc<shutdown::Trigger>,
+    tasks: (JoinHandle<()>, JoinHandle<()>),
+}
+
+/// Starts every task and builds the core (which has adopted a command a
+/// predecessor left, if any).
+fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
+    let outbox = Arc::new(Outbox::default());
+    let (inbound_tx, inbound_rx) = mpsc::channel(64);
+    let (replies_tx, replies_rx) = mpsc::channel(64);
+    let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
+    let (link_state_tx, link_state_rx) = watch::channel(LinkState::Connecting);
+    let (shutdown_tx, shutdown_rx) = shutdown::channel();
+    let (core_prober, core_probes) = probe_channel("core");
+    let (connection_prober, connection_probes) = probe_channel("connection");
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let (lock_answers_tx, lock_answers_rx) = mpsc::channel(4);
+
+    let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
+    let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
+    let links = Links {
+        inbound: inbound_tx,
+        replies: replies_rx,
+        outbox: outbox.clone(),
+        command_state: command_state_rx.clone(),
+        link_state: link_state_tx,
+        probes: connection_probes,
+        shutdown: shutdown_rx.clone(),
+        control: control_rx,
+    };
+    let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());
+    tokio::spawn(release_startup_memory_once_connected(link_state_rx.clone()));
+    let shutdown_tx = Arc::new(shutdown_tx);
+    tokio::spawn(shutdown::on_signals(shutdown_tx.clone()));
+
+    let links = CoreLinks {
+        runner,
+        outbox,
+        replies: replies_tx,
+        command_state: command_state_tx,
+        compartments,
+        control: control_tx,
+        identity,
+    };
+    let mut core = Core::new(config, links);
+    core.adopt_previous();
+    let systemd = tokio::spawn(report_to_systemd(
+        Systemd::from_env(),
+        config.url.clone(),
+        link_state_rx,
+        command_state_rx,
+        [core_prober, connection_prober],
+        shutdown_rx.clone(),
+    ));
+    let inputs = CoreInputs {
+        inbound: inbound_rx,
+        lock_answers: lock_answers_rx,
+        shutdown: shutdown_rx,
+        probes: core_probes,
+    };
+    let (shutdown, tasks) = (shutdown_tx, (connection, systemd));
+    (core, inputs, Tasks { shutdown, tasks })
+}
+
+/// The status compartments, and the reporter that puts them (and the
+/// agent's identity) into heartbeats.
+fn reporting(
+    config: &Config,
+    runner: &Runner,
+    lock_answers: mpsc::Sender<LockAnswer>,
+) -> (Compartments, Reporter, AgentIdentity) {
+    let (compartments, update_status) = Compartments::new(
+        config.repo_dir.clone(),
+        config.branch.clone(),
+        config.state_dir.clone(),
+        runner.shared_child_env(),
+        lock_answers,
+    );
+    let identity = AgentIdentity::detect(config.source_commit.clone());
+    let reporter = Reporter::new(config, identity.clone()).with_update_status(update_status);
+    (compartments, reporter, identity)
+}
+
+/// Once the first connection is up, start-up is over: what runs from here
+/// on is the idle loop (see `footprint`).
+async fn release_startup_memory_once_connected(mut link_state: watch::Receiver<LinkState>) {
+    if link_state
+        .wait_for(|state| matches!(state, LinkState::Connected))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match footprint::release_startup_memory() {
+        Ok(released) => debug!(
+            mappings = released.mappings,
+            resident_kib = released.resident_kib,
+            "released the pages only start-up used"
+        ),
+        Err(error) => debug!(%error, "cannot release start-up memory"),
+    }
+}

@@ -1,0 +1,325 @@
+//! Follows a command log (log.rs) as its supervisor writes it, and hands
+//! what each record turns into (summary.rs) to the outbox and the core.
+//!
+//! The same code serves a command this agent started and one a previous
+//! agent started: records before the delivery cursor are replayed without
+//! sending, the rest is sent. Reading waits for room in the outbox, so a
+//! slow dashboard costs disk, not memory, and never slows the command,
+//! whose output goes to the supervisor, not to us.
+
+use super::handover::process_start_ticks;
+use super::launch::Followed;
+use super::log::parse;
+use super::progress::Progress;
+use super::summary::{Emit, Summary};
+use super::table::StopRequest;
+use crate::host_facts::generation;
+use crate::outbox::{Item, Outbox};
+use crate::protocol::Status;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Bytes read from the log at once; a record is at most 64 KiB + 3.
+const READ_CHUNK: usize = 128 * 1024;
+/// Log bytes handled between two turns given to the socket writer (the
+/// agent has one thread).
+const YIELD_EVERY_BYTES: usize = 16 * 1024;
+/// How often the supervisor's life is checked while the log is quiet.
+const LIVENESS_POLL: Duration = Duration::from_millis(250);
+/// Without inotify, how often the log is read for new records.
+const FALLBACK_POLL: Duration = Duration::from_millis(20);
+
+/// Follows the command until its supervisor is done (or gone) and every
+/// record was queued; returns its status, which the caller queues next.
+pub async fn follow(
+    followed: Followed,
+    outbox: &Outbox,
+    progress: &mpsc::Sender<Progress>,
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+) -> Status {
+    let stop_file = followed.stop_file.clone();
+    tokio::select! {
+        status = read_log(&followed, outbox, progress) => status,
+        () = forward_stops(stop, &stop_file) => unreachable!("forward_stops never ends"),
+    }
+}
+
+/// Hands stop requests to the supervisor, which signals the step's group
+/// (and keeps doing so should this agent die).
+async fn forward_stops(stop: &mut watch::Receiver<Option<StopRequest>>, stop_file: &Path) {
+    loop {
+        let request = *stop.borrow_and_update();
+        if let Some(request) = request {
+            let word: &[u8] = match request {
+                StopRequest::Terminate => b"TERM",
+                StopRequest::Kill => b"KILL",
+            };
+            if let Err(error) = crate::state_file::write_private(stop_file, word) {
+                warn!(error = %error, "cannot hand the stop request to the command's supervisor");
+            }
+        }
+        if stop.changed().await.is_err() {
+            // The core is gone (the agent is exiting): nothing more to forward.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Where the follower is in the log, and what it hands on.
+struct Reader<'a> {
+    followed: &'a Followed,
+    outbox: &'a Outbox,
+    progress: &'a mpsc::Sender<Progress>,
+    file: Option<File>,
+    buf: Vec<u8>,
+    /// Log offset of buf[0].
+    base: u64,
+    since_yield: usize,
+    emitted: Vec<Emit>,
+}
+
+async fn read_log(
+    followed: &Followed,
+    outbox: &Outbox,
+    progress: &mpsc::Sender<Progress>,
+) -> Status {
+    let mut summary = Summary::new(
+        followed.kind,
+        followed.repo_dir.clone(),
+        followed.branch.clone(),
+    );
+    let watch = LogWatch::new(&followed.log);
+    if watch.is_none() {
+        warn!("inotify unavailable; polling the command log");
+    }
+    let mut reader = Reader::open(followed, outbox, progress);
+    let mut supervisor_gone = false;
+    loop {
+        let read = reader.read_more();
+        reader.handle_records(&mut summary).await;
+        if read > 0 {
+            continue;
+        }
+        if summary.done() || supervisor_gone {
+            break;
+        }
+        if !supervisor_alive(followed) {
+            // Read once more: the supervisor may have written its last
+            // records just before it ended.
+            supervisor_gone = true;
+            continue;
+        }
+        wait_for_more(watch.as_ref(), &summary).await;
+        if let Some(emit) = summary.held_back_progress() {
+            reader.send(emit, reader.base).await;
+        }
+    }
+    ended(followed, &summary)
+}
+
+fn supervisor_alive(followed: &Followed) -> bool {
+    followed
+        .supervisor
+        .is_some_and(|(pid, start)| process_start_ticks(pid) == Some(start))
+}
+
+/// A quiet log: wakes for new records, the supervisor's end, or a build
+/// progress report the throttle held back.
+async fn wait_for_more(watch: Option<&LogWatch>, summary: &Summary) {
+    let poll = match summary.progress_due() {
+        Some(due) => due
+            .saturating_duration_since(Instant::now())
+            .min(LIVENESS_POLL),
+        None => LIVENESS_POLL,
+    };
+    match watch {
+        Some(watch) => {
+            let _ = tokio::time::timeout(poll, watch.changed()).await;
+        }
+        None => tokio::time::sleep(FALLBACK_POLL.min(poll)).await,
+    }
+}
+
+/// The status, once the log says no more.
+fn ended(followed: &Followed, summary: &Summary) -> Status {
+    if !summary.done() {
+        warn!(
+            command = followed.kind.name(),
+            "the command's supervisor ended without recording the end"
+        );
+    }
+    let status = summary.status(generation(&followed.repo_dir));
+    info!(
+        command = followed.kind.name(),
+        exit_code = status.exit_code,
+        "the command log ends: {}",
+        status.message
+    );
+    status
+}
+
+impl<'a> Reader<'a> {
+    fn open(
+        followed: &'a Followed,
+        outbox: &'a Outbox,
+        progress: &'a mpsc::Sender<Progress>,
+    ) -> Self {
+        let file = match File::open(&followed.log) {
+            Ok(file) => Some(file),
+            Err(error) => {
+                warn!(error = %error, log = %followed.log.display(), "cannot read the command log");
+                None
+            }
+        };
+        Reader {
+            followed,
+            outbox,
+            progress,
+            file,
+            buf: Vec::with_capacity(READ_CHUNK),
+            base: 0,
+            since_yield: 0,
+            emitted: Vec::new(),
+        }
+    }
+
+    /// Appends what the file has beyond what was read; returns the byte
+    /// count.
+    fn read_more(&mut self) -> usize {
+        match self.file.as_mut() {
+            Some(file) => read_more(file, &mut self.buf),
+            None => 0,
+        }
+    }
+
+    /// Every whole record read so far goes through the summary; what it
+    /// turns into is handed on, tagged with the log offset after it.
+    async fn handle_records(&mut self, summary: &mut Summary) {
+        let mut consumed = 0;
+        while let Some(newline) = memchr::memchr(b'\n', &self.buf[consumed..]) {
+            let record = &self.buf[consumed..consumed + newline];
+            consumed += newline + 1;
+            let end = self.base + consumed as u64;
+            let sending = end > self.followed.resume_at;
+            let mut emitted = std::mem::take(&mut self.emitted);
+            summary.on_record(parse(record), sending, &mut emitted);
+            for emit in emitted.drain(..) {
+                self.send(emit, end).await;
+            }
+            self.emitted = emitted;
+            self.since_yield += newline + 1;
+            if self.since_yield >= YIELD_EVERY_BYTES {
+                self.since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        self.buf.drain(..consumed);
+        self.base += consumed as u64;
+    }
+
+    /// Queues one frame (carrying its log position `end`) or passes an
+    /// event to the core.
+    async fn send(&self, emit: Emit, end: u64) {
+        let item = Item::from_log(String::new(), self.followed.log_id, end);
+        send(emit, item, self.outbox, self.progress).await;
+    }
+}
+
+/// Queues one frame (as `item`, which carries its log position) or passes
+/// an event to the core.
+async fn send(emit: Emit, mut item: Item, outbox: &Outbox, progress: &mpsc::Sender<Progress>) {
+    let event = match emit {
+        Emit::Frame(frame) => {
+            item.frame = frame;
+            outbox.wait_room().await;
+            outbox.push(item);
+            return;
+        }
+        Emit::Progress(frame) => {
+            item.frame = frame;
+            outbox.push_progress(item);
+            return;
+        }
+        Emit::Started(pid) => Progress::Started { pid },
+        Emit::Tested {
+            passed,
+            total,
+            stopped,
+        } => Progress::Tested {
+            passed,
+            total,
+            stopped,
+        },
+        Emit::Rebuilt(ok) => Progress::Rebuilt { ok },
+        Emit::Lock(answer) => Progress::Lock(answer),
+        Emit::System(verdict) => Progress::System(verdict),
+    };
+    let _ = progress.send(event).await;
+}
+
+/// Appends what the file has beyond what was read; returns the byte count.
+fn read_more(file: &mut File, buf: &mut Vec<u8>) -> usize {
+    if buf.len() >= READ_CHUNK {
+        // Cannot happen with the supervisor's records (at most 64 KiB + 3);
+        // a damaged log must not make the agent grow without bound.
+        warn!("skipping an over-long record in the command log");
+        buf.clear();
+    }
+    let start = buf.len();
+    buf.resize(READ_CHUNK, 0);
+    let n = loop {
+        match file.read(&mut buf[start..]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                warn!(error = %error, "reading the command log failed");
+                break 0;
+            }
+        }
+    };
+    buf.truncate(start + n);
+    n
+}
+
+/// Wakes the follower when the log changes.
+struct LogWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl LogWatch {
+    fn new(log: &Path) -> Option<Self> {
+        use rustix::fs::inotify;
+        let fd =
+            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).ok()?;
+        inotify::add_watch(
+            &fd,
+            log,
+            inotify::WatchFlags::MODIFY | inotify::WatchFlags::CLOSE_WRITE,
+        )
+        .ok()?;
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the
+        // same descriptor, until the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+        Some(LogWatch { fd: fd.ok()? })
+    }
+
+    async fn changed(&self) {
+        let Ok(mut guard) = self.fd.readable().await else {
+            return std::future::pending().await;
+        };
+        let mut events = [0u8; 1024];
+        // Drain: one wake-up is enough for any number of writes.
+        while let Ok(n) = rustix::io::read(self.fd.get_ref(), &mut events) {
+            if n == 0 {
+                break;
+            }
+        }
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,124 @@
+//! Starting a command: its log is created, its supervisor started on the
+//! plan (`nixfleet-agent --supervise`, see supervisor.rs), and what the
+//! follower and a next agent need to pick it up is returned.
+
+use super::handover::{self, CommandRecord};
+use super::log::{self, Plan};
+use super::plan::Planned;
+use super::table::CommandKind;
+use crate::config::Config;
+use crate::outbox::{DeliveryCursor, Outbox};
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+/// The hidden first argument that makes the binary a supervisor.
+pub const SUPERVISE_ARG: &str = "--supervise";
+
+/// A command to follow: one this agent launched, or one a previous agent
+/// left running (or ended) whose log is not yet delivered.
+pub struct Followed {
+    pub kind: CommandKind,
+    pub log: PathBuf,
+    /// The supervisor: pid and start time (so a recycled pid is not it);
+    /// `None` when it is gone or not ours.
+    pub supervisor: Option<(u32, u64)>,
+    /// Log offset up to which everything was delivered.
+    pub resume_at: u64,
+    /// The id the outbox gave this log's delivery cursor.
+    pub log_id: u64,
+    /// Where a stop request is written for the supervisor.
+    pub stop_file: PathBuf,
+    pub repo_dir: PathBuf,
+    /// The configured branch (what a git check compares HEAD with).
+    pub branch: String,
+}
+
+/// A started command: the record a next agent adopts, and what to follow.
+pub struct Launched {
+    pub record: CommandRecord,
+    pub followed: Followed,
+}
+
+/// Creates the command log and starts the supervisor on it.
+pub async fn launch(
+    config: &Config,
+    child_env: &[(std::ffi::OsString, std::ffi::OsString)],
+    outbox: &Outbox,
+    kind: CommandKind,
+    planned: Planned,
+) -> std::io::Result<Launched> {
+    let state_dir = &config.state_dir;
+    let max_bytes = kind.log_max_bytes(config.log_max_bytes);
+    let log = log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes)?;
+    let stop_file = handover::stop_path(state_dir);
+    let _ = std::fs::remove_file(&stop_file);
+    let cursor = DeliveryCursor::create(&handover::sent_path(state_dir))?;
+    let plan = Plan {
+        log: log.clone(),
+        stop_file: stop_file.clone(),
+        stop_grace_ms: config.stop_grace.as_millis() as u64,
+        max_bytes,
+        scrub_url: config.repo_url.clone(),
+        notes: planned.notes,
+        steps: planned.steps,
+    };
+    let pid = start_supervisor(child_env, &plan).await?;
+    info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
+    let log_id = outbox.track(cursor);
+    let record = CommandRecord::supervised(kind.name(), pid, log.clone())
+        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let followed = Followed {
+        kind,
+        log,
+        supervisor: Some((pid, record.pid_start)),
+        resume_at: 0,
+        log_id,
+        stop_file,
+        repo_dir: config.repo_dir.clone(),
+        branch: config.branch.clone(),
+    };
+    Ok(Launched { record, followed })
+}
+
+/// Starts `nixfleet-agent --supervise` with the plan on its stdin (so that
+/// nothing of it shows in `ps`); returns its pid.
+async fn start_supervisor(
+    child_env: &[(std::ffi::OsString, std::ffi::OsString)],
+    plan: &Plan,
+) -> std::io::Result<u32> {
+    // The running binary, even when a switch replaced the file: the
+    // supervisor is always this very version.
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
+        .arg0("nixfleet-agent")
+        .arg(SUPERVISE_ARG)
+        .current_dir("/")
+        .env_clear()
+        .envs(child_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(false);
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // Its own session: a signal meant for the agent (Ctrl-C in a
+    // terminal) reaches neither the supervisor nor the deployment.
+    unsafe {
+        command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+    }
+    let mut child = command.spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let json = serde_json::to_vec(plan).map_err(std::io::Error::other)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&json).await?;
+    }
+    // Reaps the supervisor when it ends (a next agent cannot: it is then
+    // init's child).
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(pid)
+}

@@ -1,0 +1,86 @@
+//! One command, from the dashboard's request to its status: planned
+//! (plan.rs), launched under its supervisor (launch.rs), then followed
+//! (follow.rs) until the log says it ended.
+
+use super::follow::follow;
+use super::launch::launch;
+use super::plan::Planner;
+use super::progress::Progress;
+use super::table::{CommandKind, StopRequest};
+use crate::child_env::{ChildEnv, child_environment};
+use crate::config::Config;
+use crate::host_facts::generation;
+use crate::outbox::Outbox;
+use crate::protocol::{Outcome, Status};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+/// What every command needs, shared by all of them.
+pub struct Runner {
+    config: Arc<Config>,
+    outbox: Arc<Outbox>,
+    child_env: ChildEnv,
+    planner: Planner,
+}
+
+impl Runner {
+    pub fn new(config: Arc<Config>, outbox: Arc<Outbox>) -> Self {
+        let child_env = Arc::new(child_environment(
+            std::env::vars_os(),
+            config.ssh_key.as_deref(),
+        ));
+        let planner = Planner::new(config.clone(), child_env.clone());
+        Runner {
+            config,
+            outbox,
+            child_env,
+            planner,
+        }
+    }
+
+    /// The environment every child gets (for the agent's own queries).
+    pub fn child_env(&self) -> &[(std::ffi::OsString, std::ffi::OsString)] {
+        &self.child_env
+    }
+
+    pub fn shared_child_env(&self) -> ChildEnv {
+        self.child_env.clone()
+    }
+
+    /// Runs one command to its end and returns its status. Output lines,
+    /// progress and the verdicts of checks are queued in the outbox as they
+    /// happen; the status is left to the caller, which queues it after
+    /// them.
+    pub async fn run(
+        &self,
+        kind: CommandKind,
+        progress: &mpsc::Sender<Progress>,
+        stop: &mut watch::Receiver<Option<StopRequest>>,
+    ) -> Status {
+        let failed = |message: String, exit_code: i32| {
+            warn!(command = kind.name(), "{message}");
+            Status {
+                status: Outcome::Error,
+                command: kind.name().to_owned(),
+                exit_code,
+                message,
+                generation: generation(&self.config.repo_dir),
+            }
+        };
+        if stop.borrow().is_some() {
+            return failed("Stopped by user".to_owned(), -1);
+        }
+        let planned = match self.planner.plan(kind).await {
+            Ok(planned) => planned,
+            Err(message) => return failed(message, 1),
+        };
+        let launched = launch(&self.config, &self.child_env, &self.outbox, kind, planned);
+        let launched = match launched.await {
+            Ok(launched) => launched,
+            Err(error) => return failed(format!("cannot start the command: {error}"), -1),
+        };
+        let _ = progress.send(Progress::Launched(launched.record)).await;
+        follow(launched.followed, &self.outbox, progress, stop).await
+    }
+}
