@@ -44,9 +44,8 @@
 //! 4. `effective.rs`: the typed field on [`Config`]; `render.rs`: its line.
 //! 5. If it has a flag: a field on [`Cli`] (`cli.rs`) and a line in
 //!    `flag_layer` (`sources/flags.rs`).
-//! 6. Documentation: a row in the README's configuration table and in the
-//!    key table of `docs/config.md` (a test compares that table with
-//!    [`KEYS`] and [`env_var_names`]).
+//! 6. Documentation: a row in the key table of `docs/config.md` (a test
+//!    compares that table with [`KEYS`] and [`env_var_names`]).
 
 mod build;
 mod cli;
