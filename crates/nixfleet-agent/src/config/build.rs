@@ -51,6 +51,7 @@ struct Raw {
     device_type: Option<String>,
     allow_reboot: Option<Value>,
     source_commit: Option<String>,
+    report_agent_version: Option<String>,
 }
 
 pub(super) fn build(
@@ -165,6 +166,7 @@ fn validate(
         device_type: v.one_of("device_type", raw.device_type, DEVICE_TYPES)?,
         allow_reboot: v.allow_reboot(raw.allow_reboot)?,
         source_commit: v.source_commit(raw.source_commit)?,
+        report_agent_version: v.report_agent_version(raw.report_agent_version)?,
         origins: origins(&v),
         warnings: v.warnings,
     })
