@@ -59,7 +59,7 @@ impl AgentIdentity {
     pub fn detect(configured_commit: Option<String>, reported_version: Option<String>) -> Self {
         let exe = std::fs::read_link("/proc/self/exe").ok();
         AgentIdentity {
-            host_type: host_type(Path::new("/etc/NIXOS")).into(),
+            host_type: HOST_TYPE.into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
             source_commit: configured_commit.or_else(source_commit),
@@ -285,15 +285,15 @@ impl FileFacts {
     }
 }
 
-fn host_type(nixos_marker: &Path) -> &'static str {
-    if nixos_marker.exists() {
-        "nixos"
-    } else if cfg!(target_os = "macos") {
-        "macos"
-    } else {
-        "linux"
-    }
-}
+/// `register.host_type` as upstream's contract and the v3 dashboard know
+/// it: `"macos"` on Darwin, else `"nixos"` — the only two values they have
+/// (a Linux host without `/etc/NIXOS` is still a Nix host to them); what
+/// the system really is goes into `os_version`.
+const HOST_TYPE: &str = if cfg!(target_os = "macos") {
+    "macos"
+} else {
+    "nixos"
+};
 
 /// `"25.11"` from `"25.11.20251120.abc1234"`; off NixOS, os-release's
 /// `VERSION_ID`.
@@ -530,10 +530,6 @@ mod tests {
         );
         assert_eq!(store_path_of(Path::new("/usr/bin/nixfleet-agent")), None);
         assert_eq!(os_version("25.11.20251120.abc1234"), "25.11");
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(host_type(&dir.path().join("NIXOS")), "linux");
-        std::fs::write(dir.path().join("NIXOS"), "").unwrap();
-        assert_eq!(host_type(&dir.path().join("NIXOS")), "nixos");
     }
 
     #[test]

@@ -113,3 +113,15 @@ fn a_report_agent_version_with_spaces_is_a_config_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("report_agent_version"), "{stderr}");
 }
+
+/// Upstream's contract and the v3 dashboard know only `"nixos"` and
+/// `"macos"`; this test host has no `/etc/NIXOS`, and is still `"nixos"`.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn host_type_is_nixos_on_linux_without_etc_nixos() {
+    let dashboard = Dashboard::start().await;
+    let _agent = Agent::start(AgentOptions::new(dashboard.url())).await;
+
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert_eq!(register.payload()["host_type"], "nixos", "{}", register.payload());
+}
