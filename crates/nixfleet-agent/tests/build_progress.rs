@@ -99,7 +99,11 @@ async fn replay(name: &str, exit: i32) -> (Vec<Value>, Value) {
         let p = seen.payload();
         let expected = errors.contains(*line);
         assert_eq!(p["is_error"], expected, "{name}: {p}");
-        assert_eq!(p["stream"], if expected { "stderr" } else { "stdout" }, "{p}");
+        assert_eq!(
+            p["stream"],
+            if expected { "stderr" } else { "stdout" },
+            "{p}"
+        );
     }
 
     let steps = system_steps(&dashboard);

@@ -123,5 +123,10 @@ async fn host_type_is_nixos_on_linux_without_etc_nixos() {
     let _agent = Agent::start(AgentOptions::new(dashboard.url())).await;
 
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
-    assert_eq!(register.payload()["host_type"], "nixos", "{}", register.payload());
+    assert_eq!(
+        register.payload()["host_type"],
+        "nixos",
+        "{}",
+        register.payload()
+    );
 }

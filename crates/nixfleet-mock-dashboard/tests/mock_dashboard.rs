@@ -1610,8 +1610,11 @@ async fn v3_fields_progress_and_compartments_are_shown() {
 async fn the_log_names_the_command_sent() {
     let mut mock = Mock::start(&[]).await;
     let mut ws = mock.agent("web-log", 30).await;
-    mock.post_ok("/api/hosts/web-log/command", r#"{"command": "pull-switch"}"#)
-        .await;
+    mock.post_ok(
+        "/api/hosts/web-log/command",
+        r#"{"command": "pull-switch"}"#,
+    )
+    .await;
     next_json(&mut ws).await;
     mock.sigterm();
     let (_, stderr) = mock.wait_exit().await;

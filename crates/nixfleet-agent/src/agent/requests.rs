@@ -164,6 +164,8 @@ fn agent_version_line(reported: &str) -> String {
     if reported == real {
         format!("agent version {real}")
     } else {
-        format!("agent version {real} (reported to the dashboard as {reported}: report_agent_version)")
+        format!(
+            "agent version {real} (reported to the dashboard as {reported}: report_agent_version)"
+        )
     }
 }
