@@ -37,7 +37,10 @@ fn pages(root: &Path) -> Vec<PathBuf> {
 
 /// The spans between backticks of one page.
 fn code_spans(text: &str) -> impl Iterator<Item = &str> {
-    text.split('`').skip(1).step_by(2).filter(|s| !s.contains('\n'))
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| !s.contains('\n'))
 }
 
 /// The repository path a span names, if it names one: `path:12` and
@@ -61,7 +64,9 @@ fn repository_path<'a>(span: &'a str, top_level: &[String]) -> Option<&'a str> {
         path.contains('.') && top_level.iter().any(|t| t == first)
     };
     let excluded = UPSTREAM.iter().any(|u| path.starts_with(u))
-        || BUILD_OUTPUTS.iter().any(|b| path.trim_end_matches('/') == *b);
+        || BUILD_OUTPUTS
+            .iter()
+            .any(|b| path.trim_end_matches('/') == *b);
     (ours && !excluded).then_some(path)
 }
 
@@ -96,7 +101,11 @@ fn docs_every_repository_path_in_backticks_exists() {
 
 #[test]
 fn docs_path_detection_catches_a_lost_crate_prefix() {
-    let top = vec!["crates".to_owned(), "README.md".to_owned(), "docs".to_owned()];
+    let top = vec![
+        "crates".to_owned(),
+        "README.md".to_owned(),
+        "docs".to_owned(),
+    ];
     assert_eq!(
         repository_path("src/file_cache.rs", &top),
         Some("src/file_cache.rs")

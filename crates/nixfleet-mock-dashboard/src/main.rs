@@ -251,7 +251,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// A mock NixFleet dashboard: agents connect to /ws, tests use the HTTP API.
 /// The full API is documented at the top of
-/// src/bin/nixfleet-mock-dashboard/main.rs.
+/// crates/nixfleet-mock-dashboard/src/main.rs and in docs/demo.md.
 #[derive(Parser)]
 #[command(name = "nixfleet-mock-dashboard", version)]
 #[command(group(ArgGroup::new("auth").required(true).args(["token", "token_file"])))]
