@@ -29,7 +29,7 @@ async fn connection_success_registers_then_heartbeats_at_once() {
 
     let p = register.payload();
     assert_eq!(p["hostname"], "test-host");
-    assert!(["nixos", "linux", "macos"].contains(&p["host_type"].as_str().unwrap()));
+    assert!(["nixos", "macos"].contains(&p["host_type"].as_str().unwrap()));
     assert_eq!(p["agent_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(p["heartbeat_interval"], 1);
     assert_eq!(p["generation"], "", "no repository yet");

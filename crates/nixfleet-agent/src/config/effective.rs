@@ -82,6 +82,10 @@ pub struct Config {
     /// The commit to report as `source_commit` (the flake's module sets
     /// the flake's revision); `None`: the one recorded at build time.
     pub source_commit: Option<String>,
+    /// What to send as `register.agent_version` instead of this agent's
+    /// version: v3 dashboards call any other version than their own
+    /// outdated. `None`: the real version.
+    pub report_agent_version: Option<String>,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "device_type",
     "allow_reboot",
     "source_commit",
+    "report_agent_version",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.

@@ -28,7 +28,8 @@
 //!   `token`), and durations; `errors`: the one-line error, and figment's
 //!   errors in the same words.
 //! - `build`: merges the layers, extracts `Raw` and validates it key by
-//!   key, in a fixed order (the first problem is the one reported);
+//!   key, in a fixed order (the first problem is reported first, then every other bad
+//!   value among the keys checked on their own, on the same line);
 //!   `render`: `--check-config`'s TOML output with sources.
 //!
 //! # Adding a key

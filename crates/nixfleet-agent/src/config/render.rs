@@ -47,6 +47,10 @@ impl Config {
             ("device_type", self.device_type.as_deref().map(toml_str)),
             ("allow_reboot", Some(self.allow_reboot.to_string())),
             ("source_commit", self.source_commit.as_deref().map(toml_str)),
+            (
+                "report_agent_version",
+                self.report_agent_version.as_deref().map(toml_str),
+            ),
         ];
         let mut out = String::new();
         for (key, value) in lines {
