@@ -84,6 +84,10 @@ pub struct Reporter {
     location: Option<String>,
     device_type: Option<String>,
     update_status: Option<watch::Receiver<UpdateStatus>>,
+    /// The same channel, for waking the writer when the compartments
+    /// change (see [`Reporter::update_status_changed`]); a second receiver
+    /// so that waking does not mark the change as already reported.
+    update_status_wake: Option<watch::Receiver<UpdateStatus>>,
     /// The compartments as of the last heartbeat: heartbeats borrow them.
     update_status_now: Option<UpdateStatus>,
     /// Grows whenever `update_status_now` is replaced.
@@ -112,6 +116,7 @@ impl Reporter {
             location: config.location.clone(),
             device_type: config.device_type.clone(),
             update_status: None,
+            update_status_wake: None,
             update_status_now: None,
             update_status_revision: 0,
             last_built_from: None,
@@ -120,8 +125,24 @@ impl Reporter {
 
     /// Heartbeats carry the compartments published here.
     pub fn with_update_status(mut self, status: watch::Receiver<UpdateStatus>) -> Self {
+        self.update_status_wake = Some(status.clone());
         self.update_status = Some(status);
         self
+    }
+
+    /// Resolves when the compartments changed since it last resolved, so a
+    /// heartbeat carries the change at once: the lock's answer comes a few
+    /// milliseconds after the first heartbeat, and waiting for the next
+    /// beat left a v3 page's lock unknown for a whole interval. Compartments
+    /// change a few times a day, never on the heartbeat path.
+    pub async fn update_status_changed(&mut self) {
+        let Some(wake) = self.update_status_wake.as_mut() else {
+            return std::future::pending().await;
+        };
+        if wake.changed().await.is_err() {
+            // The core is gone (shutting down): nothing will change.
+            std::future::pending::<()>().await;
+        }
     }
 
     pub fn register(&mut self) -> Register {
