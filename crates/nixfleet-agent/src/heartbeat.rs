@@ -136,12 +136,22 @@ impl Reporter {
     /// beat left a v3 page's lock unknown for a whole interval. Compartments
     /// change a few times a day, never on the heartbeat path.
     pub async fn update_status_changed(&mut self) {
-        let Some(wake) = self.update_status_wake.as_mut() else {
+        let (Some(wake), Some(reported)) = (
+            self.update_status_wake.as_mut(),
+            self.update_status.as_ref(),
+        ) else {
             return std::future::pending().await;
         };
-        if wake.changed().await.is_err() {
-            // The core is gone (shutting down): nothing will change.
-            std::future::pending::<()>().await;
+        loop {
+            if wake.changed().await.is_err() {
+                // The core is gone (shutting down): nothing will change.
+                return std::future::pending().await;
+            }
+            // A change a heartbeat already carried (one sent by the timer
+            // meanwhile) needs no other.
+            if reported.has_changed().unwrap_or(false) {
+                return;
+            }
         }
     }
 
