@@ -31,6 +31,8 @@ pub const KEYS: &[&str] = &[
     "device_type",
     "allow_reboot",
     "source_commit",
+    "allowed_signers_file",
+    "gpg_keyring",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.

@@ -47,6 +47,11 @@ impl Config {
             ("device_type", self.device_type.as_deref().map(toml_str)),
             ("allow_reboot", Some(self.allow_reboot.to_string())),
             ("source_commit", self.source_commit.as_deref().map(toml_str)),
+            (
+                "allowed_signers_file",
+                self.allowed_signers_file.as_deref().map(path),
+            ),
+            ("gpg_keyring", self.gpg_keyring.as_deref().map(path)),
         ];
         let mut out = String::new();
         for (key, value) in lines {
