@@ -200,6 +200,21 @@ in
       description = "What kind of machine the host is, for v3 dashboards. Sets `settings.device_type`.";
     };
 
+    reportAgentVersion = lib.mkOption {
+      type = lib.types.nullOr (lib.types.strMatching "[A-Za-z0-9.+_-]{1,64}");
+      default = null;
+      example = "3.1.5";
+      description = ''
+        The version this agent reports as `agent_version`. A v3 dashboard
+        marks every agent whose version differs from its own as outdated
+        (and draws its lock compartment red); set this to the dashboard's
+        version to be counted as current. The agent's real version is still
+        sent (`real_agent_version`), logged and shown by `check-version`;
+        the dashboard's own "agent outdated" hint is what is lost. `null`
+        reports the real version. Sets `settings.report_agent_version`.
+      '';
+    };
+
     allowReboot = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -253,6 +268,9 @@ in
       // lib.optionalAttrs (cfg.themeColor != null) { theme_color = cfg.themeColor; }
       // lib.optionalAttrs (cfg.location != null) { inherit (cfg) location; }
       // lib.optionalAttrs (cfg.deviceType != null) { device_type = cfg.deviceType; }
+      // lib.optionalAttrs (cfg.reportAgentVersion != null) {
+        report_agent_version = cfg.reportAgentVersion;
+      }
     );
 
     assertions = [

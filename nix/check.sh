@@ -298,7 +298,13 @@ EOF
 
     # The VM tests' Python, as the test driver would see it: its globals
     # (machines and driver functions) declared first.
-    if out=$(python3 - "$tmp/flake.json" "$tmp" 2>&1 <<'EOF'
+    # Debian's python3-pyflakes lives with the system Python, which may not
+    # be the first python3 on PATH (pyenv, a venv).
+    py=python3
+    if ! python3 -c 'import pyflakes' 2>/dev/null && /usr/bin/python3 -c 'import pyflakes' 2>/dev/null; then
+      py=/usr/bin/python3
+    fi
+    if out=$("$py" - "$tmp/flake.json" "$tmp" 2>&1 <<'EOF'
 import json
 import os
 import py_compile

@@ -224,6 +224,7 @@ let
           location = "cloud";
           deviceType = "server";
           allowReboot = true;
+          reportAgentVersion = "3.1.5";
         };
       }).services.nixfleet.settings
       {
@@ -238,6 +239,7 @@ let
         location = "cloud";
         device_type = "server";
         allow_reboot = true;
+        report_agent_version = "3.1.5";
       }
     )
     (expectEqual "settings override the options and take extra keys"

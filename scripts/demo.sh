@@ -11,7 +11,11 @@
 # Environment:
 #   NIXFLEET_DEMO_PORT     dashboard port (default 8000)
 #   NIXFLEET_DEMO_REBUILD  the nixos-rebuild that `switch` runs (default: a
-#                          stand-in that prints five build steps; see README)
+#                          stand-in that replays a recorded Nix build log,
+#                          two downloads and two builds; see README)
+#
+# Release binaries (target/release) are used when both exist and are newer
+# than every source file; otherwise the debug ones are built (incremental).
 #
 # Everything lives in a temporary directory: the token, a bare "origin"
 # repository and its clone (the agent's repo_dir, so `pull` works), the
@@ -49,16 +53,32 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ -x target/debug/nixfleet-agent ] && [ -x target/debug/nixfleet-mock-dashboard ]; then
-  echo "building nixfleet-agent and nixfleet-mock-dashboard (seconds when nothing changed) ..."
+# Whether target/release holds both binaries, each newer than every source
+# (a build there would change nothing, and debug builds take minutes).
+release_is_current() {
+  local bin
+  for bin in nixfleet-agent nixfleet-mock-dashboard; do
+    [ -x "target/release/$bin" ] || return 1
+    [ -z "$(find crates Cargo.toml Cargo.lock -newer "target/release/$bin" -type f -print -quit)" ] || return 1
+  done
+}
+
+if release_is_current; then
+  bin=target/release
+  echo "using the release binaries in $bin (newer than the sources)"
 else
-  echo "building nixfleet-agent and nixfleet-mock-dashboard for the first time:"
-  echo "cargo compiles about 130 crates, several minutes on a 2-core machine (README:"
-  echo "\"How long it takes here\"); later runs take seconds."
+  bin=target/debug
+  if [ -x "$bin/nixfleet-agent" ] && [ -x "$bin/nixfleet-mock-dashboard" ]; then
+    echo "building nixfleet-agent and nixfleet-mock-dashboard (seconds when nothing changed) ..."
+  else
+    echo "building nixfleet-agent and nixfleet-mock-dashboard for the first time:"
+    echo "cargo compiles about 130 crates, several minutes on a 2-core machine (README:"
+    echo "\"How long it takes here\"); later runs take seconds."
+  fi
+  started=$SECONDS
+  cargo build --workspace --bins
+  echo "built in $((SECONDS - started)) s"
 fi
-started=$SECONDS
-cargo build --workspace --bins
-echo "built in $((SECONDS - started)) s"
 
 work="$(mktemp -d -t nixfleet-demo.XXXXXX)"
 
@@ -67,7 +87,7 @@ umask 077
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"
 umask 022
 
-target/debug/nixfleet-mock-dashboard --listen "127.0.0.1:$port" --token-file "$work/token" \
+"$bin/nixfleet-mock-dashboard" --listen "127.0.0.1:$port" --token-file "$work/token" \
   > "$work/dashboard.out" 2> "$work/dashboard.log" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -130,7 +150,7 @@ state_dir = "$work/state"
 hostname = "$host"
 interval = 2
 TOML
-PATH="$work/bin:$PATH" target/debug/nixfleet-agent --config "$work/agent.toml" 2> "$work/agent.log" &
+PATH="$work/bin:$PATH" "$bin/nixfleet-agent" --config "$work/agent.toml" 2> "$work/agent.log" &
 pids+=($!)
 echo "agent: pid ${pids[1]}, log $work/agent.log"
 if ! $check_only; then
@@ -174,7 +194,9 @@ def status_line(h):
     command = beat.get("pending_command")
     parts.append(f"running {command} (pid {beat.get('command_pid')})" if command else "idle")
     system = (h.get("progress") or {}).get("system")
-    if system:
+    # Progress belongs to the running command: the last build's counts
+    # would otherwise repeat until the next command.
+    if command and system:
         builds = (system.get("detail") or {}).get("builds") or {}
         parts.append(f"build {system.get('current')}/{system.get('total')} {system.get('status')}"
                      f" ({builds.get('done', 0)}/{builds.get('expected', 0)} derivations)")

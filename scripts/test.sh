@@ -18,6 +18,9 @@ apt_packages=()
 command -v git >/dev/null || apt_packages+=(git)
 command -v python3 >/dev/null || apt_packages+=(python3)
 command -v nix-instantiate >/dev/null || apt_packages+=(nix-bin)
+# Lints the NixOS VM tests' Python scripts (nix/check.sh).
+python3 -c 'import pyflakes' 2>/dev/null || /usr/bin/python3 -c 'import pyflakes' 2>/dev/null ||
+  apt_packages+=(python3-pyflakes)
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
 # The mock dashboard's page is tested in a real headless browser, driven over

@@ -34,7 +34,13 @@ pub struct AgentIdentity {
     /// module writes the flake's revision there), else the one this binary
     /// was built from (see build.rs).
     pub source_commit: Option<String>,
+    /// What `register.agent_version` says: the setting
+    /// `report_agent_version`, else [`AGENT_VERSION`].
+    pub reported_version: String,
 }
+
+/// This agent's version (the crate's).
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The commit the flake (`self.rev`/`self.dirtyRev`) or `git` at build time
 /// said this binary was built from; `None` when neither knew.
@@ -49,13 +55,15 @@ impl AgentIdentity {
     /// `configured_commit` is the setting `source_commit`, which wins over
     /// the commit recorded at build time: the Nix package is built without
     /// the revision, so that it stays one derivation per source.
-    pub fn detect(configured_commit: Option<String>) -> Self {
+    /// `reported_version` is the setting `report_agent_version`.
+    pub fn detect(configured_commit: Option<String>, reported_version: Option<String>) -> Self {
         let exe = std::fs::read_link("/proc/self/exe").ok();
         AgentIdentity {
-            host_type: host_type(Path::new("/etc/NIXOS")).into(),
+            host_type: HOST_TYPE.into(),
             store_path: exe.as_deref().and_then(store_path_of),
             binary_hash: exe.as_deref().and_then(sha256_hex_of_file),
             source_commit: configured_commit.or_else(source_commit),
+            reported_version: reported_version.unwrap_or_else(|| AGENT_VERSION.to_owned()),
         }
     }
 }
@@ -76,6 +84,10 @@ pub struct Reporter {
     location: Option<String>,
     device_type: Option<String>,
     update_status: Option<watch::Receiver<UpdateStatus>>,
+    /// The same channel, for waking the writer when the compartments
+    /// change (see [`Reporter::update_status_changed`]); a second receiver
+    /// so that waking does not mark the change as already reported.
+    update_status_wake: Option<watch::Receiver<UpdateStatus>>,
     /// The compartments as of the last heartbeat: heartbeats borrow them.
     update_status_now: Option<UpdateStatus>,
     /// Grows whenever `update_status_now` is replaced.
@@ -104,6 +116,7 @@ impl Reporter {
             location: config.location.clone(),
             device_type: config.device_type.clone(),
             update_status: None,
+            update_status_wake: None,
             update_status_now: None,
             update_status_revision: 0,
             last_built_from: None,
@@ -112,8 +125,34 @@ impl Reporter {
 
     /// Heartbeats carry the compartments published here.
     pub fn with_update_status(mut self, status: watch::Receiver<UpdateStatus>) -> Self {
+        self.update_status_wake = Some(status.clone());
         self.update_status = Some(status);
         self
+    }
+
+    /// Resolves when the compartments changed since it last resolved, so a
+    /// heartbeat carries the change at once: the lock's answer comes a few
+    /// milliseconds after the first heartbeat, and waiting for the next
+    /// beat left a v3 page's lock unknown for a whole interval. Compartments
+    /// change a few times a day, never on the heartbeat path.
+    pub async fn update_status_changed(&mut self) {
+        let (Some(wake), Some(reported)) = (
+            self.update_status_wake.as_mut(),
+            self.update_status.as_ref(),
+        ) else {
+            return std::future::pending().await;
+        };
+        loop {
+            if wake.changed().await.is_err() {
+                // The core is gone (shutting down): nothing will change.
+                return std::future::pending().await;
+            }
+            // A change a heartbeat already carried (one sent by the timer
+            // meanwhile) needs no other.
+            if reported.has_changed().unwrap_or(false) {
+                return;
+            }
+        }
     }
 
     pub fn register(&mut self) -> Register {
@@ -123,7 +162,7 @@ impl Reporter {
         Register {
             hostname: self.hostname.clone(),
             host_type: self.identity.host_type.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: self.identity.reported_version.clone(),
             os_version: os_version(&nixpkgs_version),
             nixpkgs_version,
             generation: self.files.generation().to_owned(),
@@ -136,6 +175,7 @@ impl Reporter {
             location: self.location.clone(),
             device_type: self.device_type.clone(),
             source_commit: self.identity.source_commit.clone(),
+            real_agent_version: AGENT_VERSION.to_owned(),
         }
     }
 
@@ -276,15 +316,15 @@ impl FileFacts {
     }
 }
 
-fn host_type(nixos_marker: &Path) -> &'static str {
-    if nixos_marker.exists() {
-        "nixos"
-    } else if cfg!(target_os = "macos") {
-        "macos"
-    } else {
-        "linux"
-    }
-}
+/// `register.host_type` as upstream's contract and the v3 dashboard know
+/// it: `"macos"` on Darwin, else `"nixos"` — the only two values they have
+/// (a Linux host without `/etc/NIXOS` is still a Nix host to them); what
+/// the system really is goes into `os_version`.
+const HOST_TYPE: &str = if cfg!(target_os = "macos") {
+    "macos"
+} else {
+    "nixos"
+};
 
 /// `"25.11"` from `"25.11.20251120.abc1234"`; off NixOS, os-release's
 /// `VERSION_ID`.
@@ -464,6 +504,7 @@ mod tests {
             store_path: None,
             binary_hash: None,
             source_commit: None,
+            reported_version: AGENT_VERSION.to_owned(),
         };
         let (status_tx, status_rx) = watch::channel(UpdateStatus::default());
         let mut reporter = Reporter::new(&config, identity).with_update_status(status_rx);
@@ -520,10 +561,6 @@ mod tests {
         );
         assert_eq!(store_path_of(Path::new("/usr/bin/nixfleet-agent")), None);
         assert_eq!(os_version("25.11.20251120.abc1234"), "25.11");
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(host_type(&dir.path().join("NIXOS")), "linux");
-        std::fs::write(dir.path().join("NIXOS"), "").unwrap();
-        assert_eq!(host_type(&dir.path().join("NIXOS")), "nixos");
     }
 
     #[test]

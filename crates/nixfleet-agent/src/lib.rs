@@ -29,9 +29,3 @@ pub mod systemd;
 pub mod ticker;
 pub mod tls;
 pub mod watchdog;
-
-/// The running-command record under its older name.
-pub use commands::handover;
-/// The command log under its older name (the configuration's defaults and
-/// the outbox's cursor file use it).
-pub use commands::log as command_log;

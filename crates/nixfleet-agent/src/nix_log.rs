@@ -169,6 +169,22 @@ pub struct NixLog {
     totals: [Totals; COUNTED.len()],
 }
 
+/// What a line handed out is, for how a dashboard colours it: Nix writes
+/// its whole log to stderr, so the file descriptor says nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meaning {
+    /// Not Nix's structured log: the line as the program wrote it, on the
+    /// stream it wrote it to.
+    AsIs,
+    /// Rendered from Nix's structured log, not an error.
+    Info,
+    /// Nix's error message (level 0), e.g. a failed build's.
+    Error,
+}
+
+/// Nix's verbosity `lvlError`.
+const ERROR_LEVEL: u64 = 0;
+
 /// What one line did to the counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
@@ -210,20 +226,25 @@ impl NixLog {
 
     /// Takes one line of the command's output (without its newline) and
     /// hands each plain line a user would see to `out`, in order.
-    pub fn feed(&mut self, line: &str, out: &mut impl FnMut(&str)) -> Effect {
+    pub fn feed(&mut self, line: &str, out: &mut impl FnMut(&str, Meaning)) -> Effect {
         let Some(json) = line.strip_prefix(PREFIX) else {
-            out(line);
+            out(line, Meaning::AsIs);
             return Effect::None;
         };
         let Ok(event) = serde_json::from_str::<Event<'_>>(json) else {
-            out(line);
+            out(line, Meaning::AsIs);
             return Effect::None;
         };
         self.structured = true;
         match event.action.as_ref() {
             "msg" => {
                 if event.level <= SHOWN_LEVEL {
-                    emit_text(&event.msg, "", out);
+                    let meaning = if event.level == ERROR_LEVEL {
+                        Meaning::Error
+                    } else {
+                        Meaning::Info
+                    };
+                    emit_text(&event.msg, "", meaning, out);
                 }
                 Effect::None
             }
@@ -236,14 +257,14 @@ impl NixLog {
         }
     }
 
-    fn start(&mut self, event: &Event<'_>, out: &mut impl FnMut(&str)) -> Effect {
+    fn start(&mut self, event: &Event<'_>, out: &mut impl FnMut(&str, Meaning)) -> Effect {
         // Nix's plain logger prints an activity's text with "..." when its
         // level is shown; waiting for a build slot is never printed.
         if event.level <= SHOWN_LEVEL
             && !event.text.is_empty()
             && event.kind != activity::BUILD_WAITING
         {
-            emit_text(&event.text, "...", out);
+            emit_text(&event.text, "...", Meaning::Info, out);
         }
         if self.activities.len() >= MAX_ACTIVITIES && !self.activities.contains_key(&event.id) {
             return Effect::None;
@@ -302,7 +323,7 @@ impl NixLog {
         effect
     }
 
-    fn result(&mut self, event: &Event<'_>, out: &mut impl FnMut(&str)) -> Effect {
+    fn result(&mut self, event: &Event<'_>, out: &mut impl FnMut(&str, Meaning)) -> Effect {
         let act = self.activities.get_mut(&event.id);
         match event.kind {
             result::BUILD_LOG_LINE | result::POST_BUILD_LOG_LINE => {
@@ -406,7 +427,7 @@ impl NixLog {
 /// Sends each line of `text` (Nix messages may span several), with ANSI
 /// escapes removed as Nix's own plain logger does when stderr is not a
 /// terminal, and `suffix` after the last one.
-fn emit_text(text: &str, suffix: &str, out: &mut impl FnMut(&str)) {
+fn emit_text(text: &str, suffix: &str, meaning: Meaning, out: &mut impl FnMut(&str, Meaning)) {
     let text = text.strip_suffix('\n').unwrap_or(text);
     let mut lines = text.split('\n').peekable();
     while let Some(line) = lines.next() {
@@ -414,18 +435,21 @@ fn emit_text(text: &str, suffix: &str, out: &mut impl FnMut(&str)) {
         if lines.peek().is_none() {
             plain.push_str(suffix);
         }
-        out(&plain);
+        out(&plain, meaning);
     }
 }
 
-fn emit_prefixed(prefix: &str, text: &str, out: &mut impl FnMut(&str)) {
+fn emit_prefixed(prefix: &str, text: &str, out: &mut impl FnMut(&str, Meaning)) {
     let text = text.strip_suffix('\n').unwrap_or(text);
     for line in text.split('\n') {
         let plain = strip_ansi(line.strip_suffix('\r').unwrap_or(line));
         let mut shown = String::with_capacity(prefix.len() + plain.len());
         shown.push_str(prefix);
         shown.push_str(&plain);
-        out(&shown);
+        // A build's own output: it is information, whether the build
+        // ends well or not (Nix's level-0 message says when it failed and
+        // repeats its last lines).
+        out(&shown, Meaning::Info);
     }
 }
 
@@ -511,7 +535,7 @@ mod tests {
         let mut shown = Vec::new();
         let mut snapshots = Vec::new();
         for line in log.lines() {
-            if nix.feed(line, &mut |l| shown.push(l.to_owned())) == Effect::Counts {
+            if nix.feed(line, &mut |l, _| shown.push(l.to_owned())) == Effect::Counts {
                 snapshots.push(nix.snapshot());
             }
         }
@@ -520,7 +544,7 @@ mod tests {
 
     fn feed_one(nix: &mut NixLog, line: &str) -> Vec<String> {
         let mut shown = Vec::new();
-        nix.feed(line, &mut |l| shown.push(l.to_owned()));
+        nix.feed(line, &mut |l, _| shown.push(l.to_owned()));
         shown
     }
 
@@ -697,12 +721,12 @@ mod tests {
             r#"@nix {"action":"setStatus","id":1,"future":true}"#,
             r#"@nix {"action":"msg","level":99,"msg":"very chatty"}"#,
         ] {
-            nix.feed(line, &mut |_| {});
+            nix.feed(line, &mut |_, _| {});
             let _ = nix.snapshot();
         }
         assert_eq!(nix.snapshot().builds.expected, u64::MAX);
         assert_eq!(nix.snapshot().running.len(), 3);
-        nix.feed(r#"@nix {"action":"stop","id":1}"#, &mut |_| {});
+        nix.feed(r#"@nix {"action":"stop","id":1}"#, &mut |_, _| {});
         assert_eq!(nix.snapshot().builds.expected, 0);
     }
 
@@ -720,17 +744,17 @@ mod tests {
         let store = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz";
         nix.feed(
             &start(1, 105, &format!("{store}-hello-2.12.1.drv")),
-            &mut |_| {},
+            &mut |_, _| {},
         );
         nix.feed(
             &start(2, 105, &format!("{store}-nixos-system-web-1-25.11.drv")),
-            &mut |_| {},
+            &mut |_, _| {},
         );
         nix.feed(
             &start(3, 110, &format!("{store}-hello-2.12.1.drv")),
-            &mut |_| {},
+            &mut |_, _| {},
         );
-        nix.feed(&start(4, 105, "short-name.drv"), &mut |_| {});
+        nix.feed(&start(4, 105, "short-name.drv"), &mut |_, _| {});
         assert_eq!(feed_one(&mut nix, &line(1, 101, "ok")), ["hello> ok"]);
         assert_eq!(
             feed_one(&mut nix, &line(2, 101, "ok")),
@@ -781,11 +805,11 @@ mod tests {
             let mut live = NixLog::new();
             let mut sent = 0;
             for line in &lines[..split] {
-                live.feed(line, &mut |_| sent += 1);
+                live.feed(line, &mut |_, _| sent += 1);
             }
             let mut replayed = NixLog::new();
             for line in &lines[..split] {
-                replayed.feed(line, &mut |_| {});
+                replayed.feed(line, &mut |_, _| {});
             }
             assert_eq!(live.snapshot(), replayed.snapshot(), "after {split} lines");
         }

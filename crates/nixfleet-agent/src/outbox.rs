@@ -2,7 +2,7 @@
 //! output lines, test progress and statuses.
 //!
 //! It is not where a backlog lives: that is the command log on disk
-//! (command_log.rs). The follower reading the log waits for room here
+//! (`commands::log`). The follower reading the log waits for room here
 //! ([`Outbox::wait_room`]), so this queue stays a few hundred KiB however
 //! far behind the dashboard is, while the command itself, writing to its
 //! supervisor, never waits at all. Nothing is ever dropped here.
@@ -298,7 +298,7 @@ const CURSOR_WIDTH: usize = 20;
 impl DeliveryCursor {
     /// Opens (creating, 0600) the cursor at `path`, starting at zero.
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        let file = crate::command_log::private_file(
+        let file = crate::state_file::private_file(
             path,
             std::fs::OpenOptions::new()
                 .read(true)
@@ -318,7 +318,7 @@ impl DeliveryCursor {
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(0);
-        let file = crate::command_log::private_file(
+        let file = crate::state_file::private_file(
             path,
             std::fs::OpenOptions::new()
                 .read(true)

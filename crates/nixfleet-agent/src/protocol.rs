@@ -107,6 +107,10 @@ pub struct Register {
     /// v3: the git commit this binary was built from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_commit: Option<String>,
+    /// Ours: the crate version, always, so that it stays known when
+    /// `agent_version` carries `report_agent_version` (dashboards ignore
+    /// unknown fields).
+    pub real_agent_version: String,
 }
 
 /// Borrowed: the agent sends one every few seconds for as long as it runs,
@@ -498,6 +502,7 @@ mod tests {
             location: None,
             device_type: None,
             source_commit: None,
+            real_agent_version: "0.1.0".into(),
         };
         let v = parse(&Outbound::Register(&register).to_json());
         assert_eq!(v["type"], "register");

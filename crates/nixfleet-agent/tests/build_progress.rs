@@ -51,6 +51,28 @@ fn assert_moves_forward(steps: &[(tokio::time::Instant, Value)]) {
     }
 }
 
+/// The lines of a fixture that must arrive as errors: Nix's error messages
+/// (level 0: `error: …` and their indented continuation) and plain stderr
+/// lines that are not Nix's structured log (nixos-rebuild's own). The rest
+/// is Nix's log of a build going well, written to stderr but no error.
+fn error_lines(name: &str) -> std::collections::HashSet<String> {
+    let log = std::fs::read_to_string(fixture(name, "log")).unwrap();
+    let expected = std::fs::read_to_string(fixture(name, "expected")).unwrap();
+    let mut errors: std::collections::HashSet<String> = log
+        .lines()
+        .filter(|l| !l.starts_with("@nix "))
+        .map(str::to_owned)
+        .collect();
+    let mut in_error = false;
+    for line in expected.lines() {
+        in_error = line.starts_with("error:") || (in_error && line.starts_with("       "));
+        if in_error {
+            errors.insert(line.to_owned());
+        }
+    }
+    errors
+}
+
 /// Replays one fixture through `switch` and checks what the dashboard got.
 async fn replay(name: &str, exit: i32) -> (Vec<Value>, Value) {
     let dashboard = Dashboard::start().await;
@@ -72,7 +94,17 @@ async fn replay(name: &str, exit: i32) -> (Vec<Value>, Value) {
         .map(|s| s.payload()["line"].as_str().unwrap())
         .collect();
     assert_eq!(lines, expected.lines().collect::<Vec<_>>(), "{name}");
-    assert!(outputs.iter().all(|s| s.payload()["stream"] == "stderr"));
+    let errors = error_lines(name);
+    for (seen, line) in outputs.iter().zip(&lines) {
+        let p = seen.payload();
+        let expected = errors.contains(*line);
+        assert_eq!(p["is_error"], expected, "{name}: {p}");
+        assert_eq!(
+            p["stream"],
+            if expected { "stderr" } else { "stdout" },
+            "{p}"
+        );
+    }
 
     let steps = system_steps(&dashboard);
     assert!(!steps.is_empty(), "{name}: no progress");
@@ -301,6 +333,8 @@ sleep 3
 #[tokio::test]
 async fn a_real_nix_recording_is_replayed_line_for_line() {
     // Recorded from Nix 2.8 itself (see the fixtures' README).
+    // No line of it is an error (replay checks every line's is_error).
+    assert!(error_lines("real-nix-2.8-build").is_empty());
     let (_, last) = replay("real-nix-2.8-build", 0).await;
     assert_eq!(last["status"], "complete");
     assert_eq!(
@@ -308,4 +342,13 @@ async fn a_real_nix_recording_is_replayed_line_for_line() {
         (Some(3), Some(3))
     );
     assert_eq!(last["detail"]["builds"]["done"], 3);
+}
+
+#[tokio::test]
+async fn a_real_failed_build_sends_its_error_lines_as_errors() {
+    // Nix's two `error:` messages are errors; the build's own lines before
+    // them are not (replay checks every line's is_error).
+    assert_eq!(error_lines("real-nix-2.8-failure").len(), 2);
+    let (_, last) = replay("real-nix-2.8-failure", 1).await;
+    assert_eq!(last["status"], "error");
 }

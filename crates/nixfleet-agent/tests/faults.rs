@@ -602,7 +602,14 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
     let mut options = AgentOptions::new(dashboard.url());
     options.ping_timeout = 5;
     let (dir, bin) = Agent::prepare(&options);
-    script(&bin, "nixos-rebuild", "echo \"rebuild $*\"\nsleep 0.05");
+    // The rebuild fails: a switch that succeeds registers again on a
+    // fresh connection by design, and this test proves that nothing the
+    // dashboard sends makes the agent leave its connection.
+    script(
+        &bin,
+        "nixos-rebuild",
+        "echo \"rebuild $*\"\nsleep 0.05\nexit 1",
+    );
     script(&bin, "git", "echo \"git $*\"");
     let mut agent = Agent::spawn(dir, options).await;
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
@@ -666,7 +673,8 @@ async fn hostile_frames_never_crash_stall_or_disconnect_the_agent() {
     assert_eq!(
         dashboard.frames("register").len(),
         1,
-        "the agent reconnected"
+        "the agent reconnected; its log:\n{}",
+        agent.stderr()
     );
     let silence = longest_heartbeat_silence(&log, started, last.at());
     assert!(silence < 3 * SECOND, "{silence:?} without a heartbeat");

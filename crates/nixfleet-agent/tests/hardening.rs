@@ -259,7 +259,7 @@ async fn a_record_from_another_boot_is_not_adopted_and_kill_command_signals_noth
         .spawn()
         .unwrap();
     let pid = victim.id();
-    let ticks = nixfleet_agent::handover::process_start_ticks(pid).unwrap();
+    let ticks = nixfleet_agent::commands::handover::process_start_ticks(pid).unwrap();
     let record = serde_json::json!({
         "command": "switch", "pid": pid, "pid_start": ticks, "log": null,
         "boot_id": "00000000-0000-4000-8000-000000000000",

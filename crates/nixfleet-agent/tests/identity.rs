@@ -63,3 +63,70 @@ fn an_empty_source_commit_is_a_config_error() {
     assert!(stderr.contains("source_commit"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+/// v3 dashboards call every `agent_version` but their own "outdated" (and
+/// draw the lock red): `report_agent_version` is what the host says there,
+/// while the real version stays in our own field.
+#[tokio::test]
+async fn report_agent_version_is_sent_and_the_real_version_kept() {
+    let dashboard = Dashboard::start().await;
+    let mut options = AgentOptions::new(dashboard.url());
+    options
+        .extra_toml
+        .push("report_agent_version = \"3.1.5\"".into());
+    let _agent = Agent::start(options).await;
+
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    let p = register.payload();
+    assert_eq!(p["agent_version"], "3.1.5", "{p}");
+    assert_eq!(p["real_agent_version"], env!("CARGO_PKG_VERSION"), "{p}");
+}
+
+#[tokio::test]
+async fn agent_version_is_ours_unless_configured() {
+    let dashboard = Dashboard::start().await;
+    let _agent = Agent::start(AgentOptions::new(dashboard.url())).await;
+
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    let p = register.payload();
+    assert_eq!(p["agent_version"], env!("CARGO_PKG_VERSION"), "{p}");
+    assert_eq!(p["real_agent_version"], env!("CARGO_PKG_VERSION"), "{p}");
+}
+
+#[test]
+fn a_report_agent_version_with_spaces_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "url = \"ws://127.0.0.1:1/ws\"\ntoken = \"t\"\nrepo_dir = \"/tmp\"\nreport_agent_version = \"3.1 beta\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("report_agent_version"), "{stderr}");
+}
+
+/// Upstream's contract and the v3 dashboard know only `"nixos"` and
+/// `"macos"`; this test host has no `/etc/NIXOS`, and is still `"nixos"`.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn host_type_is_nixos_on_linux_without_etc_nixos() {
+    let dashboard = Dashboard::start().await;
+    let _agent = Agent::start(AgentOptions::new(dashboard.url())).await;
+
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert_eq!(
+        register.payload()["host_type"],
+        "nixos",
+        "{}",
+        register.payload()
+    );
+}

@@ -277,7 +277,11 @@ fn dispatch(
     let out = out.map_err(|msg| api_error(StatusCode::BAD_REQUEST, msg))?;
     match state.send_to_host(host, out) {
         Ok(conn) => {
-            tracing::info!(host, conn, "API: sent {what}");
+            // The log says which command, not only that one was sent.
+            match &timeline {
+                Some((_, detail)) => tracing::info!(host, conn, "API: sent {what} {detail}"),
+                None => tracing::info!(host, conn, "API: sent {what}"),
+            }
             if let Some((kind, detail)) = timeline {
                 state.note_sent(host, kind, detail);
             }

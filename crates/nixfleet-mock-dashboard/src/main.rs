@@ -251,7 +251,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// A mock NixFleet dashboard: agents connect to /ws, tests use the HTTP API.
 /// The full API is documented at the top of
-/// src/bin/nixfleet-mock-dashboard/main.rs.
+/// crates/nixfleet-mock-dashboard/src/main.rs and in docs/demo.md.
 #[derive(Parser)]
 #[command(name = "nixfleet-mock-dashboard", version)]
 #[command(group(ArgGroup::new("auth").required(true).args(["token", "token_file"])))]
@@ -321,16 +321,21 @@ fn main() -> ExitCode {
 }
 
 fn load_token(cli: &Cli) -> Result<String, String> {
-    let token = match (&cli.token, &cli.token_file) {
-        (Some(token), _) => token.trim().to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?
-            .trim()
-            .to_owned(),
+    // An empty token names where it came from: "the token is empty" left
+    // the user guessing which file (or flag) to fix.
+    let (token, source) = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => (token.trim().to_owned(), "--token".to_owned()),
+        (None, Some(path)) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            format!("the token file {}", path.display()),
+        ),
         (None, None) => return Err("one of --token or --token-file is required".into()),
     };
     if token.is_empty() {
-        return Err("the token is empty".into());
+        return Err(format!("{source} is empty"));
     }
     Ok(token)
 }

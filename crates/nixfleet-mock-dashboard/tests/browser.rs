@@ -407,6 +407,27 @@ impl AgentProcess {
 }
 
 fn start_agent(binary: &Path, dir: &Path, url: &str) -> AgentProcess {
+    start_agent_with(binary, dir, url, &rebuild_stand_in(&dir.join("release")))
+}
+
+/// A stand-in `nixos-rebuild` that replays Nix 2.8's recorded log of a
+/// good build (three derivations) the way Nix writes it: all on stderr.
+fn recorded_build_stand_in() -> String {
+    let log = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../nixfleet-agent/tests/fixtures/nix-log/real-nix-2.8-build.log"
+    );
+    format!(
+        "#!/bin/sh
+case \" $* \" in
+  *\" --log-format internal-json \"*) cat '{log}' >&2 ;;
+           *) echo \"expected Nix's structured log flags: $*\" >&2; exit 64 ;;
+esac
+"
+    )
+}
+
+fn start_agent_with(binary: &Path, dir: &Path, url: &str, stand_in: &str) -> AgentProcess {
     let repo = dir.join("repo");
     let bin = dir.join("bin");
     for d in [&repo, &bin, &dir.join("state")] {
@@ -418,8 +439,7 @@ fn start_agent(binary: &Path, dir: &Path, url: &str) -> AgentProcess {
     git(&repo, &["commit", "-q", "-m", "config"]);
     let rebuild = bin.join("nixos-rebuild");
     let mut file = std::fs::File::create(&rebuild).unwrap();
-    file.write_all(rebuild_stand_in(&dir.join("release")).as_bytes())
-        .unwrap();
+    file.write_all(stand_in.as_bytes()).unwrap();
     drop(file);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&rebuild, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -728,4 +748,83 @@ async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
             && registered.contains("registered on connection #2"),
         "{registered}"
     );
+}
+
+/// Nix writes a good build's whole log to stderr; the page must not draw
+/// it as errors (issue 26). The screenshot of that page is the README's,
+/// taken here so that it shows what the page really looks like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_build_is_drawn_without_errors_and_is_the_readme_screenshot() {
+    let Some(chromium) = find_chromium() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no chromium: CI=true needs the browser test"
+        );
+        eprintln!("SKIPPED browser test: no chromium on PATH");
+        return;
+    };
+    let agent_bin = agent_binary();
+    let (_mock, addr) = start_mock().await;
+    let mut browser = Browser::start(&chromium).await;
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("ws://{addr}/ws");
+    let _agent = start_agent_with(&agent_bin, work.path(), &url, &recorded_build_stand_in());
+    browser.open(&format!("http://{addr}/")).await;
+    let online = format!(
+        "document.querySelector('{}')?.textContent === 'online'",
+        row("state")
+    );
+    browser.wait(&online, "the host online").await;
+    // The row's cells end on one line: the status cell's border is the
+    // row's (it once sat 7 px higher).
+    let bottoms = browser
+        .eval(&format!(
+            "[...document.querySelectorAll('tr[data-host=\"{HOST}\"] td')].map((c) => Math.round(c.getBoundingClientRect().bottom))"
+        ))
+        .await;
+    let bottoms: Vec<i64> = bottoms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    assert!(
+        bottoms.windows(2).all(|w| w[0] == w[1]),
+        "cell bottoms: {bottoms:?}"
+    );
+    // #host=NAME opens the host's view (the address a click on it gives).
+    browser
+        .eval(&format!("location.hash = 'host={HOST}'"))
+        .await;
+    browser
+        .wait(
+            &format!("!document.getElementById('host-view').hidden && document.getElementById('view-name').textContent === '{HOST}'"),
+            "the host view from #host=",
+        )
+        .await;
+    browser.click("button[data-command=\"switch\"]").await;
+    browser
+        .wait(
+            "[...document.querySelectorAll('#output .line')].some((l) => l.textContent.includes('switch: ok, exit code 0'))",
+            "the switch's ok status",
+        )
+        .await;
+    let built = browser
+        .eval("[...document.querySelectorAll('#output .line.stdout')].filter((l) => l.textContent.startsWith('fleet-')).length")
+        .await;
+    assert!(
+        built.as_u64().unwrap_or(0) >= 5,
+        "the build's own lines: {built}"
+    );
+    let errors = browser
+        .eval("[...document.querySelectorAll('#output .line.stderr')].map((l) => l.textContent)")
+        .await;
+    assert_eq!(
+        errors,
+        json!([]),
+        "lines drawn as errors after a good build"
+    );
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/mock-dashboard.png");
+    browser.screenshot(&shot).await;
+    eprintln!("the README's screenshot: {}", shot.display());
 }

@@ -1001,6 +1001,9 @@ async fn token_file_is_trimmed_and_a_token_is_required() {
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
+    // The message names the file to fix.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(empty.to_str().unwrap()), "{stderr}");
 
     let file = dir.path().join("token");
     std::fs::write(&file, format!("  {TOKEN}\n")).unwrap();
@@ -1601,4 +1604,22 @@ async fn v3_fields_progress_and_compartments_are_shown() {
     assert_eq!(mock.host("web-9").await["progress"], json!({}));
     let types = types(&mock.messages("web-9", "?type=operation_progress").await);
     assert_eq!(types.len(), 3);
+}
+
+#[tokio::test]
+async fn the_log_names_the_command_sent() {
+    let mut mock = Mock::start(&[]).await;
+    let mut ws = mock.agent("web-log", 30).await;
+    mock.post_ok(
+        "/api/hosts/web-log/command",
+        r#"{"command": "pull-switch"}"#,
+    )
+    .await;
+    next_json(&mut ws).await;
+    mock.sigterm();
+    let (_, stderr) = mock.wait_exit().await;
+    assert!(
+        stderr.contains("API: sent command \"pull-switch\""),
+        "{stderr}"
+    );
 }

@@ -285,6 +285,10 @@ impl Core {
             Some(running) => (running.kind.name().to_owned(), running.pid.unwrap_or(0)),
             None => (String::new(), 0),
         };
+        // The agent's own log is where an operator looks for why a button
+        // did nothing: every refusal is there, with its reason (quoted: it
+        // may carry a name the dashboard sent, which must not forge lines).
+        info!(reason = ?reason, current_command = %current_command, "rejected a command");
         let frame = Outbound::CommandRejected(&CommandRejected {
             reason,
             current_command,

@@ -143,7 +143,18 @@ fn reporting(
         runner.shared_child_env(),
         lock_answers,
     );
-    let identity = AgentIdentity::detect(config.source_commit.clone());
+    let identity = AgentIdentity::detect(
+        config.source_commit.clone(),
+        config.report_agent_version.clone(),
+    );
+    if let Some(reported) = &config.report_agent_version {
+        // The dashboard will show this version, not ours: say so once.
+        tracing::info!(
+            "reporting agent_version {reported} to the dashboard (report_agent_version); \
+             this agent is nixfleet-agent {}",
+            crate::heartbeat::AGENT_VERSION
+        );
+    }
     let reporter = Reporter::new(config, identity.clone()).with_update_status(update_status);
     (compartments, reporter, identity)
 }

@@ -81,7 +81,7 @@ impl Core {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         let lines = [
-            format!("agent version {}", env!("CARGO_PKG_VERSION")),
+            agent_version_line(&identity.reported_version),
             format!(
                 "source commit {}",
                 identity.source_commit.as_deref().unwrap_or("unknown")
@@ -154,5 +154,18 @@ async fn reboot_later(outbox: Arc<Outbox>, child_env: ChildEnv) {
         warn!("{why}");
         let line = format!("[nixfleet] {why}");
         outbox.push_frame(output_frame("reboot", Stream::Stderr, &line));
+    }
+}
+
+/// The real version, and what the dashboard is told when that differs
+/// (`report_agent_version`): the one place a v3 page shows the truth.
+fn agent_version_line(reported: &str) -> String {
+    let real = crate::heartbeat::AGENT_VERSION;
+    if reported == real {
+        format!("agent version {real}")
+    } else {
+        format!(
+            "agent version {real} (reported to the dashboard as {reported}: report_agent_version)"
+        )
     }
 }

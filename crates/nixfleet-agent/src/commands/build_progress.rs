@@ -105,7 +105,7 @@ mod tests {
     fn build_progress_reports_only_changes_and_never_goes_backwards() {
         let mut progress = BuildProgress::new();
         let feed = |p: &mut BuildProgress, line: &str| {
-            p.log.feed(line, &mut |_| {});
+            p.log.feed(line, &mut |_, _| {});
         };
         let step = |report: Option<OperationProgress>| {
             report.map(|r| {

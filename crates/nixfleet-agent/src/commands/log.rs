@@ -37,11 +37,6 @@ use std::time::SystemTime;
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Command logs kept under `state_dir/logs`.
 pub const KEPT_LOGS: usize = 50;
-/// Default cap on one command's log: the backlog a dashboard outage may
-/// build up before lines are dropped.
-pub const DEFAULT_LOG_MAX_BYTES: u64 = 1024 * 1024 * 1024;
-/// Default budget for all command logs together.
-pub const DEFAULT_LOGS_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 /// What the agent hands its supervisor (as JSON on the supervisor's stdin,
 /// so nothing of it shows in `ps`).

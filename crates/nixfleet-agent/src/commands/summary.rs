@@ -14,7 +14,7 @@ use super::lines::{ErrorDetail, line_text, output_frame};
 use super::log::Record;
 use super::step::{StepKind, StepResult};
 use super::table::CommandKind;
-use crate::nix_log::Effect;
+use crate::nix_log::{Effect, Meaning};
 use crate::protocol::{Outbound, Outcome, PhaseStatus, Status, Stream, TestProgress};
 use crate::signature::{HEAD_LABEL, PULL_LABEL};
 use crate::status::LockAnswer;
@@ -152,10 +152,17 @@ impl Summary {
         let shown = sending && (!stderr || self.checks.shows_stderr());
         let command = self.kind.name();
         let error_detail = &mut self.error_detail;
-        let mut line = |plain: &str| {
+        let mut line = |plain: &str, meaning: Meaning| {
             if stderr {
                 error_detail.note(plain);
             }
+            // Nix's rendered log goes by what it says, not by the stderr
+            // it was written to (docs/protocol.md, `is_error` by meaning).
+            let stream = match meaning {
+                Meaning::AsIs => stream,
+                Meaning::Info => Stream::Stdout,
+                Meaning::Error => Stream::Stderr,
+            };
             if shown {
                 out.push(Emit::Frame(output_frame(command, stream, plain)));
             }
@@ -169,7 +176,7 @@ impl Summary {
                     }
                 }
             }
-            None => line(&text),
+            None => line(&text, Meaning::AsIs),
         }
     }
 

@@ -53,6 +53,7 @@ struct Raw {
     source_commit: Option<String>,
     allowed_signers_file: Option<String>,
     gpg_keyring: Option<String>,
+    report_agent_version: Option<String>,
 }
 
 pub(super) fn build(
@@ -67,7 +68,61 @@ pub(super) fn build(
     if let Some(token) = &raw.token {
         secrets.push(token.clone());
     }
-    validate(raw, Validator::new(&figment, warnings), credential, secrets)
+    let v = Validator::new(&figment, warnings);
+    let problems = independent_problems(&raw, &v);
+    validate(raw, v, credential, secrets).map_err(|first| every_problem(first, problems))
+}
+
+/// The first problem, then every other bad value among the keys checked
+/// on their own, on one line: a file with two mistakes needs one run to
+/// see both, not two.
+fn every_problem(first: String, problems: Vec<String>) -> String {
+    let mut all = vec![first];
+    for problem in problems {
+        if !all.contains(&problem) {
+            all.push(problem);
+        }
+    }
+    all.join("; ")
+}
+
+/// What is wrong with the keys whose check depends on no other key (the
+/// same checks `validate` runs, on copies of the values).
+fn independent_problems(raw: &Raw, v: &Validator<'_>) -> Vec<String> {
+    let secs = |key: &str, value: &Option<Value>, min: u64, max: u64| {
+        v.duration(key, value.clone(), min, max).err()
+    };
+    [
+        v.repo_dir(raw.repo_dir.clone()).err(),
+        v.repo_url(raw.repo_url.clone()).err(),
+        v.branch(raw.branch.clone()).err(),
+        v.hostname(raw.hostname.clone()).err(),
+        v.log_level(raw.log_level.clone()).err(),
+        v.metrics(raw.metrics.clone()).err(),
+        v.dir("stasysmo_dir", raw.stasysmo_dir.clone()).err(),
+        v.dir("state_dir", raw.state_dir.clone()).err(),
+        v.ca_file(raw.ca_file.clone()).err(),
+        secs("interval", &raw.interval, 1, MAX_PERIOD_SECS),
+        secs("ping_interval", &raw.ping_interval, 1, MAX_PERIOD_SECS),
+        secs("ping_timeout", &raw.ping_timeout, 1, MAX_PERIOD_SECS),
+        secs("backoff_max", &raw.backoff_max, 1, MAX_PERIOD_SECS),
+        secs("stop_grace", &raw.stop_grace, 0, MAX_STOP_GRACE_SECS),
+        v.byte_size("log_max_bytes", raw.log_max_bytes.clone())
+            .err(),
+        v.byte_size("logs_max_bytes", raw.logs_max_bytes.clone())
+            .err(),
+        v.theme_color(raw.theme_color.clone()).err(),
+        v.one_of("location", raw.location.clone(), LOCATIONS).err(),
+        v.one_of("device_type", raw.device_type.clone(), DEVICE_TYPES)
+            .err(),
+        v.allow_reboot(raw.allow_reboot.clone()).err(),
+        v.source_commit(raw.source_commit.clone()).err(),
+        v.report_agent_version(raw.report_agent_version.clone())
+            .err(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// All layers, lowest precedence first: built-in defaults, system
@@ -114,7 +169,8 @@ fn refuse_token_and_token_file(layer: &Layer) -> Result<(), String> {
 }
 
 /// Every key, in a fixed order: when several values are wrong, the first
-/// in this order is the one reported. (The keys after the timing checks
+/// in this order is the one reported first (`independent_problems` adds
+/// the others). (The keys after the timing checks
 /// are validated inside the `Config { … }` literal, whose fields are
 /// evaluated in the order written.)
 fn validate(
@@ -169,6 +225,7 @@ fn validate(
         source_commit: v.source_commit(raw.source_commit)?,
         allowed_signers_file: v.allowed_signers_file(raw.allowed_signers_file)?,
         gpg_keyring: v.gpg_keyring(raw.gpg_keyring)?,
+        report_agent_version: v.report_agent_version(raw.report_agent_version)?,
         origins: origins(&v),
         warnings: v.warnings,
     })

@@ -88,6 +88,10 @@ pub struct Config {
     /// OpenPGP public keys (a file, or a directory of files) for the same
     /// rule with OpenPGP signatures.
     pub gpg_keyring: Option<PathBuf>,
+    /// What to send as `register.agent_version` instead of this agent's
+    /// version: v3 dashboards call any other version than their own
+    /// outdated. `None`: the real version.
+    pub report_agent_version: Option<String>,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

@@ -33,6 +33,7 @@ pub const KEYS: &[&str] = &[
     "source_commit",
     "allowed_signers_file",
     "gpg_keyring",
+    "report_agent_version",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.

@@ -28,7 +28,8 @@
 //!   `token`), and durations; `errors`: the one-line error, and figment's
 //!   errors in the same words.
 //! - `build`: merges the layers, extracts `Raw` and validates it key by
-//!   key, in a fixed order (the first problem is the one reported);
+//!   key, in a fixed order (the first problem is reported first, then every other bad
+//!   value among the keys checked on their own, on the same line);
 //!   `render`: `--check-config`'s TOML output with sources.
 //!
 //! # Adding a key
@@ -44,9 +45,8 @@
 //! 4. `effective.rs`: the typed field on [`Config`]; `render.rs`: its line.
 //! 5. If it has a flag: a field on [`Cli`] (`cli.rs`) and a line in
 //!    `flag_layer` (`sources/flags.rs`).
-//! 6. Documentation: a row in the README's configuration table and in the
-//!    key table of `docs/config.md` (a test compares that table with
-//!    [`KEYS`] and [`env_var_names`]).
+//! 6. Documentation: a row in the key table of `docs/config.md` (a test
+//!    compares that table with [`KEYS`] and [`env_var_names`]).
 
 mod build;
 mod cli;

@@ -52,6 +52,10 @@ impl Config {
                 self.allowed_signers_file.as_deref().map(path),
             ),
             ("gpg_keyring", self.gpg_keyring.as_deref().map(path)),
+            (
+                "report_agent_version",
+                self.report_agent_version.as_deref().map(toml_str),
+            ),
         ];
         let mut out = String::new();
         for (key, value) in lines {

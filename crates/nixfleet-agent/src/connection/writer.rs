@@ -183,6 +183,10 @@ impl Writer<'_, '_> {
                 heartbeat_message(self.reporter, links.command_state, &mut self.frames, &mut self.last_heartbeat),
                 control == Control::Reregister,
             ),
+            () = self.reporter.update_status_changed() => Wake::Frame(
+                heartbeat_message(self.reporter, links.command_state, &mut self.frames, &mut self.last_heartbeat),
+                false,
+            ),
             Some(reply) = links.replies.recv() => Wake::Frame(Message::text(reply), false),
             Some(probe) = links.probes.recv() => {
                 probe.answer();

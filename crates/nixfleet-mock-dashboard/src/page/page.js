@@ -287,7 +287,9 @@ function onMessages(messages) {
     const p = m.payload || {};
     switch (m.type) {
       case "output": {
-        const stream = p.stream === "stderr" || p.is_error === true ? "stderr" : "stdout";
+        // By is_error, not by stream: Nix writes a good build's whole log to
+        // stderr, and the agent says what a line means in is_error.
+        const stream = p.is_error === true ? "stderr" : "stdout";
         const text = typeof p.line === "string" ? p.line : JSON.stringify(p.line ?? "");
         lines += 1;
         deriveProgress(p.command, text);

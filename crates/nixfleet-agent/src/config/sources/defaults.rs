@@ -19,8 +19,10 @@ pub(crate) fn default_layer() -> Layer {
     defaults.set("backoff_max", 60u64);
     defaults.set("stop_grace", 10u64);
     defaults.set("state_dir", "/var/lib/nixfleet");
-    defaults.set("log_max_bytes", crate::command_log::DEFAULT_LOG_MAX_BYTES);
-    defaults.set("logs_max_bytes", crate::command_log::DEFAULT_LOGS_MAX_BYTES);
+    // One command's log holds the backlog a dashboard outage may build up
+    // before lines are dropped; all logs together get twice that.
+    defaults.set("log_max_bytes", 1024u64 * 1024 * 1024);
+    defaults.set("logs_max_bytes", 2u64 * 1024 * 1024 * 1024);
     defaults.set("allow_insecure_url", false);
     defaults.set("allow_reboot", false);
     defaults

@@ -48,6 +48,19 @@ impl Validator<'_> {
         Ok(Some(commit))
     }
 
+    /// `report_agent_version` (optional): the version sent as
+    /// `agent_version`, so a v3 dashboard counts the agent as current.
+    pub(crate) fn report_agent_version(
+        &self,
+        version: Option<String>,
+    ) -> Result<Option<String>, String> {
+        let Some(version) = version else {
+            return Ok(None);
+        };
+        check_version(&version).map_err(|p| self.bad("report_agent_version", &version, &p))?;
+        Ok(Some(version))
+    }
+
     /// An optional key whose value is one of `allowed`.
     pub(crate) fn one_of(
         &self,
@@ -121,6 +134,27 @@ pub fn check_source_commit(commit: &str) -> Result<(), String> {
         return Err("expected a git revision: hex digits, optionally ending in -dirty".to_owned());
     }
     Ok(())
+}
+
+/// Longer than any version a dashboard prints.
+const MAX_VERSION_LEN: usize = 64;
+
+/// `report_agent_version`: a version as dashboards print them (`3.1.5`,
+/// `3.2.0-rc1+abc`): it goes into every `register` and onto the
+/// dashboard's page, so anything else is refused.
+pub fn check_version(version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version.len() <= MAX_VERSION_LEN
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a version such as 3.1.5 (1 to {MAX_VERSION_LEN} letters, digits, '.', '-', '+', '_')"
+        ))
+    }
 }
 
 /// `theme_color`: `#` and six hex digits.
