@@ -63,5 +63,8 @@ async fn the_lock_is_known_within_seconds_of_register_and_reregister() {
     dashboard.command(first.conn(), "switch");
     let second = dashboard.wait_frame("register", 2, 20 * SECOND).await;
     let after = lock_known_after(&dashboard, &second).await;
-    assert!(after < KNOWN_WITHIN, "lock known {after:?} after re-register");
+    assert!(
+        after < KNOWN_WITHIN,
+        "lock known {after:?} after re-register"
+    );
 }
