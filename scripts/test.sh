@@ -17,6 +17,9 @@ as_root() {
 apt_packages=()
 command -v git >/dev/null || apt_packages+=(git)
 command -v python3 >/dev/null || apt_packages+=(python3)
+# Signed-commit tests sign and verify with the real tools (tests/trust.rs).
+command -v ssh-keygen >/dev/null || apt_packages+=(openssh-client)
+command -v gpg >/dev/null || apt_packages+=(gnupg)
 command -v nix-instantiate >/dev/null || apt_packages+=(nix-bin)
 # Lints the NixOS VM tests' Python scripts (nix/check.sh).
 python3 -c 'import pyflakes' 2>/dev/null || /usr/bin/python3 -c 'import pyflakes' 2>/dev/null ||

@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod redact;
 pub mod self_image;
 pub mod shutdown;
+pub mod signature;
 pub mod state_file;
 pub mod status;
 pub mod systemd;

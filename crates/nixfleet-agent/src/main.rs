@@ -1,12 +1,18 @@
 use clap::Parser;
 use nixfleet_agent::commands::launch::SUPERVISE_ARG;
 use nixfleet_agent::config::{self, Cli};
+use nixfleet_agent::signature::VERIFY_ARG;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     // The hidden mode that supervises one command (see commands/supervisor.rs).
     if std::env::args_os().nth(1).as_deref() == Some(SUPERVISE_ARG.as_ref()) {
         return nixfleet_agent::commands::supervisor::main();
+    }
+    // The hidden mode a command's supervisor runs to check a commit's
+    // signature (see signature.rs).
+    if std::env::args_os().nth(1).as_deref() == Some(VERIFY_ARG.as_ref()) {
+        return nixfleet_agent::signature::main();
     }
     // Before anything secret is read.
     let dumpable = nixfleet_agent::hardening::forbid_core_dumps();

@@ -7,7 +7,8 @@
 //! the dry-run build behind `refresh-system`, runs as a command (see
 //! commands/) and only reports its verdict here.
 //!
-//! - `git`: HEAD against the last fetched `origin/<branch>` (no network).
+//! - `git`: HEAD against the last fetched `origin/<branch>` (no network);
+//!   `error` while the tip or HEAD is a commit the signature check refused.
 //! - `lock`: age of the commit that last changed `flake.lock` (upstream's
 //!   thresholds); one `git log` when HEAD or the file changed, else only
 //!   arithmetic.
@@ -20,6 +21,7 @@
 use crate::child_env::ChildEnv;
 use crate::host_facts::{CURRENT_SYSTEM, current_system, head_commit, resolve_ref};
 use crate::protocol::{Check, CheckStatus, UpdateStatus};
+use crate::signature::RefusedCommit;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -307,6 +309,9 @@ pub struct Compartments {
     lock_time: Option<Result<Option<i64>, String>>,
     lock_query_running: bool,
     lock_answers: mpsc::Sender<LockAnswer>,
+    /// The last commit a signature check refused (read when a command
+    /// ends): the git compartment's error while it is the tip or HEAD.
+    refused: Option<RefusedCommit>,
 }
 
 impl Compartments {
@@ -333,7 +338,9 @@ impl Compartments {
             lock_time: None,
             lock_query_running: false,
             lock_answers,
+            refused: None,
         };
+        compartments.refused = RefusedCommit::load(&compartments.state_dir);
         compartments.tests_set(CheckStatus::Unknown, "no test run since the agent started");
         compartments.reevaluate();
         (compartments, receiver)
@@ -397,6 +404,7 @@ impl Compartments {
             // Forces a fresh timestamp below.
             self.slot(which).checked_at.clear();
         }
+        self.refused = RefusedCommit::load(&self.state_dir);
         self.reevaluate();
     }
 
@@ -503,7 +511,13 @@ impl Compartments {
                 &self.repo_dir,
                 &format!("refs/remotes/origin/{}", self.branch),
             );
-            let (status, message) = git_check(head.as_deref(), upstream.as_deref(), &self.branch);
+            let refused = self.refused.as_ref().filter(|r| {
+                [head.as_deref(), upstream.as_deref()].contains(&Some(r.commit.as_str()))
+            });
+            let (status, message) = match refused {
+                Some(refused) => (CheckStatus::Error, refused.message.clone()),
+                None => git_check(head.as_deref(), upstream.as_deref(), &self.branch),
+            };
             self.set(Compartment::Git, status, message, false);
         }
         if !self.working.contains(&Compartment::Lock) {

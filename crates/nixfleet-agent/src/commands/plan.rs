@@ -8,12 +8,16 @@ use crate::child_env::ChildEnv;
 use crate::config::Config;
 use crate::host_facts::current_system;
 use crate::redact::redact_url;
+use crate::signature::{HEAD_LABEL, PULL_LABEL, SigningKeys, Subject};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// This very binary, as the supervisor that runs a step sees it (the
+/// supervisor is the agent's binary, whatever replaced the file since).
+const SELF_EXE: &str = "/proc/self/exe";
 /// The dry-run system check gives up after this long.
 pub const SYSTEM_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the lock check's `git log` may take.
@@ -53,11 +57,11 @@ impl Planner {
             CommandKind::Pull => self.pull_steps(&mut planned.notes).await?,
             CommandKind::PullSwitch => {
                 let mut steps = self.pull_steps(&mut planned.notes).await?;
-                steps.push(self.rebuild(&["switch"], true));
+                steps.extend(self.build(&["switch"]));
                 steps
             }
-            CommandKind::Switch => vec![self.rebuild(&["switch"], true)],
-            CommandKind::Boot => vec![self.rebuild(&["boot"], true)],
+            CommandKind::Switch => self.build(&["switch"]),
+            CommandKind::Boot => self.build(&["boot"]),
             CommandKind::Rollback => vec![self.rebuild(&["switch", "--rollback"], false)],
             CommandKind::Test => self.test_steps(),
             CommandKind::Update => vec![self.flake_update(None)],
@@ -88,10 +92,7 @@ impl Planner {
                 "[nixfleet] the flake has no input named nixfleet; not bumping it".to_owned(),
             );
         }
-        steps.push(self.rebuild(
-            &["switch", "--option", "narinfo-cache-negative-ttl", "0"],
-            true,
-        ));
+        steps.extend(self.build(&["switch", "--option", "narinfo-cache-negative-ttl", "0"]));
         Ok(steps)
     }
 
@@ -102,18 +103,49 @@ impl Planner {
     async fn pull_steps(&self, notes: &mut Vec<String>) -> Result<Vec<Step>, String> {
         let repo = self.config.repo_dir.as_path();
         let Some(url) = self.config.repo_url.as_deref() else {
-            return Ok(vec![git("git pull", repo, &["pull", "--ff-only"])]);
+            return Ok(self.shared_pull_steps());
         };
         if !repo.join(".git").exists() {
-            return self.clone_step(url).map(|step| vec![step]);
+            return self.clone_steps(url);
         }
         let mut steps = self.origin_steps(url, notes).await;
         steps.extend(self.sync_steps(notes).await);
         Ok(steps)
     }
 
+    /// `git pull --ff-only` on whatever the branch tracks; with signed
+    /// commits required, its fetch and merge as two steps with the check
+    /// of the fetched tip between them.
+    fn shared_pull_steps(&self) -> Vec<Step> {
+        let repo = self.config.repo_dir.as_path();
+        let Some(keys) = self.config.signing_keys() else {
+            return vec![git("git pull", repo, &["pull", "--ff-only"])];
+        };
+        vec![
+            git("git fetch", repo, &["fetch"]),
+            self.verify_step(&keys, Subject::Tip, "@{upstream}"),
+            git("git merge", repo, &["merge", "--ff-only", "@{upstream}"]),
+        ]
+    }
+
     /// The first pull in isolated mode: a clone of the configured branch.
-    fn clone_step(&self, url: &str) -> Result<Step, String> {
+    /// With signed commits required, the clone checks nothing out until
+    /// its tip is verified.
+    fn clone_steps(&self, url: &str) -> Result<Vec<Step>, String> {
+        let Some(keys) = self.config.signing_keys() else {
+            return self.clone_step(url, false).map(|step| vec![step]);
+        };
+        let branch = self.config.branch.as_str();
+        let remote_branch = format!("refs/remotes/origin/{branch}");
+        let checkout = ["checkout", "--force", "-B", branch, &remote_branch, "--"];
+        Ok(vec![
+            self.clone_step(url, true)?,
+            self.verify_step(&keys, Subject::Tip, &remote_branch),
+            git("git checkout", &self.config.repo_dir, &checkout),
+        ])
+    }
+
+    fn clone_step(&self, url: &str, no_checkout: bool) -> Result<Step, String> {
         let repo = self.config.repo_dir.as_path();
         if repo.exists()
             && std::fs::read_dir(repo)
@@ -130,15 +162,11 @@ impl Planner {
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         let repo_arg = repo.as_os_str().to_str().unwrap_or_default();
         let branch = self.config.branch.as_str();
-        let args = [
-            "clone",
-            "--branch",
-            branch,
-            "--single-branch",
-            "--",
-            url,
-            repo_arg,
-        ];
+        let mut args = vec!["clone", "--branch", branch, "--single-branch"];
+        if no_checkout {
+            args.push("--no-checkout");
+        }
+        args.extend(["--", url, repo_arg]);
         Ok(git("git clone", parent, &args))
     }
 
@@ -174,7 +202,8 @@ impl Planner {
         }
     }
 
-    /// Fetch, force-checkout the branch at origin's commit, clean.
+    /// Fetch, verify the fetched tip when signed commits are required,
+    /// force-checkout the branch at origin's commit, clean.
     async fn sync_steps(&self, notes: &mut Vec<String>) -> Vec<Step> {
         let repo = self.config.repo_dir.as_path();
         let branch = self.config.branch.as_str();
@@ -192,11 +221,36 @@ impl Planner {
             ));
         }
         let checkout = ["checkout", "--force", "-B", branch, &remote_branch, "--"];
-        vec![
-            git("git fetch", repo, &["fetch", "origin", &refspec]),
-            git("git checkout", repo, &checkout),
-            git("git clean", repo, &["clean", "-fd"]),
-        ]
+        let mut steps = vec![git("git fetch", repo, &["fetch", "origin", &refspec])];
+        if let Some(keys) = self.config.signing_keys() {
+            steps.push(self.verify_step(&keys, Subject::Tip, &remote_branch));
+        }
+        steps.push(git("git checkout", repo, &checkout));
+        steps.push(git("git clean", repo, &["clean", "-fd"]));
+        steps
+    }
+
+    /// The signature check of `rev` (see signature.rs): this very binary
+    /// in its hidden mode, run by the supervisor like any step.
+    fn verify_step(&self, keys: &SigningKeys, subject: Subject, rev: &str) -> Step {
+        let label = match subject {
+            Subject::Tip => PULL_LABEL,
+            Subject::Head => HEAD_LABEL,
+        };
+        let config = &self.config;
+        let args = keys.step_args(subject, &config.repo_dir, rev, &config.state_dir);
+        step(label.to_owned(), SELF_EXE, args, self.working_dir())
+    }
+
+    /// A build of the repository's configuration: with signed commits
+    /// required, HEAD is checked first (it may have been committed or
+    /// edited by hand since the pull checked the tip).
+    fn build(&self, op: &[&str]) -> Vec<Step> {
+        let check = self
+            .config
+            .signing_keys()
+            .map(|keys| self.verify_step(&keys, Subject::Head, "HEAD"));
+        check.into_iter().chain([self.rebuild(op, true)]).collect()
     }
 
     /// The trimmed stdout of a quick git query, not shown anywhere; `None`

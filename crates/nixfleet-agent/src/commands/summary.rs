@@ -16,6 +16,7 @@ use super::step::{StepKind, StepResult};
 use super::table::CommandKind;
 use crate::nix_log::{Effect, Meaning};
 use crate::protocol::{Outbound, Outcome, PhaseStatus, Status, Stream, TestProgress};
+use crate::signature::{HEAD_LABEL, PULL_LABEL};
 use crate::status::LockAnswer;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -472,6 +473,8 @@ fn failure_message(failed: &StepResult) -> String {
     let detail = failed.detail_or_how();
     match StepKind::of(&failed.label) {
         _ if failed.not_started => failed.how.clone(),
+        // The check's own line names the commit and why.
+        _ if failed.label == PULL_LABEL || failed.label == HEAD_LABEL => detail.to_owned(),
         StepKind::Git => format!("{} failed: {detail}", failed.label),
         StepKind::FlakeUpdate => format!("nix flake update failed: {detail}"),
         StepKind::Rebuild | StepKind::Other => failed.how.clone(),

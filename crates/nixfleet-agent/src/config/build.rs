@@ -51,6 +51,8 @@ struct Raw {
     device_type: Option<String>,
     allow_reboot: Option<Value>,
     source_commit: Option<String>,
+    allowed_signers_file: Option<String>,
+    gpg_keyring: Option<String>,
     report_agent_version: Option<String>,
 }
 
@@ -221,6 +223,8 @@ fn validate(
         device_type: v.one_of("device_type", raw.device_type, DEVICE_TYPES)?,
         allow_reboot: v.allow_reboot(raw.allow_reboot)?,
         source_commit: v.source_commit(raw.source_commit)?,
+        allowed_signers_file: v.allowed_signers_file(raw.allowed_signers_file)?,
+        gpg_keyring: v.gpg_keyring(raw.gpg_keyring)?,
         report_agent_version: v.report_agent_version(raw.report_agent_version)?,
         origins: origins(&v),
         warnings: v.warnings,

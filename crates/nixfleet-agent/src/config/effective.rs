@@ -82,6 +82,12 @@ pub struct Config {
     /// The commit to report as `source_commit` (the flake's module sets
     /// the flake's revision); `None`: the one recorded at build time.
     pub source_commit: Option<String>,
+    /// git's SSH allowed-signers file: when set (or `gpg_keyring`), only
+    /// commits signed by a listed key are checked out and built.
+    pub allowed_signers_file: Option<PathBuf>,
+    /// OpenPGP public keys (a file, or a directory of files) for the same
+    /// rule with OpenPGP signatures.
+    pub gpg_keyring: Option<PathBuf>,
     /// What to send as `register.agent_version` instead of this agent's
     /// version: v3 dashboards call any other version than their own
     /// outdated. `None`: the real version.
@@ -96,6 +102,17 @@ pub struct Config {
     /// `systemd credential /run/credentials/x/ssh_key`, `flag --interval`,
     /// `built-in default`.
     pub origins: BTreeMap<&'static str, String>,
+}
+
+impl Config {
+    /// The keys signatures are checked against, when signed commits are
+    /// required (`None`: any commit is deployed).
+    pub fn signing_keys(&self) -> Option<crate::signature::SigningKeys> {
+        crate::signature::SigningKeys::new(
+            self.allowed_signers_file.clone(),
+            self.gpg_keyring.clone(),
+        )
+    }
 }
 
 /// Where the effective token came from.

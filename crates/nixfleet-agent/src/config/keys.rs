@@ -31,6 +31,8 @@ pub const KEYS: &[&str] = &[
     "device_type",
     "allow_reboot",
     "source_commit",
+    "allowed_signers_file",
+    "gpg_keyring",
     "report_agent_version",
 ];
 

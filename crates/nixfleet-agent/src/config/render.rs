@@ -48,6 +48,11 @@ impl Config {
             ("allow_reboot", Some(self.allow_reboot.to_string())),
             ("source_commit", self.source_commit.as_deref().map(toml_str)),
             (
+                "allowed_signers_file",
+                self.allowed_signers_file.as_deref().map(path),
+            ),
+            ("gpg_keyring", self.gpg_keyring.as_deref().map(path)),
+            (
                 "report_agent_version",
                 self.report_agent_version.as_deref().map(toml_str),
             ),

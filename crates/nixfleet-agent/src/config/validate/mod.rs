@@ -13,6 +13,7 @@ mod host;
 mod repository;
 mod runtime;
 mod token;
+mod trust;
 
 pub(crate) use host::{DEVICE_TYPES, LOCATIONS};
 
