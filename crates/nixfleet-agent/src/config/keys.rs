@@ -32,6 +32,7 @@ pub const KEYS: &[&str] = &[
     "allow_reboot",
     "source_commit",
     "report_agent_version",
+    "metrics_textfile",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.
