@@ -29,6 +29,9 @@ command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
 # The mock dashboard's page is tested in a real headless browser, driven over
 # the DevTools protocol (so no chromium-driver is needed).
 command -v chromium >/dev/null || apt_packages+=(chromium)
+# The agent's metrics file is tested through the real node exporter's
+# textfile collector (tests/metrics_textfile.rs).
+command -v prometheus-node-exporter >/dev/null || apt_packages+=(prometheus-node-exporter)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   step "installing ${apt_packages[*]}"
   as_root apt-get update -qq

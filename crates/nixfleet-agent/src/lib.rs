@@ -17,6 +17,7 @@ pub mod host_facts;
 pub mod logging;
 pub mod metrics;
 pub mod nix_log;
+pub mod observe;
 pub mod outbox;
 pub mod protocol;
 pub mod redact;

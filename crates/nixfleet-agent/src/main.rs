@@ -1,6 +1,6 @@
 use clap::Parser;
 use nixfleet_agent::commands::launch::SUPERVISE_ARG;
-use nixfleet_agent::config::{self, Cli};
+use nixfleet_agent::config::{self, Cli, Command};
 use nixfleet_agent::signature::VERIFY_ARG;
 use std::process::ExitCode;
 
@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     // Before anything secret is read.
     let dumpable = nixfleet_agent::hardening::forbid_core_dumps();
     let cli = Cli::parse();
+    if let Some(Command::Status { json }) = cli.command {
+        return status(&cli, json);
+    }
     let config = match config::load(&cli) {
         Ok(config) => config,
         Err(error) => {
@@ -48,4 +51,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(nixfleet_agent::agent::run(config))
+}
+
+/// `nixfleet-agent status`: reads the running agent's state file.
+fn status(cli: &Cli, json: bool) -> ExitCode {
+    use nixfleet_agent::observe::report;
+    let (state_dir, origin) = match config::load_state_dir(cli) {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("nixfleet-agent: {error}");
+            return ExitCode::from(config::EXIT_CONFIG);
+        }
+    };
+    let report = report::report(&state_dir, &origin, json);
+    print!("{}", report.text);
+    ExitCode::from(report.exit_code)
 }

@@ -8,6 +8,7 @@ use crate::commands::{CommandKind, Progress, Request, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::Control;
 use crate::heartbeat::{AgentIdentity, CommandState};
+use crate::observe::Observation;
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound};
 use crate::self_image::SelfImage;
@@ -37,6 +38,7 @@ pub(super) struct CoreLinks {
     pub(super) compartments: Compartments,
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
+    pub(super) observations: mpsc::Sender<Observation>,
 }
 
 /// What the core listens to.
@@ -77,6 +79,8 @@ pub(super) struct Core {
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
     pub(super) allow_reboot: bool,
+    /// A command's log and end, for `status` and the metrics.
+    pub(super) observations: mpsc::Sender<Observation>,
 }
 
 /// Why the core stopped.
@@ -129,6 +133,7 @@ impl Core {
             control: links.control,
             identity: links.identity,
             allow_reboot: config.allow_reboot,
+            observations: links.observations,
         }
     }
 

@@ -7,6 +7,7 @@ use super::core::{Core, Running};
 use crate::commands::handover::CommandRecord;
 use crate::commands::{CommandKind, Progress};
 use crate::connection::Control;
+use crate::observe::Observation;
 use crate::protocol::{Outbound, Outcome, Status};
 use tracing::info;
 
@@ -20,7 +21,9 @@ impl Core {
                 if let Some(running) = &mut self.running {
                     running.supervisor = Some(record.pid);
                 }
+                let log = record.log.clone();
                 record.save(&self.state_dir);
+                self.observe(Observation::Launched { log });
             }
             Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {
@@ -45,12 +48,29 @@ impl Core {
         }
     }
 
+    /// Tells the observer. Its queue holds more than one command's
+    /// messages; were it ever full, `status` would miss one event rather
+    /// than the core wait.
+    fn observe(&self, observation: Observation) {
+        if self.observations.try_send(observation).is_err() {
+            tracing::debug!("observer busy: one status event not recorded");
+        }
+    }
+
     fn finish(&mut self, status: Status) {
         let finished = self.running.take();
         self.publish_state();
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
+        self.observe(Observation::Finished {
+            command: status.command.clone(),
+            ok: succeeded,
+            exit_code: status.exit_code,
+            message: status.message.clone(),
+            activates: activated,
+            started: finished.as_ref().map(|r| r.since),
+        });
         if let Some(running) = finished.as_ref().filter(|r| r.kind.activates()) {
             self.record_activation(running, &status);
         }

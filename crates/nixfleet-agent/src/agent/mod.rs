@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
 use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
+use crate::observe::Observer;
 use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
@@ -47,9 +48,10 @@ pub async fn run(config: Config) -> ExitCode {
     // 1000); after a signal this is already set.
     tasks.shutdown.send_replace(true);
     // The connection sends the close frame and waits for the answer.
-    let (connection, systemd) = tasks.tasks;
+    let (connection, systemd, observer) = tasks.tasks;
     let _ = connection.await;
     let _ = systemd.await;
+    let _ = observer.await;
     match ending {
         Ending::Shutdown => {
             info!("stopped");
@@ -62,11 +64,11 @@ pub async fn run(config: Config) -> ExitCode {
     }
 }
 
-/// The tasks beside the core (the connection, the systemd reporter),
-/// ended after it.
+/// The tasks beside the core (the connection, the systemd reporter, the
+/// observer), ended after it.
 struct Tasks {
     shutdown: Arc<shutdown::Trigger>,
-    tasks: (JoinHandle<()>, JoinHandle<()>),
+    tasks: (JoinHandle<()>, JoinHandle<()>, JoinHandle<()>),
 }
 
 /// Starts every task and builds the core (which has adopted a command a
@@ -82,6 +84,8 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
     let (connection_prober, connection_probes) = probe_channel("connection");
     let (control_tx, control_rx) = mpsc::channel(16);
     let (lock_answers_tx, lock_answers_rx) = mpsc::channel(4);
+    // A command's launch and end: two messages per command.
+    let (observations_tx, observations_rx) = mpsc::channel(8);
 
     let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
     let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
@@ -95,6 +99,14 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         shutdown: shutdown_rx.clone(),
         control: control_rx,
     };
+    let observer = Observer::new(
+        config,
+        identity.source_commit.clone(),
+        link_state_rx.clone(),
+        command_state_rx.clone(),
+    );
+    let observer =
+        tokio::spawn(observer.run(config.interval, observations_rx, shutdown_rx.clone()));
     let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());
     tokio::spawn(release_startup_memory_once_connected(link_state_rx.clone()));
     let shutdown_tx = Arc::new(shutdown_tx);
@@ -108,6 +120,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         compartments,
         control: control_tx,
         identity,
+        observations: observations_tx,
     };
     let mut core = Core::new(config, links);
     core.adopt_previous();
@@ -125,7 +138,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         shutdown: shutdown_rx,
         probes: core_probes,
     };
-    let (shutdown, tasks) = (shutdown_tx, (connection, systemd));
+    let (shutdown, tasks) = (shutdown_tx, (connection, systemd, observer));
     (core, inputs, Tasks { shutdown, tasks })
 }
 

@@ -44,7 +44,7 @@ pub(super) async fn report_to_systemd(
                 let connection = match &*link_state.borrow_and_update() {
                     LinkState::Connecting => ConnectionStatus::Connecting { url: url.clone() },
                     LinkState::Connected => ConnectionStatus::Connected { url: url.clone() },
-                    LinkState::Reconnecting { delay, error } => ConnectionStatus::reconnecting(*delay, error.clone()),
+                    LinkState::Reconnecting { delay, error, .. } => ConnectionStatus::reconnecting(*delay, error.clone()),
                 };
                 line.set_connection(connection);
             }

@@ -54,6 +54,7 @@ struct Raw {
     allowed_signers_file: Option<String>,
     gpg_keyring: Option<String>,
     report_agent_version: Option<String>,
+    metrics_textfile: Option<String>,
 }
 
 pub(super) fn build(
@@ -84,6 +85,24 @@ fn every_problem(first: String, problems: Vec<String>) -> String {
         }
     }
     all.join("; ")
+}
+
+/// `state_dir` alone, validated, with its origin.
+pub(super) fn state_dir_only(
+    cli: &Cli,
+    env: Env<'_>,
+    secrets: &mut Vec<SecretString>,
+) -> Result<(std::path::PathBuf, String), String> {
+    #[derive(serde::Deserialize)]
+    struct StateDirOnly {
+        state_dir: Option<String>,
+    }
+    let mut warnings = Vec::new();
+    let (figment, _) = merge_layers(cli, env, None, secrets, &mut warnings)?;
+    let only: StateDirOnly = figment.extract().map_err(|e| figment_error(e, &figment))?;
+    let v = Validator::new(&figment, warnings);
+    let dir = v.dir("state_dir", only.state_dir)?;
+    Ok((dir, v.origin("state_dir")))
 }
 
 /// What is wrong with the keys whose check depends on no other key (the
@@ -119,6 +138,7 @@ fn independent_problems(raw: &Raw, v: &Validator<'_>) -> Vec<String> {
         v.source_commit(raw.source_commit.clone()).err(),
         v.report_agent_version(raw.report_agent_version.clone())
             .err(),
+        v.metrics_textfile(raw.metrics_textfile.clone()).err(),
     ]
     .into_iter()
     .flatten()
@@ -226,6 +246,7 @@ fn validate(
         allowed_signers_file: v.allowed_signers_file(raw.allowed_signers_file)?,
         gpg_keyring: v.gpg_keyring(raw.gpg_keyring)?,
         report_agent_version: v.report_agent_version(raw.report_agent_version)?,
+        metrics_textfile: v.metrics_textfile(raw.metrics_textfile)?,
         origins: origins(&v),
         warnings: v.warnings,
     })

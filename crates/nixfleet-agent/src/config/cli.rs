@@ -9,8 +9,11 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(name = "nixfleet-agent", version, about = "NixFleet agent", long_about = None)]
 pub struct Cli {
+    /// What to do instead of running the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file (else $NIXFLEET_CONFIG, else none).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub config: Option<PathBuf>,
     /// Validate, print the effective configuration (token redacted), exit.
     #[arg(long)]
@@ -46,9 +49,21 @@ pub struct Cli {
     #[arg(long, value_name = "MODE")]
     pub metrics: Option<String>,
     /// Directory for command logs and other state.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub state_dir: Option<PathBuf>,
     /// Extra PEM CA file for wss://.
     #[arg(long, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
+}
+
+/// The subcommands; without one, the agent runs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print what the running agent is doing (from its state file), exit
+    /// 0 when connected, 3 when not, 4 when there is no state.
+    Status {
+        /// One JSON object instead of lines for people.
+        #[arg(long)]
+        json: bool,
+    },
 }

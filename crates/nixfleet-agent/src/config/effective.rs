@@ -92,6 +92,9 @@ pub struct Config {
     /// version: v3 dashboards call any other version than their own
     /// outdated. `None`: the real version.
     pub report_agent_version: Option<String>,
+    /// Where to write the Prometheus metrics for node_exporter's textfile
+    /// collector (`observe`); `None`: no metrics file.
+    pub metrics_textfile: Option<PathBuf>,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

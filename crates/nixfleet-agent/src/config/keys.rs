@@ -34,6 +34,7 @@ pub const KEYS: &[&str] = &[
     "allowed_signers_file",
     "gpg_keyring",
     "report_agent_version",
+    "metrics_textfile",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.

@@ -63,7 +63,7 @@ mod values;
 #[cfg(test)]
 mod tests;
 
-pub use cli::Cli;
+pub use cli::{Cli, Command};
 pub use effective::{Config, MetricsMode, TokenSource};
 pub use errors::ConfigError;
 pub use keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, env_var_names};
@@ -106,6 +106,14 @@ where
         .ok()
         .map(str::to_owned);
     load_inner(cli, &env, nodename)
+}
+
+/// Only `state_dir`, from the same layers as [`load`] (for `status`, which
+/// needs no dashboard settings), and where its value came from.
+pub fn load_state_dir(cli: &Cli) -> Result<(std::path::PathBuf, String), ConfigError> {
+    let mut secrets: Vec<SecretString> = Vec::new();
+    let env = |name: &str| std::env::var(name).ok();
+    build::state_dir_only(cli, &env, &mut secrets).map_err(|msg| error_line(&msg, &secrets))
 }
 
 fn load_inner(

@@ -56,6 +56,10 @@ impl Config {
                 "report_agent_version",
                 self.report_agent_version.as_deref().map(toml_str),
             ),
+            (
+                "metrics_textfile",
+                self.metrics_textfile.as_deref().map(path),
+            ),
         ];
         let mut out = String::new();
         for (key, value) in lines {

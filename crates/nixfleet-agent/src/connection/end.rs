@@ -23,6 +23,26 @@ pub(super) enum SessionEnd {
 }
 
 impl SessionEnd {
+    /// The kind of end, one of a few fixed words (the `reason` label of
+    /// `nixfleet_agent_disconnects_total`).
+    pub(super) fn label(&self) -> &'static str {
+        match self {
+            SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite => "shutdown",
+            SessionEnd::Reregister => "reregister",
+            SessionEnd::Silent => "silent",
+            SessionEnd::Stalled => "stalled",
+            SessionEnd::ClosedByPeer(_) => "closed_by_peer",
+            SessionEnd::TooBig => "frame_too_big",
+            SessionEnd::Broken(_) => "broken",
+        }
+    }
+
+    /// The reason in words, and its label.
+    pub(super) fn reason_with_label(self, ping_timeout: Duration) -> (String, &'static str) {
+        let label = self.label();
+        (self.reason(ping_timeout), label)
+    }
+
     /// The end as the reason to reconnect: what went wrong, in words.
     pub(super) fn reason(self, ping_timeout: Duration) -> String {
         match self {

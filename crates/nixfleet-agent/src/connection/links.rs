@@ -27,7 +27,12 @@ pub enum Control {
 pub enum LinkState {
     Connecting,
     Connected,
-    Reconnecting { delay: Duration, error: String },
+    Reconnecting {
+        delay: Duration,
+        error: String,
+        /// The kind of failure, one of a few fixed words (a metric label).
+        reason: &'static str,
+    },
 }
 
 /// Everything the connection needs from the rest of the agent.

@@ -100,9 +100,9 @@ impl Connection {
                 .dialer
                 .connect(&links.shutdown, &mut links.probes)
                 .await;
-            let error = match connected {
+            let (error, reason) = match connected {
                 Err(ConnectError::Shutdown) => return,
-                Err(ConnectError::Failed(error)) => error,
+                Err(ConnectError::Failed(error)) => (error, "connect_failed"),
                 Ok(socket) => match self.session(socket, &mut backoff).await {
                     SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite => return,
                     SessionEnd::Reregister => {
@@ -110,10 +110,10 @@ impl Connection {
                         backoff.reset();
                         continue;
                     }
-                    failed => failed.reason(self.config.ping_timeout),
+                    failed => failed.reason_with_label(self.config.ping_timeout),
                 },
             };
-            if self.wait_to_reconnect(&mut backoff, error).await {
+            if self.wait_to_reconnect(&mut backoff, error, reason).await {
                 return;
             }
         }
@@ -141,12 +141,19 @@ impl Connection {
 
     /// Reports the failure and waits out the next delay; true when shutdown
     /// was requested meanwhile.
-    async fn wait_to_reconnect(&mut self, backoff: &mut Backoff, error: String) -> bool {
+    async fn wait_to_reconnect(
+        &mut self,
+        backoff: &mut Backoff,
+        error: String,
+        reason: &'static str,
+    ) -> bool {
         let delay = backoff.next_delay();
         warn!(url = %self.config.url, error = %error, "reconnecting in {:.1}s", delay.as_secs_f64());
-        self.links
-            .link_state
-            .send_replace(LinkState::Reconnecting { delay, error });
+        self.links.link_state.send_replace(LinkState::Reconnecting {
+            delay,
+            error,
+            reason,
+        });
         let mut shutdown = self.links.shutdown.clone();
         let wait = async {
             tokio::select! {

@@ -81,6 +81,21 @@ impl Validator<'_> {
     }
 
     /// A directory key with a default (`stasysmo_dir`, `state_dir`).
+    /// `metrics_textfile` (optional): an absolute path ending in `.prom`,
+    /// the only files node_exporter's textfile collector reads.
+    pub(crate) fn metrics_textfile(&self, file: Option<String>) -> Result<Option<PathBuf>, String> {
+        let Some(file) = file else { return Ok(None) };
+        check_path(&file).map_err(|p| self.bad("metrics_textfile", &file, &p))?;
+        if !file.starts_with('/') {
+            return Err(self.bad("metrics_textfile", &file, "must be an absolute path"));
+        }
+        if !file.ends_with(".prom") || file.ends_with("/.prom") {
+            let problem = "must end in .prom (node_exporter's textfile collector reads only those)";
+            return Err(self.bad("metrics_textfile", &file, problem));
+        }
+        Ok(Some(PathBuf::from(file)))
+    }
+
     pub(crate) fn dir(&self, key: &str, dir: Option<String>) -> Result<PathBuf, String> {
         let dir = dir.unwrap_or_default();
         check_path(&dir).map_err(|p| self.bad(key, &dir, &p))?;

@@ -1,0 +1,313 @@
+//! What the host sees of the agent (issue 24): `nixfleet-agent status`
+//! against a running agent in each of its states, and the metrics file
+//! read by the real node_exporter's textfile collector.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A stand-in `nixos-rebuild` that says it started, then waits for the
+/// test's `release` file and exits with the code written in it.
+const HELD_REBUILD: &str = r#"echo $$ > "$HOME/rebuild.pid"
+while [ ! -s "$HOME/release" ]; do sleep 0.02; done
+exit "$(cat "$HOME/release")""#;
+
+/// `nixfleet-agent [args] status [--json]`: (exit code, stdout).
+fn status(args: &[&str], json: bool) -> (i32, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"));
+    command.args(args).arg("status");
+    if json {
+        command.arg("--json");
+    }
+    let out = command
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .expect("the agent binary runs");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    (out.status.code().expect("exit code"), stdout)
+}
+
+/// `status` with the agent's own configuration file.
+fn agent_status(agent: &Agent, json: bool) -> (i32, String) {
+    let config = agent.dir.path().join("agent.toml");
+    status(&["--config", config.to_str().unwrap()], json)
+}
+
+/// Runs `status --json` until `wanted` holds for it (the record is
+/// written when the agent sees the change), up to 15 s.
+async fn wait_status(agent: &Agent, what: &str, wanted: impl Fn(i32, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + 15 * SECOND;
+    loop {
+        let (code, out) = agent_status(agent, true);
+        let value: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        if wanted(code, &value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed {what}; last (exit {code}): {out}\nagent:\n{}",
+            agent.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn without_state_status_exits_4_and_names_the_directory_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("nowhere");
+    let (code, out) = status(&["--state-dir", state.to_str().unwrap()], false);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("no agent state found"), "{out}");
+    assert!(
+        out.contains(&state.join("agent-status.json").display().to_string()),
+        "{out}"
+    );
+    assert!(
+        out.contains("flag --state-dir"),
+        "says where state_dir came from: {out}"
+    );
+    assert!(
+        out.contains("--config"),
+        "says how to point elsewhere: {out}"
+    );
+    let (code, out) = status(&["--state-dir", state.to_str().unwrap()], true);
+    assert_eq!(code, 4);
+    let value: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(value["error"], "no agent state found", "{out}");
+}
+
+#[tokio::test]
+async fn status_follows_the_agent_through_connect_command_failure_and_disconnect() {
+    let mut dashboard = Dashboard::start().await;
+    let mut agent = start_with_rebuild(dashboard.url(), HELD_REBUILD, |_| {}).await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+
+    // Connected and idle.
+    let value = wait_status(&agent, "connected", |code, v| {
+        code == 0 && v["connected"] == true
+    })
+    .await;
+    assert_eq!(value["running"], Value::Null, "{value}");
+    assert_eq!(value["agent"]["pid"], agent.pid(), "{value}");
+    assert_eq!(value["url"], dashboard.url());
+    assert!(value["last_heartbeat"].as_u64().is_some(), "{value}");
+    let (code, text) = agent_status(&agent, false);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("connected to {}", dashboard.url())),
+        "{text}"
+    );
+    assert!(text.contains("command:     idle"), "{text}");
+    assert!(text.contains("heartbeat:   every 1s, last at"), "{text}");
+
+    // Running a command.
+    dashboard.command(conn, "switch");
+    let pid_file = agent.dir.path().join("rebuild.pid");
+    wait_for_file(&pid_file, 10 * SECOND).await;
+    let rebuild = read_pid(&pid_file);
+    let value = wait_status(&agent, "the switch running", |code, v| {
+        code == 0 && v["running"]["command"] == "switch" && v["running"]["pid"].is_u64()
+    })
+    .await;
+    assert!(value["running"]["log"].is_string(), "{value}");
+    let (_, text) = agent_status(&agent, false);
+    assert!(text.contains("command:     switch, running for"), "{text}");
+
+    // After a failed switch.
+    std::fs::write(agent.dir.path().join("release"), "1\n").unwrap();
+    let value = wait_status(&agent, "the failed switch", |code, v| {
+        code == 0 && v["running"].is_null() && v["last_results"]["switch"].is_object()
+    })
+    .await;
+    let switch = &value["last_results"]["switch"];
+    assert_eq!(switch["ok"], false, "{value}");
+    assert_eq!(switch["exit_code"], 1, "{value}");
+    assert_eq!(value["last_switch"]["ok"], false, "{value}");
+    assert_eq!(
+        value["counters"]["commands"]["switch"]["error"], 1,
+        "{value}"
+    );
+    assert!(!alive(rebuild));
+    let (_, text) = agent_status(&agent, false);
+    assert!(
+        text.contains("last:        switch        error at"),
+        "{text}"
+    );
+
+    // Disconnected, waiting out the backoff.
+    dashboard.kill();
+    let value = wait_status(&agent, "disconnected", |code, v| {
+        code == 3 && v["link"]["state"] == "disconnected"
+    })
+    .await;
+    assert!(value["link"]["next_retry"].as_u64().is_some(), "{value}");
+    assert!(
+        !value["link"]["error"].as_str().unwrap().is_empty(),
+        "{value}"
+    );
+    assert_eq!(value["last_heartbeat"], Value::Null, "{value}");
+    let (code, text) = agent_status(&agent, false);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("disconnected from"), "{text}");
+    assert!(text.contains("next attempt"), "{text}");
+
+    // Stopped: the record stays, but names an agent that is gone.
+    agent.signal(15);
+    assert_eq!(agent.wait_exit(10 * SECOND).await, Some(0));
+    let (code, text) = agent_status(&agent, false);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("NOT RUNNING"), "{text}");
+}
+
+/// The Debian package's binary (CI installs it: scripts/test.sh).
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+
+/// node_exporter reading only the textfile directory, on a free loopback
+/// port. Killed when dropped.
+struct NodeExporter {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl NodeExporter {
+    fn start(dir: &Path) -> NodeExporter {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(NODE_EXPORTER)
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--collector.disable-defaults")
+            .arg("--collector.textfile")
+            .arg(format!("--collector.textfile.directory={}", dir.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node exporter starts");
+        NodeExporter { child, port }
+    }
+
+    /// GET /metrics: the body, or None while it does not answer yet.
+    fn scrape(&self) -> Option<String> {
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        socket.set_read_timeout(Some(5 * SECOND)).ok()?;
+        let request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+        socket.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        socket.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.0 200").then(|| body.to_owned())
+    }
+
+    /// Scrapes until every line in `wanted` is there; the collector must
+    /// never report a parse error.
+    async fn wait_for(&self, wanted: &[&str]) -> String {
+        let deadline = Instant::now() + 15 * SECOND;
+        loop {
+            let body = self.scrape().unwrap_or_default();
+            if body.contains("node_textfile_scrape_error") {
+                assert!(body.contains("node_textfile_scrape_error 0"), "{body}");
+            }
+            let has = |line: &&str| body.lines().any(|l| l == *line);
+            if body.contains("node_textfile_scrape_error 0") && wanted.iter().all(has) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never scraped {wanted:?}; last:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for NodeExporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn node_exporter_serves_the_agents_metrics() {
+    if !Path::new(NODE_EXPORTER).exists() {
+        eprintln!(
+            "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
+        );
+        return;
+    }
+    let textfiles = tempfile::tempdir().unwrap();
+    let file = textfiles.path().join("nixfleet-agent.prom");
+    let mut dashboard = Dashboard::start().await;
+    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
+    let agent = start_with_rebuild(dashboard.url(), HELD_REBUILD, |o| {
+        o.extra_toml.push(setting)
+    })
+    .await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    let exporter = NodeExporter::start(textfiles.path());
+
+    let body = exporter
+        .wait_for(&[
+            "nixfleet_agent_connected 1",
+            "nixfleet_agent_connects_total 1",
+        ])
+        .await;
+    // Counters arrive as counters (not "untyped"): the family name the
+    // collector's parser expects includes `_total`.
+    assert!(
+        body.contains("# TYPE nixfleet_agent_connects_total counter"),
+        "{body}"
+    );
+    let info = format!("version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let has_info = |l: &str| l.starts_with("nixfleet_agent_info{") && l.ends_with(&info);
+    assert!(body.lines().any(has_info), "{body}");
+    assert!(
+        body.contains("nixfleet_agent_last_heartbeat_timestamp_seconds "),
+        "{body}"
+    );
+
+    dashboard.command(conn, "switch");
+    wait_for_file(&agent.dir.path().join("rebuild.pid"), 10 * SECOND).await;
+    std::fs::write(agent.dir.path().join("release"), "0\n").unwrap();
+    let body = exporter
+        .wait_for(&[
+            "nixfleet_agent_commands_total{command=\"switch\",result=\"ok\"} 1",
+            "nixfleet_agent_last_switch_success 1",
+        ])
+        .await;
+    assert!(
+        body.contains("nixfleet_agent_command_duration_seconds{command=\"switch\"} "),
+        "{body}"
+    );
+    assert!(
+        body.contains("nixfleet_agent_last_switch_timestamp_seconds "),
+        "{body}"
+    );
+
+    dashboard.kill();
+    let body = exporter.wait_for(&["nixfleet_agent_connected 0"]).await;
+    assert!(
+        body.contains("nixfleet_agent_disconnects_total{reason="),
+        "{body}"
+    );
+    let mode = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o644);
+}
