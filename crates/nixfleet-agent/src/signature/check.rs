@@ -2,8 +2,9 @@
 //! <state_dir> <allowed_signers_file> <gpg_keyring>` (empty for a key not
 //! set). It prints what it found as one line (stdout when the commit is
 //! accepted, stderr when not: the line the command's status quotes) and
-//! exits 0 when the commit may be deployed, 1 when not, 78 on bad
-//! arguments.
+//! exits 0 when the commit may be deployed, 1 when not, 64 (EX_USAGE) on
+//! bad arguments: only the agent's own supervisor calls it, so those are a
+//! bug of ours, not a user's configuration error.
 
 use super::{RefusedCommit, SigningKeys, Subject, VERIFY_ARG, short};
 use std::ffi::OsString;
@@ -40,6 +41,9 @@ enum Refusal {
     Other(String),
 }
 
+/// sysexits' EX_USAGE.
+const EXIT_USAGE: u8 = 64;
+
 /// Entry point of `nixfleet-agent --verify-commit`.
 pub fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(2).collect();
@@ -47,7 +51,7 @@ pub fn main() -> ExitCode {
         eprintln!(
             "nixfleet-agent {VERIFY_ARG}: expected <tip|head> <repo> <rev> <state_dir> <allowed_signers_file> <gpg_keyring>"
         );
-        return ExitCode::from(crate::config::EXIT_CONFIG);
+        return ExitCode::from(EXIT_USAGE);
     };
     match verify(&request) {
         Ok(line) => {
