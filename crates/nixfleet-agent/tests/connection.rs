@@ -88,26 +88,20 @@ async fn invalid_token_is_an_auth_failure_retried_with_backoff() {
     options.backoff_max = 60;
     let agent = Agent::start(options).await;
     let attempts = dashboard
-        .wait_for(15 * SECOND, "four upgrade attempts", |log| {
+        .wait_for(15 * SECOND, "three upgrade attempts", |log| {
             let times: Vec<_> = log
                 .iter()
                 .filter(|s| matches!(s, Seen::Upgrade { .. }))
                 .map(Seen::at)
                 .collect();
-            (times.len() >= 4).then_some(times)
+            (times.len() >= 3).then_some(times)
         })
         .await;
-    // 1 s, 2 s, 4 s apart, each ±10 % (plus a little for process start-up).
-    for (gap, expected) in attempts
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .zip([1.0, 2.0, 4.0])
-    {
+    // Full jitter: each gap drawn from [0, 2 s], then [0, 6 s] (plus a
+    // little for the attempt itself).
+    for (gap, window) in attempts.windows(2).map(|w| w[1] - w[0]).zip([2.0, 6.0]) {
         let gap = gap.as_secs_f64();
-        assert!(
-            gap >= expected * 0.9 - 0.05 && gap <= expected * 1.1 + 0.25,
-            "gap {gap} vs {expected}"
-        );
+        assert!(gap <= window + 0.25, "gap {gap} over the window {window}");
     }
     let stderr = agent.stderr();
     assert!(
@@ -251,9 +245,9 @@ async fn a_silent_peer_is_detected_within_ping_timeout_and_the_agent_reconnects(
     proxy.freeze(true);
     let frozen_at = tokio::time::Instant::now();
     // The agent gives up on the frozen connection after ping_timeout and
-    // dials again after its first backoff step (1 s ± 10 %).
+    // dials again after its first backoff step (at most 2 s).
     let redial = proxy.wait_accepts(2, 10 * SECOND).await;
-    let noticed_within = (redial - frozen_at).as_secs_f64() - 1.1;
+    let noticed_within = (redial - frozen_at).as_secs_f64() - 2.0;
     assert!(
         noticed_within <= 3.0 + 1.0,
         "dead peer noticed after {noticed_within:.2}s"

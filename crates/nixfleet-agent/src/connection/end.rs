@@ -16,11 +16,18 @@ pub(super) enum SessionEnd {
     /// Shutdown was requested while a write could not finish: the socket is
     /// full, so no close frame would get through either.
     ShutdownMidWrite,
-    ClosedByPeer(String),
+    ClosedByPeer {
+        code: Option<u16>,
+        why: String,
+    },
     /// The dashboard sent a frame over the size limit.
     TooBig,
     Broken(String),
 }
+
+/// "Going away" and "service restart": the dashboard is restarting, and
+/// every agent got the same close at the same moment.
+const RESTART_CLOSES: [u16; 2] = [1001, 1012];
 
 impl SessionEnd {
     /// The kind of end, one of a few fixed words (the `reason` label of
@@ -31,7 +38,7 @@ impl SessionEnd {
             SessionEnd::Reregister => "reregister",
             SessionEnd::Silent => "silent",
             SessionEnd::Stalled => "stalled",
-            SessionEnd::ClosedByPeer(_) => "closed_by_peer",
+            SessionEnd::ClosedByPeer { .. } => "closed_by_peer",
             SessionEnd::TooBig => "frame_too_big",
             SessionEnd::Broken(_) => "broken",
         }
@@ -41,6 +48,12 @@ impl SessionEnd {
     pub(super) fn reason_with_label(self, ping_timeout: Duration) -> (String, &'static str) {
         let label = self.label();
         (self.reason(ping_timeout), label)
+    }
+
+    /// Whether the dashboard announced a restart, so that the whole fleet
+    /// is reconnecting at once.
+    pub(super) fn announces_restart(&self) -> bool {
+        matches!(self, SessionEnd::ClosedByPeer { code: Some(code), .. } if RESTART_CLOSES.contains(code))
     }
 
     /// The end as the reason to reconnect: what went wrong, in words.
@@ -55,9 +68,30 @@ impl SessionEnd {
             SessionEnd::Stalled => {
                 format!("the dashboard read no data for {}s", ping_timeout.as_secs())
             }
-            SessionEnd::ClosedByPeer(why) => format!("dashboard closed the connection ({why})"),
+            SessionEnd::ClosedByPeer { why, .. } => {
+                format!("dashboard closed the connection ({why})")
+            }
             SessionEnd::TooBig => "dashboard sent a frame over 1 MiB".to_owned(),
             SessionEnd::Broken(why) => why,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_going_away_and_service_restart_announce_a_restart() {
+        let closed = |code| SessionEnd::ClosedByPeer {
+            code,
+            why: String::new(),
+        };
+        assert!(closed(Some(1001)).announces_restart());
+        assert!(closed(Some(1012)).announces_restart());
+        for code in [None, Some(1000), Some(1008), Some(1011)] {
+            assert!(!closed(code).announces_restart(), "{code:?}");
+        }
+        assert!(!SessionEnd::Broken("reset".into()).announces_restart());
     }
 }

@@ -110,7 +110,12 @@ impl Connection {
                         backoff.reset();
                         continue;
                     }
-                    failed => failed.reason_with_label(self.config.ping_timeout),
+                    failed => {
+                        if failed.announces_restart() {
+                            backoff.spread_after_restart();
+                        }
+                        failed.reason_with_label(self.config.ping_timeout)
+                    }
                 },
             };
             if self.wait_to_reconnect(&mut backoff, error, reason).await {

@@ -32,11 +32,12 @@ pub(super) async fn read_frames(
                 continue;
             }
             Ok(Message::Close(frame)) => {
+                let code = frame.as_ref().map(|f| u16::from(f.code));
                 let why = match frame {
                     Some(f) => format!("code {}{}", u16::from(f.code), reason_suffix(&f.reason)),
                     None => "no close code".to_owned(),
                 };
-                return SessionEnd::ClosedByPeer(why);
+                return SessionEnd::ClosedByPeer { code, why };
             }
             Ok(Message::Pong(payload)) => {
                 if let Ok(number) = <[u8; 8]>::try_from(&payload[..]) {

@@ -137,7 +137,7 @@ async fn close(end: &SessionEnd, sink: &mut Sink, stream: &mut Stream, ping_time
             }));
             let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
         }
-        SessionEnd::ClosedByPeer(_) => {
+        SessionEnd::ClosedByPeer { .. } => {
             // Completes the closing handshake tungstenite has queued.
             let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         }
