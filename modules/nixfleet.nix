@@ -40,6 +40,17 @@ let
   # `ssh://git@host/…` name a user only.
   hasCredentials =
     url: matches "[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@.*" url || matches "https?://[^/@]+@.*" url;
+
+  # Where `prometheus.enable` puts the metrics file. Under /run (a tmpfs)
+  # rather than /var/lib: the file says "connected 1" until the agent
+  # rewrites it, so a file left from before a reboot, by an agent that has
+  # not started since (a configuration error, a unit that fails), would
+  # keep an alert on `nixfleet_agent_connected == 0` quiet; gone with the
+  # boot, its absence is what an `absent()` rule sees. It is also never
+  # written to disk. Not the agent's state directory, which is private
+  # (0700) and node_exporter runs as its own user; not node_exporter's
+  # RuntimeDirectory, which systemd removes whenever the exporter stops.
+  metricsDir = "/run/nixfleet-metrics";
 in
 {
   options.services.nixfleet = {
@@ -225,6 +236,16 @@ in
       '';
     };
 
+    prometheus.enable = lib.mkEnableOption ''
+      Prometheus metrics through node_exporter's textfile collector: the
+      agent writes `${metricsDir}/nixfleet.prom` (the key
+      `metrics_textfile`; the directory is created with systemd-tmpfiles)
+      and {option}`services.prometheus.exporters.node` gets the `textfile`
+      collector reading that directory. The node exporter itself is not
+      turned on: add `services.prometheus.exporters.node.enable = true;`
+      if it is not on already
+    '';
+
     settings = lib.mkOption {
       type = lib.types.submodule { freeformType = settingsFormat.type; };
       default = { };
@@ -271,7 +292,22 @@ in
       // lib.optionalAttrs (cfg.reportAgentVersion != null) {
         report_agent_version = cfg.reportAgentVersion;
       }
+      // lib.optionalAttrs cfg.prometheus.enable { metrics_textfile = "${metricsDir}/nixfleet.prom"; }
     );
+
+    # World-readable: node_exporter runs as its own user. The agent (root)
+    # replaces the file there by a rename, mode 0644.
+    systemd.tmpfiles.rules = lib.optional cfg.prometheus.enable "d ${metricsDir} 0755 root root -";
+
+    # Only the collector's settings, never `enable`: a host that does not
+    # run the node exporter does not get one from this module. Plain list
+    # definitions, so they add to the user's own flags and collectors
+    # instead of replacing them (or being replaced, as a mkDefault list
+    # would be by any other definition).
+    services.prometheus.exporters.node = lib.mkIf cfg.prometheus.enable {
+      enabledCollectors = [ "textfile" ];
+      extraFlags = [ "--collector.textfile.directory=${metricsDir}" ];
+    };
 
     assertions = [
       {

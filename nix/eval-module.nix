@@ -64,6 +64,7 @@ let
 
   base = evalConfig minimal;
   disabled = evalConfig { services.nixfleet.enable = false; };
+  prometheus = withMinimal { services.nixfleet.prometheus.enable = true; };
   unit = base.systemd.services.nixfleet;
   sc = unit.serviceConfig;
   unitLines = lib.splitString "\n" base.systemd.units."nixfleet.service".text;
@@ -278,6 +279,71 @@ let
         services.nixfleet.package = fakePackage "nixfleet-agent-custom" "nixfleet-agent";
       }).systemd.services.nixfleet.serviceConfig.ExecStart
       "${fakeStorePath "nixfleet-agent-custom"}/bin/nixfleet-agent --config ${configFile}"
+    )
+    (expectEqual
+      "prometheus.enable: the metrics file in a tmpfiles directory, the textfile collector reading it, the exporter left as it was"
+      {
+        file = prometheus.services.nixfleet.settings.metrics_textfile or null;
+        tmpfiles = prometheus.systemd.tmpfiles.rules;
+        inherit (prometheus.services.prometheus.exporters.node) enable enabledCollectors extraFlags;
+      }
+      {
+        file = "/run/nixfleet-metrics/nixfleet.prom";
+        tmpfiles = [ "d /run/nixfleet-metrics 0755 root root -" ];
+        enable = false;
+        enabledCollectors = [ "textfile" ];
+        extraFlags = [ "--collector.textfile.directory=/run/nixfleet-metrics" ];
+      }
+    )
+    (expectEqual
+      "prometheus.enable: the user's exporter, collectors and flags are kept beside the module's"
+      {
+        inherit
+          ((withMinimal {
+            services.nixfleet.prometheus.enable = true;
+            services.prometheus.exporters.node = {
+              enable = true;
+              enabledCollectors = [ "systemd" ];
+              extraFlags = [ "--collector.filesystem.mount-points-exclude=^/nix/store" ];
+            };
+          }).services.prometheus.exporters.node
+          )
+          enable
+          enabledCollectors
+          extraFlags
+          ;
+      }
+      {
+        enable = true;
+        enabledCollectors = [
+          "systemd"
+          "textfile"
+        ];
+        extraFlags = [
+          "--collector.filesystem.mount-points-exclude=^/nix/store"
+          "--collector.textfile.directory=/run/nixfleet-metrics"
+        ];
+      }
+    )
+    (expectEqual "prometheus.enable off (the default): no metrics file, no tmpfiles rule, no collector"
+      {
+        file = base.services.nixfleet.settings.metrics_textfile or null;
+        tmpfiles = base.systemd.tmpfiles.rules;
+        inherit (base.services.prometheus.exporters.node) enabledCollectors extraFlags;
+      }
+      {
+        file = null;
+        tmpfiles = [ ];
+        enabledCollectors = [ ];
+        extraFlags = [ ];
+      }
+    )
+    (expectEqual "prometheus.enable: settings.metrics_textfile still takes precedence"
+      (withMinimal {
+        services.nixfleet.prometheus.enable = true;
+        services.nixfleet.settings.metrics_textfile = "/srv/metrics/agent.prom";
+      }).services.nixfleet.settings.metrics_textfile
+      "/srv/metrics/agent.prom"
     )
     (expectEqual "disabled: no unit" (builtins.attrNames disabled.systemd.services) [ ])
     (expectEqual "disabled: no assertions" disabled.assertions [ ])
