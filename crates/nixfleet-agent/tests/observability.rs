@@ -311,3 +311,68 @@ async fn node_exporter_serves_the_agents_metrics() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o644);
 }
+
+/// A stand-in `nixos-rebuild` that prints `lines` numbered lines of about
+/// 90 bytes.
+fn printing_rebuild(lines: u64) -> String {
+    format!(
+        r#"awk 'BEGIN {{ for (i = 0; i < {lines}; i++) printf "line %07d, padded to about ninety bytes ....................................\n", i }}'"#
+    )
+}
+
+#[tokio::test]
+async fn node_exporter_counts_output_lines_delivered_and_dropped() {
+    if !Path::new(NODE_EXPORTER).exists() {
+        eprintln!(
+            "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
+        );
+        return;
+    }
+    let textfiles = tempfile::tempdir().unwrap();
+    let file = textfiles.path().join("nixfleet-agent.prom");
+    let dashboard = Dashboard::start().await;
+    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
+    let _agent = start_with_rebuild(dashboard.url(), &printing_rebuild(5_000), |o| {
+        o.extra_toml.push(setting);
+        // About 1,100 of the 5,000 lines fit.
+        o.extra_toml.push("log_max_bytes = 100000".into());
+    })
+    .await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    let exporter = NodeExporter::start(textfiles.path());
+    exporter
+        .wait_for(&[
+            "nixfleet_agent_output_lines_total{outcome=\"delivered\"} 0",
+            "nixfleet_agent_output_lines_total{outcome=\"dropped\"} 0",
+        ])
+        .await;
+
+    dashboard.command(conn, "switch");
+    let status = dashboard.wait_frame("status", 1, 30 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok", "{:?}", status.payload());
+    let lines: Vec<String> = dashboard
+        .frames("output")
+        .iter()
+        .filter_map(|s| s.payload()["line"].as_str().map(str::to_owned))
+        .collect();
+    let notice = "[nixfleet] ";
+    let delivered = lines.iter().filter(|l| !l.starts_with(notice)).count() as u64;
+    let dropped: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(notice)?.strip_suffix(" lines dropped"))
+        .expect("a dropped-lines notice")
+        .parse()
+        .unwrap();
+    assert!(dropped > 3_000 && delivered > 500, "{delivered} {dropped}");
+    // Every line the dashboard got, once its batch was acknowledged; the
+    // agent's own notice is not a line of the command.
+    exporter
+        .wait_for(&[
+            &format!("nixfleet_agent_output_lines_total{{outcome=\"delivered\"}} {delivered}"),
+            &format!("nixfleet_agent_output_lines_total{{outcome=\"dropped\"}} {dropped}"),
+        ])
+        .await;
+}

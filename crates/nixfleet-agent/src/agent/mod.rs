@@ -104,6 +104,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         identity.source_commit.clone(),
         link_state_rx.clone(),
         command_state_rx.clone(),
+        outbox.clone(),
     );
     let observer =
         tokio::spawn(observer.run(config.interval, observations_rx, shutdown_rx.clone()));

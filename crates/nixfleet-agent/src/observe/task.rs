@@ -9,10 +9,12 @@ use super::snapshot::{
 use crate::config::Config;
 use crate::connection::LinkState;
 use crate::heartbeat::{AGENT_VERSION, CommandState};
+use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::ticker::Ticker;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -47,6 +49,10 @@ pub struct Observer {
     metrics_failed: bool,
     link: watch::Receiver<LinkState>,
     command: watch::Receiver<CommandState>,
+    /// Where output lines are counted as they are acknowledged; read when
+    /// the metrics are written, not kept in the snapshot, so the state
+    /// file is not rewritten for every batch a command sends.
+    outbox: Arc<Outbox>,
 }
 
 impl Observer {
@@ -55,6 +61,7 @@ impl Observer {
         source_commit: Option<String>,
         link: watch::Receiver<LinkState>,
         command: watch::Receiver<CommandState>,
+        outbox: Arc<Outbox>,
     ) -> Observer {
         let now = unix_now();
         let binary = std::env::current_exe()
@@ -85,6 +92,7 @@ impl Observer {
             metrics_failed: false,
             link,
             command,
+            outbox,
         }
     }
 
@@ -255,7 +263,7 @@ impl Observer {
         let Some(metrics) = &mut self.metrics else {
             return;
         };
-        match metrics.refresh(&self.snapshot) {
+        match metrics.refresh(&self.snapshot, self.outbox.line_counts()) {
             Ok(_) => self.metrics_failed = false,
             Err(error) if !self.metrics_failed => {
                 self.metrics_failed = true;
