@@ -137,7 +137,7 @@ pub struct Heartbeat<'a> {
 }
 
 /// v3: the four status compartments of a host.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct UpdateStatus {
     pub git: Check,
     pub lock: Check,
@@ -146,7 +146,7 @@ pub struct UpdateStatus {
 }
 
 /// One compartment.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Check {
     pub status: CheckStatus,
     pub message: String,
@@ -164,7 +164,7 @@ impl Default for Check {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {
     Ok,

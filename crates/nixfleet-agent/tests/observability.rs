@@ -110,6 +110,23 @@ async fn status_follows_the_agent_through_connect_command_failure_and_disconnect
     );
     assert!(text.contains("command:     idle"), "{text}");
     assert!(text.contains("heartbeat:   every 1s, last at"), "{text}");
+    // The v3 compartments, as heartbeats carry them.
+    let tests = &value["compartments"]["tests"];
+    assert_eq!(tests["status"], "unknown", "{value}");
+    assert_eq!(
+        tests["message"], "no test run since the agent started",
+        "{value}"
+    );
+    for name in ["git", "lock", "system"] {
+        assert!(value["compartments"][name]["status"].is_string(), "{value}");
+    }
+    assert!(
+        text.contains("tests:       unknown  no test run since the agent started (checked "),
+        "{text}"
+    );
+    for label in ["git:", "lock:", "system:"] {
+        assert!(text.lines().any(|l| l.starts_with(label)), "{text}");
+    }
 
     // Running a command.
     dashboard.command(conn, "switch");
@@ -138,6 +155,14 @@ async fn status_follows_the_agent_through_connect_command_failure_and_disconnect
         value["counters"]["commands"]["switch"]["error"], 1,
         "{value}"
     );
+    let system = wait_status(&agent, "the system compartment's error", |_, v| {
+        v["compartments"]["system"]["status"] == "error"
+    })
+    .await;
+    let message = system["compartments"]["system"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.starts_with("Switch failed"), "{system}");
     assert!(!alive(rebuild));
     let (_, text) = agent_status(&agent, false);
     assert!(

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
 use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
-use crate::observe::Observer;
+use crate::observe::{Observer, Watched};
 use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
@@ -99,13 +99,13 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         shutdown: shutdown_rx.clone(),
         control: control_rx,
     };
-    let observer = Observer::new(
-        config,
-        identity.source_commit.clone(),
-        link_state_rx.clone(),
-        command_state_rx.clone(),
-        outbox.clone(),
-    );
+    let watched = Watched {
+        link: link_state_rx.clone(),
+        command: command_state_rx.clone(),
+        compartments: compartments.subscribe(),
+        outbox: outbox.clone(),
+    };
+    let observer = Observer::new(config, identity.source_commit.clone(), watched);
     let observer =
         tokio::spawn(observer.run(config.interval, observations_rx, shutdown_rx.clone()));
     let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());

@@ -245,6 +245,7 @@ mod tests {
                 connects: 2,
                 ..Counters::default()
             },
+            compartments: None,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::connection::LinkState;
 use crate::heartbeat::{AGENT_VERSION, CommandState};
 use crate::outbox::Outbox;
+use crate::protocol::UpdateStatus;
 use crate::shutdown;
 use crate::ticker::Ticker;
 use std::collections::BTreeMap;
@@ -38,6 +39,17 @@ pub enum Observation {
     },
 }
 
+/// What the observer follows of the other tasks' state.
+pub struct Watched {
+    pub link: watch::Receiver<LinkState>,
+    pub command: watch::Receiver<CommandState>,
+    /// The core's compartments, as published for heartbeats (they change
+    /// a few times a day).
+    pub compartments: watch::Receiver<UpdateStatus>,
+    /// Where output lines are counted as they are acknowledged.
+    pub outbox: Arc<Outbox>,
+}
+
 pub struct Observer {
     snapshot: Snapshot,
     state_dir: PathBuf,
@@ -49,20 +61,20 @@ pub struct Observer {
     metrics_failed: bool,
     link: watch::Receiver<LinkState>,
     command: watch::Receiver<CommandState>,
-    /// Where output lines are counted as they are acknowledged; read when
-    /// the metrics are written, not kept in the snapshot, so the state
-    /// file is not rewritten for every batch a command sends.
+    compartments: watch::Receiver<UpdateStatus>,
+    /// Read when the metrics are written, not kept in the snapshot, so the
+    /// state file is not rewritten for every batch a command sends.
     outbox: Arc<Outbox>,
 }
 
 impl Observer {
-    pub fn new(
-        config: &Config,
-        source_commit: Option<String>,
-        link: watch::Receiver<LinkState>,
-        command: watch::Receiver<CommandState>,
-        outbox: Arc<Outbox>,
-    ) -> Observer {
+    pub fn new(config: &Config, source_commit: Option<String>, watched: Watched) -> Observer {
+        let Watched {
+            link,
+            command,
+            mut compartments,
+            outbox,
+        } = watched;
         let now = unix_now();
         let binary = std::env::current_exe()
             .map(|p| p.display().to_string())
@@ -82,6 +94,7 @@ impl Observer {
             last_results: BTreeMap::new(),
             last_switch: None,
             counters: Counters::default(),
+            compartments: Some(compartments.borrow_and_update().clone()),
         };
         Observer {
             snapshot,
@@ -92,6 +105,7 @@ impl Observer {
             metrics_failed: false,
             link,
             command,
+            compartments,
             outbox,
         }
     }
@@ -112,6 +126,11 @@ impl Observer {
                 () = shutdown::requested(&mut shutdown) => break,
                 Ok(()) = self.link.changed() => self.on_link(),
                 Ok(()) = self.command.changed() => self.on_command(),
+                Ok(()) = self.compartments.changed() => {
+                    let now = self.compartments.borrow_and_update().clone();
+                    self.snapshot.compartments = Some(now);
+                    self.dirty = true;
+                }
                 Some(observation) = observations.recv() => self.on_observation(observation),
                 Ok(()) = async { beat.as_mut().expect("guarded").tick().await }, if beat.is_some() => {
                     self.write_metrics();
