@@ -134,6 +134,10 @@ pub struct Heartbeat<'a> {
     /// v3: sha256 hex of the repository's `flake.lock`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_hash: Option<&'a str>,
+    /// Ours: the booted and current systems differ in their kernel, initrd
+    /// or kernel modules (`reboot.rs`); sent only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_reboot: bool,
 }
 
 /// v3: the four status compartments of a host.
@@ -525,6 +529,7 @@ mod tests {
             store_path: None,
             binary_hash: None,
             lock_hash: None,
+            needs_reboot: false,
         };
         let v = parse(&Outbound::Heartbeat(&hb).to_json());
         assert_eq!(
@@ -532,6 +537,12 @@ mod tests {
             json!({"type": "heartbeat", "payload": {"generation": "abc1234", "nixpkgs_version": "",
                 "pending_command": null, "command_pid": null, "metrics": null}})
         );
+        let reboot = Heartbeat {
+            needs_reboot: true,
+            ..hb
+        };
+        let v = parse(&Outbound::Heartbeat(&reboot).to_json());
+        assert_eq!(v["payload"]["needs_reboot"], true);
     }
 
     #[test]
@@ -552,6 +563,7 @@ mod tests {
             store_path: None,
             binary_hash: None,
             lock_hash: Some("ba7816bf"),
+            needs_reboot: false,
         };
         let expected = Outbound::Heartbeat(&hb).to_json();
         let mut frames = FrameBuffer::default();

@@ -89,6 +89,8 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
 
     let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
     let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
+    let (reboot_tx, reboot_rx) = watch::channel(Vec::new());
+    let reporter = reporter.with_reboot_watch(reboot_tx);
     let links = Links {
         inbound: inbound_tx,
         replies: replies_rx,
@@ -104,6 +106,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         command: command_state_rx.clone(),
         compartments: compartments.subscribe(),
         outbox: outbox.clone(),
+        reboot: reboot_rx,
     };
     let observer = Observer::new(config, identity.source_commit.clone(), watched);
     let observer =

@@ -132,6 +132,13 @@ fn command_metrics(registry: &mut Registry, snapshot: &Snapshot) {
         Unit::Seconds,
         durations,
     );
+    let needs_reboot = Gauge::<i64>::default();
+    needs_reboot.set(i64::from(snapshot.needs_reboot));
+    registry.register(
+        "needs_reboot",
+        "1 while the booted system differs from the current one in kernel, initrd or kernel modules",
+        needs_reboot,
+    );
     if let Some(switch) = &snapshot.last_switch {
         let at = FloatGauge::default();
         at.set(switch.finished as f64);
@@ -246,6 +253,8 @@ mod tests {
                 ..Counters::default()
             },
             compartments: None,
+            needs_reboot: true,
+            reboot_entries: vec!["kernel".into()],
         }
     }
 
@@ -269,6 +278,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nnixfleet_agent_connected 1\n"), "{text}");
+        assert!(text.contains("\nnixfleet_agent_needs_reboot 1\n"), "{text}");
         // Connected at 1000, a beat every 30 s: the last one at 1060.
         assert!(
             text.contains("\nnixfleet_agent_last_heartbeat_timestamp_seconds 1060"),

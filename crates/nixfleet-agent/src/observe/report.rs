@@ -103,6 +103,7 @@ fn as_text(snapshot: &Snapshot, running: bool, hint: &str, now: u64) -> String {
     for result in snapshot.last_results.values() {
         line("last", last_result(result, now));
     }
+    line("reboot", reboot(snapshot));
     if let Some(status) = &snapshot.compartments {
         let named = [
             ("git", &status.git),
@@ -184,6 +185,14 @@ fn last_result(result: &CommandResult, now: u64) -> String {
         result.duration_secs,
         result.message
     )
+}
+
+fn reboot(snapshot: &Snapshot) -> String {
+    let entries: Vec<&str> = snapshot.reboot_entries.iter().map(String::as_str).collect();
+    match crate::reboot::describe(&entries) {
+        Some(why) if snapshot.needs_reboot => why.replacen("reboot needed", "needed", 1),
+        _ => "not needed".to_owned(),
+    }
 }
 
 /// One v3 compartment: its verdict, message and when it was checked.

@@ -41,6 +41,12 @@ pub struct Snapshot {
     /// record written by an agent without them).
     #[serde(default)]
     pub compartments: Option<UpdateStatus>,
+    /// The booted and current systems differ in what only a boot loads:
+    /// these boot entries (`kernel`, `initrd`, `kernel-modules`).
+    #[serde(default)]
+    pub needs_reboot: bool,
+    #[serde(default)]
+    pub reboot_entries: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

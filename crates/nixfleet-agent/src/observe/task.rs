@@ -11,6 +11,7 @@ use crate::connection::LinkState;
 use crate::heartbeat::{AGENT_VERSION, CommandState};
 use crate::outbox::Outbox;
 use crate::protocol::UpdateStatus;
+use crate::reboot;
 use crate::shutdown;
 use crate::ticker::Ticker;
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub struct Watched {
     pub compartments: watch::Receiver<UpdateStatus>,
     /// Where output lines are counted as they are acknowledged.
     pub outbox: Arc<Outbox>,
+    /// The boot entries that differ from the booted system's, as the
+    /// heartbeat's file facts last found them.
+    pub reboot: watch::Receiver<Vec<&'static str>>,
 }
 
 pub struct Observer {
@@ -62,6 +66,7 @@ pub struct Observer {
     link: watch::Receiver<LinkState>,
     command: watch::Receiver<CommandState>,
     compartments: watch::Receiver<UpdateStatus>,
+    reboot: watch::Receiver<Vec<&'static str>>,
     /// Read when the metrics are written, not kept in the snapshot, so the
     /// state file is not rewritten for every batch a command sends.
     outbox: Arc<Outbox>,
@@ -74,6 +79,7 @@ impl Observer {
             command,
             mut compartments,
             outbox,
+            reboot,
         } = watched;
         let now = unix_now();
         let binary = std::env::current_exe()
@@ -95,6 +101,8 @@ impl Observer {
             last_switch: None,
             counters: Counters::default(),
             compartments: Some(compartments.borrow_and_update().clone()),
+            needs_reboot: false,
+            reboot_entries: Vec::new(),
         };
         Observer {
             snapshot,
@@ -106,6 +114,7 @@ impl Observer {
             link,
             command,
             compartments,
+            reboot,
             outbox,
         }
     }
@@ -126,11 +135,8 @@ impl Observer {
                 () = shutdown::requested(&mut shutdown) => break,
                 Ok(()) = self.link.changed() => self.on_link(),
                 Ok(()) = self.command.changed() => self.on_command(),
-                Ok(()) = self.compartments.changed() => {
-                    let now = self.compartments.borrow_and_update().clone();
-                    self.snapshot.compartments = Some(now);
-                    self.dirty = true;
-                }
+                Ok(()) = self.compartments.changed() => self.on_compartments(),
+                Ok(()) = self.reboot.changed() => self.on_compartments(),
                 Some(observation) = observations.recv() => self.on_observation(observation),
                 Ok(()) = async { beat.as_mut().expect("guarded").tick().await }, if beat.is_some() => {
                     self.write_metrics();
@@ -179,6 +185,18 @@ impl Observer {
             }
         };
         self.snapshot.link = next;
+        self.dirty = true;
+    }
+
+    /// The compartments as heartbeats carry them: the core's, with the
+    /// reboot need in the system compartment's message.
+    fn on_compartments(&mut self) {
+        let entries = self.reboot.borrow_and_update().clone();
+        let mut status = self.compartments.borrow_and_update().clone();
+        reboot::annotate(&mut status.system, &entries);
+        self.snapshot.compartments = Some(status);
+        self.snapshot.needs_reboot = !entries.is_empty();
+        self.snapshot.reboot_entries = entries.into_iter().map(str::to_owned).collect();
         self.dirty = true;
     }
 
