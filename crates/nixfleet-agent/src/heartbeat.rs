@@ -138,18 +138,17 @@ impl Reporter {
         self
     }
 
-    /// Takes in the reboot need as the files last said; true when it
-    /// changed (then it is published).
-    fn take_reboot_need(&mut self) -> bool {
+    /// Takes in the reboot need as the files last said, and publishes it
+    /// when it changed.
+    fn take_reboot_need(&mut self) {
         if self.files.reboot_entries() == self.reboot_now.as_slice() {
-            return false;
+            return;
         }
         self.reboot_now = self.files.reboot_entries().to_vec();
         self.reboot_revision += 1;
         if let Some(watch) = &self.reboot_watch {
             watch.send_replace(self.reboot_now.clone());
         }
-        true
     }
 
     /// Heartbeats carry the compartments published here.
