@@ -130,6 +130,33 @@ in
       '';
     };
 
+    allowedSignersFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./allowed_signers";
+      description = ''
+        git's SSH allowed-signers file (the format of
+        `gpg.ssh.allowedSignersFile`): when set, `pull` deploys only a tip
+        signed by one of these keys, and `switch`/`boot` build only a
+        verified HEAD. Public keys only, so a Nix path literal (copied into
+        the store) is fine. `null` checks no signatures. Sets
+        `settings.allowed_signers_file`.
+      '';
+    };
+
+    gpgKeyring = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./fleet-signers.asc";
+      description = ''
+        OpenPGP public keys (a file, or a directory of key files as
+        `gpg --export` writes them) for the same rule as
+        {option}`services.nixfleet.allowedSignersFile`, with OpenPGP
+        signatures. Public keys only: the store is fine. Sets
+        `settings.gpg_keyring`.
+      '';
+    };
+
     logLevel = lib.mkOption {
       type = lib.types.str;
       default = "info";
@@ -265,6 +292,12 @@ in
       }
       // lib.optionalAttrs cfg.allowReboot { allow_reboot = true; }
       // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
+      # Interpolated, so that a path literal is copied into the store and
+      # the agent gets a store path rather than one in the flake's source.
+      // lib.optionalAttrs (cfg.allowedSignersFile != null) {
+        allowed_signers_file = "${cfg.allowedSignersFile}";
+      }
+      // lib.optionalAttrs (cfg.gpgKeyring != null) { gpg_keyring = "${cfg.gpgKeyring}"; }
       // lib.optionalAttrs (cfg.themeColor != null) { theme_color = cfg.themeColor; }
       // lib.optionalAttrs (cfg.location != null) { inherit (cfg) location; }
       // lib.optionalAttrs (cfg.deviceType != null) { device_type = cfg.deviceType; }

@@ -242,6 +242,43 @@ let
         report_agent_version = "3.1.5";
       }
     )
+    (expectEqual "allowedSignersFile and gpgKeyring map to allowed_signers_file and gpg_keyring"
+      (lib.filterAttrs (key: _: key == "allowed_signers_file" || key == "gpg_keyring")
+        (withMinimal {
+          services.nixfleet = {
+            allowedSignersFile = "/etc/nixfleet/allowed_signers";
+            gpgKeyring = "/etc/nixfleet/signers";
+          };
+        }).services.nixfleet.settings
+      )
+      {
+        allowed_signers_file = "/etc/nixfleet/allowed_signers";
+        gpg_keyring = "/etc/nixfleet/signers";
+      }
+    )
+    # Public keys may come from the configuration's own repository: a path
+    # literal is copied into the store, and the agent is given that copy
+    # (this file stands in for a key file).
+    (expect "allowedSignersFile and gpgKeyring as path literals become store paths" (
+      let
+        settings =
+          (withMinimal {
+            services.nixfleet = {
+              allowedSignersFile = ./eval-module.nix;
+              gpgKeyring = ./stubs.nix;
+            };
+          }).services.nixfleet.settings;
+      in
+      lib.hasPrefix "${builtins.storeDir}/" settings.allowed_signers_file
+      && lib.hasSuffix "-eval-module.nix" settings.allowed_signers_file
+      && lib.hasPrefix "${builtins.storeDir}/" settings.gpg_keyring
+      && lib.hasSuffix "-stubs.nix" settings.gpg_keyring
+    ) "expected store paths for allowed_signers_file and gpg_keyring")
+    (expectEqual "signing keys are public: no credential for them"
+      (withMinimal { services.nixfleet.allowedSignersFile = "/etc/nixfleet/allowed_signers"; })
+      .systemd.services.nixfleet.serviceConfig.LoadCredential
+      [ "token:${tokenFile}" ]
+    )
     (expectEqual "settings override the options and take extra keys"
       (withMinimal {
         services.nixfleet.settings = {
@@ -353,6 +390,12 @@ let
     } (c: c.services.nixfleet.repoDir))
     (expectTypeError "relative repoDir" { services.nixfleet.repoDir = "fleet"; } (
       c: c.services.nixfleet.repoDir
+    ))
+    (expectTypeError "relative allowedSignersFile" {
+      services.nixfleet.allowedSignersFile = "allowed_signers";
+    } (c: c.services.nixfleet.allowedSignersFile))
+    (expectTypeError "relative gpgKeyring" { services.nixfleet.gpgKeyring = "keys"; } (
+      c: c.services.nixfleet.gpgKeyring
     ))
     (expectTypeError "interval = 0" { services.nixfleet.interval = 0; } (
       c: c.services.nixfleet.interval
