@@ -11,6 +11,7 @@ pub mod connection;
 pub mod file_cache;
 pub mod file_watch;
 pub mod footprint;
+pub mod git_credentials;
 pub mod hardening;
 pub mod heartbeat;
 pub mod host_facts;
