@@ -192,6 +192,7 @@ let
         "token"
         "token_file"
         "ssh_key"
+        "tls_client_key"
       ]
     ) [ ])
     (expectEqual "options map to settings keys"
@@ -279,6 +280,34 @@ let
       .systemd.services.nixfleet.serviceConfig.LoadCredential
       [ "token:${tokenFile}" ]
     )
+    (expectEqual
+      "tlsClientCertFile sets tls_client_cert, tlsClientKeyFile becomes the credential tls_client_key"
+      (
+        let
+          c = withMinimal {
+            services.nixfleet = {
+              tlsClientCertFile = "/run/keys/client.crt";
+              tlsClientKeyFile = "/run/keys/client.key";
+            };
+          };
+        in
+        {
+          cert = c.services.nixfleet.settings.tls_client_cert or null;
+          key = c.services.nixfleet.settings.tls_client_key or null;
+          inherit (c.systemd.services.nixfleet.serviceConfig) LoadCredential;
+          failed = failedMessages c;
+        }
+      )
+      {
+        cert = "/run/keys/client.crt";
+        key = null;
+        LoadCredential = [
+          "token:${tokenFile}"
+          "tls_client_key:/run/keys/client.key"
+        ];
+        failed = [ ];
+      }
+    )
     (expectEqual "settings override the options and take extra keys"
       (withMinimal {
         services.nixfleet.settings = {
@@ -340,6 +369,15 @@ let
     (expectAssertion "ssh_key in settings" {
       services.nixfleet.settings.ssh_key = "/root/.ssh/id_ed25519";
     } "services.nixfleet.settings.ssh_key is not allowed")
+    (expectAssertion "tlsClientCertFile without tlsClientKeyFile" {
+      services.nixfleet.tlsClientCertFile = "/run/keys/client.crt";
+    } "go together")
+    (expectAssertion "tlsClientKeyFile without tlsClientCertFile" {
+      services.nixfleet.tlsClientKeyFile = "/run/keys/client.key";
+    } "go together")
+    (expectAssertion "tls_client_key in settings" {
+      services.nixfleet.settings.tls_client_key = "/run/keys/client.key";
+    } "services.nixfleet.settings.tls_client_key is not allowed")
     (expectAssertion "repoUrl with a password" {
       services.nixfleet.repoUrl = "https://deploy:s3cr3t@git.example.com/fleet.git";
     } "carries credentials in its user info")
@@ -391,6 +429,9 @@ let
     (expectTypeError "relative repoDir" { services.nixfleet.repoDir = "fleet"; } (
       c: c.services.nixfleet.repoDir
     ))
+    (expectTypeError "tlsClientKeyFile in the Nix store" {
+      services.nixfleet.tlsClientKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-client.key";
+    } (c: c.services.nixfleet.tlsClientKeyFile))
     (expectTypeError "relative allowedSignersFile" {
       services.nixfleet.allowedSignersFile = "allowed_signers";
     } (c: c.services.nixfleet.allowedSignersFile))
