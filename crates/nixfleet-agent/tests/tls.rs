@@ -465,3 +465,48 @@ async fn a_client_key_that_does_not_match_the_certificate_is_a_config_error() {
     );
     assert!(front.handshakes.lock().unwrap().is_empty());
 }
+
+/// Starts an agent with these extra config lines and waits for its exit;
+/// returns the exit code and its log.
+async fn config_exit(extra: Vec<String>) -> (Option<i32>, String) {
+    let mut options = AgentOptions::new("wss://localhost:9/ws".into());
+    options.extra_toml = extra;
+    let mut agent = Agent::start(options).await;
+    let code = agent.wait_exit(10 * SECOND).await;
+    (code, agent.stderr())
+}
+
+#[tokio::test]
+async fn a_missing_client_key_or_certificate_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_pem, _) = TestCa::new("Fleet hosts CA").client("test-host");
+    let cert = dir.path().join("client.pem");
+    std::fs::write(&cert, cert_pem).unwrap();
+    let cert_line = format!("tls_client_cert = {:?}", cert.display().to_string());
+    let missing = dir.path().join("missing.key").display().to_string();
+
+    let (code, stderr) = config_exit(vec![cert_line.clone()]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("tls_client_key is not set"), "{stderr}");
+
+    let key_line = format!("tls_client_key = {missing:?}");
+    let (code, stderr) = config_exit(vec![cert_line, key_line]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!("tls_client_key = \"{missing}\""))
+            && stderr.contains("cannot read it"),
+        "{stderr}"
+    );
+
+    // A "certificate" file that holds none.
+    let key_line = format!("tls_client_key = {missing:?}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let cert_line = format!("tls_client_cert = {:?}", empty.display().to_string());
+    let (code, stderr) = config_exit(vec![cert_line, key_line]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("tls_client_cert") && stderr.contains("holds no PEM certificate"),
+        "{stderr}"
+    );
+}
