@@ -426,6 +426,12 @@ async fn repo_url_credentials_reach_git_only_through_its_environment() {
     assert_eq!(p["status"], "ok", "{p}");
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), third);
     assert_eq!(git(&repo, &["config", "--get", "remote.origin.url"]), clean);
+    let said = dashboard.frames("output").iter().any(|f| {
+        f.payload()["line"]
+            .as_str()
+            .is_some_and(|l| l.contains("holds repo_url's credentials: rewriting it"))
+    });
+    assert!(said, "the rewrite is said in the command's output");
 
     assert_never_leaked(&agent, &argv_log, &secret, &clean);
     // The server did want the password, and got it.

@@ -186,6 +186,15 @@ impl Planner {
             .await
         {
             Some(current) if current == url => Vec::new(),
+            Some(current) if clean_url(&current) == url => {
+                notes.push(
+                    "[nixfleet] origin in .git/config holds repo_url's credentials: \
+                     rewriting it without them"
+                        .to_owned(),
+                );
+                let args = ["remote", "set-url", "origin", url];
+                vec![git("git remote set-url", repo, &args)]
+            }
             Some(current) => {
                 notes.push(format!(
                     "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
