@@ -31,6 +31,7 @@ let
     token = "tokenFile";
     token_file = "tokenFile";
     ssh_key = "sshKeyFile";
+    tls_client_key = "tlsClientKeyFile";
   };
 
   matches = regex: value: lib.isString value && builtins.match regex value != null;
@@ -138,6 +139,60 @@ in
         Absolute path of an SSH private key for git, passed to the agent as
         the credential `ssh_key` like {option}`services.nixfleet.tokenFile`.
         `null` leaves git to its usual SSH configuration.
+      '';
+    };
+
+    tlsClientCertFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/agenix/nixfleet-client.crt";
+      description = ''
+        PEM client certificate (chain) this host shows a `wss://` dashboard,
+        or a reverse proxy in front of it, that asks for one (mTLS), so the
+        dashboard can tell hosts apart. A certificate is public: a store
+        path is fine. Needs {option}`services.nixfleet.tlsClientKeyFile`.
+        Sets `settings.tls_client_cert`.
+      '';
+    };
+
+    tlsClientKeyFile = lib.mkOption {
+      type = lib.types.nullOr runtimePath;
+      default = null;
+      example = "/run/agenix/nixfleet-client.key";
+      description = ''
+        Absolute path of the PEM private key of
+        {option}`services.nixfleet.tlsClientCertFile`, passed to the agent as
+        the credential `tls_client_key` like
+        {option}`services.nixfleet.tokenFile`, so it never enters the Nix
+        store. A key that does not belong to the certificate stops the
+        agent (exit 78).
+      '';
+    };
+
+    allowedSignersFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./allowed_signers";
+      description = ''
+        git's SSH allowed-signers file (the format of
+        `gpg.ssh.allowedSignersFile`): when set, `pull` deploys only a tip
+        signed by one of these keys, and `switch`/`boot` build only a
+        verified HEAD. Public keys only, so a Nix path literal (copied into
+        the store) is fine. `null` checks no signatures. Sets
+        `settings.allowed_signers_file`.
+      '';
+    };
+
+    gpgKeyring = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./fleet-signers.asc";
+      description = ''
+        OpenPGP public keys (a file, or a directory of key files as
+        `gpg --export` writes them) for the same rule as
+        {option}`services.nixfleet.allowedSignersFile`, with OpenPGP
+        signatures. Public keys only: the store is fine. Sets
+        `settings.gpg_keyring`.
       '';
     };
 
@@ -264,9 +319,11 @@ in
         `stasysmo_dir`, `ca_file`, …). The options of this module set their
         keys with `lib.mkDefault`, so a value given here takes precedence.
 
-        Because the file is world-readable, `token`, `token_file` and
-        `ssh_key` are refused: use {option}`services.nixfleet.tokenFile` and
-        {option}`services.nixfleet.sshKeyFile`.
+        Because the file is world-readable, `token`, `token_file`, `ssh_key`
+        and `tls_client_key` are refused: use
+        {option}`services.nixfleet.tokenFile`,
+        {option}`services.nixfleet.sshKeyFile` and
+        {option}`services.nixfleet.tlsClientKeyFile`.
       '';
     };
   };
@@ -286,6 +343,15 @@ in
       }
       // lib.optionalAttrs cfg.allowReboot { allow_reboot = true; }
       // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
+      # Interpolated, so that a path literal is copied into the store and
+      # the agent gets a store path rather than one in the flake's source.
+      // lib.optionalAttrs (cfg.allowedSignersFile != null) {
+        allowed_signers_file = "${cfg.allowedSignersFile}";
+      }
+      // lib.optionalAttrs (cfg.gpgKeyring != null) { gpg_keyring = "${cfg.gpgKeyring}"; }
+      // lib.optionalAttrs (cfg.tlsClientCertFile != null) {
+        tls_client_cert = "${cfg.tlsClientCertFile}";
+      }
       // lib.optionalAttrs (cfg.themeColor != null) { theme_color = cfg.themeColor; }
       // lib.optionalAttrs (cfg.location != null) { inherit (cfg) location; }
       // lib.optionalAttrs (cfg.deviceType != null) { device_type = cfg.deviceType; }
@@ -324,6 +390,10 @@ in
       message = "services.nixfleet.settings.${key} is not allowed: the settings file is world-readable in the Nix store. Use services.nixfleet.${option}, which is passed as a systemd credential.";
     }) secretSettings
     ++ [
+      {
+        assertion = (cfg.tlsClientCertFile == null) == (cfg.tlsClientKeyFile == null);
+        message = "services.nixfleet.tlsClientCertFile and services.nixfleet.tlsClientKeyFile go together: set both (mTLS) or neither.";
+      }
       {
         assertion = !hasCredentials (cfg.settings.repo_url or null);
         message = "services.nixfleet.repoUrl (settings.repo_url) carries credentials in its user info: the settings file is world-readable in the Nix store. Use an ssh URL with services.nixfleet.sshKeyFile, which is passed as a systemd credential.";
@@ -405,7 +475,8 @@ in
         LoadCredential = [
           "token:${cfg.tokenFile}"
         ]
-        ++ lib.optional (cfg.sshKeyFile != null) "ssh_key:${cfg.sshKeyFile}";
+        ++ lib.optional (cfg.sshKeyFile != null) "ssh_key:${cfg.sshKeyFile}"
+        ++ lib.optional (cfg.tlsClientKeyFile != null) "tls_client_key:${cfg.tlsClientKeyFile}";
       };
     };
   };

@@ -12,6 +12,7 @@ pub mod file_cache;
 pub mod file_facts;
 pub mod file_watch;
 pub mod footprint;
+pub mod git_credentials;
 pub mod hardening;
 pub mod heartbeat;
 pub mod host_facts;
