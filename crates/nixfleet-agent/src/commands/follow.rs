@@ -9,7 +9,7 @@
 
 use super::handover::process_start_ticks;
 use super::launch::Followed;
-use super::log::parse;
+use super::log::{Record, end_path, parse};
 use super::progress::Progress;
 use super::summary::{Emit, Summary};
 use super::table::StopRequest;
@@ -22,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 /// Bytes read from the log at once; a record is at most 64 KiB + 3.
@@ -38,14 +38,15 @@ const FALLBACK_POLL: Duration = Duration::from_millis(20);
 /// Follows the command until its supervisor is done (or gone) and every
 /// record was queued; returns its status, which the caller queues next.
 pub async fn follow(
-    followed: Followed,
+    mut followed: Followed,
     outbox: &Outbox,
     progress: &mpsc::Sender<Progress>,
     stop: &mut watch::Receiver<Option<StopRequest>>,
 ) -> Status {
     let stop_file = followed.stop_file.clone();
+    let tail = followed.tail.take();
     tokio::select! {
-        status = read_log(&followed, outbox, progress) => status,
+        status = read_log(&followed, tail, outbox, progress) => status,
         () = forward_stops(stop, &stop_file) => unreachable!("forward_stops never ends"),
     }
 }
@@ -86,6 +87,7 @@ struct Reader<'a> {
 
 async fn read_log(
     followed: &Followed,
+    tail: Option<oneshot::Receiver<Vec<u8>>>,
     outbox: &Outbox,
     progress: &mpsc::Sender<Progress>,
 ) -> Status {
@@ -120,7 +122,33 @@ async fn read_log(
             reader.send(emit, reader.base).await;
         }
     }
+    if !summary.done() {
+        reader.read_end_records(&mut summary, tail).await;
+    }
     ended(followed, &summary)
+}
+
+/// How long the supervisor's stdout is awaited once it is gone (it was
+/// read to its end before the supervisor was reaped: this only guards
+/// against a bug there).
+const TAIL_WAIT: Duration = Duration::from_secs(5);
+
+/// The records the log could not keep (log_writer.rs): from the end file,
+/// whose space was taken at start, or else from what the supervisor
+/// printed on its stdout (only for one this agent started).
+async fn end_records(log: &Path, tail: Option<oneshot::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    let has_done = |bytes: &[u8]| {
+        bytes
+            .split(|b| *b == b'\n')
+            .any(|record| parse(record) == Record::Done)
+    };
+    if let Ok(bytes) = std::fs::read(end_path(log))
+        && has_done(&bytes)
+    {
+        return Some(bytes);
+    }
+    let bytes = tokio::time::timeout(TAIL_WAIT, tail?).await.ok()?.ok()?;
+    has_done(&bytes).then_some(bytes)
 }
 
 fn supervisor_alive(followed: &Followed) -> bool {
@@ -221,6 +249,30 @@ impl<'a> Reader<'a> {
         }
         self.buf.drain(..consumed);
         self.base += consumed as u64;
+    }
+
+    /// The supervisor is gone and the log ends without `done`: the end
+    /// records it could not write there, if it left them elsewhere.
+    async fn read_end_records(
+        &mut self,
+        summary: &mut Summary,
+        tail: Option<oneshot::Receiver<Vec<u8>>>,
+    ) {
+        let Some(bytes) = end_records(&self.followed.log, tail).await else {
+            return;
+        };
+        info!(
+            command = self.followed.kind.name(),
+            "the command log ends early; its end was recorded beside it"
+        );
+        for record in bytes.split(|b| *b == b'\n') {
+            let mut emitted = std::mem::take(&mut self.emitted);
+            summary.on_record(parse(record), true, &mut emitted);
+            for emit in emitted.drain(..) {
+                self.send(emit, self.base).await;
+            }
+            self.emitted = emitted;
+        }
     }
 
     /// Queues one frame (carrying its log position `end`) or passes an

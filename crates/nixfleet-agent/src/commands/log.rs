@@ -20,8 +20,16 @@
 //! # end <i> <code> <how it ended>
 //! # cut <bytes>      the log reached its cap here; later lines are counted only
 //! # dropped <n>      lines not kept because of the cap
+//! # notkept <n> <why> lines not kept because the disk refused them (full,
+//!                    read-only, failing); `why` names the file system
 //! # done             the supervisor finished; nothing follows
 //! ```
+//!
+//! When the disk refuses a record, the log stops there (it stays a clean
+//! prefix, see log_writer.rs) and the records that could not be written
+//! go, once the command ends, into the end file `<log>.end`: created with
+//! its space taken when the command starts, so that writing into it needs
+//! no free space. It holds the same records, padded with empty lines.
 //!
 //! A single file keeps the order between a test script's lines and the
 //! progress after it, and lets one offset describe what was delivered.
@@ -37,6 +45,15 @@ use std::time::SystemTime;
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Command logs kept under `state_dir/logs`.
 pub const KEPT_LOGS: usize = 50;
+/// Size of the end file: room for the end records of any plan (each
+/// record the supervisor puts there is at most [`MAX_TAIL_RECORD`] bytes).
+pub const END_FILE_BYTES: usize = 16 * 1024;
+/// Longest record written into the end file.
+pub const MAX_TAIL_RECORD: usize = 512;
+/// Free space the agent makes (by pruning old logs) before a command
+/// starts: its end file and a first batch of lines. The supervisor prunes
+/// further, batch by batch, as the command writes (log_writer.rs).
+const ROOM_AT_START: u64 = END_FILE_BYTES as u64 + 128 * 1024;
 
 /// What the agent hands its supervisor (as JSON on the supervisor's stdin,
 /// so nothing of it shows in `ps`).
@@ -56,6 +73,11 @@ pub struct Plan {
     /// line before it is written (a child may print the URL it was given).
     #[serde(default)]
     pub scrub_url: Option<String>,
+    /// The end file (see the top of this file); `None` when it could not
+    /// be created (the disk was already full): the supervisor then hands
+    /// its last records to the agent on its stdout only.
+    #[serde(default)]
+    pub end_file: Option<PathBuf>,
     pub steps: Vec<Step>,
 }
 
@@ -116,6 +138,10 @@ pub enum Record<'a> {
     },
     Cut,
     Dropped(u64),
+    NotKept {
+        lines: u64,
+        why: &'a str,
+    },
     Done,
     /// Anything else (a newer format, a damaged line): skipped.
     Unknown,
@@ -172,6 +198,13 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
         },
         "cut" => Record::Cut,
         "dropped" => Record::Dropped(rest.parse().ok()?),
+        "notkept" => {
+            let (lines, why) = rest.split_once(' ').unwrap_or((rest, ""));
+            Record::NotKept {
+                lines: lines.parse().ok()?,
+                why,
+            }
+        }
         "done" => Record::Done,
         _ => return None,
     })
@@ -189,12 +222,82 @@ pub fn create(
     let dir = state_dir.join("logs");
     private_dir(&dir)?;
     prune(&dir, KEPT_LOGS - 1, total_budget.saturating_sub(max_bytes));
+    // Space is short: the oldest logs go first (every log here belongs to
+    // a command that ended and was delivered: one command runs at a time).
+    while free_bytes(&dir).is_some_and(|free| free < ROOM_AT_START.min(max_bytes))
+        && remove_oldest(&dir, None)
+    {}
+    let path = new_path(state_dir, command);
+    private_file(&path, OpenOptions::new().create_new(true).write(true))?;
+    Ok(path)
+}
+
+/// Where a new log of `command` goes (named for the time, so that name
+/// order is age order).
+pub fn new_path(state_dir: &Path, command: &str) -> PathBuf {
     let stamp = humantime::format_rfc3339_millis(SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
-    let path = dir.join(format!("{stamp}-{command}.log"));
-    private_file(&path, OpenOptions::new().create_new(true).write(true))?;
-    Ok(path)
+    state_dir
+        .join("logs")
+        .join(format!("{stamp}-{command}.log"))
+}
+
+/// The end file of `log`.
+pub fn end_path(log: &Path) -> PathBuf {
+    let mut path = log.as_os_str().to_owned();
+    path.push(".end");
+    PathBuf::from(path)
+}
+
+/// Creates `log`'s end file with its space taken (written out as empty
+/// lines, then fsynced), so that the supervisor's last records overwrite
+/// it in place and need no free space. On a file system that copies on
+/// write (btrfs, ZFS) an overwrite may still need space; the supervisor's
+/// stdout is the second way (see follow.rs). On failure nothing is left.
+pub fn reserve_end(log: &Path) -> io::Result<PathBuf> {
+    use std::io::Write;
+    let path = end_path(log);
+    let reserved = private_file(&path, OpenOptions::new().create_new(true).write(true)).and_then(
+        |mut file| {
+            file.write_all(&[b'\n'; END_FILE_BYTES])?;
+            file.sync_all()
+        },
+    );
+    match reserved {
+        Ok(()) => Ok(path),
+        Err(error) => {
+            let _ = std::fs::remove_file(&path);
+            Err(error)
+        }
+    }
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s file system.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Removes the oldest command log in `dir` (and its end file) other than
+/// `except`; false when there is none to remove.
+pub fn remove_oldest(dir: &Path, except: Option<&Path>) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let oldest = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .filter(|p| Some(p.as_path()) != except)
+        .min();
+    match oldest {
+        Some(log) => {
+            let _ = std::fs::remove_file(end_path(&log));
+            std::fs::remove_file(&log).is_ok()
+        }
+        None => false,
+    }
 }
 
 /// Keeps the newest `keep` logs whose sizes add up to at most `max_total`
@@ -220,6 +323,7 @@ pub fn prune(dir: &Path, keep: usize, max_total: u64) {
             kept += 1;
             total += len;
         } else {
+            let _ = std::fs::remove_file(end_path(path));
             let _ = std::fs::remove_file(path);
         }
     }
@@ -310,6 +414,13 @@ mod tests {
         );
         assert_eq!(parse(b"# dropped 7"), Record::Dropped(7));
         assert_eq!(parse(b"# done"), Record::Done);
+        assert_eq!(
+            parse(b"# notkept 12 no space left on /var"),
+            Record::NotKept {
+                lines: 12,
+                why: "no space left on /var"
+            }
+        );
         assert_eq!(parse(b"# stopped"), Record::Stopped);
         assert_eq!(parse(b"# timedout"), Record::TimedOut);
         assert_eq!(parse(b"# start x"), Record::Unknown);

@@ -8,7 +8,9 @@
 //!    compartments it works on, what may be asked while one runs.
 //! 2. `group.rs`: process groups, and the one way a group is stopped.
 //! 3. `log.rs`: the command log's format, the plan handed to the
-//!    supervisor, creating and pruning logs.
+//!    supervisor, creating and pruning logs, the end file.
+//!    `log_writer.rs`: the log as the supervisor writes it, also on a
+//!    disk that refuses.
 //! 4. `lines.rs`: a line of output as the dashboard gets it.
 //! 5. `handover.rs`: the running-command record one agent hands to the
 //!    next, and following a command of an older agent.
@@ -40,6 +42,7 @@ pub mod handover;
 pub mod launch;
 pub mod lines;
 pub mod log;
+pub mod log_writer;
 pub mod plan;
 pub mod progress;
 pub mod run;

@@ -120,16 +120,22 @@ impl Summary {
             Record::Stopped => self.stopped = true,
             Record::TimedOut => self.current_timed_out = true,
             Record::End { code, how, .. } => self.end_step(code, how, sending, out),
-            Record::Dropped(n) => {
-                if sending {
-                    let notice = format!("[nixfleet] {n} lines dropped");
-                    let frame = output_frame(self.kind.name(), Stream::Stderr, &notice);
-                    out.push(Emit::Frame(frame));
-                }
+            Record::Dropped(n) if sending => {
+                self.notice(&format!("[nixfleet] {n} lines dropped"), out);
             }
+            // Announced before the status; not a line of the command.
+            Record::NotKept { lines, why } if sending => {
+                self.notice(&format!("[nixfleet] {lines} lines not kept: {why}"), out);
+            }
+            Record::Dropped(_) | Record::NotKept { .. } => {}
             Record::Done => self.on_done(sending, out),
             Record::Cut | Record::Unknown => {}
         }
+    }
+
+    fn notice(&self, text: &str, out: &mut Vec<Emit>) {
+        let frame = output_frame(self.kind.name(), Stream::Stderr, text);
+        out.push(Emit::Frame(frame));
     }
 
     /// Where a line of the command becomes what the dashboard gets: a

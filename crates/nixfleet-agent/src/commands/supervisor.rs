@@ -12,19 +12,20 @@
 //!
 //! It does nothing but this: no network, no secrets (its environment is the
 //! command's whitelist), blocking I/O on three threads. Its only limits are
-//! the disk cap of the log and the stop file the agent creates.
+//! the disk cap of the log and the stop file the agent creates. A disk that
+//! refuses to keep the log (full, read-only) costs lines, counted, never
+//! the command or its exit code (log_writer.rs).
 
 use super::group::{GROUP_POLL, GroupStop, describe_exit, exit_code_of, lower_priority};
-use super::log::{MAX_LINE_BYTES, Plan, Step, private_file};
+use super::log::{MAX_LINE_BYTES, Plan, Step};
+use super::log_writer::{Log, one_line};
 use super::table::StopRequest;
-use crate::redact::Scrubber;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After a step exits, how long its pipes may stay open (held by a leftover
@@ -43,20 +44,9 @@ pub fn main() -> ExitCode {
         eprintln!("nixfleet-agent --supervise: expected a plan on stdin");
         return ExitCode::from(crate::config::EXIT_CONFIG);
     };
-    let Ok(file) = private_file(&plan.log, OpenOptions::new().append(true)) else {
-        return ExitCode::FAILURE;
-    };
-    let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let log = Arc::new(Log {
-        max_bytes: plan.max_bytes,
-        scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
-        inner: Mutex::new(LogState {
-            file,
-            written,
-            cut: false,
-            dropped: 0,
-        }),
-    });
+    // A log that cannot be opened does not stop the command: its lines
+    // are counted and its end goes to the end file and stdout.
+    let log = Arc::new(Log::open(&plan));
     run(&plan, &log);
     ExitCode::SUCCESS
 }
@@ -88,11 +78,7 @@ fn run(plan: &Plan, log: &Arc<Log>) {
             break;
         }
     }
-    let dropped = log.lock().dropped;
-    if dropped > 0 {
-        log.event(&format!("dropped {dropped}"));
-    }
-    log.event("done");
+    log.finish(plan.end_file.as_deref());
 }
 
 struct Ended {
@@ -338,98 +324,6 @@ fn pump(mut pipe: Box<dyn Read + Send>, stderr: bool, log: &Log) {
     }
 }
 
-fn push_record(records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
-    records.push(if cut { tag.to_ascii_uppercase() } else { tag });
-    records.push(b' ');
-    records.extend_from_slice(line);
-    records.push(b'\n');
-}
-
-/// The command log as the supervisor writes it: whole records in single
-/// `write`s, output capped, events always.
-struct Log {
-    max_bytes: u64,
-    scrubber: Scrubber,
-    inner: Mutex<LogState>,
-}
-
-struct LogState {
-    file: File,
-    written: u64,
-    cut: bool,
-    dropped: u64,
-}
-
-impl Log {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Appends `lines` whole output records, or as many as fit under the
-    /// cap; past it every line is only counted.
-    fn append(&self, records: &[u8], lines: u64) {
-        let mut state = self.lock();
-        if state.cut {
-            state.dropped += lines;
-            return;
-        }
-        let room = self.max_bytes.saturating_sub(state.written);
-        let fits = if records.len() as u64 <= room {
-            records.len()
-        } else {
-            // The longest prefix of whole records that fits.
-            let limit = room as usize;
-            memchr::memrchr(b'\n', &records[..limit]).map_or(0, |i| i + 1)
-        };
-        if fits > 0 {
-            write_or_give_up(&mut state, &records[..fits]);
-        }
-        if fits < records.len() {
-            let not_kept = memchr::memchr_iter(b'\n', &records[fits..]).count() as u64;
-            state.dropped += not_kept;
-            state.cut = true;
-            let note = format!("# cut {}\n", self.max_bytes);
-            write_or_give_up(&mut state, note.as_bytes());
-        }
-    }
-
-    /// A line of the agent's own, as stdout of the command (under the cap
-    /// like any line).
-    /// Adds a line of the command to `records`, without `repo_url`'s
-    /// credentials.
-    fn push_line(&self, records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
-        match self.scrubber.scrub_bytes(line) {
-            Some(clean) => push_record(records, tag, cut, &clean),
-            None => push_record(records, tag, cut, line),
-        }
-    }
-
-    fn note(&self, text: &str) {
-        let mut record = Vec::with_capacity(text.len() + 3);
-        push_record(&mut record, b'o', false, one_line(text).as_bytes());
-        self.append(&record, 1);
-    }
-
-    fn event(&self, text: &str) {
-        let mut state = self.lock();
-        let record = format!("# {text}\n");
-        write_or_give_up(&mut state, record.as_bytes());
-    }
-}
-
-fn write_or_give_up(state: &mut LogState, bytes: &[u8]) {
-    // A full disk must not stop the command: what cannot be written is
-    // lost from the log (and so from the dashboard), never blocking.
-    if state.file.write_all(bytes).is_ok() {
-        state.written += bytes.len() as u64;
-    }
-}
-
-/// Events are one line each.
-fn one_line(text: &str) -> String {
-    text.replace(['\n', '\r'], " ")
-}
-
 /// Why a program from the repository (a test script) must not run (as
 /// root), if it must not: it, and every directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
 /// symlink out), be owned by root or the agent's user, and be writable by
@@ -487,6 +381,7 @@ mod tests {
             stop_grace_ms: 1000,
             max_bytes,
             scrub_url: None,
+            end_file: None,
             notes: Vec::new(),
             steps,
         }
@@ -507,17 +402,7 @@ mod tests {
 
     fn run_plan(plan: &Plan) -> Vec<String> {
         std::fs::write(&plan.log, "").unwrap();
-        let file = OpenOptions::new().append(true).open(&plan.log).unwrap();
-        let log = Arc::new(Log {
-            max_bytes: plan.max_bytes,
-            scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
-            inner: Mutex::new(LogState {
-                file,
-                written: 0,
-                cut: false,
-                dropped: 0,
-            }),
-        });
+        let log = Arc::new(Log::open(plan));
         run(plan, &log);
         let text = std::fs::read(&plan.log).unwrap();
         text.split(|b| *b == b'\n')
