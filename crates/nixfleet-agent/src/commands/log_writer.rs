@@ -53,7 +53,16 @@ impl Log {
     /// The log of `plan`, opened for appending; a log that cannot be
     /// opened is sealed from the start (the command runs all the same).
     pub fn open(plan: &Plan) -> Log {
-        let file = super::log::private_file(&plan.log, OpenOptions::new().append(true));
+        use super::log::{private_dir, private_file};
+        // Created if the agent could not (so that the error names the
+        // real cause: a read-only or full disk, not a missing file).
+        let open = || private_file(&plan.log, OpenOptions::new().append(true).create(true));
+        let file = match open() {
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                private_dir(plan.log.parent().unwrap_or(Path::new("/"))).and_then(|()| open())
+            }
+            opened => opened,
+        };
         Log::new(plan, file)
     }
 
