@@ -171,12 +171,16 @@ async fn a_full_state_disk_costs_lines_counted_never_the_exit_code() {
 }
 
 #[tokio::test]
-async fn a_read_only_state_disk_keeps_heartbeats_and_statuses() {
-    if skip_unless_root("a_read_only_state_disk_keeps_heartbeats_and_statuses") {
+async fn a_read_only_state_disk_keeps_heartbeats_statuses_and_stops() {
+    if skip_unless_root("a_read_only_state_disk_keeps_heartbeats_statuses_and_stops") {
         return;
     }
     let dashboard = Dashboard::start().await;
-    let body = "echo one; echo two; exit 0";
+    // Runs until stopped while `$HOME/hang` exists.
+    let body = r#"
+if [ -e "$HOME/hang" ]; then echo yes > "$HOME/running"; fi
+while [ -e "$HOME/hang" ]; do sleep 0.05; done
+echo one; echo two; exit 0"#;
     let (mount, agent) = agent_on_tmpfs(dashboard.url(), body, "16m").await;
     let conn = dashboard
         .wait_frame("register", 1, 10 * SECOND)
@@ -197,16 +201,33 @@ async fn a_read_only_state_disk_keeps_heartbeats_and_statuses() {
         .wait_frame("heartbeat", beats + 2, 10 * SECOND)
         .await;
 
-    // Writable again: lines are kept and delivered as usual (on the
-    // connection the agent registers again on after a command).
-    mount.remount("rw");
+    // A stop reaches the command although no stop file can be written
+    // (on the connection the agent registers again on after a command).
+    std::fs::write(agent.dir.path().join("hang"), "").unwrap();
     let conn = dashboard
         .wait_frame("register", 2, 10 * SECOND)
         .await
         .conn();
+    dashboard.command(conn, "switch");
+    wait_for_file(&agent.dir.path().join("running"), 10 * SECOND).await;
+    dashboard.command(conn, "stop");
+    let status = dashboard.wait_frame("status", 2, 10 * SECOND).await;
+    assert_eq!(status.payload()["exit_code"], 143, "{}", status.payload());
+    assert_eq!(
+        status.payload()["message"],
+        "Stopped by user",
+        "{}",
+        status.payload()
+    );
+    std::fs::remove_file(agent.dir.path().join("hang")).unwrap();
+
+    // Writable again: lines are kept and delivered as usual.
+    mount.remount("rw");
+    let conn = dashboard.current_conn().unwrap();
+    eprintln!("DEBUG {}", agent.stderr());
     let from = Instant::now();
     dashboard.command(conn, "switch");
-    let status = dashboard.wait_frame("status", 2, 10 * SECOND).await;
+    let status = dashboard.wait_frame("status", 3, 10 * SECOND).await;
     assert_eq!(status.payload()["status"], "ok");
     let lines: Vec<String> = dashboard
         .log()

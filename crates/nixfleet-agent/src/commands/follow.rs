@@ -45,30 +45,54 @@ pub async fn follow(
 ) -> Status {
     let stop_file = followed.stop_file.clone();
     let tail = followed.tail.take();
+    // Only a supervisor this agent started (this very binary) knows the
+    // stop signals; for any other the default action would end it.
+    let ours = followed.supervisor.filter(|_| tail.is_some());
     tokio::select! {
         status = read_log(&followed, tail, outbox, progress) => status,
-        () = forward_stops(stop, &stop_file) => unreachable!("forward_stops never ends"),
+        () = forward_stops(stop, &stop_file, ours) => unreachable!("forward_stops never ends"),
     }
 }
 
 /// Hands stop requests to the supervisor, which signals the step's group
 /// (and keeps doing so should this agent die).
-async fn forward_stops(stop: &mut watch::Receiver<Option<StopRequest>>, stop_file: &Path) {
+async fn forward_stops(
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+    stop_file: &Path,
+    ours: Option<(u32, u64)>,
+) {
     loop {
         let request = *stop.borrow_and_update();
         if let Some(request) = request {
-            let word: &[u8] = match request {
-                StopRequest::Terminate => b"TERM",
-                StopRequest::Kill => b"KILL",
-            };
-            if let Err(error) = crate::state_file::write_private(stop_file, word) {
-                warn!(error = %error, "cannot hand the stop request to the command's supervisor");
-            }
+            hand_over_stop(request, stop_file, ours);
         }
         if stop.changed().await.is_err() {
             // The core is gone (the agent is exiting): nothing more to forward.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// The stop file (for any supervisor, this agent's or a predecessor's),
+/// and a signal to a supervisor of ours (which a full or read-only state
+/// disk cannot stop).
+fn hand_over_stop(request: StopRequest, stop_file: &Path, ours: Option<(u32, u64)>) {
+    let word: &[u8] = match request {
+        StopRequest::Terminate => b"TERM",
+        StopRequest::Kill => b"KILL",
+    };
+    let filed = crate::state_file::write_private(stop_file, word);
+    let signalled = match ours {
+        // The same process, not a recycled pid.
+        Some((pid, start)) if process_start_ticks(pid) == Some(start) => {
+            super::stop_signal::send(pid, request).is_ok()
+        }
+        _ => false,
+    };
+    if let Err(error) = filed
+        && !signalled
+    {
+        warn!(error = %error, "cannot hand the stop request to the command's supervisor");
     }
 }
 
@@ -122,7 +146,10 @@ async fn read_log(
             reader.send(emit, reader.base).await;
         }
     }
-    if !summary.done() {
+    if summary.done() {
+        // The log holds the end: its end file, unused, goes.
+        let _ = std::fs::remove_file(end_path(&followed.log));
+    } else {
         reader.read_end_records(&mut summary, tail).await;
     }
     ended(followed, &summary)

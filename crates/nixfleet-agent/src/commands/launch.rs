@@ -136,11 +136,16 @@ async fn start_supervisor(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // SAFETY: setsid and sigprocmask are async-signal-safe and touch no
+    // memory of ours.
     // Its own session: a signal meant for the agent (Ctrl-C in a
     // terminal) reaches neither the supervisor nor the deployment.
+    // Stop signals are blocked until the supervisor catches them.
     unsafe {
-        command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+        command.pre_exec(|| {
+            rustix::process::setsid()?;
+            super::stop_signal::block_in_child()
+        });
     }
     let mut child = command.spawn()?;
     let pid = child

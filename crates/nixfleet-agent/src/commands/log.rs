@@ -27,7 +27,8 @@
 //!
 //! When the disk refuses a record, the log stops there (it stays a clean
 //! prefix, see log_writer.rs) and the records that could not be written
-//! go, once the command ends, into the end file `<log>.end`: created with
+//! go, once the command ends, into the end file (`state_dir/ends/<log
+//! name>.end`): created with
 //! its space taken when the command starts, so that writing into it needs
 //! no free space. It holds the same records, padded with empty lines.
 //!
@@ -243,11 +244,16 @@ pub fn new_path(state_dir: &Path, command: &str) -> PathBuf {
         .join(format!("{stamp}-{command}.log"))
 }
 
-/// The end file of `log`.
+/// The end file of `log` (`state_dir/logs/<name>` → `state_dir/ends/<name>.end`):
+/// in a directory of its own, so that `logs/` holds the logs only.
 pub fn end_path(log: &Path) -> PathBuf {
-    let mut path = log.as_os_str().to_owned();
-    path.push(".end");
-    PathBuf::from(path)
+    let state_dir = log
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    let mut name = log.file_name().unwrap_or_default().to_owned();
+    name.push(".end");
+    state_dir.join("ends").join(name)
 }
 
 /// Creates `log`'s end file with its space taken (written out as empty
@@ -258,6 +264,7 @@ pub fn end_path(log: &Path) -> PathBuf {
 pub fn reserve_end(log: &Path) -> io::Result<PathBuf> {
     use std::io::Write;
     let path = end_path(log);
+    private_dir(path.parent().unwrap_or(Path::new("/")))?;
     let reserved = private_file(&path, OpenOptions::new().create_new(true).write(true)).and_then(
         |mut file| {
             file.write_all(&[b'\n'; END_FILE_BYTES])?;

@@ -366,14 +366,16 @@ mod tests {
     /// the end file, whose old contents they overwrite in place.
     #[test]
     fn a_full_disk_costs_lines_counted_never_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let old = dir.path().join("20000101T000000Z-switch.log");
+        let state_dir = tempfile::tempdir().unwrap();
+        let dir = state_dir.path().join("logs");
+        std::fs::create_dir(&dir).unwrap();
+        let old = dir.join("20000101T000000Z-switch.log");
         std::fs::write(&old, "o old\n").unwrap();
-        let log_path = dir.path().join("20260101T000000Z-switch.log");
+        let log_path = dir.join("20260101T000000Z-switch.log");
         let end = crate::commands::log::reserve_end(&log_path).unwrap();
         let plan = Plan {
             log: log_path,
-            stop_file: dir.path().join("stop"),
+            stop_file: dir.join("stop"),
             stop_grace_ms: 1000,
             max_bytes: u64::MAX,
             scrub_url: None,

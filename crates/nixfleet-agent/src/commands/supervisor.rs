@@ -36,6 +36,7 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// Entry point of `nixfleet-agent --supervise`.
 pub fn main() -> ExitCode {
+    super::stop_signal::catch();
     let mut input = Vec::new();
     if std::io::stdin().read_to_end(&mut input).is_err() {
         return ExitCode::FAILURE;
@@ -267,6 +268,9 @@ fn wait(plan: &Plan, child: &mut Child, pid: u32, timeout: Option<Duration>) -> 
 
 /// What the agent asked for, if it asked for a stop.
 fn stop_request(plan: &Plan) -> Option<StopRequest> {
+    if let Some(request) = super::stop_signal::requested() {
+        return Some(request);
+    }
     let text = std::fs::read(&plan.stop_file).ok()?;
     Some(if text.starts_with(b"KILL") {
         StopRequest::Kill
