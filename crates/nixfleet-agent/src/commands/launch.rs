@@ -60,27 +60,7 @@ pub async fn launch(
 ) -> std::io::Result<Launched> {
     let state_dir = &config.state_dir;
     let max_bytes = kind.log_max_bytes(config.log_max_bytes);
-    let log = match log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes) {
-        Ok(log) => log,
-        Err(error) => {
-            // Not a reason to refuse the command (a full or read-only
-            // state disk is when the operator needs it most): it runs,
-            // its lines are counted as not kept, its end reaches us on the
-            // supervisor's stdout.
-            warn!(%error, "cannot create the command log; the command runs without one");
-            log::new_path(state_dir, kind.name())
-        }
-    };
-    // The end file: where the end goes when the log has no room for it.
-    // Without it (no room even for that), the supervisor's stdout is the
-    // only way (see follow.rs).
-    let end_file = match log::reserve_end(&log) {
-        Ok(path) => Some(path),
-        Err(error) => {
-            warn!(%error, "cannot reserve the command's end file; its end will reach this agent on the supervisor's stdout only");
-            None
-        }
-    };
+    let (log, end_file) = create_log(config, kind, max_bytes);
     let stop_file = handover::stop_path(state_dir);
     let _ = std::fs::remove_file(&stop_file);
     let cursor = DeliveryCursor::create(&handover::sent_path(state_dir)).unwrap_or_else(|error| {
@@ -114,6 +94,30 @@ pub async fn launch(
         tail: Some(tail),
     };
     Ok(Launched { record, followed })
+}
+
+/// The command's log and its end file. Neither failing is a reason to
+/// refuse the command (a full or read-only state disk is when the operator
+/// needs it most): without a log the command runs all the same, its lines
+/// counted as not kept; without an end file (no room even for that) its
+/// end reaches this agent on the supervisor's stdout only (see follow.rs).
+fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, Option<PathBuf>) {
+    let state_dir = &config.state_dir;
+    let log = match log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes) {
+        Ok(log) => log,
+        Err(error) => {
+            warn!(%error, "cannot create the command log; the command runs without one");
+            log::new_path(state_dir, kind.name())
+        }
+    };
+    let end_file = match log::reserve_end(&log) {
+        Ok(path) => Some(path),
+        Err(error) => {
+            warn!(%error, "cannot reserve the command's end file; its end will reach this agent on the supervisor's stdout only");
+            None
+        }
+    };
+    (log, end_file)
 }
 
 /// Starts `nixfleet-agent --supervise` with the plan on its stdin (so that
