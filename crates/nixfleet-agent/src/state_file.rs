@@ -66,15 +66,12 @@ fn write_private_with(
         fault(Stage::Rename)?;
         std::fs::rename(&tmp, path)
     };
-    if let Err(error) = replace() {
+    // The directory is not fsynced after the rename: a crash may bring
+    // back the previous record, whole, which every reader handles; one
+    // more open and fsync on every write would buy nothing else.
+    replace().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(error);
-    }
-    // The rename made durable. It already happened: a failure here only
-    // means a crash could bring the old record back, so it is not one.
-    if let Some(dir) = path.parent() {
-        let _ = File::open(dir).and_then(|dir| dir.sync_all());
-    }
+    })?;
     Ok(())
 }
 
