@@ -363,6 +363,34 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_other_log_goes_with_its_end_file() {
+        let state_dir = tempfile::tempdir().unwrap();
+        let dir = state_dir.path().join("logs");
+        std::fs::create_dir(&dir).unwrap();
+        let logs: Vec<PathBuf> = (1..=3)
+            .map(|i| dir.join(format!("2026010{i}T000000Z-switch.log")))
+            .collect();
+        for log in &logs {
+            std::fs::write(log, "o x\n").unwrap();
+            let end = reserve_end(log).unwrap();
+            assert_eq!(
+                std::fs::metadata(&end).unwrap().len(),
+                END_FILE_BYTES as u64
+            );
+        }
+        assert!(end_path(&logs[0]).starts_with(state_dir.path().join("ends")));
+        // The running command's log is never the one to go.
+        assert!(remove_oldest(&dir, Some(&logs[0])));
+        assert!(logs[0].exists() && !logs[1].exists() && !end_path(&logs[1]).exists());
+        assert!(remove_oldest(&dir, Some(&logs[0])));
+        assert!(
+            !remove_oldest(&dir, Some(&logs[0])),
+            "only the running one is left"
+        );
+        assert!(logs[0].exists() && end_path(&logs[0]).exists());
+    }
+
+    #[test]
     fn records_parse() {
         assert_eq!(
             parse(b"o hello"),
