@@ -121,7 +121,8 @@ async fn read_log(
         followed.branch.clone(),
     );
     let watch = LogWatch::new(&followed.log);
-    if watch.is_none() {
+    // (A log the disk did not let anyone create has nothing to watch.)
+    if watch.is_none() && followed.log.exists() {
         warn!("inotify unavailable; polling the command log");
     }
     let mut reader = Reader::open(followed, outbox, progress);
