@@ -318,7 +318,9 @@ impl Outbox {
 /// what bounds the duplicates after a crash to one batch).
 #[derive(Debug)]
 pub struct DeliveryCursor {
-    file: File,
+    /// `None`: the file could not be created (a full or read-only state
+    /// disk); delivery goes on, only a next agent would start the log over.
+    file: Option<File>,
 }
 
 /// Width of the stored number: fixed, so an overwrite never leaves digits
@@ -336,9 +338,14 @@ impl DeliveryCursor {
                 .create(true)
                 .truncate(true),
         )?;
-        let mut cursor = DeliveryCursor { file };
+        let mut cursor = DeliveryCursor { file: Some(file) };
         cursor.store(0);
         Ok(cursor)
+    }
+
+    /// A cursor kept nowhere (see `file`).
+    pub fn detached() -> Self {
+        DeliveryCursor { file: None }
     }
 
     /// Opens an existing cursor and reads where it stands (0 when missing
@@ -356,14 +363,16 @@ impl DeliveryCursor {
                 .create(true)
                 .truncate(false),
         )?;
-        Ok((DeliveryCursor { file }, offset))
+        Ok((DeliveryCursor { file: Some(file) }, offset))
     }
 
     pub fn store(&mut self, offset: u64) {
         let text = format!("{offset:0CURSOR_WIDTH$}\n");
         // Best effort: a cursor that lags only means duplicates after a
         // crash, never a gap.
-        let _ = self.file.write_all_at(text.as_bytes(), 0);
+        if let Some(file) = &self.file {
+            let _ = file.write_all_at(text.as_bytes(), 0);
+        }
     }
 }
 

@@ -24,19 +24,55 @@ pub fn private_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> 
     Ok(file)
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, then rename), 0600.
+/// Writes `bytes` to `path` atomically, 0600: a temporary file, written
+/// and fsynced, then renamed over `path`. Any step may fail (a full or
+/// read-only disk: ENOSPC, EROFS, EIO); the temporary file is then
+/// removed and `path` keeps its previous contents, never half of new ones.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_private_with(path, bytes, &mut |_| Ok(()))
+}
+
+/// The steps of [`write_private`], where a test injects a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Create,
+    Write,
+    Sync,
+    Rename,
+}
+
+fn write_private_with(
+    path: &Path,
+    bytes: &[u8],
+    fault: &mut dyn FnMut(Stage) -> io::Result<()>,
+) -> io::Result<()> {
     use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut file = private_file(
-        &tmp,
-        OpenOptions::new().write(true).create(true).truncate(true),
-    )?;
-    file.write_all(bytes)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    let mut replace = || {
+        fault(Stage::Create)?;
+        let mut file = private_file(
+            &tmp,
+            OpenOptions::new().write(true).create(true).truncate(true),
+        )?;
+        fault(Stage::Write)?;
+        file.write_all(bytes)?;
+        // On disk before the name points at it: after a crash the name
+        // holds the old record or the new one, not an empty file.
+        fault(Stage::Sync)?;
+        file.sync_all()?;
+        drop(file);
+        fault(Stage::Rename)?;
+        std::fs::rename(&tmp, path)
+    };
+    // The directory is not fsynced after the rename: a crash may bring
+    // back the previous record, whole, which every reader handles; one
+    // more open and fsync on every write would buy nothing else.
+    replace().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(())
 }
 
 /// Writes `value` as JSON to `state_dir/file` atomically (a temporary file,
@@ -65,5 +101,31 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
         write_private(&file, b"y").unwrap();
         assert_eq!(mode(&file), 0o600);
+    }
+
+    /// A disk that refuses at any step of a write leaves the previous
+    /// record whole and no temporary file behind.
+    #[test]
+    fn a_refused_write_keeps_the_previous_file_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let value = serde_json::json!({"command": "switch", "pid": 42});
+        save_json(dir.path(), "record.json", &value).unwrap();
+        let path = dir.path().join("record.json");
+        let before = std::fs::read(&path).unwrap();
+        let errors = [libc::ENOSPC, libc::EROFS, libc::EIO];
+        for stage in [Stage::Create, Stage::Write, Stage::Sync, Stage::Rename] {
+            for errno in errors {
+                let written = write_private_with(&path, b"{\"half\":", &mut |at| match at {
+                    at if at == stage => Err(io::Error::from_raw_os_error(errno)),
+                    _ => Ok(()),
+                });
+                let error = written.expect_err("the injected failure is reported");
+                assert_eq!(error.raw_os_error(), Some(errno), "{stage:?}");
+                assert_eq!(std::fs::read(&path).unwrap(), before, "{stage:?} {errno}");
+                assert!(!dir.path().join("record.json.tmp").exists(), "{stage:?}");
+            }
+        }
+        write_private(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
     }
 }

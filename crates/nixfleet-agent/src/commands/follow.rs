@@ -9,7 +9,7 @@
 
 use super::handover::process_start_ticks;
 use super::launch::Followed;
-use super::log::parse;
+use super::log::{Record, end_path, parse};
 use super::progress::Progress;
 use super::summary::{Emit, Summary};
 use super::table::StopRequest;
@@ -22,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 /// Bytes read from the log at once; a record is at most 64 KiB + 3.
@@ -38,36 +38,61 @@ const FALLBACK_POLL: Duration = Duration::from_millis(20);
 /// Follows the command until its supervisor is done (or gone) and every
 /// record was queued; returns its status, which the caller queues next.
 pub async fn follow(
-    followed: Followed,
+    mut followed: Followed,
     outbox: &Outbox,
     progress: &mpsc::Sender<Progress>,
     stop: &mut watch::Receiver<Option<StopRequest>>,
 ) -> Status {
     let stop_file = followed.stop_file.clone();
+    let tail = followed.tail.take();
+    // Only a supervisor this agent started (this very binary) knows the
+    // stop signals; for any other the default action would end it.
+    let ours = followed.supervisor.filter(|_| tail.is_some());
     tokio::select! {
-        status = read_log(&followed, outbox, progress) => status,
-        () = forward_stops(stop, &stop_file) => unreachable!("forward_stops never ends"),
+        status = read_log(&followed, tail, outbox, progress) => status,
+        () = forward_stops(stop, &stop_file, ours) => unreachable!("forward_stops never ends"),
     }
 }
 
 /// Hands stop requests to the supervisor, which signals the step's group
 /// (and keeps doing so should this agent die).
-async fn forward_stops(stop: &mut watch::Receiver<Option<StopRequest>>, stop_file: &Path) {
+async fn forward_stops(
+    stop: &mut watch::Receiver<Option<StopRequest>>,
+    stop_file: &Path,
+    ours: Option<(u32, u64)>,
+) {
     loop {
         let request = *stop.borrow_and_update();
         if let Some(request) = request {
-            let word: &[u8] = match request {
-                StopRequest::Terminate => b"TERM",
-                StopRequest::Kill => b"KILL",
-            };
-            if let Err(error) = crate::state_file::write_private(stop_file, word) {
-                warn!(error = %error, "cannot hand the stop request to the command's supervisor");
-            }
+            hand_over_stop(request, stop_file, ours);
         }
         if stop.changed().await.is_err() {
             // The core is gone (the agent is exiting): nothing more to forward.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// The stop file (for any supervisor, this agent's or a predecessor's),
+/// and a signal to a supervisor of ours (which a full or read-only state
+/// disk cannot stop).
+fn hand_over_stop(request: StopRequest, stop_file: &Path, ours: Option<(u32, u64)>) {
+    let word: &[u8] = match request {
+        StopRequest::Terminate => b"TERM",
+        StopRequest::Kill => b"KILL",
+    };
+    let filed = crate::state_file::write_private(stop_file, word);
+    let signalled = match ours {
+        // The same process, not a recycled pid.
+        Some((pid, start)) if process_start_ticks(pid) == Some(start) => {
+            super::stop_signal::send(pid, request).is_ok()
+        }
+        _ => false,
+    };
+    if let Err(error) = filed
+        && !signalled
+    {
+        warn!(error = %error, "cannot hand the stop request to the command's supervisor");
     }
 }
 
@@ -86,6 +111,7 @@ struct Reader<'a> {
 
 async fn read_log(
     followed: &Followed,
+    tail: Option<oneshot::Receiver<Vec<u8>>>,
     outbox: &Outbox,
     progress: &mpsc::Sender<Progress>,
 ) -> Status {
@@ -95,7 +121,8 @@ async fn read_log(
         followed.branch.clone(),
     );
     let watch = LogWatch::new(&followed.log);
-    if watch.is_none() {
+    // (A log the disk did not let anyone create has nothing to watch.)
+    if watch.is_none() && followed.log.exists() {
         warn!("inotify unavailable; polling the command log");
     }
     let mut reader = Reader::open(followed, outbox, progress);
@@ -120,7 +147,36 @@ async fn read_log(
             reader.send(emit, reader.base).await;
         }
     }
+    if summary.done() {
+        // The log holds the end: its end file, unused, goes.
+        let _ = std::fs::remove_file(end_path(&followed.log));
+    } else {
+        reader.read_end_records(&mut summary, tail).await;
+    }
     ended(followed, &summary)
+}
+
+/// How long the supervisor's stdout is awaited once it is gone (it was
+/// read to its end before the supervisor was reaped: this only guards
+/// against a bug there).
+const TAIL_WAIT: Duration = Duration::from_secs(5);
+
+/// The records the log could not keep (log_writer.rs): from the end file,
+/// whose space was taken at start, or else from what the supervisor
+/// printed on its stdout (only for one this agent started).
+async fn end_records(log: &Path, tail: Option<oneshot::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    let has_done = |bytes: &[u8]| {
+        bytes
+            .split(|b| *b == b'\n')
+            .any(|record| parse(record) == Record::Done)
+    };
+    if let Ok(bytes) = std::fs::read(end_path(log))
+        && has_done(&bytes)
+    {
+        return Some(bytes);
+    }
+    let bytes = tokio::time::timeout(TAIL_WAIT, tail?).await.ok()?.ok()?;
+    has_done(&bytes).then_some(bytes)
 }
 
 fn supervisor_alive(followed: &Followed) -> bool {
@@ -221,6 +277,30 @@ impl<'a> Reader<'a> {
         }
         self.buf.drain(..consumed);
         self.base += consumed as u64;
+    }
+
+    /// The supervisor is gone and the log ends without `done`: the end
+    /// records it could not write there, if it left them elsewhere.
+    async fn read_end_records(
+        &mut self,
+        summary: &mut Summary,
+        tail: Option<oneshot::Receiver<Vec<u8>>>,
+    ) {
+        let Some(bytes) = end_records(&self.followed.log, tail).await else {
+            return;
+        };
+        info!(
+            command = self.followed.kind.name(),
+            "the command log ends early; its end was recorded beside it"
+        );
+        for record in bytes.split(|b| *b == b'\n') {
+            let mut emitted = std::mem::take(&mut self.emitted);
+            summary.on_record(parse(record), true, &mut emitted);
+            for emit in emitted.drain(..) {
+                self.send(emit, self.base).await;
+            }
+            self.emitted = emitted;
+        }
     }
 
     /// Queues one frame (carrying its log position `end`) or passes an

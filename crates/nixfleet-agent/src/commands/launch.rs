@@ -10,8 +10,13 @@ use crate::config::Config;
 use crate::outbox::{DeliveryCursor, Outbox};
 use std::path::PathBuf;
 use std::process::Stdio;
-use tokio::io::AsyncWriteExt;
-use tracing::info;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+/// Most bytes of the supervisor's stdout kept (its last records fit in
+/// the end file's size).
+const TAIL_MAX_BYTES: u64 = 2 * super::log::END_FILE_BYTES as u64;
 
 /// The hidden first argument that makes the binary a supervisor.
 pub const SUPERVISE_ARG: &str = "--supervise";
@@ -33,6 +38,10 @@ pub struct Followed {
     pub repo_dir: PathBuf,
     /// The configured branch (what a git check compares HEAD with).
     pub branch: String,
+    /// What the supervisor this agent started printed on its stdout (its
+    /// last records, when the log could not keep them); `None` for a
+    /// command another agent started.
+    pub tail: Option<oneshot::Receiver<Vec<u8>>>,
 }
 
 /// A started command: the record a next agent adopts, and what to follow.
@@ -51,20 +60,24 @@ pub async fn launch(
 ) -> std::io::Result<Launched> {
     let state_dir = &config.state_dir;
     let max_bytes = kind.log_max_bytes(config.log_max_bytes);
-    let log = log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes)?;
+    let (log, end_file) = create_log(config, kind, max_bytes);
     let stop_file = handover::stop_path(state_dir);
     let _ = std::fs::remove_file(&stop_file);
-    let cursor = DeliveryCursor::create(&handover::sent_path(state_dir))?;
+    let cursor = DeliveryCursor::create(&handover::sent_path(state_dir)).unwrap_or_else(|error| {
+        warn!(%error, "cannot create the delivery cursor; a restarted agent would send this log again");
+        DeliveryCursor::detached()
+    });
     let plan = Plan {
         log: log.clone(),
         stop_file: stop_file.clone(),
         stop_grace_ms: config.stop_grace.as_millis() as u64,
         max_bytes,
         scrub_url: config.repo_url.clone(),
+        end_file,
         notes: planned.notes,
         steps: planned.steps,
     };
-    let pid = start_supervisor(child_env, &plan).await?;
+    let (pid, tail) = start_supervisor(child_env, &plan).await?;
     info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
     let log_id = outbox.track(cursor);
     let record = CommandRecord::supervised(kind.name(), pid, log.clone())
@@ -78,16 +91,42 @@ pub async fn launch(
         stop_file,
         repo_dir: config.repo_dir.clone(),
         branch: config.branch.clone(),
+        tail: Some(tail),
     };
     Ok(Launched { record, followed })
 }
 
+/// The command's log and its end file. Neither failing is a reason to
+/// refuse the command (a full or read-only state disk is when the operator
+/// needs it most): without a log the command runs all the same, its lines
+/// counted as not kept; without an end file (no room even for that) its
+/// end reaches this agent on the supervisor's stdout only (see follow.rs).
+fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, Option<PathBuf>) {
+    let state_dir = &config.state_dir;
+    let log = match log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes) {
+        Ok(log) => log,
+        Err(error) => {
+            warn!(%error, "cannot create the command log; the command runs without one");
+            log::new_path(state_dir, kind.name())
+        }
+    };
+    let end_file = match log::reserve_end(&log) {
+        Ok(path) => Some(path),
+        Err(error) => {
+            warn!(%error, "cannot reserve the command's end file; its end will reach this agent on the supervisor's stdout only");
+            None
+        }
+    };
+    (log, end_file)
+}
+
 /// Starts `nixfleet-agent --supervise` with the plan on its stdin (so that
-/// nothing of it shows in `ps`); returns its pid.
+/// nothing of it shows in `ps`); returns its pid and what it will have
+/// printed on its stdout once it ended.
 async fn start_supervisor(
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
     plan: &Plan,
-) -> std::io::Result<u32> {
+) -> std::io::Result<(u32, oneshot::Receiver<Vec<u8>>)> {
     // The running binary, even when a switch replaced the file: the
     // supervisor is always this very version.
     let mut command = tokio::process::Command::new("/proc/self/exe");
@@ -98,14 +137,19 @@ async fn start_supervisor(
         .env_clear()
         .envs(child_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(false);
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // SAFETY: setsid and sigprocmask are async-signal-safe and touch no
+    // memory of ours.
     // Its own session: a signal meant for the agent (Ctrl-C in a
     // terminal) reaches neither the supervisor nor the deployment.
+    // Stop signals are blocked until the supervisor catches them.
     unsafe {
-        command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+        command.pre_exec(|| {
+            rustix::process::setsid()?;
+            super::stop_signal::block_in_child()
+        });
     }
     let mut child = command.spawn()?;
     let pid = child
@@ -116,9 +160,17 @@ async fn start_supervisor(
         stdin.write_all(&json).await?;
     }
     // Reaps the supervisor when it ends (a next agent cannot: it is then
-    // init's child).
+    // init's child), after reading its stdout to the end: the follower
+    // sees the supervisor gone only once this was handed over.
+    let stdout = child.stdout.take();
+    let (tail_tx, tail_rx) = oneshot::channel();
     tokio::spawn(async move {
+        let mut tail = Vec::new();
+        if let Some(stdout) = stdout {
+            let _ = stdout.take(TAIL_MAX_BYTES).read_to_end(&mut tail).await;
+        }
         let _ = child.wait().await;
+        let _ = tail_tx.send(tail);
     });
-    Ok(pid)
+    Ok((pid, tail_rx))
 }

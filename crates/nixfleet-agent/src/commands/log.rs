@@ -20,8 +20,17 @@
 //! # end <i> <code> <how it ended>
 //! # cut <bytes>      the log reached its cap here; later lines are counted only
 //! # dropped <n>      lines not kept because of the cap
+//! # notkept <n> <why> lines not kept because the disk refused them (full,
+//!                    read-only, failing); `why` names the file system
 //! # done             the supervisor finished; nothing follows
 //! ```
+//!
+//! When the disk refuses a record, the log stops there (it stays a clean
+//! prefix, see log_writer.rs) and the records that could not be written
+//! go, once the command ends, into the end file (`state_dir/ends/<log
+//! name>.end`): created with
+//! its space taken when the command starts, so that writing into it needs
+//! no free space. It holds the same records, padded with empty lines.
 //!
 //! A single file keeps the order between a test script's lines and the
 //! progress after it, and lets one offset describe what was delivered.
@@ -37,6 +46,15 @@ use std::time::SystemTime;
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Command logs kept under `state_dir/logs`.
 pub const KEPT_LOGS: usize = 50;
+/// Size of the end file: room for the end records of any plan (each
+/// record the supervisor puts there is at most [`MAX_TAIL_RECORD`] bytes).
+pub const END_FILE_BYTES: usize = 16 * 1024;
+/// Longest record written into the end file.
+pub const MAX_TAIL_RECORD: usize = 512;
+/// Free space the agent makes (by pruning old logs) before a command
+/// starts: its end file and a first batch of lines. The supervisor prunes
+/// further, batch by batch, as the command writes (log_writer.rs).
+const ROOM_AT_START: u64 = END_FILE_BYTES as u64 + 128 * 1024;
 
 /// What the agent hands its supervisor (as JSON on the supervisor's stdin,
 /// so nothing of it shows in `ps`).
@@ -58,6 +76,11 @@ pub struct Plan {
     /// their environment.
     #[serde(default)]
     pub scrub_url: Option<String>,
+    /// The end file (see the top of this file); `None` when it could not
+    /// be created (the disk was already full): the supervisor then hands
+    /// its last records to the agent on its stdout only.
+    #[serde(default)]
+    pub end_file: Option<PathBuf>,
     pub steps: Vec<Step>,
 }
 
@@ -122,6 +145,10 @@ pub enum Record<'a> {
     },
     Cut,
     Dropped(u64),
+    NotKept {
+        lines: u64,
+        why: &'a str,
+    },
     Done,
     /// Anything else (a newer format, a damaged line): skipped.
     Unknown,
@@ -178,6 +205,13 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
         },
         "cut" => Record::Cut,
         "dropped" => Record::Dropped(rest.parse().ok()?),
+        "notkept" => {
+            let (lines, why) = rest.split_once(' ').unwrap_or((rest, ""));
+            Record::NotKept {
+                lines: lines.parse().ok()?,
+                why,
+            }
+        }
         "done" => Record::Done,
         _ => return None,
     })
@@ -195,12 +229,88 @@ pub fn create(
     let dir = state_dir.join("logs");
     private_dir(&dir)?;
     prune(&dir, KEPT_LOGS - 1, total_budget.saturating_sub(max_bytes));
+    // Space is short: the oldest logs go first (every log here belongs to
+    // a command that ended and was delivered: one command runs at a time).
+    while free_bytes(&dir).is_some_and(|free| free < ROOM_AT_START.min(max_bytes))
+        && remove_oldest(&dir, None)
+    {}
+    let path = new_path(state_dir, command);
+    private_file(&path, OpenOptions::new().create_new(true).write(true))?;
+    Ok(path)
+}
+
+/// Where a new log of `command` goes (named for the time, so that name
+/// order is age order).
+pub fn new_path(state_dir: &Path, command: &str) -> PathBuf {
     let stamp = humantime::format_rfc3339_millis(SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
-    let path = dir.join(format!("{stamp}-{command}.log"));
-    private_file(&path, OpenOptions::new().create_new(true).write(true))?;
-    Ok(path)
+    state_dir
+        .join("logs")
+        .join(format!("{stamp}-{command}.log"))
+}
+
+/// The end file of `log` (`state_dir/logs/<name>` → `state_dir/ends/<name>.end`):
+/// in a directory of its own, so that `logs/` holds the logs only.
+pub fn end_path(log: &Path) -> PathBuf {
+    let state_dir = log
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    let mut name = log.file_name().unwrap_or_default().to_owned();
+    name.push(".end");
+    state_dir.join("ends").join(name)
+}
+
+/// Creates `log`'s end file with its space taken (written out as empty
+/// lines, then fsynced), so that the supervisor's last records overwrite
+/// it in place and need no free space. On a file system that copies on
+/// write (btrfs, ZFS) an overwrite may still need space; the supervisor's
+/// stdout is the second way (see follow.rs). On failure nothing is left.
+pub fn reserve_end(log: &Path) -> io::Result<PathBuf> {
+    use std::io::Write;
+    let path = end_path(log);
+    private_dir(path.parent().unwrap_or(Path::new("/")))?;
+    let reserved = private_file(&path, OpenOptions::new().create_new(true).write(true)).and_then(
+        |mut file| {
+            file.write_all(&[b'\n'; END_FILE_BYTES])?;
+            file.sync_all()
+        },
+    );
+    match reserved {
+        Ok(()) => Ok(path),
+        Err(error) => {
+            let _ = std::fs::remove_file(&path);
+            Err(error)
+        }
+    }
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s file system.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Removes the oldest command log in `dir` (and its end file) other than
+/// `except`; false when there is none to remove.
+pub fn remove_oldest(dir: &Path, except: Option<&Path>) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let oldest = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .filter(|p| Some(p.as_path()) != except)
+        .min();
+    match oldest {
+        Some(log) => {
+            let _ = std::fs::remove_file(end_path(&log));
+            std::fs::remove_file(&log).is_ok()
+        }
+        None => false,
+    }
 }
 
 /// Keeps the newest `keep` logs whose sizes add up to at most `max_total`
@@ -226,6 +336,7 @@ pub fn prune(dir: &Path, keep: usize, max_total: u64) {
             kept += 1;
             total += len;
         } else {
+            let _ = std::fs::remove_file(end_path(path));
             let _ = std::fs::remove_file(path);
         }
     }
@@ -255,6 +366,34 @@ mod tests {
                 "20260106T000000Z-pull.log"
             ]
         );
+    }
+
+    #[test]
+    fn the_oldest_other_log_goes_with_its_end_file() {
+        let state_dir = tempfile::tempdir().unwrap();
+        let dir = state_dir.path().join("logs");
+        std::fs::create_dir(&dir).unwrap();
+        let logs: Vec<PathBuf> = (1..=3)
+            .map(|i| dir.join(format!("2026010{i}T000000Z-switch.log")))
+            .collect();
+        for log in &logs {
+            std::fs::write(log, "o x\n").unwrap();
+            let end = reserve_end(log).unwrap();
+            assert_eq!(
+                std::fs::metadata(&end).unwrap().len(),
+                END_FILE_BYTES as u64
+            );
+        }
+        assert!(end_path(&logs[0]).starts_with(state_dir.path().join("ends")));
+        // The running command's log is never the one to go.
+        assert!(remove_oldest(&dir, Some(&logs[0])));
+        assert!(logs[0].exists() && !logs[1].exists() && !end_path(&logs[1]).exists());
+        assert!(remove_oldest(&dir, Some(&logs[0])));
+        assert!(
+            !remove_oldest(&dir, Some(&logs[0])),
+            "only the running one is left"
+        );
+        assert!(logs[0].exists() && end_path(&logs[0]).exists());
     }
 
     #[test]
@@ -316,6 +455,13 @@ mod tests {
         );
         assert_eq!(parse(b"# dropped 7"), Record::Dropped(7));
         assert_eq!(parse(b"# done"), Record::Done);
+        assert_eq!(
+            parse(b"# notkept 12 no space left on /var"),
+            Record::NotKept {
+                lines: 12,
+                why: "no space left on /var"
+            }
+        );
         assert_eq!(parse(b"# stopped"), Record::Stopped);
         assert_eq!(parse(b"# timedout"), Record::TimedOut);
         assert_eq!(parse(b"# start x"), Record::Unknown);

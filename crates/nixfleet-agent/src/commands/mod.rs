@@ -6,9 +6,12 @@
 //!
 //! 1. `table.rs`: the command kinds, what each may do, which status
 //!    compartments it works on, what may be asked while one runs.
-//! 2. `group.rs`: process groups, and the one way a group is stopped.
+//! 2. `group.rs`: process groups, and the one way a group is stopped;
+//!    `stop_signal.rs`: a stop request as a signal to the supervisor.
 //! 3. `log.rs`: the command log's format, the plan handed to the
-//!    supervisor, creating and pruning logs.
+//!    supervisor, creating and pruning logs, the end file.
+//!    `log_writer.rs`: the log as the supervisor writes it, also on a
+//!    disk that refuses.
 //! 4. `lines.rs`: a line of output as the dashboard gets it.
 //! 5. `handover.rs`: the running-command record one agent hands to the
 //!    next, and following a command of an older agent.
@@ -40,10 +43,12 @@ pub mod handover;
 pub mod launch;
 pub mod lines;
 pub mod log;
+pub mod log_writer;
 pub mod plan;
 pub mod progress;
 pub mod run;
 pub mod step;
+pub mod stop_signal;
 pub mod summary;
 pub mod supervisor;
 pub mod table;

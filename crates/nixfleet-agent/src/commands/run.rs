@@ -13,8 +13,9 @@ use crate::host_facts::generation;
 use crate::outbox::Outbox;
 use crate::protocol::{Outcome, Status};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{mpsc, watch};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// What every command needs, shared by all of them.
 pub struct Runner {
@@ -22,6 +23,9 @@ pub struct Runner {
     outbox: Arc<Outbox>,
     child_env: ChildEnv,
     planner: Planner,
+    /// Whether `state_dir` had less free space than a log's cap when the
+    /// last command started (warned about on change, not per command).
+    space_short: AtomicBool,
 }
 
 impl Runner {
@@ -36,6 +40,7 @@ impl Runner {
             outbox,
             child_env,
             planner,
+            space_short: AtomicBool::new(false),
         }
     }
 
@@ -75,6 +80,7 @@ impl Runner {
             Ok(planned) => planned,
             Err(message) => return failed(message, 1),
         };
+        self.note_free_space(kind.log_max_bytes(self.config.log_max_bytes));
         let launched = launch(&self.config, &self.child_env, &self.outbox, kind, planned);
         let launched = match launched.await {
             Ok(launched) => launched,
@@ -82,5 +88,30 @@ impl Runner {
         };
         let _ = progress.send(Progress::Launched(launched.record)).await;
         follow(launched.followed, &self.outbox, progress, stop).await
+    }
+
+    /// A state disk with less room than one command log may take is said
+    /// once (and its recovery), so the operator hears before lines go.
+    fn note_free_space(&self, cap: u64) {
+        let Some(free) = super::log::free_bytes(&self.config.state_dir) else {
+            return;
+        };
+        let short = free < cap;
+        if short == self.space_short.swap(short, Ordering::Relaxed) {
+            return;
+        }
+        if short {
+            warn!(
+                free_bytes = free,
+                log_max_bytes = cap,
+                dir = %self.config.state_dir.display(),
+                "state_dir has less free space than one command log may take: old logs are pruned first, then lines are counted, not kept"
+            );
+        } else {
+            info!(
+                free_bytes = free,
+                "state_dir has room for a full command log again"
+            );
+        }
     }
 }

@@ -13,21 +13,21 @@
 //! It does nothing but this: no network, no secrets (its environment is the
 //! command's whitelist) but `repo_url`'s credentials, which only the git
 //! steps that talk to it get, in their environment; blocking I/O on three
-//! threads. Its only limits are
-//! the disk cap of the log and the stop file the agent creates.
+//! threads. Its only limits are the disk cap of the log and the stop file
+//! the agent creates. A disk that refuses to keep the log (full, read-only)
+//! costs lines, counted, never the command or its exit code (log_writer.rs).
 
 use super::group::{GROUP_POLL, GroupStop, describe_exit, exit_code_of, lower_priority};
-use super::log::{MAX_LINE_BYTES, Plan, Step, private_file};
+use super::log::{MAX_LINE_BYTES, Plan, Step};
+use super::log_writer::{Log, one_line};
 use super::table::StopRequest;
 use crate::git_credentials::credential_env;
-use crate::redact::Scrubber;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After a step exits, how long its pipes may stay open (held by a leftover
@@ -38,6 +38,7 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// Entry point of `nixfleet-agent --supervise`.
 pub fn main() -> ExitCode {
+    super::stop_signal::catch();
     let mut input = Vec::new();
     if std::io::stdin().read_to_end(&mut input).is_err() {
         return ExitCode::FAILURE;
@@ -46,20 +47,9 @@ pub fn main() -> ExitCode {
         eprintln!("nixfleet-agent --supervise: expected a plan on stdin");
         return ExitCode::from(crate::config::EXIT_CONFIG);
     };
-    let Ok(file) = private_file(&plan.log, OpenOptions::new().append(true)) else {
-        return ExitCode::FAILURE;
-    };
-    let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let log = Arc::new(Log {
-        max_bytes: plan.max_bytes,
-        scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
-        inner: Mutex::new(LogState {
-            file,
-            written,
-            cut: false,
-            dropped: 0,
-        }),
-    });
+    // A log that cannot be opened does not stop the command: its lines
+    // are counted and its end goes to the end file and stdout.
+    let log = Arc::new(Log::open(&plan));
     run(&plan, &log);
     ExitCode::SUCCESS
 }
@@ -91,11 +81,7 @@ fn run(plan: &Plan, log: &Arc<Log>) {
             break;
         }
     }
-    let dropped = log.lock().dropped;
-    if dropped > 0 {
-        log.event(&format!("dropped {dropped}"));
-    }
-    log.event("done");
+    log.finish(plan.end_file.as_deref());
 }
 
 struct Ended {
@@ -289,6 +275,9 @@ fn wait(plan: &Plan, child: &mut Child, pid: u32, timeout: Option<Duration>) -> 
 
 /// What the agent asked for, if it asked for a stop.
 fn stop_request(plan: &Plan) -> Option<StopRequest> {
+    if let Some(request) = super::stop_signal::requested() {
+        return Some(request);
+    }
     let text = std::fs::read(&plan.stop_file).ok()?;
     Some(if text.starts_with(b"KILL") {
         StopRequest::Kill
@@ -346,98 +335,6 @@ fn pump(mut pipe: Box<dyn Read + Send>, stderr: bool, log: &Log) {
     }
 }
 
-fn push_record(records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
-    records.push(if cut { tag.to_ascii_uppercase() } else { tag });
-    records.push(b' ');
-    records.extend_from_slice(line);
-    records.push(b'\n');
-}
-
-/// The command log as the supervisor writes it: whole records in single
-/// `write`s, output capped, events always.
-struct Log {
-    max_bytes: u64,
-    scrubber: Scrubber,
-    inner: Mutex<LogState>,
-}
-
-struct LogState {
-    file: File,
-    written: u64,
-    cut: bool,
-    dropped: u64,
-}
-
-impl Log {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Appends `lines` whole output records, or as many as fit under the
-    /// cap; past it every line is only counted.
-    fn append(&self, records: &[u8], lines: u64) {
-        let mut state = self.lock();
-        if state.cut {
-            state.dropped += lines;
-            return;
-        }
-        let room = self.max_bytes.saturating_sub(state.written);
-        let fits = if records.len() as u64 <= room {
-            records.len()
-        } else {
-            // The longest prefix of whole records that fits.
-            let limit = room as usize;
-            memchr::memrchr(b'\n', &records[..limit]).map_or(0, |i| i + 1)
-        };
-        if fits > 0 {
-            write_or_give_up(&mut state, &records[..fits]);
-        }
-        if fits < records.len() {
-            let not_kept = memchr::memchr_iter(b'\n', &records[fits..]).count() as u64;
-            state.dropped += not_kept;
-            state.cut = true;
-            let note = format!("# cut {}\n", self.max_bytes);
-            write_or_give_up(&mut state, note.as_bytes());
-        }
-    }
-
-    /// A line of the agent's own, as stdout of the command (under the cap
-    /// like any line).
-    /// Adds a line of the command to `records`, without `repo_url`'s
-    /// credentials.
-    fn push_line(&self, records: &mut Vec<u8>, tag: u8, cut: bool, line: &[u8]) {
-        match self.scrubber.scrub_bytes(line) {
-            Some(clean) => push_record(records, tag, cut, &clean),
-            None => push_record(records, tag, cut, line),
-        }
-    }
-
-    fn note(&self, text: &str) {
-        let mut record = Vec::with_capacity(text.len() + 3);
-        push_record(&mut record, b'o', false, one_line(text).as_bytes());
-        self.append(&record, 1);
-    }
-
-    fn event(&self, text: &str) {
-        let mut state = self.lock();
-        let record = format!("# {text}\n");
-        write_or_give_up(&mut state, record.as_bytes());
-    }
-}
-
-fn write_or_give_up(state: &mut LogState, bytes: &[u8]) {
-    // A full disk must not stop the command: what cannot be written is
-    // lost from the log (and so from the dashboard), never blocking.
-    if state.file.write_all(bytes).is_ok() {
-        state.written += bytes.len() as u64;
-    }
-}
-
-/// Events are one line each.
-fn one_line(text: &str) -> String {
-    text.replace(['\n', '\r'], " ")
-}
-
 /// Why a program from the repository (a test script) must not run (as
 /// root), if it must not: it, and every directory from it up to `repo_dir`, must resolve inside `repo_dir` (no
 /// symlink out), be owned by root or the agent's user, and be writable by
@@ -484,267 +381,5 @@ fn untrusted_program(repo_dir: &Path, script: &Path) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::commands::log::{Record, parse};
-
-    fn plan(dir: &std::path::Path, steps: Vec<Step>, max_bytes: u64) -> Plan {
-        Plan {
-            log: dir.join("x.log"),
-            stop_file: dir.join("stop"),
-            stop_grace_ms: 1000,
-            max_bytes,
-            scrub_url: None,
-            notes: Vec::new(),
-            steps,
-        }
-    }
-
-    fn sh(label: &str, body: &str, stop_on_failure: bool) -> Step {
-        Step {
-            label: label.into(),
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), body.into()],
-            cwd: "/".into(),
-            stop_on_failure,
-            trusted_within: None,
-            low_priority: false,
-            timeout_ms: None,
-            repo_credentials: false,
-        }
-    }
-
-    fn run_plan(plan: &Plan) -> Vec<String> {
-        std::fs::write(&plan.log, "").unwrap();
-        let file = OpenOptions::new().append(true).open(&plan.log).unwrap();
-        let log = Arc::new(Log {
-            max_bytes: plan.max_bytes,
-            scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
-            inner: Mutex::new(LogState {
-                file,
-                written: 0,
-                cut: false,
-                dropped: 0,
-            }),
-        });
-        run(plan, &log);
-        let text = std::fs::read(&plan.log).unwrap();
-        text.split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| String::from_utf8_lossy(l).into_owned())
-            .map(|l| {
-                // Pids vary.
-                match parse(l.as_bytes()) {
-                    Record::Start { index, label, .. } => format!("# start {index} {label}"),
-                    _ => l,
-                }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn steps_run_in_order_and_a_failure_ends_the_command() {
-        let dir = tempfile::tempdir().unwrap();
-        let plan = plan(
-            dir.path(),
-            vec![
-                sh("one", "echo a; echo b >&2; printf 'no newline'", true),
-                sh("two", "exit 3", true),
-                sh("three", "echo never", true),
-            ],
-            u64::MAX,
-        );
-        let records = run_plan(&plan);
-        let stdout: Vec<_> = records.iter().filter(|r| r.starts_with("o ")).collect();
-        assert_eq!(stdout, ["o a", "o no newline"]);
-        assert!(records.contains(&"e b".to_owned()));
-        assert_eq!(
-            records[..5],
-            [
-                "# steps 3",
-                "# step 0 one",
-                "# step 1 two",
-                "# step 2 three",
-                "# start 0 one"
-            ]
-        );
-        assert!(records.contains(&"# end 0 0 exit code 0".to_owned()));
-        assert!(records.contains(&"# end 1 3 exit code 3".to_owned()));
-        assert!(
-            !records
-                .iter()
-                .any(|r| r.contains("three") && !r.starts_with("# step "))
-        );
-        assert_eq!(records.last().unwrap(), "# done");
-    }
-
-    #[test]
-    fn notes_come_first_and_untrusted_programs_never_run() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        std::fs::create_dir(&repo).unwrap();
-        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let ran = dir.path().join("ran");
-        let script = repo.join("T01.sh");
-        std::fs::write(&script, format!("#!/bin/sh\ntouch {}\n", ran.display())).unwrap();
-        // Writable by the group: whoever is in it would choose what runs.
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o775)).unwrap();
-        let mut step = sh("T01.sh", "", false);
-        step.program = script.display().to_string();
-        step.args.clear();
-        step.trusted_within = Some(repo.clone());
-        let mut plan = plan(dir.path(), vec![step.clone()], u64::MAX);
-        plan.notes = vec!["[nixfleet] planned\nacross lines".into()];
-        let records = run_plan(&plan);
-        assert_eq!(records[2], "o [nixfleet] planned across lines");
-        assert!(
-            records.contains(
-                &"o [nixfleet] refusing to run T01.sh: \
-                  {} is writable by group or others (mode 0775)"
-                    .replace("{}", &script.display().to_string())
-            ),
-            "{records:?}"
-        );
-        assert!(
-            records
-                .iter()
-                .any(|r| r.starts_with("# end 0 127 refusing to run T01.sh"))
-        );
-        assert!(!ran.exists(), "a group-writable script ran");
-        // The same script, once only its owner may write it, runs.
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let records = run_plan(&plan);
-        assert!(
-            records.contains(&"# end 0 0 exit code 0".to_owned()),
-            "{records:?}"
-        );
-        assert!(ran.exists());
-    }
-
-    #[test]
-    fn repo_url_credentials_never_reach_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = "https://deploy:s3cr3t-pw@git.example/fleet.git";
-        let mut plan = plan(
-            dir.path(),
-            vec![sh(
-                "git clone",
-                &format!("echo cloning {url}; echo \"fatal: {url}\" >&2"),
-                true,
-            )],
-            u64::MAX,
-        );
-        plan.scrub_url = Some(url.to_owned());
-        let records = run_plan(&plan).join("\n");
-        assert!(!records.contains("s3cr3t-pw"), "{records}");
-        assert!(records.contains("o cloning https://<redacted>@git.example/fleet.git"));
-        assert!(records.contains("e fatal: https://<redacted>@git.example/fleet.git"));
-    }
-
-    #[test]
-    fn the_cap_cuts_whole_lines_notes_the_cut_and_counts_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let plan = plan(
-            dir.path(),
-            vec![sh(
-                "flood",
-                "for i in $(seq 1 1000); do echo line$i; done",
-                false,
-            )],
-            1000,
-        );
-        let records = run_plan(&plan);
-        let kept = records.iter().filter(|r| r.starts_with("o ")).count() as u64;
-        assert!(kept > 50 && kept < 200, "{kept}");
-        assert!(records.contains(&"# cut 1000".to_owned()), "{records:?}");
-        assert!(records.contains(&format!("# dropped {}", 1000 - kept)));
-        assert_eq!(records.last().unwrap(), "# done");
-    }
-
-    #[test]
-    fn long_lines_are_cut_and_unstartable_programs_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut missing = sh("missing", "", true);
-        missing.program = "/nonexistent/program".into();
-        let plan = plan(
-            dir.path(),
-            vec![
-                sh(
-                    "long",
-                    "head -c 70000 /dev/zero | tr '\\0' x; echo; echo after",
-                    false,
-                ),
-                missing,
-            ],
-            u64::MAX,
-        );
-        let records = run_plan(&plan);
-        let cut = records.iter().find(|r| r.starts_with("O ")).unwrap();
-        assert_eq!(cut.len(), 2 + MAX_LINE_BYTES);
-        assert!(records.contains(&"o after".to_owned()));
-        assert!(
-            records
-                .iter()
-                .any(|r| r.starts_with("# notstarted 1 cannot run /nonexistent/program"))
-        );
-        assert!(records.contains(&"# end 1 127 cannot run /nonexistent/program: No such file or directory (os error 2)".to_owned()), "{records:?}");
-    }
-
-    #[test]
-    fn a_step_past_its_timeout_is_stopped_and_recorded_as_timed_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut slow = sh("slow", "sleep 30 & sleep 30", true);
-        slow.timeout_ms = Some(200);
-        let plan = plan(
-            dir.path(),
-            vec![slow, sh("next", "echo next", true)],
-            u64::MAX,
-        );
-        let started = Instant::now();
-        let records = run_plan(&plan);
-        assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(records.contains(&"# timedout".to_owned()), "{records:?}");
-        assert!(
-            records.contains(&"# end 0 124 timed out after 0s".to_owned()),
-            "{records:?}"
-        );
-        assert!(
-            !records.contains(&"# stopped".to_owned()),
-            "not a user's stop"
-        );
-        assert!(!records.contains(&"o next".to_owned()), "{records:?}");
-    }
-
-    #[test]
-    fn a_stop_file_stops_the_group_and_the_remaining_steps() {
-        let dir = tempfile::tempdir().unwrap();
-        let plan = plan(
-            dir.path(),
-            vec![
-                sh("sleeper", "sleep 30 & sleep 30", false),
-                sh("next", "echo next", false),
-            ],
-            u64::MAX,
-        );
-        let stop = plan.stop_file.clone();
-        let stopper = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            std::fs::write(stop, "TERM").unwrap();
-        });
-        let started = Instant::now();
-        let records = run_plan(&plan);
-        stopper.join().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(records.contains(&"# stopped".to_owned()), "{records:?}");
-        assert!(
-            records.contains(&"# end 0 143 killed by signal 15".to_owned()),
-            "{records:?}"
-        );
-        assert!(
-            !records
-                .iter()
-                .any(|r| r.contains("next") && !r.starts_with("# step "))
-        );
-    }
-}
+#[path = "supervisor_tests.rs"]
+mod tests;
