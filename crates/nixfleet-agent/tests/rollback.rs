@@ -9,6 +9,9 @@
 mod common;
 
 use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// `--check-config` with the safe-deployment keys set in `toml`.
 fn check_config(toml: &str, env: &[(&str, &str)]) -> std::process::Output {
@@ -72,4 +75,410 @@ fn the_safe_deployment_keys_have_defaults_and_are_validated() {
         assert!(stderr.contains(needle), "{toml}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
+}
+
+/// Where the fake host keeps things (all under the agent's directory,
+/// which is `$HOME` for the stand-ins).
+#[derive(Clone)]
+struct Paths {
+    home: PathBuf,
+    link: PathBuf,
+    old: PathBuf,
+    profile: PathBuf,
+    state: PathBuf,
+    commit: String,
+}
+
+impl Paths {
+    fn record(&self) -> PathBuf {
+        self.state.join("activation.json")
+    }
+    fn short_commit(&self) -> &str {
+        &self.commit[..7]
+    }
+}
+
+/// `nixos-rebuild switch`: the link to the new system, then, when the test
+/// asks for it (`cut-first`), a wait until it has cut the dashboard off.
+const SWITCH: &str = r#"ln -sfn "$NEW_SYSTEM" "$LINK"
+if [ -e "$HOME/cut-first" ]; then
+  : > "$HOME/activated"
+  while [ ! -e "$HOME/cut" ]; do sleep 0.05; done
+fi
+echo activated"#;
+
+/// The recorded system's activation: the link back, and a line per run.
+const OLD_ACTIVATION: &str = r#"ln -sfn "$OLD_SYSTEM" "$LINK"
+echo "activating the old system"
+echo "$1 $(date +%s)" >> "$HOME/rolled-back"
+exit "$(cat "$HOME/old-exit" 2>/dev/null || echo 0)""#;
+
+fn commit_repo(repo: &Path) -> String {
+    git(repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("flake.nix"), "{ }\n").unwrap();
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-q", "-m", "one"]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// A prepared agent directory with two fake systems (the link at the old
+/// one), the system profile at generation 7, boot id `boot-a`, a committed
+/// repository and the stand-ins; the options point the agent at them.
+fn prepare(url: String, confirm_timeout: u64) -> (tempfile::TempDir, Paths, AgentOptions) {
+    let mut options = AgentOptions::new(url);
+    options
+        .extra_toml
+        .push(format!("confirm_timeout = {confirm_timeout}"));
+    let (dir, bin) = Agent::prepare(&options);
+    let home = dir.path().to_owned();
+    let (old, new) = (home.join("system-old"), home.join("system-new"));
+    std::fs::create_dir_all(old.join("bin")).unwrap();
+    std::fs::create_dir_all(&new).unwrap();
+    let link = home.join("current-system");
+    std::os::unix::fs::symlink(&old, &link).unwrap();
+    std::fs::create_dir_all(home.join("profiles")).unwrap();
+    let profile = home.join("profiles/system");
+    std::os::unix::fs::symlink("system-7-link", &profile).unwrap();
+    std::fs::write(home.join("boot_id"), "boot-a\n").unwrap();
+    let commit = commit_repo(&home.join("repo"));
+    let prelude = format!(
+        "LINK={:?}\nNEW_SYSTEM={:?}\nOLD_SYSTEM={:?}\n",
+        link.display().to_string(),
+        new.display().to_string(),
+        old.display().to_string()
+    );
+    script(&bin, "nixos-rebuild", &format!("{prelude}{SWITCH}"));
+    script(&bin, "nix-env", r#"echo "$@" > "$HOME/nix-env-args""#);
+    let activation = format!("{prelude}{OLD_ACTIVATION}");
+    script(&old.join("bin"), "switch-to-configuration", &activation);
+    for (var, path) in [
+        ("NIXFLEET_TEST_CURRENT_SYSTEM", &link),
+        ("NIXFLEET_TEST_SYSTEM_PROFILE", &profile),
+        ("NIXFLEET_TEST_BOOT_ID_FILE", &home.join("boot_id")),
+    ] {
+        options.env.push((var.into(), path.display().to_string()));
+    }
+    let state = home.join("state");
+    let paths = Paths {
+        home,
+        link,
+        old,
+        profile,
+        state,
+        commit,
+    };
+    (dir, paths, options)
+}
+
+/// Sends `switch` and, once the stand-in has switched, kills the dashboard
+/// (it refuses connections from then on) before letting the switch end.
+async fn switch_then_cut_off(dashboard: &mut Dashboard, paths: &Paths) {
+    std::fs::write(paths.home.join("cut-first"), "").unwrap();
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+    wait_for_file_created(&paths.home.join("activated")).await;
+    dashboard.kill();
+    std::fs::write(paths.home.join("cut"), "").unwrap();
+}
+
+/// Waits for a file to exist (it may stay empty).
+async fn wait_for_file_created(path: &Path) {
+    let deadline = tokio::time::Instant::now() + 30 * SECOND;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the activation record is gone.
+async fn wait_for_no_record(paths: &Paths) {
+    let deadline = tokio::time::Instant::now() + 30 * SECOND;
+    while paths.record().exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the activation record stayed: {}",
+            std::fs::read_to_string(paths.record()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the activation record in `phase` and returns it.
+async fn wait_for_record(paths: &Paths, phase: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + 30 * SECOND;
+    loop {
+        let text = std::fs::read_to_string(paths.record()).unwrap_or_default();
+        if let Ok(record) = serde_json::from_str::<Value>(&text)
+            && record["phase"] == phase
+        {
+            return record;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {phase} record; last: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rollback_status(dashboard: &Dashboard) -> Value {
+    dashboard
+        .wait_frame_where("status", 30 * SECOND, |p| p["command"] == "rollback")
+        .await
+        .payload()
+        .clone()
+}
+
+fn rollback_runs(paths: &Paths) -> Vec<String> {
+    std::fs::read_to_string(paths.home.join("rolled-back"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unconfirmed_switch_rolls_back_to_the_recorded_system_and_reports_it() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 2);
+    let agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    switch_then_cut_off(&mut dashboard, &paths).await;
+
+    wait_for_file(&paths.home.join("rolled-back"), 60 * SECOND).await;
+    let nix_env = std::fs::read_to_string(paths.home.join("nix-env-args")).unwrap();
+    assert_eq!(
+        nix_env.trim(),
+        format!(
+            "--profile {} --set {}",
+            paths.profile.display(),
+            paths.old.display()
+        )
+    );
+    assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
+
+    dashboard.restart().await;
+    let status = rollback_status(&dashboard).await;
+    let message = format!(
+        "rolled back to system-old: the dashboard was unreachable for 2 s after switch {}",
+        paths.short_commit()
+    );
+    assert_eq!(status["status"], "error", "{status}");
+    assert_eq!(status["message"], message.as_str());
+    assert_eq!(status["exit_code"], 0);
+    let output: Vec<String> = dashboard
+        .frames("output")
+        .iter()
+        .filter(|f| f.payload()["command"] == "rollback")
+        .map(|f| f.payload()["line"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        output.iter().any(|l| l == "activating the old system"),
+        "{output:?}"
+    );
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("was not confirmed within 2 s")),
+        "{output:?}"
+    );
+    dashboard
+        .wait_frame_where("heartbeat", 10 * SECOND, |p| {
+            p["update_status"]["system"]["status"] == "error"
+                && p["update_status"]["system"]["message"] == message.as_str()
+        })
+        .await;
+    assert_eq!(
+        wait_for_record(&paths, "rolled_back").await["report"],
+        message.as_str()
+    );
+    assert_eq!(rollback_runs(&paths).len(), 1);
+    drop(agent);
+}
+
+#[tokio::test]
+async fn the_dashboards_registered_reply_confirms_the_switch() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 60);
+    let _agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+    let status = dashboard.wait_frame("status", 1, 20 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok");
+    let record = wait_for_record(&paths, "armed").await;
+    assert_eq!(record["system"], paths.old.display().to_string());
+    assert_eq!(record["generation"], 7);
+    assert_eq!(record["boot_id"], "boot-a");
+    assert_eq!(record["commit"], paths.short_commit());
+    let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    // While it is unconfirmed, a second switch is refused with the reason.
+    dashboard.command(register.conn(), "switch");
+    let rejected = dashboard
+        .wait_frame("command_rejected", 1, 10 * SECOND)
+        .await;
+    let reason = rejected.payload()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with(&format!(
+            "switch {} is not confirmed yet",
+            paths.short_commit()
+        )),
+        "{reason}"
+    );
+    dashboard.send_json(
+        register.conn(),
+        serde_json::json!({"type": "registered", "payload": {"host_id": "h1"}}),
+    );
+    wait_for_no_record(&paths).await;
+    // Confirmed: a switch is accepted again.
+    dashboard.command(register.conn(), "switch");
+    dashboard.wait_frame("status", 2, 20 * SECOND).await;
+    assert!(rollback_runs(&paths).is_empty());
+    assert!(!paths.home.join("nix-env-args").exists());
+}
+
+#[tokio::test]
+async fn a_connection_that_stays_up_confirms_for_a_dashboard_that_never_answers() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 60);
+    let agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+    wait_for_record(&paths, "armed").await;
+    wait_for_no_record(&paths).await;
+    agent
+        .wait_stderr(
+            "the switch is confirmed: a connection opened after it stayed up",
+            5 * SECOND,
+        )
+        .await;
+    assert!(rollback_runs(&paths).is_empty());
+    assert!(
+        dashboard
+            .frames("status")
+            .iter()
+            .all(|s| s.payload()["command"] == "switch")
+    );
+}
+
+#[tokio::test]
+async fn confirm_timeout_zero_never_arms() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 0);
+    let agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    switch_then_cut_off(&mut dashboard, &paths).await;
+    dashboard.restart().await;
+    let status = dashboard.wait_frame("status", 1, 30 * SECOND).await;
+    assert_eq!(status.payload()["command"], "switch");
+    assert_eq!(status.payload()["status"], "ok");
+    assert!(!paths.record().exists());
+    assert!(!agent.stderr().contains("unless the dashboard confirms it"));
+    assert!(rollback_runs(&paths).is_empty());
+}
+
+#[tokio::test]
+async fn the_countdown_survives_the_agents_death() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 4);
+    let agent = Agent::spawn(dir, options.clone()).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    switch_then_cut_off(&mut dashboard, &paths).await;
+    let record = wait_for_record(&paths, "armed").await;
+    let deadline = record["deadline"].as_u64().unwrap();
+    let dir = agent.crash().await;
+    let _second = Agent::spawn(dir, options).await;
+
+    wait_for_file(&paths.home.join("rolled-back"), 60 * SECOND).await;
+    let runs = rollback_runs(&paths);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let at: u64 = runs[0].split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        at >= deadline,
+        "rolled back at {at}, before the deadline {deadline}"
+    );
+    dashboard.restart().await;
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(status["status"], "error");
+    assert_eq!(
+        status["message"],
+        format!(
+            "rolled back to system-old: the dashboard was unreachable for 4 s after switch {}",
+            paths.short_commit()
+        )
+        .as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_record_from_another_boot_is_discarded_and_reported() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 60);
+    let record = serde_json::json!({
+        "phase": "armed", "command": "switch", "system": paths.old.display().to_string(),
+        "generation": 7, "boot_id": "boot-before", "commit": "abc1234", "deadline": 1,
+        "timeout_secs": 60,
+    });
+    std::fs::create_dir_all(&paths.state).unwrap();
+    std::fs::write(paths.record(), record.to_string()).unwrap();
+    let _agent = Agent::spawn(dir, options).await;
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(status["status"], "warning", "{status}");
+    assert_eq!(
+        status["message"],
+        "not rolling back: the host rebooted before switch abc1234 was confirmed; it runs system-old"
+    );
+    assert!(!paths.record().exists());
+    assert!(rollback_runs(&paths).is_empty());
+    assert!(!paths.home.join("nix-env-args").exists());
+}
+
+#[tokio::test]
+async fn a_failed_rollback_is_reported_once_and_never_retried() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 2);
+    std::fs::write(paths.home.join("old-exit"), "3").unwrap();
+    let agent = Agent::spawn(dir, options.clone()).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    switch_then_cut_off(&mut dashboard, &paths).await;
+    wait_for_record(&paths, "rolled_back").await;
+    dashboard.restart().await;
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(status["status"], "error");
+    assert_eq!(status["exit_code"], 3);
+    let message = status["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.starts_with("rollback to system-old failed (exit 3"),
+        "{message}"
+    );
+    assert!(message.ends_with("; not retried"), "{message}");
+
+    // A restarted agent keeps the report in the system compartment and
+    // does not run the rollback again.
+    let registers = dashboard.frames("register").len();
+    let dir = agent.crash().await;
+    let _second = Agent::spawn(dir, options).await;
+    let register = dashboard
+        .wait_frame("register", registers + 1, 10 * SECOND)
+        .await;
+    dashboard
+        .wait_for(10 * SECOND, "the new agent's system compartment", |log| {
+            log.iter()
+                .find(|s| {
+                    s.conn() == register.conn()
+                        && s.kind() == Some("heartbeat")
+                        && s.payload()["update_status"]["system"]["message"] == message.as_str()
+                })
+                .map(|_| ())
+        })
+        .await;
+    assert_eq!(rollback_runs(&paths).len(), 1);
+    let statuses = dashboard.frames("status");
+    let rollbacks = statuses
+        .iter()
+        .filter(|s| s.payload()["command"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
 }

@@ -3,10 +3,13 @@
 //! (adopt.rs), a command's end (finish.rs) and the agent's own requests
 //! (requests.rs) are its other rooms.
 
+use super::confirm::Confirmation;
 use super::systemd_report::tick_if_any;
+use crate::activation::Record;
+use crate::commands::plan::Planned;
 use crate::commands::{CommandKind, Progress, Request, Runner, StopRequest};
 use crate::config::Config;
-use crate::connection::Control;
+use crate::connection::{Control, LinkState};
 use crate::heartbeat::{AgentIdentity, CommandState};
 use crate::observe::Observation;
 use crate::outbox::Outbox;
@@ -39,6 +42,7 @@ pub(super) struct CoreLinks {
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
     pub(super) observations: mpsc::Sender<Observation>,
+    pub(super) link_state: watch::Receiver<LinkState>,
 }
 
 /// What the core listens to.
@@ -81,6 +85,14 @@ pub(super) struct Core {
     pub(super) allow_reboot: bool,
     /// A command's log and end, for `status` and the metrics.
     pub(super) observations: mpsc::Sender<Observation>,
+    /// Safe deployments: the activation recorded, armed or rolled back
+    /// (mirrors the record in `state_dir`; see `safe_deploy.rs`).
+    pub(super) activation: Option<Record>,
+    pub(super) confirm_timeout: Duration,
+    /// Waits for a connection that confirms an armed activation.
+    pub(super) confirmation: Confirmation,
+    /// The deadline passed while a command ran: roll back when it ends.
+    pub(super) rollback_due: bool,
 }
 
 /// Why the core stopped.
@@ -134,6 +146,10 @@ impl Core {
             identity: links.identity,
             allow_reboot: config.allow_reboot,
             observations: links.observations,
+            activation: None,
+            confirm_timeout: config.confirm_timeout,
+            confirmation: Confirmation::new(links.link_state),
+            rollback_due: false,
         }
     }
 
@@ -152,6 +168,7 @@ impl Core {
             .then(|| Ticker::on_grid(self.self_check_every));
         let mut tick = Ticker::on_grid(COMPARTMENT_TICK);
         let ending = loop {
+            let armed = self.armed_deadline();
             let idle_and_watching = self.running.is_none()
                 && self.restart.is_none()
                 && self.self_image.watches_a_unit();
@@ -167,6 +184,7 @@ impl Core {
                 Ok(()) = tick.tick() => self.compartments.reevaluate(),
                 Some(probe) = probes.recv() => probe.answer(),
                 Ok(()) = tick_if_any(&mut self_check), if idle_and_watching => self.check_self_image(),
+                verdict = self.confirmation.next(armed) => self.on_verdict(verdict),
             }
         };
         if let Some(running) = &self.running {
@@ -234,7 +252,8 @@ impl Core {
                     _ => self.stop(request),
                 }
             }
-            Inbound::Registered { .. } | Inbound::Unknown { .. } => {}
+            Inbound::Registered { .. } => self.confirm("the dashboard answered register"),
+            Inbound::Unknown { .. } => {}
         }
     }
 
@@ -247,12 +266,24 @@ impl Core {
             self.reject("the agent is restarting".to_owned());
             return;
         }
+        if let Some(reason) = self.activation_refusal(kind) {
+            self.reject(reason);
+            return;
+        }
+        if kind.activates() {
+            self.record_before(kind);
+        }
+        self.launch(kind, None);
+    }
+
+    /// Starts a command: its own plan, or `plan` (the automatic rollback).
+    pub(super) fn launch(&mut self, kind: CommandKind, plan: Option<Planned>) {
         info!(command = kind.name(), "starting");
         let (stop_tx, mut stop_rx) = watch::channel(None);
         let (progress_tx, progress_rx) = mpsc::channel(8);
         let runner = self.runner.clone();
         tokio::spawn(async move {
-            let status = runner.run(kind, &progress_tx, &mut stop_rx).await;
+            let status = runner.run(kind, plan, &progress_tx, &mut stop_rx).await;
             let _ = progress_tx.send(Progress::Finished(status)).await;
         });
         self.running = Some(Running {

@@ -60,6 +60,8 @@ impl Core {
     fn finish(&mut self, status: Status) {
         let finished = self.running.take();
         self.publish_state();
+        let (status, rolled_back) =
+            self.activation_ended(finished.as_ref().map(|r| r.kind), status);
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
@@ -73,6 +75,9 @@ impl Core {
         });
         if let Some(running) = finished.as_ref().filter(|r| r.kind.activates()) {
             self.record_activation(running, &status);
+        }
+        if let Some(report) = &rolled_back {
+            self.compartments.rolled_back(report);
         }
         self.compartments.stop_working();
         let self_changed = if activated && succeeded {
@@ -93,6 +98,7 @@ impl Core {
             self.restart = Some(ticket);
         }
         self.clear_record_once_delivered(&finished, ticket);
+        self.rollback_if_due();
         if !activated {
             return;
         }

@@ -1,0 +1,265 @@
+//! Safe deployments in the core: the running system recorded before a
+//! switch, the countdown armed when the switch changed it, confirmed by the
+//! dashboard, or the rollback run through the normal command path when
+//! the deadline passes. The record and the decisions live in
+//! `activation/`; this file ties them to the core's events.
+
+use super::confirm::{Verdict, now_secs};
+use super::core::Core;
+use crate::activation::{self, Phase, Record, Resume};
+use crate::commands::{CommandKind, StopRequest};
+use crate::connection::Control;
+use crate::host_facts::{current_system, generation};
+use crate::protocol::{Outcome, Status};
+use tracing::{info, warn};
+
+impl Core {
+    /// At start: what a previous agent left (after `adopt_previous`, so
+    /// that a command or rollback it started is followed, not repeated).
+    pub(super) fn resume_activation(&mut self) {
+        let record = Record::load(&self.state_dir);
+        let current = current_system();
+        let boot = activation::boot_id();
+        let adopted = self.running.is_some();
+        match activation::resume(
+            record.as_ref(),
+            boot.as_deref(),
+            current.as_deref(),
+            adopted,
+        ) {
+            Resume::Nothing => {}
+            Resume::Forget => Record::clear(&self.state_dir),
+            Resume::Wait | Resume::Countdown => self.activation = record,
+            Resume::Arm => {
+                if let Some(record) = record {
+                    self.arm(record);
+                }
+            }
+            Resume::Report => {
+                if let Some(report) = record.as_ref().and_then(|r| r.report.as_deref()) {
+                    self.compartments.rolled_back(report);
+                }
+                self.activation = record;
+            }
+            Resume::OtherBoot { message } => {
+                warn!("{message}");
+                Record::clear(&self.state_dir);
+                self.rollback_status(Outcome::Warning, 0, message);
+            }
+            Resume::Interrupted { message } => {
+                warn!("{message}");
+                if let Some(mut record) = record {
+                    record.phase = Phase::RolledBack;
+                    record.report = Some(message.clone());
+                    self.save_activation(&record);
+                    self.activation = Some(record);
+                }
+                self.compartments.rolled_back(&message);
+                self.rollback_status(Outcome::Error, -1, message);
+            }
+        }
+    }
+
+    /// The deadline of an armed activation, for the core's wait.
+    pub(super) fn armed_deadline(&self) -> Option<u64> {
+        self.activation
+            .as_ref()
+            .filter(|r| r.phase == Phase::Armed)
+            .map(|r| r.deadline)
+    }
+
+    /// Why `kind` may not start now: an activation waits for confirmation,
+    /// or its rollback runs.
+    pub(super) fn activation_refusal(&self, kind: CommandKind) -> Option<String> {
+        let record = self.activation.as_ref()?;
+        let pending = matches!(record.phase, Phase::Armed | Phase::RollingBack);
+        (kind.activates() && pending).then(|| activation::decide::refusal(record, now_secs()))
+    }
+
+    /// Before an activating command: the running system, to go back to.
+    pub(super) fn record_before(&mut self, kind: CommandKind) {
+        if self
+            .activation
+            .as_ref()
+            .is_some_and(|r| r.phase == Phase::RolledBack)
+        {
+            // A new activation: the rollback's report stays in the system
+            // compartment until one succeeds, but it is not sent again.
+            Record::clear(&self.state_dir);
+            self.activation = None;
+        }
+        if !kind.needs_confirmation() || self.confirm_timeout.is_zero() {
+            return;
+        }
+        let Some(system) = current_system() else {
+            info!(
+                command = kind.name(),
+                "no running NixOS system to record: this switch cannot be rolled back"
+            );
+            return;
+        };
+        let generation = activation::profile_generation(&activation::system_profile());
+        let boot = activation::boot_id().unwrap_or_default();
+        let record = Record::recorded(kind.name(), system, generation, boot);
+        self.save_activation(&record);
+        self.activation = Some(record);
+    }
+
+    /// A command ended: an automatic rollback's status carries its report;
+    /// a switch that changed the system arms the countdown. Returns the
+    /// status to send and, for a rollback, the report for the system
+    /// compartment.
+    pub(super) fn activation_ended(
+        &mut self,
+        kind: Option<CommandKind>,
+        status: Status,
+    ) -> (Status, Option<String>) {
+        let (Some(kind), Some(record)) = (kind, self.activation.clone()) else {
+            return (status, None);
+        };
+        match record.phase {
+            Phase::RollingBack | Phase::RolledBack if kind == CommandKind::Rollback => {
+                self.rollback_ended(record, status)
+            }
+            Phase::Recorded if kind.needs_confirmation() => {
+                let current = current_system();
+                let succeeded = status.status == Outcome::Ok;
+                let timeout = self.confirm_timeout;
+                if activation::decide::should_arm(&record, succeeded, current.as_deref(), timeout) {
+                    self.arm(record);
+                } else {
+                    Record::clear(&self.state_dir);
+                    self.activation = None;
+                }
+                (status, None)
+            }
+            _ => (status, None),
+        }
+    }
+
+    fn rollback_ended(&mut self, mut record: Record, status: Status) -> (Status, Option<String>) {
+        let report = match (&record.report, &record.phase) {
+            // The same rollback again (its status was not delivered before
+            // the agent restarted): the same report.
+            (Some(report), Phase::RolledBack) => report.clone(),
+            _ if status.status == Outcome::Ok => {
+                activation::decide::rollback_report(&record, Ok(()))
+            }
+            _ => activation::decide::rollback_report(
+                &record,
+                Err((status.exit_code, status.message.as_str())),
+            ),
+        };
+        warn!("{report}");
+        record.phase = Phase::RolledBack;
+        record.report = Some(report.clone());
+        self.save_activation(&record);
+        self.activation = Some(record);
+        let status = Status {
+            status: Outcome::Error,
+            message: report.clone(),
+            ..status
+        };
+        (status, Some(report))
+    }
+
+    /// Starts the countdown for `record`'s switch.
+    fn arm(&mut self, record: Record) {
+        let commit = generation(&self.repo_dir);
+        let armed = activation::decide::arm(&record, commit, self.confirm_timeout, now_secs());
+        info!(
+            command = %armed.command,
+            "the switch changed the running system; it is rolled back to {} unless the dashboard confirms it within {} s",
+            activation::short_path(&armed.system),
+            armed.timeout_secs
+        );
+        self.save_activation(&armed);
+        self.confirmation.rearm();
+        self.activation = Some(armed);
+    }
+
+    /// The dashboard was reached after the switch: the countdown ends.
+    pub(super) fn confirm(&mut self, how: &str) {
+        let Some(record) = self.activation.as_ref().filter(|r| r.phase == Phase::Armed) else {
+            return;
+        };
+        info!(command = %record.command, commit = %record.commit, "the switch is confirmed: {how}");
+        Record::clear(&self.state_dir);
+        self.activation = None;
+    }
+
+    pub(super) fn on_verdict(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Stable => self.confirm("a connection opened after it stayed up"),
+            Verdict::Expired => self.roll_back(),
+        }
+    }
+
+    /// The deadline passed: the rollback runs as the command `rollback`,
+    /// through the same path as every command (plan, supervisor, log). A
+    /// command still running is stopped first; the rollback follows its end.
+    fn roll_back(&mut self) {
+        let Some(record) = self.activation.as_mut() else {
+            return;
+        };
+        if record.phase == Phase::Armed {
+            record.phase = Phase::RollingBack;
+            let record = record.clone();
+            self.save_activation(&record);
+        }
+        if let Some(running) = &self.running {
+            warn!(
+                command = running.kind.name(),
+                "the switch was not confirmed in time; stopping the running command to roll back"
+            );
+            running.stop.send_replace(Some(StopRequest::Terminate));
+            self.rollback_due = true;
+            return;
+        }
+        let Some(record) = self.activation.as_ref() else {
+            return;
+        };
+        let note = format!(
+            "[nixfleet] {} {} was not confirmed within {} s: rolling back to {}{}",
+            record.command,
+            record.commit,
+            record.timeout_secs,
+            record.system,
+            record
+                .generation
+                .map(|g| format!(" (generation {g} before the switch)"))
+                .unwrap_or_default()
+        );
+        warn!("{}", note.trim_start_matches("[nixfleet] "));
+        let profile = activation::system_profile();
+        let plan = self
+            .runner
+            .rollback_plan(&record.system, &profile, vec![note]);
+        self.launch(CommandKind::Rollback, Some(plan));
+    }
+
+    /// After a command ended: the rollback that waited for it.
+    pub(super) fn rollback_if_due(&mut self) {
+        if std::mem::take(&mut self.rollback_due) {
+            self.roll_back();
+        }
+    }
+
+    fn save_activation(&self, record: &Record) {
+        if let Err(error) = record.save(&self.state_dir) {
+            warn!(%error, "cannot write the activation record; the countdown does not survive a restart");
+        }
+    }
+
+    /// A status for `rollback` that no command of this agent produced.
+    fn rollback_status(&mut self, status: Outcome, exit_code: i32, message: String) {
+        let status = Status {
+            status,
+            command: CommandKind::Rollback.name().to_owned(),
+            exit_code,
+            message,
+            generation: generation(&self.repo_dir),
+        };
+        self.send_status(status, Control::Heartbeat);
+    }
+}
