@@ -456,7 +456,18 @@ async fn a_failed_rollback_is_reported_once_and_never_retried() {
     assert!(message.ends_with("; not retried"), "{message}");
 
     // A restarted agent keeps the report in the system compartment and
-    // does not run the rollback again.
+    // does not run the rollback again. (Crashed once the status is known
+    // delivered, i.e. the running-command record is gone: before that, a
+    // next agent sends the status again, by design.)
+    let handover = paths.state.join("running-command.json");
+    let deadline = tokio::time::Instant::now() + 30 * SECOND;
+    while handover.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rollback's record stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let registers = dashboard.frames("register").len();
     let dir = agent.crash().await;
     let _second = Agent::spawn(dir, options).await;
