@@ -54,9 +54,17 @@ pub struct Record {
     /// The rollback's report (status message and compartment).
     #[serde(default)]
     pub report: Option<String>,
-    /// Whether `report` was already delivered with its status.
-    #[serde(default)]
+    /// Whether `report` was already sent with its status (a rollback the
+    /// timer ran is reported by the next agent).
+    #[serde(default = "yes")]
     pub reported: bool,
+    /// The rollback's exit code, for that status.
+    #[serde(default)]
+    pub exit_code: i32,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Record {
@@ -78,7 +86,8 @@ impl Record {
             timeout_secs: 0,
             timer_unit: None,
             report: None,
-            reported: false,
+            reported: true,
+            exit_code: 0,
         }
     }
 

@@ -93,6 +93,10 @@ pub(super) struct Core {
     pub(super) confirmation: Confirmation,
     /// The deadline passed while a command ran: roll back when it ends.
     pub(super) rollback_due: bool,
+    /// Held for the agent's life (see `activation::timer`).
+    pub(super) activation_lock: Option<std::fs::File>,
+    /// Whether "no systemd timer" was logged already.
+    pub(super) told_no_timer: bool,
 }
 
 /// Why the core stopped.
@@ -150,6 +154,8 @@ impl Core {
             confirm_timeout: config.confirm_timeout,
             confirmation: Confirmation::new(links.link_state),
             rollback_due: false,
+            activation_lock: None,
+            told_no_timer: false,
         }
     }
 

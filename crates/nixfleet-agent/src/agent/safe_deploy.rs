@@ -17,6 +17,13 @@ impl Core {
     /// At start: what a previous agent left (after `adopt_previous`, so
     /// that a command or rollback it started is followed, not repeated).
     pub(super) fn resume_activation(&mut self) {
+        // Held for the agent's life: a rollback timer that fires meanwhile
+        // leaves the countdown to this agent. Waits while the timer's
+        // rollback runs, then reports it.
+        match activation::timer::lock(&self.state_dir, true) {
+            Ok(lock) => self.activation_lock = lock,
+            Err(error) => warn!(%error, "cannot take the activation lock"),
+        }
         let record = Record::load(&self.state_dir);
         let current = current_system();
         let boot = activation::boot_id();
@@ -36,10 +43,9 @@ impl Core {
                 }
             }
             Resume::Report => {
-                if let Some(report) = record.as_ref().and_then(|r| r.report.as_deref()) {
-                    self.compartments.rolled_back(report);
+                if let Some(record) = record {
+                    self.report_unattended(record);
                 }
-                self.activation = record;
             }
             Resume::OtherBoot { message } => {
                 warn!("{message}");
@@ -58,6 +64,21 @@ impl Core {
                 self.rollback_status(Outcome::Error, -1, message);
             }
         }
+    }
+
+    /// A rolled-back record: its report stands in the system compartment;
+    /// a rollback the timer ran is sent to the dashboard, once.
+    fn report_unattended(&mut self, mut record: Record) {
+        let Some(report) = record.report.clone() else {
+            return;
+        };
+        self.compartments.rolled_back(&report);
+        if !record.reported {
+            record.reported = true;
+            self.save_activation(&record);
+            self.rollback_status(Outcome::Error, record.exit_code, report);
+        }
+        self.activation = Some(record);
     }
 
     /// The deadline of an armed activation, for the core's wait.
@@ -173,9 +194,62 @@ impl Core {
             activation::short_path(&armed.system),
             armed.timeout_secs
         );
+        let armed = self.arm_timer(armed);
         self.save_activation(&armed);
         self.confirmation.rearm();
         self.activation = Some(armed);
+    }
+
+    /// Under systemd, a transient timer that rolls back even if no agent
+    /// runs then; otherwise only this agent's countdown.
+    fn arm_timer(&mut self, mut armed: Record) -> Record {
+        if !activation::timer::systemd_is_init() {
+            if !std::mem::replace(&mut self.told_no_timer, true) {
+                info!(
+                    "systemd is not the init system: an unconfirmed switch is rolled back by the agent's own countdown only (no timer survives an agent that cannot start)"
+                );
+            }
+            return armed;
+        }
+        let exe = match std::fs::read_link("/proc/self/exe") {
+            Ok(exe) => exe,
+            Err(error) => {
+                warn!(%error, "cannot find this binary for the rollback timer; the agent's own countdown only");
+                return armed;
+            }
+        };
+        let unit = activation::timer::unit_name(armed.deadline);
+        let argv = activation::timer::arm_argv(&unit, armed.timeout_secs, &exe, &self.state_dir);
+        self.run_quietly(argv, "arm the rollback timer");
+        armed.timer_unit = Some(unit);
+        armed
+    }
+
+    /// Runs a short systemd command in the background (no shell); a
+    /// failure is logged.
+    fn run_quietly(&self, argv: Vec<std::ffi::OsString>, what: &'static str) {
+        let env = self.runner.shared_child_env();
+        tokio::spawn(async move {
+            let Some((program, args)) = argv.split_first() else {
+                return;
+            };
+            let result = tokio::process::Command::new(program)
+                .args(args)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            match result {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => warn!(
+                    status = %out.status,
+                    "cannot {what}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(error) => warn!(%error, "cannot {what}"),
+            }
+        });
     }
 
     /// The dashboard was reached after the switch: the countdown ends.
@@ -184,6 +258,12 @@ impl Core {
             return;
         };
         info!(command = %record.command, commit = %record.commit, "the switch is confirmed: {how}");
+        if let Some(unit) = &record.timer_unit {
+            self.run_quietly(
+                activation::timer::cancel_argv(unit),
+                "stop the rollback timer",
+            );
+        }
         Record::clear(&self.state_dir);
         self.activation = None;
     }
