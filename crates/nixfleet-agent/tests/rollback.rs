@@ -7,10 +7,11 @@
 //! `bin/switch-to-configuration` (flips the link back).
 
 mod common;
+#[path = "rollback/host.rs"]
+mod host;
 
 use common::*;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use host::*;
 use std::time::Duration;
 
 /// `--check-config` with the safe-deployment keys set in `toml`.
@@ -75,169 +76,6 @@ fn the_safe_deployment_keys_have_defaults_and_are_validated() {
         assert!(stderr.contains(needle), "{toml}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
-}
-
-/// Where the fake host keeps things (all under the agent's directory,
-/// which is `$HOME` for the stand-ins).
-#[derive(Clone)]
-struct Paths {
-    home: PathBuf,
-    link: PathBuf,
-    old: PathBuf,
-    profile: PathBuf,
-    state: PathBuf,
-    commit: String,
-}
-
-impl Paths {
-    fn record(&self) -> PathBuf {
-        self.state.join("activation.json")
-    }
-    fn short_commit(&self) -> &str {
-        &self.commit[..7]
-    }
-}
-
-/// `nixos-rebuild switch`: the link to the new system, then, when the test
-/// asks for it (`cut-first`), a wait until it has cut the dashboard off.
-const SWITCH: &str = r#"ln -sfn "$NEW_SYSTEM" "$LINK"
-if [ -e "$HOME/cut-first" ]; then
-  : > "$HOME/activated"
-  while [ ! -e "$HOME/cut" ]; do sleep 0.05; done
-fi
-echo activated"#;
-
-/// The recorded system's activation: the link back, and a line per run.
-const OLD_ACTIVATION: &str = r#"ln -sfn "$OLD_SYSTEM" "$LINK"
-echo "activating the old system"
-echo "$1 $(date +%s)" >> "$HOME/rolled-back"
-exit "$(cat "$HOME/old-exit" 2>/dev/null || echo 0)""#;
-
-fn commit_repo(repo: &Path) -> String {
-    git(repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("flake.nix"), "{ }\n").unwrap();
-    git(repo, &["add", "."]);
-    git(repo, &["commit", "-q", "-m", "one"]);
-    git(repo, &["rev-parse", "HEAD"])
-}
-
-/// A prepared agent directory with two fake systems (the link at the old
-/// one), the system profile at generation 7, boot id `boot-a`, a committed
-/// repository and the stand-ins; the options point the agent at them.
-fn prepare(url: String, confirm_timeout: u64) -> (tempfile::TempDir, Paths, AgentOptions) {
-    let mut options = AgentOptions::new(url);
-    options
-        .extra_toml
-        .push(format!("confirm_timeout = {confirm_timeout}"));
-    let (dir, bin) = Agent::prepare(&options);
-    let home = dir.path().to_owned();
-    let (old, new) = (home.join("system-old"), home.join("system-new"));
-    std::fs::create_dir_all(old.join("bin")).unwrap();
-    std::fs::create_dir_all(&new).unwrap();
-    let link = home.join("current-system");
-    std::os::unix::fs::symlink(&old, &link).unwrap();
-    std::fs::create_dir_all(home.join("profiles")).unwrap();
-    let profile = home.join("profiles/system");
-    std::os::unix::fs::symlink("system-7-link", &profile).unwrap();
-    std::fs::write(home.join("boot_id"), "boot-a\n").unwrap();
-    let commit = commit_repo(&home.join("repo"));
-    let prelude = format!(
-        "LINK={:?}\nNEW_SYSTEM={:?}\nOLD_SYSTEM={:?}\n",
-        link.display().to_string(),
-        new.display().to_string(),
-        old.display().to_string()
-    );
-    script(&bin, "nixos-rebuild", &format!("{prelude}{SWITCH}"));
-    script(&bin, "nix-env", r#"echo "$@" > "$HOME/nix-env-args""#);
-    let activation = format!("{prelude}{OLD_ACTIVATION}");
-    script(&old.join("bin"), "switch-to-configuration", &activation);
-    for (var, path) in [
-        ("NIXFLEET_TEST_CURRENT_SYSTEM", &link),
-        ("NIXFLEET_TEST_SYSTEM_PROFILE", &profile),
-        ("NIXFLEET_TEST_BOOT_ID_FILE", &home.join("boot_id")),
-    ] {
-        options.env.push((var.into(), path.display().to_string()));
-    }
-    let state = home.join("state");
-    let paths = Paths {
-        home,
-        link,
-        old,
-        profile,
-        state,
-        commit,
-    };
-    (dir, paths, options)
-}
-
-/// Sends `switch` and, once the stand-in has switched, kills the dashboard
-/// (it refuses connections from then on) before letting the switch end.
-async fn switch_then_cut_off(dashboard: &mut Dashboard, paths: &Paths) {
-    std::fs::write(paths.home.join("cut-first"), "").unwrap();
-    dashboard.command(dashboard.current_conn().unwrap(), "switch");
-    wait_for_file_created(&paths.home.join("activated")).await;
-    dashboard.kill();
-    std::fs::write(paths.home.join("cut"), "").unwrap();
-}
-
-/// Waits for a file to exist (it may stay empty).
-async fn wait_for_file_created(path: &Path) {
-    let deadline = tokio::time::Instant::now() + 30 * SECOND;
-    while !path.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the activation record is gone.
-async fn wait_for_no_record(paths: &Paths) {
-    let deadline = tokio::time::Instant::now() + 30 * SECOND;
-    while paths.record().exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the activation record stayed: {}",
-            std::fs::read_to_string(paths.record()).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits for the activation record in `phase` and returns it.
-async fn wait_for_record(paths: &Paths, phase: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + 30 * SECOND;
-    loop {
-        let text = std::fs::read_to_string(paths.record()).unwrap_or_default();
-        if let Ok(record) = serde_json::from_str::<Value>(&text)
-            && record["phase"] == phase
-        {
-            return record;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {phase} record; last: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn rollback_status(dashboard: &Dashboard) -> Value {
-    dashboard
-        .wait_frame_where("status", 30 * SECOND, |p| p["command"] == "rollback")
-        .await
-        .payload()
-        .clone()
-}
-
-fn rollback_runs(paths: &Paths) -> Vec<String> {
-    std::fs::read_to_string(paths.home.join("rolled-back"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 #[tokio::test]
@@ -570,4 +408,71 @@ async fn the_timers_mode_rolls_back_only_without_an_agent_and_the_next_agent_rep
     let record = wait_for_record(&paths, "rolled_back").await;
     assert_eq!(record["reported"], true);
     assert_eq!(rollback_runs(&paths).len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_test_after_the_switch_rolls_it_back_with_the_tests_name() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 60);
+    options
+        .extra_toml
+        .push("rollback_on_failed_tests = true".to_owned());
+    let tests = paths.home.join("repo/hosts/test-host/tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    script(&tests, "T1-ok.sh", "echo fine");
+    script(
+        &tests,
+        "T2-net.sh",
+        "echo 'no route to the dashboard' >&2\nexit 1",
+    );
+    let _agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(status["status"], "error");
+    assert_eq!(
+        status["message"],
+        format!(
+            "rolled back to system-old: the host's tests failed after switch {}: T2-net.sh",
+            paths.short_commit()
+        )
+        .as_str()
+    );
+    let commands: Vec<String> = dashboard
+        .frames("status")
+        .iter()
+        .map(|s| format!("{} {}", s.payload()["command"], s.payload()["status"]))
+        .collect();
+    assert_eq!(
+        commands,
+        [
+            "\"switch\" \"ok\"",
+            "\"test\" \"error\"",
+            "\"rollback\" \"error\""
+        ]
+    );
+    assert_eq!(rollback_runs(&paths).len(), 1);
+    assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
+}
+
+#[tokio::test]
+async fn passing_tests_after_the_switch_leave_it_in_place() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 0);
+    options
+        .extra_toml
+        .push("rollback_on_failed_tests = true".to_owned());
+    let tests = paths.home.join("repo/hosts/test-host/tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    script(&tests, "T1-ok.sh", "echo fine");
+    let _agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+    let tested = dashboard
+        .wait_frame_where("status", 30 * SECOND, |p| p["command"] == "test")
+        .await;
+    assert_eq!(tested.payload()["status"], "ok");
+    wait_for_no_record(&paths).await;
+    assert!(rollback_runs(&paths).is_empty());
 }

@@ -117,11 +117,19 @@ pub fn expired(record: &Record, now: u64) -> bool {
 /// The status message of the rollback (and the system compartment's
 /// until the next successful switch).
 pub fn rollback_report(record: &Record, outcome: Result<(), (i32, &str)>) -> String {
-    let why = format!(
-        "the dashboard was unreachable for {} s after {}",
-        record.timeout_secs,
-        switch_words(record)
-    );
+    let why = if record.failed_tests.is_empty() {
+        format!(
+            "the dashboard was unreachable for {} s after {}",
+            record.timeout_secs,
+            switch_words(record)
+        )
+    } else {
+        format!(
+            "the host's tests failed after {}: {}",
+            switch_words(record),
+            record.failed_tests.join(", ")
+        )
+    };
     let to = short_path(&record.system);
     match outcome {
         Ok(()) => format!("rolled back to {to}: {why}"),
@@ -247,6 +255,12 @@ mod tests {
             rollback_report(&r, Err((127, "nix-env not found"))),
             "rollback to old failed (exit 127: nix-env not found): the dashboard was unreachable \
              for 300 s after switch abc1234; not retried"
+        );
+        let mut tested = r.clone();
+        tested.failed_tests = vec!["T2-net.sh".into(), "T5-dns.sh".into()];
+        assert_eq!(
+            rollback_report(&tested, Ok(())),
+            "rolled back to old: the host's tests failed after switch abc1234: T2-net.sh, T5-dns.sh"
         );
         let store = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-25.05";
         assert_eq!(short_path(store), "0123456-nixos-system-web-25.05");

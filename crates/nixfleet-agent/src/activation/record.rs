@@ -58,6 +58,10 @@ pub struct Record {
     /// timer ran is reported by the next agent).
     #[serde(default = "yes")]
     pub reported: bool,
+    /// The host's tests that failed after the switch
+    /// (`rollback_on_failed_tests`): the reason for the rollback.
+    #[serde(default)]
+    pub failed_tests: Vec<String>,
     /// The rollback's exit code, for that status.
     #[serde(default)]
     pub exit_code: i32,
@@ -87,6 +91,7 @@ impl Record {
             timer_unit: None,
             report: None,
             reported: true,
+            failed_tests: Vec::new(),
             exit_code: 0,
         }
     }

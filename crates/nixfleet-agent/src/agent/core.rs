@@ -93,6 +93,14 @@ pub(super) struct Core {
     pub(super) confirmation: Confirmation,
     /// The deadline passed while a command ran: roll back when it ends.
     pub(super) rollback_due: bool,
+    /// `rollback_on_failed_tests`.
+    pub(super) rollback_on_failed_tests: bool,
+    /// A switch succeeded: run the tests once it has ended.
+    pub(super) test_after_switch: bool,
+    /// The running `test` command checks a switch.
+    pub(super) testing_activation: bool,
+    /// The scripts the last `test` command found failing.
+    pub(super) failed_tests: Vec<String>,
     /// Held for the agent's life (see `activation::timer`).
     pub(super) activation_lock: Option<std::fs::File>,
     /// Whether "no systemd timer" was logged already.
@@ -154,6 +162,10 @@ impl Core {
             confirm_timeout: config.confirm_timeout,
             confirmation: Confirmation::new(links.link_state),
             rollback_due: false,
+            rollback_on_failed_tests: config.rollback_on_failed_tests,
+            test_after_switch: false,
+            testing_activation: false,
+            failed_tests: Vec::new(),
             activation_lock: None,
             told_no_timer: false,
         }

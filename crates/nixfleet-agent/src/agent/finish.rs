@@ -36,7 +36,11 @@ impl Core {
                 passed,
                 total,
                 stopped,
-            } => self.compartments.tested(passed, total, stopped),
+                failed,
+            } => {
+                self.compartments.tested(passed, total, stopped);
+                self.failed_tests = failed;
+            }
             Progress::Lock(answer) => self.compartments.on_lock_answer(answer),
             Progress::System(verdict) => self.compartments.system_verified(verdict),
             Progress::Rebuilt { ok } => {
@@ -58,6 +62,15 @@ impl Core {
     }
 
     fn finish(&mut self, status: Status) {
+        self.end_command(status);
+        // What waited for the command: a rollback, the tests of a switch.
+        self.rollback_if_due();
+        if self.restart.is_none() {
+            self.test_if_due();
+        }
+    }
+
+    fn end_command(&mut self, status: Status) {
         let finished = self.running.take();
         self.publish_state();
         let (status, rolled_back) =
@@ -98,7 +111,6 @@ impl Core {
             self.restart = Some(ticket);
         }
         self.clear_record_once_delivered(&finished, ticket);
-        self.rollback_if_due();
         if !activated {
             return;
         }

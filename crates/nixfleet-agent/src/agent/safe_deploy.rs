@@ -109,7 +109,8 @@ impl Core {
             Record::clear(&self.state_dir);
             self.activation = None;
         }
-        if !kind.needs_confirmation() || self.confirm_timeout.is_zero() {
+        let guarded = !self.confirm_timeout.is_zero() || self.rollback_on_failed_tests;
+        if !kind.needs_confirmation() || !guarded {
             return;
         }
         let Some(system) = current_system() else {
@@ -143,18 +144,66 @@ impl Core {
                 self.rollback_ended(record, status)
             }
             Phase::Recorded if kind.needs_confirmation() => {
-                let current = current_system();
-                let succeeded = status.status == Outcome::Ok;
-                let timeout = self.confirm_timeout;
-                if activation::decide::should_arm(&record, succeeded, current.as_deref(), timeout) {
-                    self.arm(record);
-                } else {
-                    Record::clear(&self.state_dir);
-                    self.activation = None;
-                }
+                self.switch_ended(record, &status);
+                (status, None)
+            }
+            Phase::Recorded | Phase::Armed if kind == CommandKind::Test => {
+                self.tests_ended(record, &status);
                 (status, None)
             }
             _ => (status, None),
+        }
+    }
+
+    /// A switch ended: armed when it changed the system; its tests run next
+    /// when `rollback_on_failed_tests` asks for them.
+    fn switch_ended(&mut self, record: Record, status: &Status) {
+        let current = current_system();
+        let succeeded = status.status == Outcome::Ok;
+        let changed = activation::decide::should_arm(
+            &record,
+            succeeded,
+            current.as_deref(),
+            std::time::Duration::MAX,
+        );
+        self.test_after_switch = changed && self.rollback_on_failed_tests;
+        if changed && !self.confirm_timeout.is_zero() {
+            self.arm(record);
+        } else if !self.test_after_switch {
+            Record::clear(&self.state_dir);
+            self.activation = None;
+        }
+    }
+
+    /// The tests of a switch ended: a failure rolls it back now.
+    fn tests_ended(&mut self, mut record: Record, status: &Status) {
+        if !std::mem::take(&mut self.testing_activation) {
+            return;
+        }
+        if status.status == Outcome::Ok {
+            if record.phase == Phase::Recorded {
+                Record::clear(&self.state_dir);
+                self.activation = None;
+            }
+            return;
+        }
+        record.failed_tests = std::mem::take(&mut self.failed_tests);
+        if record.failed_tests.is_empty() {
+            record.failed_tests.push(status.message.clone());
+        }
+        self.save_activation(&record);
+        self.activation = Some(record);
+        self.rollback_due = true;
+    }
+
+    /// After a switch, with `rollback_on_failed_tests`: the host's tests,
+    /// as the `test` command runs them.
+    pub(super) fn test_if_due(&mut self) {
+        if std::mem::take(&mut self.test_after_switch) && self.running.is_none() {
+            info!("running the host's tests after the switch (rollback_on_failed_tests)");
+            self.testing_activation = true;
+            self.failed_tests.clear();
+            self.launch(CommandKind::Test, None);
         }
     }
 
@@ -264,6 +313,17 @@ impl Core {
                 "stop the rollback timer",
             );
         }
+        if self.testing_activation {
+            // The countdown ends; the tests still decide.
+            let record = Record {
+                phase: Phase::Recorded,
+                timer_unit: None,
+                ..record.clone()
+            };
+            self.save_activation(&record);
+            self.activation = Some(record);
+            return;
+        }
         Record::clear(&self.state_dir);
         self.activation = None;
     }
@@ -282,7 +342,7 @@ impl Core {
         let Some(record) = self.activation.as_mut() else {
             return;
         };
-        if record.phase == Phase::Armed {
+        if matches!(record.phase, Phase::Armed | Phase::Recorded) {
             record.phase = Phase::RollingBack;
             let record = record.clone();
             self.save_activation(&record);
@@ -299,11 +359,18 @@ impl Core {
         let Some(record) = self.activation.as_ref() else {
             return;
         };
+        let why = if record.failed_tests.is_empty() {
+            format!("was not confirmed within {} s", record.timeout_secs)
+        } else {
+            format!(
+                "failed the host's tests ({})",
+                record.failed_tests.join(", ")
+            )
+        };
         let note = format!(
-            "[nixfleet] {} {} was not confirmed within {} s: rolling back to {}{}",
+            "[nixfleet] {} {} {why}: rolling back to {}{}",
             record.command,
             record.commit,
-            record.timeout_secs,
             record.system,
             record
                 .generation

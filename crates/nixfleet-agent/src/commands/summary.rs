@@ -33,6 +33,8 @@ pub enum Emit {
         passed: u32,
         total: u32,
         stopped: bool,
+        /// The scripts that failed, by name.
+        failed: Vec<String>,
     },
     /// A `nixos-rebuild` step ran to its end (ok or not).
     Rebuilt(bool),
@@ -308,6 +310,12 @@ impl Summary {
             passed: self.passed(),
             total: self.steps as u32,
             stopped: self.stopped,
+            failed: self
+                .results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| r.label.clone())
+                .collect(),
         });
         if !self.final_progress {
             if self.steps == 0 {
@@ -618,7 +626,7 @@ mod tests {
         let log = "# steps 2\n# start 0 5 T1.sh\n# end 0 0 exit code 0\n# start 1 6 T2.sh\n# end 1 1 exit code 1\n# done";
         assert_eq!(
             emits(CommandKind::Test, log),
-            ["Tested { passed: 1, total: 2, stopped: false }"]
+            ["Tested { passed: 1, total: 2, stopped: false, failed: [\"T2.sh\"] }"]
         );
     }
 
