@@ -476,3 +476,45 @@ async fn passing_tests_after_the_switch_leave_it_in_place() {
     wait_for_no_record(&paths).await;
     assert!(rollback_runs(&paths).is_empty());
 }
+
+#[tokio::test]
+async fn the_dashboard_cannot_stop_the_rollback_nor_switch_during_it() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 2);
+    std::fs::write(paths.home.join("hold-rollback"), "").unwrap();
+    let _agent = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    switch_then_cut_off(&mut dashboard, &paths).await;
+    wait_for_file_created(&paths.home.join("rolling")).await;
+    dashboard.restart().await;
+    let register = dashboard.wait_frame("register", 2, 30 * SECOND).await;
+    dashboard.command(register.conn(), "stop");
+    dashboard.command(register.conn(), "switch");
+    let rejected = dashboard
+        .wait_for(10 * SECOND, "two rejections", |log| {
+            let reasons: Vec<String> = log
+                .iter()
+                .filter(|s| s.kind() == Some("command_rejected"))
+                .map(|s| s.payload()["reason"].as_str().unwrap_or("").to_owned())
+                .collect();
+            (reasons.len() == 2).then_some(reasons)
+        })
+        .await;
+    assert_eq!(
+        rejected,
+        [
+            "the automatic rollback of an unconfirmed switch cannot be stopped",
+            "a rollback to system-old is under way"
+        ]
+    );
+    std::fs::write(paths.home.join("go"), "").unwrap();
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(status["status"], "error");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("rolled back to system-old: "),
+        "{status}"
+    );
+}

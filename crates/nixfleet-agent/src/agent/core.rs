@@ -276,16 +276,18 @@ impl Core {
     }
 
     fn start(&mut self, kind: CommandKind) {
+        // First: it says more than "command already running" during the
+        // rollback.
+        if let Some(reason) = self.activation_refusal(kind) {
+            self.reject(reason);
+            return;
+        }
         if self.running.is_some() {
             self.reject("command already running".to_owned());
             return;
         }
         if self.restart.is_some() {
             self.reject("the agent is restarting".to_owned());
-            return;
-        }
-        if let Some(reason) = self.activation_refusal(kind) {
-            self.reject(reason);
             return;
         }
         if kind.activates() {
@@ -320,6 +322,13 @@ impl Core {
     }
 
     fn stop(&mut self, request: StopRequest) {
+        if self.rolling_back() {
+            // Safe deployments: the dashboard cannot cancel the rollback.
+            self.reject(
+                "the automatic rollback of an unconfirmed switch cannot be stopped".to_owned(),
+            );
+            return;
+        }
         match &self.running {
             Some(running) => {
                 info!(

@@ -81,6 +81,19 @@ impl Core {
         self.activation = Some(record);
     }
 
+    /// Whether the running command is the automatic rollback.
+    pub(super) fn rolling_back(&self) -> bool {
+        let rollback = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.kind == CommandKind::Rollback);
+        rollback
+            && self
+                .activation
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::RollingBack)
+    }
+
     /// The deadline of an armed activation, for the core's wait.
     pub(super) fn armed_deadline(&self) -> Option<u64> {
         self.activation

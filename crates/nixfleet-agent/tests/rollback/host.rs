@@ -37,8 +37,13 @@ if [ -e "$HOME/cut-first" ]; then
 fi
 echo activated"#;
 
-/// The recorded system's activation: the link back, and a line per run.
-pub const OLD_ACTIVATION: &str = r#"ln -sfn "$OLD_SYSTEM" "$LINK"
+/// The recorded system's activation: the link back, and a line per run;
+/// with `hold-rollback`, it waits for `go` first.
+pub const OLD_ACTIVATION: &str = r#"if [ -e "$HOME/hold-rollback" ]; then
+  : > "$HOME/rolling"
+  while [ ! -e "$HOME/go" ]; do sleep 0.05; done
+fi
+ln -sfn "$OLD_SYSTEM" "$LINK"
 echo "activating the old system"
 echo "$1 $(date +%s)" >> "$HOME/rolled-back"
 exit "$(cat "$HOME/old-exit" 2>/dev/null || echo 0)""#;
