@@ -20,7 +20,16 @@ impl Core {
         // Held for the agent's life: a rollback timer that fires meanwhile
         // leaves the countdown to this agent. Waits while the timer's
         // rollback runs, then reports it.
-        match activation::timer::lock(&self.state_dir, true) {
+        let lock = match activation::timer::lock(&self.state_dir, false) {
+            Ok(None) => {
+                warn!(
+                    "the rollback timer is rolling back an unconfirmed switch; waiting for it to end"
+                );
+                activation::timer::lock(&self.state_dir, true)
+            }
+            taken => taken,
+        };
+        match lock {
             Ok(lock) => self.activation_lock = lock,
             Err(error) => warn!(%error, "cannot take the activation lock"),
         }
