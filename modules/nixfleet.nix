@@ -31,6 +31,7 @@ let
     token = "tokenFile";
     token_file = "tokenFile";
     ssh_key = "sshKeyFile";
+    tls_client_key = "tlsClientKeyFile";
   };
 
   matches = regex: value: lib.isString value && builtins.match regex value != null;
@@ -40,6 +41,17 @@ let
   # `ssh://git@host/…` name a user only.
   hasCredentials =
     url: matches "[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@.*" url || matches "https?://[^/@]+@.*" url;
+
+  # Where `prometheus.enable` puts the metrics file. Under /run (a tmpfs)
+  # rather than /var/lib: the file says "connected 1" until the agent
+  # rewrites it, so a file left from before a reboot, by an agent that has
+  # not started since (a configuration error, a unit that fails), would
+  # keep an alert on `nixfleet_agent_connected == 0` quiet; gone with the
+  # boot, its absence is what an `absent()` rule sees. It is also never
+  # written to disk. Not the agent's state directory, which is private
+  # (0700) and node_exporter runs as its own user; not node_exporter's
+  # RuntimeDirectory, which systemd removes whenever the exporter stops.
+  metricsDir = "/run/nixfleet-metrics";
 in
 {
   options.services.nixfleet = {
@@ -127,6 +139,60 @@ in
         Absolute path of an SSH private key for git, passed to the agent as
         the credential `ssh_key` like {option}`services.nixfleet.tokenFile`.
         `null` leaves git to its usual SSH configuration.
+      '';
+    };
+
+    tlsClientCertFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/agenix/nixfleet-client.crt";
+      description = ''
+        PEM client certificate (chain) this host shows a `wss://` dashboard,
+        or a reverse proxy in front of it, that asks for one (mTLS), so the
+        dashboard can tell hosts apart. A certificate is public: a store
+        path is fine. Needs {option}`services.nixfleet.tlsClientKeyFile`.
+        Sets `settings.tls_client_cert`.
+      '';
+    };
+
+    tlsClientKeyFile = lib.mkOption {
+      type = lib.types.nullOr runtimePath;
+      default = null;
+      example = "/run/agenix/nixfleet-client.key";
+      description = ''
+        Absolute path of the PEM private key of
+        {option}`services.nixfleet.tlsClientCertFile`, passed to the agent as
+        the credential `tls_client_key` like
+        {option}`services.nixfleet.tokenFile`, so it never enters the Nix
+        store. A key that does not belong to the certificate stops the
+        agent (exit 78).
+      '';
+    };
+
+    allowedSignersFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./allowed_signers";
+      description = ''
+        git's SSH allowed-signers file (the format of
+        `gpg.ssh.allowedSignersFile`): when set, `pull` deploys only a tip
+        signed by one of these keys, and `switch`/`boot` build only a
+        verified HEAD. Public keys only, so a Nix path literal (copied into
+        the store) is fine. `null` checks no signatures. Sets
+        `settings.allowed_signers_file`.
+      '';
+    };
+
+    gpgKeyring = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./fleet-signers.asc";
+      description = ''
+        OpenPGP public keys (a file, or a directory of key files as
+        `gpg --export` writes them) for the same rule as
+        {option}`services.nixfleet.allowedSignersFile`, with OpenPGP
+        signatures. Public keys only: the store is fine. Sets
+        `settings.gpg_keyring`.
       '';
     };
 
@@ -248,6 +314,15 @@ in
         `settings.rollback_on_failed_tests`.
       '';
     };
+    prometheus.enable = lib.mkEnableOption ''
+      Prometheus metrics through node_exporter's textfile collector: the
+      agent writes `${metricsDir}/nixfleet.prom` (the key
+      `metrics_textfile`; the directory is created with systemd-tmpfiles)
+      and {option}`services.prometheus.exporters.node` gets the `textfile`
+      collector reading that directory. The node exporter itself is not
+      turned on: add `services.prometheus.exporters.node.enable = true;`
+      if it is not on already
+    '';
 
     settings = lib.mkOption {
       type = lib.types.submodule { freeformType = settingsFormat.type; };
@@ -267,9 +342,11 @@ in
         `stasysmo_dir`, `ca_file`, …). The options of this module set their
         keys with `lib.mkDefault`, so a value given here takes precedence.
 
-        Because the file is world-readable, `token`, `token_file` and
-        `ssh_key` are refused: use {option}`services.nixfleet.tokenFile` and
-        {option}`services.nixfleet.sshKeyFile`.
+        Because the file is world-readable, `token`, `token_file`, `ssh_key`
+        and `tls_client_key` are refused: use
+        {option}`services.nixfleet.tokenFile`,
+        {option}`services.nixfleet.sshKeyFile` and
+        {option}`services.nixfleet.tlsClientKeyFile`.
       '';
     };
   };
@@ -291,13 +368,37 @@ in
       // lib.optionalAttrs (cfg.confirmTimeout != 300) { confirm_timeout = cfg.confirmTimeout; }
       // lib.optionalAttrs cfg.rollbackOnFailedTests { rollback_on_failed_tests = true; }
       // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
+      # Interpolated, so that a path literal is copied into the store and
+      # the agent gets a store path rather than one in the flake's source.
+      // lib.optionalAttrs (cfg.allowedSignersFile != null) {
+        allowed_signers_file = "${cfg.allowedSignersFile}";
+      }
+      // lib.optionalAttrs (cfg.gpgKeyring != null) { gpg_keyring = "${cfg.gpgKeyring}"; }
+      // lib.optionalAttrs (cfg.tlsClientCertFile != null) {
+        tls_client_cert = "${cfg.tlsClientCertFile}";
+      }
       // lib.optionalAttrs (cfg.themeColor != null) { theme_color = cfg.themeColor; }
       // lib.optionalAttrs (cfg.location != null) { inherit (cfg) location; }
       // lib.optionalAttrs (cfg.deviceType != null) { device_type = cfg.deviceType; }
       // lib.optionalAttrs (cfg.reportAgentVersion != null) {
         report_agent_version = cfg.reportAgentVersion;
       }
+      // lib.optionalAttrs cfg.prometheus.enable { metrics_textfile = "${metricsDir}/nixfleet.prom"; }
     );
+
+    # World-readable: node_exporter runs as its own user. The agent (root)
+    # replaces the file there by a rename, mode 0644.
+    systemd.tmpfiles.rules = lib.optional cfg.prometheus.enable "d ${metricsDir} 0755 root root -";
+
+    # Only the collector's settings, never `enable`: a host that does not
+    # run the node exporter does not get one from this module. Plain list
+    # definitions, so they add to the user's own flags and collectors
+    # instead of replacing them (or being replaced, as a mkDefault list
+    # would be by any other definition).
+    services.prometheus.exporters.node = lib.mkIf cfg.prometheus.enable {
+      enabledCollectors = [ "textfile" ];
+      extraFlags = [ "--collector.textfile.directory=${metricsDir}" ];
+    };
 
     assertions = [
       {
@@ -314,6 +415,10 @@ in
       message = "services.nixfleet.settings.${key} is not allowed: the settings file is world-readable in the Nix store. Use services.nixfleet.${option}, which is passed as a systemd credential.";
     }) secretSettings
     ++ [
+      {
+        assertion = (cfg.tlsClientCertFile == null) == (cfg.tlsClientKeyFile == null);
+        message = "services.nixfleet.tlsClientCertFile and services.nixfleet.tlsClientKeyFile go together: set both (mTLS) or neither.";
+      }
       {
         assertion = !hasCredentials (cfg.settings.repo_url or null);
         message = "services.nixfleet.repoUrl (settings.repo_url) carries credentials in its user info: the settings file is world-readable in the Nix store. Use an ssh URL with services.nixfleet.sshKeyFile, which is passed as a systemd credential.";
@@ -395,7 +500,8 @@ in
         LoadCredential = [
           "token:${cfg.tokenFile}"
         ]
-        ++ lib.optional (cfg.sshKeyFile != null) "ssh_key:${cfg.sshKeyFile}";
+        ++ lib.optional (cfg.sshKeyFile != null) "ssh_key:${cfg.sshKeyFile}"
+        ++ lib.optional (cfg.tlsClientKeyFile != null) "tls_client_key:${cfg.tlsClientKeyFile}";
       };
     };
   };

@@ -153,9 +153,9 @@ if out=$(
   python3 - modules/nixfleet.nix docs/nixos.md <<'EOF'
 import re, sys
 module, doc = open(sys.argv[1]).read(), open(sys.argv[2]).read()
-declared = set(re.findall(r"^    (\w+) = lib\.mk(?:Option|EnableOption|PackageOption)\b", module, re.M))
+declared = set(re.findall(r"^    ([\w.]+) = lib\.mk(?:Option|EnableOption|PackageOption)\b", module, re.M))
 options = doc.split("\n## Options\n", 1)[-1].split("\n## ", 1)[0]
-documented = set(re.findall(r"^\| `(\w+)` \|", options, re.M))
+documented = set(re.findall(r"^\| `([\w.]+)` \|", options, re.M))
 problems = [f"option {o} is not in docs/nixos.md's Options table" for o in sorted(declared - documented)]
 problems += [f"docs/nixos.md documents {o}, which the module does not declare" for o in sorted(documented - declared)]
 if problems or not declared:

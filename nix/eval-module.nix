@@ -64,6 +64,7 @@ let
 
   base = evalConfig minimal;
   disabled = evalConfig { services.nixfleet.enable = false; };
+  prometheus = withMinimal { services.nixfleet.prometheus.enable = true; };
   unit = base.systemd.services.nixfleet;
   sc = unit.serviceConfig;
   unitLines = lib.splitString "\n" base.systemd.units."nixfleet.service".text;
@@ -192,6 +193,7 @@ let
         "token"
         "token_file"
         "ssh_key"
+        "tls_client_key"
       ]
     ) [ ])
     (expectEqual "options map to settings keys"
@@ -264,6 +266,71 @@ let
     (expectEqual "confirmTimeout at its default leaves the agent's default" (
       (withMinimal { }).services.nixfleet.settings ? confirm_timeout
     ) false)
+    (expectEqual "allowedSignersFile and gpgKeyring map to allowed_signers_file and gpg_keyring"
+      (lib.filterAttrs (key: _: key == "allowed_signers_file" || key == "gpg_keyring")
+        (withMinimal {
+          services.nixfleet = {
+            allowedSignersFile = "/etc/nixfleet/allowed_signers";
+            gpgKeyring = "/etc/nixfleet/signers";
+          };
+        }).services.nixfleet.settings
+      )
+      {
+        allowed_signers_file = "/etc/nixfleet/allowed_signers";
+        gpg_keyring = "/etc/nixfleet/signers";
+      }
+    )
+    # Public keys may come from the configuration's own repository: a path
+    # literal is copied into the store, and the agent is given that copy
+    # (this file stands in for a key file).
+    (expect "allowedSignersFile and gpgKeyring as path literals become store paths" (
+      let
+        settings =
+          (withMinimal {
+            services.nixfleet = {
+              allowedSignersFile = ./eval-module.nix;
+              gpgKeyring = ./stubs.nix;
+            };
+          }).services.nixfleet.settings;
+      in
+      lib.hasPrefix "${builtins.storeDir}/" settings.allowed_signers_file
+      && lib.hasSuffix "-eval-module.nix" settings.allowed_signers_file
+      && lib.hasPrefix "${builtins.storeDir}/" settings.gpg_keyring
+      && lib.hasSuffix "-stubs.nix" settings.gpg_keyring
+    ) "expected store paths for allowed_signers_file and gpg_keyring")
+    (expectEqual "signing keys are public: no credential for them"
+      (withMinimal { services.nixfleet.allowedSignersFile = "/etc/nixfleet/allowed_signers"; })
+      .systemd.services.nixfleet.serviceConfig.LoadCredential
+      [ "token:${tokenFile}" ]
+    )
+    (expectEqual
+      "tlsClientCertFile sets tls_client_cert, tlsClientKeyFile becomes the credential tls_client_key"
+      (
+        let
+          c = withMinimal {
+            services.nixfleet = {
+              tlsClientCertFile = "/run/keys/client.crt";
+              tlsClientKeyFile = "/run/keys/client.key";
+            };
+          };
+        in
+        {
+          cert = c.services.nixfleet.settings.tls_client_cert or null;
+          key = c.services.nixfleet.settings.tls_client_key or null;
+          inherit (c.systemd.services.nixfleet.serviceConfig) LoadCredential;
+          failed = failedMessages c;
+        }
+      )
+      {
+        cert = "/run/keys/client.crt";
+        key = null;
+        LoadCredential = [
+          "token:${tokenFile}"
+          "tls_client_key:/run/keys/client.key"
+        ];
+        failed = [ ];
+      }
+    )
     (expectEqual "settings override the options and take extra keys"
       (withMinimal {
         services.nixfleet.settings = {
@@ -301,6 +368,71 @@ let
       }).systemd.services.nixfleet.serviceConfig.ExecStart
       "${fakeStorePath "nixfleet-agent-custom"}/bin/nixfleet-agent --config ${configFile}"
     )
+    (expectEqual
+      "prometheus.enable: the metrics file in a tmpfiles directory, the textfile collector reading it, the exporter left as it was"
+      {
+        file = prometheus.services.nixfleet.settings.metrics_textfile or null;
+        tmpfiles = prometheus.systemd.tmpfiles.rules;
+        inherit (prometheus.services.prometheus.exporters.node) enable enabledCollectors extraFlags;
+      }
+      {
+        file = "/run/nixfleet-metrics/nixfleet.prom";
+        tmpfiles = [ "d /run/nixfleet-metrics 0755 root root -" ];
+        enable = false;
+        enabledCollectors = [ "textfile" ];
+        extraFlags = [ "--collector.textfile.directory=/run/nixfleet-metrics" ];
+      }
+    )
+    (expectEqual
+      "prometheus.enable: the user's exporter, collectors and flags are kept beside the module's"
+      {
+        inherit
+          ((withMinimal {
+            services.nixfleet.prometheus.enable = true;
+            services.prometheus.exporters.node = {
+              enable = true;
+              enabledCollectors = [ "systemd" ];
+              extraFlags = [ "--collector.filesystem.mount-points-exclude=^/nix/store" ];
+            };
+          }).services.prometheus.exporters.node
+          )
+          enable
+          enabledCollectors
+          extraFlags
+          ;
+      }
+      {
+        enable = true;
+        enabledCollectors = [
+          "systemd"
+          "textfile"
+        ];
+        extraFlags = [
+          "--collector.filesystem.mount-points-exclude=^/nix/store"
+          "--collector.textfile.directory=/run/nixfleet-metrics"
+        ];
+      }
+    )
+    (expectEqual "prometheus.enable off (the default): no metrics file, no tmpfiles rule, no collector"
+      {
+        file = base.services.nixfleet.settings.metrics_textfile or null;
+        tmpfiles = base.systemd.tmpfiles.rules;
+        inherit (base.services.prometheus.exporters.node) enabledCollectors extraFlags;
+      }
+      {
+        file = null;
+        tmpfiles = [ ];
+        enabledCollectors = [ ];
+        extraFlags = [ ];
+      }
+    )
+    (expectEqual "prometheus.enable: settings.metrics_textfile still takes precedence"
+      (withMinimal {
+        services.nixfleet.prometheus.enable = true;
+        services.nixfleet.settings.metrics_textfile = "/srv/metrics/agent.prom";
+      }).services.nixfleet.settings.metrics_textfile
+      "/srv/metrics/agent.prom"
+    )
     (expectEqual "disabled: no unit" (builtins.attrNames disabled.systemd.services) [ ])
     (expectEqual "disabled: no assertions" disabled.assertions [ ])
 
@@ -325,6 +457,15 @@ let
     (expectAssertion "ssh_key in settings" {
       services.nixfleet.settings.ssh_key = "/root/.ssh/id_ed25519";
     } "services.nixfleet.settings.ssh_key is not allowed")
+    (expectAssertion "tlsClientCertFile without tlsClientKeyFile" {
+      services.nixfleet.tlsClientCertFile = "/run/keys/client.crt";
+    } "go together")
+    (expectAssertion "tlsClientKeyFile without tlsClientCertFile" {
+      services.nixfleet.tlsClientKeyFile = "/run/keys/client.key";
+    } "go together")
+    (expectAssertion "tls_client_key in settings" {
+      services.nixfleet.settings.tls_client_key = "/run/keys/client.key";
+    } "services.nixfleet.settings.tls_client_key is not allowed")
     (expectAssertion "repoUrl with a password" {
       services.nixfleet.repoUrl = "https://deploy:s3cr3t@git.example.com/fleet.git";
     } "carries credentials in its user info")
@@ -381,6 +522,15 @@ let
     } (c: c.services.nixfleet.repoDir))
     (expectTypeError "relative repoDir" { services.nixfleet.repoDir = "fleet"; } (
       c: c.services.nixfleet.repoDir
+    ))
+    (expectTypeError "tlsClientKeyFile in the Nix store" {
+      services.nixfleet.tlsClientKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-client.key";
+    } (c: c.services.nixfleet.tlsClientKeyFile))
+    (expectTypeError "relative allowedSignersFile" {
+      services.nixfleet.allowedSignersFile = "allowed_signers";
+    } (c: c.services.nixfleet.allowedSignersFile))
+    (expectTypeError "relative gpgKeyring" { services.nixfleet.gpgKeyring = "keys"; } (
+      c: c.services.nixfleet.gpgKeyring
     ))
     (expectTypeError "interval = 0" { services.nixfleet.interval = 0; } (
       c: c.services.nixfleet.interval

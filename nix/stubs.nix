@@ -282,6 +282,16 @@ let
           default = { };
         };
         systemd.enableStrictShellChecks = lib.mkEnableOption "shellcheck on unit scripts";
+        # As nixos/modules/system/boot/systemd/tmpfiles.nix declares it.
+        systemd.tmpfiles.rules = listOption;
+        # The three options of nixpkgs' node exporter module
+        # (nixos/modules/services/monitoring/prometheus/exporters{,/node}.nix)
+        # that the module touches, with their types and defaults there.
+        services.prometheus.exporters.node = {
+          enable = lib.mkEnableOption "the prometheus node exporter";
+          enabledCollectors = listOption;
+          extraFlags = listOption;
+        };
         # As in nixos/modules/system/boot/systemd.nix.
         systemd.services = mkOption {
           type = utils.systemdUtils.types.services;

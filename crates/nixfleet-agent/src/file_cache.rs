@@ -173,6 +173,13 @@ impl Reads<'_> {
         std::fs::read_to_string(path).ok()
     }
 
+    /// Where `path` leads once every symlink on it is resolved. What it
+    /// leads to is the input: a link replaced to lead elsewhere is seen.
+    pub fn canonical(&mut self, path: &Path) -> Option<PathBuf> {
+        self.metadata(path)?;
+        std::fs::canonicalize(path).ok()
+    }
+
     /// An open file, for computations that stream it (hashes).
     pub fn open(&mut self, path: &Path) -> Option<std::fs::File> {
         self.metadata(path)?;

@@ -5,15 +5,13 @@
 //! a heartbeat every second must cost next to nothing.
 
 use crate::config::Config;
-use crate::file_cache::Derived;
-use crate::file_watch::ChangeWatch;
-use crate::host_facts::{generation_in, lock_hash_in, read_trimmed, sha256_hex_of_file};
+use crate::file_facts::FileFacts;
+use crate::host_facts::{CURRENT_SYSTEM, TEST_CURRENT_SYSTEM_ENV, sha256_hex_of_file};
 use crate::metrics::Sampler;
 use crate::protocol::{Heartbeat, Register, UpdateStatus};
+use crate::reboot;
 use std::path::{Path, PathBuf};
 use tokio::sync::watch;
-
-const NIXOS_VERSION_FILE: &str = "/run/current-system/nixos-version";
 
 /// What a heartbeat says about the running command.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,12 +90,23 @@ pub struct Reporter {
     update_status_now: Option<UpdateStatus>,
     /// Grows whenever `update_status_now` is replaced.
     update_status_revision: u64,
+    /// The boot entries that differ from the booted system's, as last
+    /// taken from `files` (and written into the system compartment).
+    reboot_now: Vec<&'static str>,
+    /// Grows whenever `reboot_now` changes; what `update_status_now` was
+    /// last annotated with.
+    reboot_revision: u64,
+    update_status_reboot: u64,
+    reboot_watch: Option<watch::Sender<Vec<&'static str>>>,
     /// What the last heartbeat was built from.
     last_built_from: Option<BuiltFrom>,
 }
 
 impl Reporter {
     pub fn new(config: &Config, identity: AgentIdentity) -> Self {
+        // The test stand-in for /run/current-system brings its own files.
+        let current = std::env::var_os(TEST_CURRENT_SYSTEM_ENV)
+            .map_or_else(|| PathBuf::from(CURRENT_SYSTEM), PathBuf::from);
         Reporter {
             hostname: config.hostname.clone(),
             // Shown without credentials (redact.rs).
@@ -105,13 +114,8 @@ impl Reporter {
             interval_secs: config.interval.as_secs(),
             identity,
             sampler: Sampler::new(config.metrics, config.stasysmo_dir.clone()),
-            files: FileFacts::new(
-                config.repo_dir.clone(),
-                // The test stand-in for /run/current-system brings its own.
-                std::env::var_os(crate::host_facts::TEST_CURRENT_SYSTEM_ENV)
-                    .map(|link| PathBuf::from(link).join("nixos-version"))
-                    .unwrap_or_else(|| NIXOS_VERSION_FILE.into()),
-            ),
+            files: FileFacts::new(config.repo_dir.clone(), current.join("nixos-version"))
+                .with_reboot_need(reboot::booted_system_link(), current),
             theme_color: config.theme_color.clone(),
             location: config.location.clone(),
             device_type: config.device_type.clone(),
@@ -119,7 +123,31 @@ impl Reporter {
             update_status_wake: None,
             update_status_now: None,
             update_status_revision: 0,
+            reboot_now: Vec::new(),
+            reboot_revision: 0,
+            update_status_reboot: 0,
+            reboot_watch: None,
             last_built_from: None,
+        }
+    }
+
+    /// The boot entries that need a reboot are published here whenever
+    /// they change (for the observer).
+    pub fn with_reboot_watch(mut self, watch: watch::Sender<Vec<&'static str>>) -> Self {
+        self.reboot_watch = Some(watch);
+        self
+    }
+
+    /// Takes in the reboot need as the files last said, and publishes it
+    /// when it changed.
+    fn take_reboot_need(&mut self) {
+        if self.files.reboot_entries() == self.reboot_now.as_slice() {
+            return;
+        }
+        self.reboot_now = self.files.reboot_entries().to_vec();
+        self.reboot_revision += 1;
+        if let Some(watch) = &self.reboot_watch {
+            watch.send_replace(self.reboot_now.clone());
         }
     }
 
@@ -158,6 +186,7 @@ impl Reporter {
     pub fn register(&mut self) -> Register {
         // A new connection: look at the files whatever the watch says.
         self.files.refresh(true);
+        self.take_reboot_need();
         let nixpkgs_version = self.files.nixpkgs_version().to_owned();
         Register {
             hostname: self.hostname.clone(),
@@ -168,7 +197,7 @@ impl Reporter {
             generation: self.files.generation().to_owned(),
             heartbeat_interval: self.interval_secs,
             repo_url: self.repo_url.clone(),
-            repo_dir: Some(self.files.repo_dir.display().to_string()),
+            repo_dir: Some(self.files.repo_dir().display().to_string()),
             store_path: self.identity.store_path.clone(),
             binary_hash: self.identity.binary_hash.clone(),
             theme_color: self.theme_color.clone(),
@@ -184,14 +213,21 @@ impl Reporter {
     /// exactly what the previous one said (then the previous frame can be
     /// sent again instead of serialising this one).
     pub fn heartbeat<'a>(&'a mut self, command: &'a CommandState) -> (Heartbeat<'a>, bool) {
-        // The compartments change a few times a day: copy them only then.
-        if let Some(published) = self.update_status.as_mut()
-            && (self.update_status_now.is_none() || published.has_changed().unwrap_or(false))
-        {
-            self.update_status_now = Some(published.borrow_and_update().clone());
-            self.update_status_revision += 1;
-        }
         self.files.refresh_if_changed();
+        self.take_reboot_need();
+        // The compartments change a few times a day: copy them only then,
+        // or when the reboot need their system message carries changed.
+        if let Some(published) = self.update_status.as_mut()
+            && (self.update_status_now.is_none()
+                || published.has_changed().unwrap_or(false)
+                || self.update_status_reboot != self.reboot_revision)
+        {
+            let mut status = published.borrow_and_update().clone();
+            reboot::annotate(&mut status.system, &self.reboot_now);
+            self.update_status_now = Some(status);
+            self.update_status_revision += 1;
+            self.update_status_reboot = self.reboot_revision;
+        }
         let metrics = self.sampler.sample();
         let unchanged = self.last_built_from.as_ref().is_some_and(|last| {
             last.files == self.files.revision()
@@ -220,6 +256,7 @@ impl Reporter {
             store_path: self.identity.store_path.as_deref(),
             binary_hash: self.identity.binary_hash.as_deref(),
             lock_hash: self.files.lock_hash(),
+            needs_reboot: !self.reboot_now.is_empty(),
         };
         (heartbeat, unchanged)
     }
@@ -234,86 +271,6 @@ struct BuiltFrom {
     metrics: Option<crate::protocol::Metrics>,
     command_name: Option<String>,
     command_pid: Option<u32>,
-}
-
-/// What the agent reports from small files: the repository's commit, the
-/// NixOS version, the lock file's hash. Each is read again only when one of
-/// its files changed, and the files' metadata is looked at only when
-/// something happened in their directories.
-struct FileFacts {
-    repo_dir: PathBuf,
-    nixos_version_file: PathBuf,
-    generation: Derived<String>,
-    nixpkgs_version: Derived<String>,
-    /// sha256 of `flake.lock`.
-    lock_hash: Derived<Option<String>>,
-    /// Whether any file behind the values may have changed.
-    inputs_watch: ChangeWatch,
-    /// The values' computations when their inputs were last watched.
-    watched_computations: u64,
-}
-
-impl FileFacts {
-    fn new(repo_dir: PathBuf, nixos_version_file: PathBuf) -> Self {
-        FileFacts {
-            repo_dir,
-            nixos_version_file,
-            generation: Derived::default(),
-            nixpkgs_version: Derived::default(),
-            lock_hash: Derived::default(),
-            inputs_watch: ChangeWatch::new(),
-            watched_computations: 0,
-        }
-    }
-
-    fn generation(&self) -> &str {
-        self.generation.value().map_or("", String::as_str)
-    }
-
-    fn nixpkgs_version(&self) -> &str {
-        self.nixpkgs_version.value().map_or("", String::as_str)
-    }
-
-    fn lock_hash(&self) -> Option<&str> {
-        self.lock_hash.value().and_then(Option::as_deref)
-    }
-
-    /// Grows whenever a value is computed again: equal revisions, equal
-    /// values.
-    fn revision(&self) -> u64 {
-        self.watched_computations
-    }
-
-    /// Up to date at the cost of one `read` when nothing happened.
-    fn refresh_if_changed(&mut self) {
-        let maybe_changed = self.inputs_watch.maybe_changed();
-        self.refresh(maybe_changed);
-    }
-
-    /// Brings the values up to date (looking at their files only if
-    /// `maybe_changed`), and watches the files a value was just read from.
-    fn refresh(&mut self, maybe_changed: bool) {
-        let repo_dir = &self.repo_dir;
-        self.generation
-            .refresh(maybe_changed, |reads| generation_in(repo_dir, reads));
-        self.nixpkgs_version.refresh(maybe_changed, |reads| {
-            read_trimmed(reads, &self.nixos_version_file).unwrap_or_default()
-        });
-        self.lock_hash
-            .refresh(maybe_changed, |reads| lock_hash_in(repo_dir, reads));
-        let computations = self.generation.computations()
-            + self.nixpkgs_version.computations()
-            + self.lock_hash.computations();
-        if computations != self.watched_computations {
-            self.watched_computations = computations;
-            self.inputs_watch.watch(
-                self.generation
-                    .inputs()
-                    .chain(self.nixpkgs_version.inputs())
-                    .chain(self.lock_hash.inputs()),
-            );
-        }
-    }
 }
 
 /// `register.host_type` as upstream's contract and the v3 dashboard know
@@ -443,7 +400,9 @@ mod tests {
         let current = dir.path().join("current-system");
         std::os::unix::fs::symlink(dir.path().join("system-1"), &current).unwrap();
         backdate_tree(dir.path());
-        let mut facts = FileFacts::new(repo.clone(), current.join("nixos-version"));
+        // With the reboot check too (no booted system: a missing input).
+        let mut facts = FileFacts::new(repo.clone(), current.join("nixos-version"))
+            .with_reboot_need(dir.path().join("booted-system"), current.clone());
         facts.refresh_if_changed();
         facts.refresh_if_changed();
         assert_eq!(facts.nixpkgs_version(), "system-1");

@@ -46,6 +46,9 @@ pub struct Item {
     /// An intermediate progress report: a newer one replaces it while it
     /// is queued, and it is not sent again after a broken connection.
     pub replaceable: bool,
+    /// A line of the command's output (not a progress, test or status
+    /// frame, nor a notice of the agent's own): counted when delivered.
+    pub output_line: bool,
 }
 
 impl Item {
@@ -56,6 +59,7 @@ impl Item {
             seq: 0,
             log_offset: None,
             replaceable: false,
+            output_line: false,
         }
     }
 
@@ -66,8 +70,21 @@ impl Item {
             seq: 0,
             log_offset: Some((log_id, offset)),
             replaceable: false,
+            output_line: false,
         }
     }
+}
+
+/// Lines of command output since the agent started, for the metrics
+/// (`nixfleet_agent_output_lines_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineCounts {
+    /// Acknowledged by the dashboard (a line sent again after a broken
+    /// connection is counted once: when its batch is acknowledged).
+    pub delivered: u64,
+    /// Not kept by the command log's cap (`log_max_bytes`), as the log's
+    /// `dropped` records said when the follower reached them.
+    pub dropped: u64,
 }
 
 pub struct Outbox {
@@ -92,6 +109,7 @@ struct Queue {
     /// The cursor of the log being followed, with its id.
     cursor: Option<(u64, DeliveryCursor)>,
     last_log_id: u64,
+    lines: LineCounts,
 }
 
 impl Default for Outbox {
@@ -193,6 +211,7 @@ impl Outbox {
         let mut offset = None;
         while q.unacknowledged.front().is_some_and(|i| i.seq <= seq) {
             let item = q.unacknowledged.pop_front().expect("front was Some");
+            q.lines.delivered += u64::from(item.output_line);
             if let Some((log, end)) = item.log_offset
                 && Some(log) == tracked
             {
@@ -205,6 +224,17 @@ impl Outbox {
         }
         drop(q);
         self.delivered.notify_waiters();
+    }
+
+    /// Counts lines the command log's cap did not keep. They never reach
+    /// the queue; it is where the other half of the count is kept.
+    pub fn count_dropped(&self, lines: u64) {
+        self.lock().lines.dropped += lines;
+    }
+
+    /// Output lines delivered and dropped so far.
+    pub fn line_counts(&self) -> LineCounts {
+        self.lock().lines
     }
 
     /// Waits until the frame with this ticket (and everything queued
@@ -398,6 +428,32 @@ mod tests {
         assert_eq!(frames(&deliver(&outbox)), ["b", "status"]);
         outbox.requeue_in_flight();
         assert!(outbox.is_empty(), "nothing acknowledged is sent again");
+    }
+
+    #[test]
+    fn output_lines_count_once_when_acknowledged() {
+        let outbox = Outbox::default();
+        let line = |frame: &str, offset| Item {
+            output_line: true,
+            ..logged(frame, offset)
+        };
+        outbox.push(line("a", 1));
+        outbox.push(logged("progress", 2));
+        outbox.push(line("b", 3));
+        drain(&outbox);
+        outbox.confirm_written();
+        assert_eq!(outbox.line_counts().delivered, 0, "written is not read");
+        // Broken before the pong: sent again, acknowledged once.
+        outbox.requeue_in_flight();
+        deliver(&outbox);
+        outbox.count_dropped(5);
+        assert_eq!(
+            outbox.line_counts(),
+            LineCounts {
+                delivered: 2,
+                dropped: 5
+            }
+        );
     }
 
     #[test]

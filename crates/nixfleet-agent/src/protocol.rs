@@ -134,10 +134,14 @@ pub struct Heartbeat<'a> {
     /// v3: sha256 hex of the repository's `flake.lock`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_hash: Option<&'a str>,
+    /// Ours: the booted and current systems differ in their kernel, initrd
+    /// or kernel modules (`reboot.rs`); sent only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub needs_reboot: bool,
 }
 
 /// v3: the four status compartments of a host.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct UpdateStatus {
     pub git: Check,
     pub lock: Check,
@@ -146,7 +150,7 @@ pub struct UpdateStatus {
 }
 
 /// One compartment.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Check {
     pub status: CheckStatus,
     pub message: String,
@@ -164,7 +168,7 @@ impl Default for Check {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {
     Ok,
@@ -525,6 +529,7 @@ mod tests {
             store_path: None,
             binary_hash: None,
             lock_hash: None,
+            needs_reboot: false,
         };
         let v = parse(&Outbound::Heartbeat(&hb).to_json());
         assert_eq!(
@@ -532,6 +537,12 @@ mod tests {
             json!({"type": "heartbeat", "payload": {"generation": "abc1234", "nixpkgs_version": "",
                 "pending_command": null, "command_pid": null, "metrics": null}})
         );
+        let reboot = Heartbeat {
+            needs_reboot: true,
+            ..hb
+        };
+        let v = parse(&Outbound::Heartbeat(&reboot).to_json());
+        assert_eq!(v["payload"]["needs_reboot"], true);
     }
 
     #[test]
@@ -552,6 +563,7 @@ mod tests {
             store_path: None,
             binary_hash: None,
             lock_hash: Some("ba7816bf"),
+            needs_reboot: false,
         };
         let expected = Outbound::Heartbeat(&hb).to_json();
         let mut frames = FrameBuffer::default();

@@ -11,7 +11,7 @@ const REDACTED: &str = "<redacted>";
 /// info of a `scheme://` URL, except a bare user name in an ssh URL
 /// (`ssh://git@host/…`); in scp-like syntax (`user@host:path`), a user info
 /// with a `:`.
-fn secret_user_info(url: &str) -> Option<std::ops::Range<usize>> {
+pub fn secret_user_info(url: &str) -> Option<std::ops::Range<usize>> {
     match url.find("://") {
         Some(scheme_end) => {
             let start = scheme_end + 3;

@@ -350,6 +350,11 @@ impl Compartments {
         (compartments, receiver)
     }
 
+    /// Another reader of what is published (the observer's).
+    pub fn subscribe(&self) -> watch::Receiver<UpdateStatus> {
+        self.publish.subscribe()
+    }
+
     pub fn current(&self) -> &UpdateStatus {
         &self.status
     }

@@ -1,16 +1,20 @@
 //! TLS for `wss://` dashboards: the system trust store plus an optional
-//! extra CA file. Certificates are always verified; there is no switch to
-//! turn that off.
+//! extra CA file, and the host's own client certificate when one is set
+//! (`tls_client_cert`, `tls_client_key`). Certificates are always
+//! verified; there is no switch to turn that off.
 
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
 
 /// Builds the client configuration. Done once, on the first `wss://`
 /// connection, so a `ws://` agent never pays for parsing the trust store.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(
+    ca_file: Option<&Path>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for error in &native.errors {
@@ -40,10 +44,16 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        // The pair was checked when the configuration was loaded.
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("TLS client certificate setup failed: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }

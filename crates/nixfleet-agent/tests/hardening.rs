@@ -423,12 +423,16 @@ async fn credentials_in_repo_url_never_reach_logs_frames_or_messages() {
     options.extra_toml.push(format!("repo_url = {url:?}"));
     let (dir, bin) = Agent::prepare(&options);
     std::fs::remove_dir(dir.path().join("repo")).unwrap();
-    // A git that echoes its arguments, as git's own errors may quote the
-    // URL; it fails, so the failure message is built from its words.
+    // A git that echoes its arguments (which hold the URL without its
+    // credentials: trust_credentials.rs) and the URL with the credentials
+    // it got in its environment, as git's own errors may quote the URL; it
+    // fails, so the failure message is built from its words.
     script(
         &bin,
         "git",
-        r#"echo "git was asked: $*"; echo "fatal: cannot reach $*" >&2; exit 128"#,
+        r#"echo "git was asked: $*"
+echo "fatal: cannot reach https://$NIXFLEET_GIT_USERNAME:$NIXFLEET_GIT_PASSWORD@127.0.0.1:9/fleet.git" >&2
+exit 128"#,
     );
     let agent = Agent::spawn(dir, options).await;
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;

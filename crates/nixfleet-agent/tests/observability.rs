@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -110,6 +110,23 @@ async fn status_follows_the_agent_through_connect_command_failure_and_disconnect
     );
     assert!(text.contains("command:     idle"), "{text}");
     assert!(text.contains("heartbeat:   every 1s, last at"), "{text}");
+    // The v3 compartments, as heartbeats carry them.
+    let tests = &value["compartments"]["tests"];
+    assert_eq!(tests["status"], "unknown", "{value}");
+    assert_eq!(
+        tests["message"], "no test run since the agent started",
+        "{value}"
+    );
+    for name in ["git", "lock", "system"] {
+        assert!(value["compartments"][name]["status"].is_string(), "{value}");
+    }
+    assert!(
+        text.contains("tests:       unknown  no test run since the agent started (checked "),
+        "{text}"
+    );
+    for label in ["git:", "lock:", "system:"] {
+        assert!(text.lines().any(|l| l.starts_with(label)), "{text}");
+    }
 
     // Running a command.
     dashboard.command(conn, "switch");
@@ -138,6 +155,14 @@ async fn status_follows_the_agent_through_connect_command_failure_and_disconnect
         value["counters"]["commands"]["switch"]["error"], 1,
         "{value}"
     );
+    let system = wait_status(&agent, "the system compartment's error", |_, v| {
+        v["compartments"]["system"]["status"] == "error"
+    })
+    .await;
+    let message = system["compartments"]["system"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.starts_with("Switch failed"), "{system}");
     assert!(!alive(rebuild));
     let (_, text) = agent_status(&agent, false);
     assert!(
@@ -310,4 +335,204 @@ async fn node_exporter_serves_the_agents_metrics() {
     let mode = std::fs::metadata(&file).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o644);
+}
+
+/// A stand-in `nixos-rebuild` that prints `lines` numbered lines of about
+/// 90 bytes.
+fn printing_rebuild(lines: u64) -> String {
+    format!(
+        r#"awk 'BEGIN {{ for (i = 0; i < {lines}; i++) printf "line %07d, padded to about ninety bytes ....................................\n", i }}'"#
+    )
+}
+
+#[tokio::test]
+async fn node_exporter_counts_output_lines_delivered_and_dropped() {
+    if !Path::new(NODE_EXPORTER).exists() {
+        eprintln!(
+            "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
+        );
+        return;
+    }
+    let textfiles = tempfile::tempdir().unwrap();
+    let file = textfiles.path().join("nixfleet-agent.prom");
+    let dashboard = Dashboard::start().await;
+    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
+    let _agent = start_with_rebuild(dashboard.url(), &printing_rebuild(5_000), |o| {
+        o.extra_toml.push(setting);
+        // About 1,100 of the 5,000 lines fit.
+        o.extra_toml.push("log_max_bytes = 100000".into());
+    })
+    .await;
+    let conn = dashboard
+        .wait_frame("register", 1, 10 * SECOND)
+        .await
+        .conn();
+    let exporter = NodeExporter::start(textfiles.path());
+    exporter
+        .wait_for(&[
+            "nixfleet_agent_output_lines_total{outcome=\"delivered\"} 0",
+            "nixfleet_agent_output_lines_total{outcome=\"dropped\"} 0",
+        ])
+        .await;
+
+    dashboard.command(conn, "switch");
+    let status = dashboard.wait_frame("status", 1, 30 * SECOND).await;
+    assert_eq!(status.payload()["status"], "ok", "{:?}", status.payload());
+    let lines: Vec<String> = dashboard
+        .frames("output")
+        .iter()
+        .filter_map(|s| s.payload()["line"].as_str().map(str::to_owned))
+        .collect();
+    let notice = "[nixfleet] ";
+    let delivered = lines.iter().filter(|l| !l.starts_with(notice)).count() as u64;
+    let dropped: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(notice)?.strip_suffix(" lines dropped"))
+        .expect("a dropped-lines notice")
+        .parse()
+        .unwrap();
+    assert!(dropped > 3_000 && delivered > 500, "{delivered} {dropped}");
+    // Every line the dashboard got, once its batch was acknowledged; the
+    // agent's own notice is not a line of the command.
+    exporter
+        .wait_for(&[
+            &format!("nixfleet_agent_output_lines_total{{outcome=\"delivered\"}} {delivered}"),
+            &format!("nixfleet_agent_output_lines_total{{outcome=\"dropped\"}} {dropped}"),
+        ])
+        .await;
+}
+
+/// Fake NixOS systems under `dir` for the reboot check: `system-1` and
+/// `system-2` differ only in their kernel; `booted-system` and
+/// `current-system` both link to `system-1`.
+fn boot_trees(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use std::os::unix::fs::symlink;
+    let store = dir.join("store");
+    let file = |name: &str, entry: &str| {
+        std::fs::create_dir_all(store.join(name)).unwrap();
+        std::fs::write(store.join(name).join(entry), name).unwrap();
+        store.join(name).join(entry)
+    };
+    let modules = store.join("modules-6.6");
+    std::fs::create_dir_all(modules.join("lib/modules")).unwrap();
+    let initrd = file("initrd-1", "initrd");
+    for (name, kernel) in [("system-1", "linux-6.6"), ("system-2", "linux-6.12")] {
+        let system = dir.join(name);
+        std::fs::create_dir_all(&system).unwrap();
+        std::fs::write(system.join("nixos-version"), "25.11.20251120.abcdef0").unwrap();
+        symlink(file(kernel, "bzImage"), system.join("kernel")).unwrap();
+        symlink(&initrd, system.join("initrd")).unwrap();
+        symlink(&modules, system.join("kernel-modules")).unwrap();
+    }
+    let (booted, current) = (dir.join("booted-system"), dir.join("current-system"));
+    symlink(dir.join("system-1"), &booted).unwrap();
+    symlink(dir.join("system-1"), &current).unwrap();
+    (booted, current, dir.join("system-2"))
+}
+
+/// Heartbeats after the first `after` that satisfy `wanted`, waited for.
+async fn heartbeat_after(
+    dashboard: &Dashboard,
+    after: usize,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    dashboard
+        .wait_for(10 * SECOND, "a heartbeat", |log| {
+            log.iter()
+                .filter(|s| s.kind() == Some("heartbeat"))
+                .skip(after)
+                .find(|s| wanted(s.payload()))
+                .map(|s| s.payload().clone())
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_new_kernel_makes_heartbeats_status_and_metrics_say_reboot() {
+    let trees = tempfile::tempdir().unwrap();
+    let (booted, current, system_2) = boot_trees(trees.path());
+    let textfiles = tempfile::tempdir().unwrap();
+    let file = textfiles.path().join("nixfleet-agent.prom");
+    let dashboard = Dashboard::start().await;
+    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
+    let agent = start_with_rebuild(dashboard.url(), "exit 0", |o| {
+        o.extra_toml.push(setting);
+        o.env.push((
+            "NIXFLEET_TEST_CURRENT_SYSTEM".into(),
+            current.display().to_string(),
+        ));
+        o.env.push((
+            "NIXFLEET_TEST_BOOTED_SYSTEM".into(),
+            booted.display().to_string(),
+        ));
+    })
+    .await;
+    dashboard.wait_frame("heartbeat", 2, 10 * SECOND).await;
+    let before = dashboard.frames("heartbeat");
+    for beat in &before {
+        assert!(
+            beat.payload().get("needs_reboot").is_none(),
+            "{:?}",
+            beat.payload()
+        );
+    }
+    let value = wait_status(&agent, "connected", |code, _| code == 0).await;
+    assert_eq!(value["needs_reboot"], false, "{value}");
+
+    // A switch to a system with another kernel: the link is replaced.
+    let next = trees.path().join("current-system.new");
+    std::os::unix::fs::symlink(&system_2, &next).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    let beat = heartbeat_after(&dashboard, before.len(), |p| {
+        p.get("needs_reboot").is_some()
+    })
+    .await;
+    assert_eq!(beat["needs_reboot"], true, "{beat}");
+    let message = beat["update_status"]["system"]["message"].as_str().unwrap();
+    assert!(
+        message.ends_with("reboot needed: kernel changed since boot"),
+        "{beat}"
+    );
+
+    let value = wait_status(&agent, "the reboot need", |_, v| v["needs_reboot"] == true).await;
+    assert_eq!(
+        value["reboot_entries"],
+        serde_json::json!(["kernel"]),
+        "{value}"
+    );
+    let (_, text) = agent_status(&agent, false);
+    assert!(
+        text.contains("reboot:      needed: kernel changed since boot"),
+        "{text}"
+    );
+    let metrics = wait_for_file_line(&file, "nixfleet_agent_needs_reboot 1").await;
+    assert!(
+        metrics.contains("# TYPE nixfleet_agent_needs_reboot gauge"),
+        "{metrics}"
+    );
+
+    // Back to the booted kernel (a rollback): no reboot needed any more.
+    let seen = dashboard.frames("heartbeat").len();
+    std::os::unix::fs::symlink(trees.path().join("system-1"), &next).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    let beat = heartbeat_after(&dashboard, seen, |p| p.get("needs_reboot").is_none()).await;
+    let message = beat["update_status"]["system"]["message"].as_str().unwrap();
+    assert!(!message.contains("reboot"), "{beat}");
+    wait_for_file_line(&file, "nixfleet_agent_needs_reboot 0").await;
+}
+
+/// Reads `file` until it has the line `wanted`, up to 15 s; its text.
+async fn wait_for_file_line(file: &Path, wanted: &str) -> String {
+    let deadline = Instant::now() + 15 * SECOND;
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.lines().any(|l| l == wanted) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never found {wanted:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -67,6 +67,39 @@ impl TestCa {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         (vec![cert.der().clone(), self.issuer.der().clone()], key)
     }
+
+    /// A client certificate for host `name` signed by this CA, and its key,
+    /// as PEM.
+    fn client(&self, name: &str) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A server configuration that wants a client certificate from this CA.
+    fn requiring_clients(
+        &self,
+        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap()
+    }
 }
 
 /// Terminates TLS and forwards the plaintext to the in-test dashboard.
@@ -90,6 +123,10 @@ impl TlsFront {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
+        TlsFront::with_config(upstream, config).await
+    }
+
+    async fn with_config(upstream: SocketAddr, config: rustls::ServerConfig) -> TlsFront {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -329,4 +366,147 @@ async fn wss_signed_by_another_ca_than_the_ca_file_is_refused() {
         &["invalid peer certificate: UnknownIssuer"],
     )
     .await;
+}
+
+/// A client certificate for `front` made by `issuer`: the test CA's
+/// certificate as `ca_file`, the pair as `tls_client_cert` and, through
+/// the systemd credential `tls_client_key`, the key (or `key_pem` instead).
+async fn mtls_agent(
+    front: &TlsFront,
+    server_ca: &TestCa,
+    (cert_pem, key_pem): (String, String),
+) -> Agent {
+    let options = AgentOptions::new(front.url());
+    let (dir, _) = Agent::prepare(&options);
+    let mut options = options;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server_ca.pem()).unwrap();
+    let cert = dir.path().join("client.pem");
+    std::fs::write(&cert, cert_pem).unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("tls_client_key"), key_pem).unwrap();
+    set_mode(&credentials.join("tls_client_key"), 0o600);
+    options.extra_toml.extend([
+        format!("ca_file = {:?}", ca.display().to_string()),
+        format!("tls_client_cert = {:?}", cert.display().to_string()),
+    ]);
+    let credentials = credentials.display().to_string();
+    options
+        .env
+        .push(("CREDENTIALS_DIRECTORY".into(), credentials));
+    Agent::spawn(dir, options).await
+}
+
+#[tokio::test]
+async fn mtls_with_the_right_client_certificate_registers() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let clients = TestCa::new("Fleet hosts CA");
+    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let front = TlsFront::with_config(dashboard.addr, config).await;
+    let agent = mtls_agent(&front, &ca, clients.client("test-host")).await;
+    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert_eq!(register.payload()["hostname"], "test-host");
+    assert_eq!(front.wait_handshakes(1, SECOND).await[0], Ok(()));
+    let stderr = agent.stderr();
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}
+
+#[tokio::test]
+async fn mtls_with_a_certificate_from_another_ca_is_refused_and_retried() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let clients = TestCa::new("Fleet hosts CA");
+    let stranger = TestCa::new("Another CA");
+    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let front = TlsFront::with_config(dashboard.addr, config).await;
+    let mut agent = mtls_agent(&front, &ca, stranger.client("test-host")).await;
+    let refused = "the dashboard refused this host's client certificate (tls_client_cert)";
+    assert_refused(&front, &dashboard, &mut agent, &[refused]).await;
+}
+
+#[tokio::test]
+async fn mtls_without_a_client_certificate_says_one_is_wanted() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let clients = TestCa::new("Fleet hosts CA");
+    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let front = TlsFront::with_config(dashboard.addr, config).await;
+    let mut agent = agent_for(&front, Some(ca.pem())).await;
+    let wanted = "the dashboard wants a client certificate and none is set";
+    assert_refused(&front, &dashboard, &mut agent, &[wanted]).await;
+}
+
+#[tokio::test]
+async fn a_client_key_that_does_not_match_the_certificate_is_a_config_error() {
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let clients = TestCa::new("Fleet hosts CA");
+    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let front = TlsFront::with_config(dashboard.addr, config).await;
+    let (cert, _) = clients.client("test-host");
+    let (_, other_key) = clients.client("other-host");
+    let mut agent = mtls_agent(&front, &ca, (cert, other_key.clone())).await;
+    assert_eq!(agent.wait_exit(10 * SECOND).await, Some(78));
+    let stderr = agent.stderr();
+    assert!(stderr.contains("tls_client_key"), "{stderr}");
+    assert!(
+        stderr.contains("does not match the certificate"),
+        "{stderr}"
+    );
+    // The key's bytes are never shown, not even in the error.
+    let body = other_key.lines().nth(1).unwrap();
+    assert!(!stderr.contains(body), "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{stderr}"
+    );
+    assert!(front.handshakes.lock().unwrap().is_empty());
+}
+
+/// Starts an agent with these extra config lines and waits for its exit;
+/// returns the exit code and its log.
+async fn config_exit(extra: Vec<String>) -> (Option<i32>, String) {
+    let mut options = AgentOptions::new("wss://localhost:9/ws".into());
+    options.extra_toml = extra;
+    let mut agent = Agent::start(options).await;
+    let code = agent.wait_exit(10 * SECOND).await;
+    (code, agent.stderr())
+}
+
+#[tokio::test]
+async fn a_missing_client_key_or_certificate_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_pem, _) = TestCa::new("Fleet hosts CA").client("test-host");
+    let cert = dir.path().join("client.pem");
+    std::fs::write(&cert, cert_pem).unwrap();
+    let cert_line = format!("tls_client_cert = {:?}", cert.display().to_string());
+    let missing = dir.path().join("missing.key").display().to_string();
+
+    let (code, stderr) = config_exit(vec![cert_line.clone()]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("tls_client_key is not set"), "{stderr}");
+
+    let key_line = format!("tls_client_key = {missing:?}");
+    let (code, stderr) = config_exit(vec![cert_line, key_line]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!("tls_client_key = \"{missing}\""))
+            && stderr.contains("cannot read it"),
+        "{stderr}"
+    );
+
+    // A "certificate" file that holds none.
+    let key_line = format!("tls_client_key = {missing:?}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let cert_line = format!("tls_client_cert = {:?}", empty.display().to_string());
+    let (code, stderr) = config_exit(vec![cert_line, key_line]).await;
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("tls_client_cert") && stderr.contains("holds no PEM certificate"),
+        "{stderr}"
+    );
 }

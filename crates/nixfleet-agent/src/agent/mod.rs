@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::connection::{Connection, LinkState, Links};
 use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
-use crate::observe::Observer;
+use crate::observe::{Observer, Watched};
 use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
@@ -91,6 +91,8 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
 
     let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
     let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
+    let (reboot_tx, reboot_rx) = watch::channel(Vec::new());
+    let reporter = reporter.with_reboot_watch(reboot_tx);
     let links = Links {
         inbound: inbound_tx,
         replies: replies_rx,
@@ -101,12 +103,14 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         shutdown: shutdown_rx.clone(),
         control: control_rx,
     };
-    let observer = Observer::new(
-        config,
-        identity.source_commit.clone(),
-        link_state_rx.clone(),
-        command_state_rx.clone(),
-    );
+    let watched = Watched {
+        link: link_state_rx.clone(),
+        command: command_state_rx.clone(),
+        compartments: compartments.subscribe(),
+        outbox: outbox.clone(),
+        reboot: reboot_rx,
+    };
+    let observer = Observer::new(config, identity.source_commit.clone(), watched);
     let observer =
         tokio::spawn(observer.run(config.interval, observations_rx, shutdown_rx.clone()));
     let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());

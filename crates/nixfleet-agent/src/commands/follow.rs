@@ -241,9 +241,20 @@ async fn send(emit: Emit, mut item: Item, outbox: &Outbox, progress: &mpsc::Send
             outbox.push(item);
             return;
         }
+        Emit::Line(frame) => {
+            item.frame = frame;
+            item.output_line = true;
+            outbox.wait_room().await;
+            outbox.push(item);
+            return;
+        }
         Emit::Progress(frame) => {
             item.frame = frame;
             outbox.push_progress(item);
+            return;
+        }
+        Emit::Dropped(lines) => {
+            outbox.count_dropped(lines);
             return;
         }
         Emit::Started(pid) => Progress::Started { pid },

@@ -53,7 +53,9 @@ pub struct Plan {
     #[serde(default)]
     pub notes: Vec<String>,
     /// `repo_url`, whose credentials (if it has any) are replaced in every
-    /// line before it is written (a child may print the URL it was given).
+    /// line before it is written (a child may print the URL it was given),
+    /// and given to the steps that talk to it (`repo_credentials`) through
+    /// their environment.
     #[serde(default)]
     pub scrub_url: Option<String>,
     pub steps: Vec<Step>,
@@ -83,6 +85,10 @@ pub struct Step {
     /// Stopped like a `stop` once this has passed.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// A git step that talks to `repo_url`: it gets the URL's credentials
+    /// in its environment (see git_credentials.rs), never on its argv.
+    #[serde(default)]
+    pub repo_credentials: bool,
 }
 
 /// One parsed record.

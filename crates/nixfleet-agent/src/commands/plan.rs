@@ -6,6 +6,7 @@ use super::log::Step;
 use super::table::{Check, CommandKind};
 use crate::child_env::ChildEnv;
 use crate::config::Config;
+use crate::git_credentials::clean_url;
 use crate::host_facts::current_system;
 use crate::redact::redact_url;
 use crate::signature::{HEAD_LABEL, PULL_LABEL, SigningKeys, Subject};
@@ -120,16 +121,20 @@ impl Planner {
     /// The git steps of a pull. In isolated mode (`repo_url` set): a clone
     /// when there is no repository yet, else `origin` pointed at
     /// `repo_url` if it differs, an explicit-refspec fetch, a forced
-    /// checkout of the branch at origin's commit, and a clean.
+    /// checkout of the branch at origin's commit, and a clean. git is
+    /// given `repo_url` without its credentials, on its argv and so in
+    /// `.git/config`; the steps that talk to it get them in their
+    /// environment (git_credentials.rs).
     async fn pull_steps(&self, notes: &mut Vec<String>) -> Result<Vec<Step>, String> {
         let repo = self.config.repo_dir.as_path();
         let Some(url) = self.config.repo_url.as_deref() else {
             return Ok(self.shared_pull_steps());
         };
+        let url = clean_url(url);
         if !repo.join(".git").exists() {
-            return self.clone_steps(url);
+            return self.clone_steps(&url);
         }
-        let mut steps = self.origin_steps(url, notes).await;
+        let mut steps = self.origin_steps(&url, notes).await;
         steps.extend(self.sync_steps(notes).await);
         Ok(steps)
     }
@@ -188,11 +193,13 @@ impl Planner {
             args.push("--no-checkout");
         }
         args.extend(["--", url, repo_arg]);
-        Ok(git("git clone", parent, &args))
+        Ok(remote_git("git clone", parent, &args))
     }
 
     /// `origin` must be repo_url, whatever it was before: a host moving
     /// away from a compromised repository must not keep pulling from it.
+    /// `url` is without credentials, so an origin that holds them (written
+    /// by an older agent) is rewritten without them.
     async fn origin_steps(&self, url: &str, notes: &mut Vec<String>) -> Vec<Step> {
         let repo = self.config.repo_dir.as_path();
         match self
@@ -200,6 +207,15 @@ impl Planner {
             .await
         {
             Some(current) if current == url => Vec::new(),
+            Some(current) if clean_url(&current) == url => {
+                notes.push(
+                    "[nixfleet] origin in .git/config holds repo_url's credentials: \
+                     rewriting it without them"
+                        .to_owned(),
+                );
+                let args = ["remote", "set-url", "origin", url];
+                vec![git("git remote set-url", repo, &args)]
+            }
             Some(current) => {
                 notes.push(format!(
                     "[nixfleet] origin is {}, but repo_url is {}: pointing origin at repo_url",
@@ -242,7 +258,8 @@ impl Planner {
             ));
         }
         let checkout = ["checkout", "--force", "-B", branch, &remote_branch, "--"];
-        let mut steps = vec![git("git fetch", repo, &["fetch", "origin", &refspec])];
+        let fetch = ["fetch", "origin", &refspec];
+        let mut steps = vec![remote_git("git fetch", repo, &fetch)];
         if let Some(keys) = self.config.signing_keys() {
             steps.push(self.verify_step(&keys, Subject::Tip, &remote_branch));
         }
@@ -372,7 +389,7 @@ impl Planner {
     /// `git fetch origin <branch>`: the git check compares HEAD with it.
     fn fetch_check(&self) -> Step {
         let args = ["fetch", "origin", self.config.branch.as_str()];
-        git(Check::Git.label(), &self.config.repo_dir, &args)
+        remote_git(Check::Git.label(), &self.config.repo_dir, &args)
     }
 
     /// When `flake.lock` was last committed.
@@ -429,12 +446,21 @@ fn step(label: String, program: &str, args: Vec<String>, cwd: PathBuf) -> Step {
         trusted_within: None,
         low_priority: false,
         timeout_ms: None,
+        repo_credentials: false,
     }
 }
 
 fn git(label: &str, cwd: &Path, args: &[&str]) -> Step {
     let args = args.iter().map(|a| (*a).to_owned()).collect();
     step(label.to_owned(), "git", args, cwd.to_owned())
+}
+
+/// A git step that talks to `repo_url`, and so gets its credentials.
+fn remote_git(label: &str, cwd: &Path, args: &[&str]) -> Step {
+    Step {
+        repo_credentials: true,
+        ..git(label, cwd, args)
+    }
 }
 
 /// Whether `flake.lock`'s root node has an input with this name.

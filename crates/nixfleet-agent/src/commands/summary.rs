@@ -25,6 +25,10 @@ use std::time::Instant;
 #[derive(Debug)]
 pub enum Emit {
     Frame(String),
+    /// A line of the command's output, as its frame.
+    Line(String),
+    /// Lines the log's cap did not keep (counted for the metrics).
+    Dropped(u64),
     /// An intermediate build progress report (a newer one replaces it).
     Progress(String),
     Started(u32),
@@ -127,6 +131,7 @@ impl Summary {
                     let notice = format!("[nixfleet] {n} lines dropped");
                     let frame = output_frame(self.kind.name(), Stream::Stderr, &notice);
                     out.push(Emit::Frame(frame));
+                    out.push(Emit::Dropped(n));
                 }
             }
             Record::Done => self.on_done(sending, out),
@@ -166,7 +171,7 @@ impl Summary {
                 Meaning::Error => Stream::Stderr,
             };
             if shown {
-                out.push(Emit::Frame(output_frame(command, stream, plain)));
+                out.push(Emit::Line(output_frame(command, stream, plain)));
             }
         };
         match self.build.as_mut() {
@@ -513,8 +518,9 @@ mod tests {
             let mut out = Vec::new();
             summary.on_record(parse(record.as_bytes()), offset > resume_at, &mut out);
             frames.extend(out.into_iter().filter_map(|e| match e {
-                Emit::Frame(frame) | Emit::Progress(frame) => Some(frame),
+                Emit::Frame(frame) | Emit::Line(frame) | Emit::Progress(frame) => Some(frame),
                 Emit::Started(_)
+                | Emit::Dropped(_)
                 | Emit::Tested { .. }
                 | Emit::Rebuilt(_)
                 | Emit::Lock(_)

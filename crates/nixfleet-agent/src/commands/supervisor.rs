@@ -11,12 +11,15 @@
 //! into the log, where the next agent finds it.
 //!
 //! It does nothing but this: no network, no secrets (its environment is the
-//! command's whitelist), blocking I/O on three threads. Its only limits are
+//! command's whitelist) but `repo_url`'s credentials, which only the git
+//! steps that talk to it get, in their environment; blocking I/O on three
+//! threads. Its only limits are
 //! the disk cap of the log and the stop file the agent creates.
 
 use super::group::{GROUP_POLL, GroupStop, describe_exit, exit_code_of, lower_priority};
 use super::log::{MAX_LINE_BYTES, Plan, Step, private_file};
 use super::table::StopRequest;
+use crate::git_credentials::credential_env;
 use crate::redact::Scrubber;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -127,7 +130,7 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
         log.event(&format!("notstarted {index} {}", one_line(&why)));
         return Ended::not_started(why);
     }
-    let mut child = match spawn(step) {
+    let mut child = match spawn(plan, step) {
         Ok(child) => child,
         Err(error) => {
             let why = format!("cannot run {}: {error}", step.program);
@@ -174,7 +177,7 @@ fn run_step(plan: &Plan, log: &Arc<Log>, index: usize, step: &Step) -> Ended {
 }
 
 /// Starts the step's process, leading its own process group.
-fn spawn(step: &Step) -> std::io::Result<Child> {
+fn spawn(plan: &Plan, step: &Step) -> std::io::Result<Child> {
     let mut command = Command::new(&step.program);
     command
         .args(&step.args)
@@ -182,6 +185,11 @@ fn spawn(step: &Step) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if step.repo_credentials
+        && let Some(url) = &plan.scrub_url
+    {
+        command.envs(credential_env(url));
+    }
     let low_priority = step.low_priority;
     // SAFETY: setsid, setpriority and ioprio_set are async-signal-safe and
     // touch no memory of ours. Each step leads its own process group, so a
@@ -502,6 +510,7 @@ mod tests {
             trusted_within: None,
             low_priority: false,
             timeout_ms: None,
+            repo_credentials: false,
         }
     }
 

@@ -43,6 +43,8 @@ struct Raw {
     stop_grace: Option<Value>,
     state_dir: Option<String>,
     ca_file: Option<String>,
+    tls_client_cert: Option<String>,
+    tls_client_key: Option<String>,
     log_max_bytes: Option<Value>,
     logs_max_bytes: Option<Value>,
     allow_insecure_url: Option<Value>,
@@ -223,6 +225,7 @@ fn validate(
     let state_dir = v.dir("state_dir", raw.state_dir)?;
     let ssh_key = v.ssh_key(raw.ssh_key)?;
     let ca_file = v.ca_file(raw.ca_file)?;
+    let tls_client = v.tls_client(raw.tls_client_cert, raw.tls_client_key)?;
     let interval = v.duration("interval", raw.interval, 1, MAX_PERIOD_SECS)?;
     let ping_interval = v.duration("ping_interval", raw.ping_interval, 1, MAX_PERIOD_SECS)?;
     let ping_timeout = v.duration("ping_timeout", raw.ping_timeout, 1, MAX_PERIOD_SECS)?;
@@ -249,6 +252,7 @@ fn validate(
         stop_grace,
         state_dir,
         ca_file,
+        tls_client,
         log_max_bytes: v.byte_size("log_max_bytes", raw.log_max_bytes)?,
         logs_max_bytes: v.byte_size("logs_max_bytes", raw.logs_max_bytes)?,
         theme_color: v.theme_color(raw.theme_color)?,

@@ -1,5 +1,6 @@
 //! The validated, effective configuration the rest of the agent reads.
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::SecretString;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -63,6 +64,9 @@ pub struct Config {
     pub stop_grace: Duration,
     pub state_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
+    /// The certificate and key this host shows a dashboard that asks for
+    /// one (`tls_client_cert`, `tls_client_key`), read and checked.
+    pub tls_client: Option<ClientIdentity>,
     /// Cap on one command's log, which is also the backlog of output the
     /// dashboard has not read yet: past it, lines are counted and dropped.
     pub log_max_bytes: u64,
@@ -121,6 +125,57 @@ impl Config {
             self.allowed_signers_file.clone(),
             self.gpg_keyring.clone(),
         )
+    }
+}
+
+/// A client certificate chain and its private key, read at start-up. The
+/// key's bytes never show in `Debug` and are never logged.
+pub struct ClientIdentity {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl ClientIdentity {
+    pub(crate) fn new(
+        cert_path: PathBuf,
+        key_path: PathBuf,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
+        ClientIdentity {
+            cert_path,
+            key_path,
+            chain,
+            key,
+        }
+    }
+
+    /// A copy of the key for a TLS client configuration.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        ClientIdentity {
+            cert_path: self.cert_path.clone(),
+            key_path: self.key_path.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 

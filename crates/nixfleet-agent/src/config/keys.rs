@@ -23,6 +23,8 @@ pub const KEYS: &[&str] = &[
     "stop_grace",
     "state_dir",
     "ca_file",
+    "tls_client_cert",
+    "tls_client_key",
     "log_max_bytes",
     "logs_max_bytes",
     "allow_insecure_url",

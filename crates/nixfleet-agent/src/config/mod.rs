@@ -64,7 +64,7 @@ mod values;
 mod tests;
 
 pub use cli::{Cli, Command};
-pub use effective::{Config, MetricsMode, TokenSource};
+pub use effective::{ClientIdentity, Config, MetricsMode, TokenSource};
 pub use errors::ConfigError;
 pub use keys::{KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS, env_var_names};
 pub use validate::{

@@ -36,6 +36,14 @@ impl Config {
             ("stop_grace", Some(secs(self.stop_grace))),
             ("state_dir", Some(path(&self.state_dir))),
             ("ca_file", self.ca_file.as_deref().map(path)),
+            (
+                "tls_client_cert",
+                self.tls_client.as_ref().map(|c| path(&c.cert_path)),
+            ),
+            (
+                "tls_client_key",
+                self.tls_client.as_ref().map(|c| path(&c.key_path)),
+            ),
             ("log_max_bytes", Some(self.log_max_bytes.to_string())),
             ("logs_max_bytes", Some(self.logs_max_bytes.to_string())),
             (

@@ -58,8 +58,14 @@ impl Dialer {
         let connector = if self.config.url.starts_with("wss://") {
             if self.tls.is_none() {
                 self.tls = Some(
-                    crate::tls::client_config(self.config.ca_file.as_deref())
-                        .map_err(ConnectError::Failed)?,
+                    crate::tls::client_config(
+                        self.config.ca_file.as_deref(),
+                        self.config
+                            .tls_client
+                            .as_ref()
+                            .map(|c| (c.chain.clone(), c.key())),
+                    )
+                    .map_err(ConnectError::Failed)?,
                 );
             }
             Connector::Rustls(self.tls.clone().expect("set above"))
@@ -92,7 +98,12 @@ impl Dialer {
                 "connecting timed out after {}s",
                 connect_timeout.as_secs()
             ))),
-            Some(Ok(Err(error))) => Err(ConnectError::Failed(describe_connect_error(&error))),
+            Some(Ok(Err(error))) => {
+                let has_cert = self.config.tls_client.is_some();
+                Err(ConnectError::Failed(describe_connect_error(
+                    &error, has_cert,
+                )))
+            }
             Some(Ok(Ok((socket, _response)))) => {
                 info!(url = %self.config.url, "connected");
                 Ok(socket)
@@ -178,7 +189,10 @@ async fn dial(request: &Request) -> std::io::Result<TcpStream> {
     Err(last_error)
 }
 
-fn describe_connect_error(error: &tungstenite::Error) -> String {
+fn describe_connect_error(error: &tungstenite::Error, has_cert: bool) -> String {
+    if let Some(refusal) = client_certificate_refusal(error, has_cert) {
+        return refusal;
+    }
     match error {
         tungstenite::Error::Http(response) => {
             let status = response.status();
@@ -197,4 +211,45 @@ fn describe_connect_error(error: &tungstenite::Error) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// A TLS alert from the dashboard (or the proxy in front of it) about this
+/// host's client certificate: it was refused, or one was wanted and none
+/// is set. Only the server sends such alerts about the client's
+/// certificate, so a received one is never about the server's.
+fn client_certificate_refusal(error: &tungstenite::Error, has_cert: bool) -> Option<String> {
+    use rustls::AlertDescription as Alert;
+    let tls_error = match error {
+        tungstenite::Error::Tls(tungstenite::error::TlsError::Rustls(e)) => e,
+        tungstenite::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
+        _ => return None,
+    };
+    let rustls::Error::AlertReceived(alert) = tls_error else {
+        return None;
+    };
+    let about_certificate = matches!(
+        alert,
+        Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked
+            | Alert::CertificateExpired
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied
+    );
+    if !about_certificate {
+        return None;
+    }
+    Some(if has_cert {
+        format!(
+            "the dashboard refused this host's client certificate (tls_client_cert): \
+             received fatal alert {alert:?}"
+        )
+    } else {
+        format!(
+            "the dashboard wants a client certificate and none is set (tls_client_cert, \
+             tls_client_key): received fatal alert {alert:?}"
+        )
+    })
 }

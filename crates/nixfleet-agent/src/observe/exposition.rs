@@ -4,6 +4,7 @@
 //! (0644: node_exporter runs as its own user) and replaced atomically.
 
 use super::snapshot::{Snapshot, unix_now};
+use crate::outbox::LineCounts;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,12 +19,14 @@ use std::sync::atomic::AtomicU64;
 type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// The snapshot in Prometheus' text format. `now` stands for the last
-/// heartbeat while connected (the caller writes on the heartbeat's grid).
-pub fn render(snapshot: &Snapshot, now: u64) -> String {
+/// The snapshot and the output line counts in Prometheus' text format.
+/// `now` stands for the last heartbeat while connected (the caller writes
+/// on the heartbeat's grid).
+pub fn render(snapshot: &Snapshot, lines: LineCounts, now: u64) -> String {
     let mut registry = Registry::with_prefix("nixfleet_agent");
     link_metrics(&mut registry, snapshot, now);
     command_metrics(&mut registry, snapshot);
+    line_metrics(&mut registry, lines);
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![
         ("version", snapshot.agent.version.clone()),
@@ -129,6 +132,13 @@ fn command_metrics(registry: &mut Registry, snapshot: &Snapshot) {
         Unit::Seconds,
         durations,
     );
+    let needs_reboot = Gauge::<i64>::default();
+    needs_reboot.set(i64::from(snapshot.needs_reboot));
+    registry.register(
+        "needs_reboot",
+        "1 while the booted system differs from the current one in kernel, initrd or kernel modules",
+        needs_reboot,
+    );
     if let Some(switch) = &snapshot.last_switch {
         let at = FloatGauge::default();
         at.set(switch.finished as f64);
@@ -146,6 +156,20 @@ fn command_metrics(registry: &mut Registry, snapshot: &Snapshot) {
             success,
         );
     }
+}
+
+fn line_metrics(registry: &mut Registry, lines: LineCounts) {
+    let family = Family::<Labels, Counter>::default();
+    for (outcome, n) in [("delivered", lines.delivered), ("dropped", lines.dropped)] {
+        family
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc_by(n);
+    }
+    registry.register(
+        "output_lines",
+        "Lines of command output: acknowledged by the dashboard, or dropped by the command log's cap",
+        family,
+    );
 }
 
 /// The metrics file: rewritten only when its text changed.
@@ -173,9 +197,10 @@ impl MetricsFile {
         Ok(true)
     }
 
-    /// Renders the snapshot and writes it if it changed.
-    pub fn refresh(&mut self, snapshot: &Snapshot) -> io::Result<bool> {
-        self.update(render(snapshot, unix_now()))
+    /// Renders the snapshot and the line counts and writes them if they
+    /// changed.
+    pub fn refresh(&mut self, snapshot: &Snapshot, lines: LineCounts) -> io::Result<bool> {
+        self.update(render(snapshot, lines, unix_now()))
     }
 }
 
@@ -227,12 +252,19 @@ mod tests {
                 connects: 2,
                 ..Counters::default()
             },
+            compartments: None,
+            needs_reboot: true,
+            reboot_entries: vec!["kernel".into()],
         }
     }
 
     #[test]
     fn counters_are_typed_under_their_sample_names() {
-        let text = render(&snapshot(), 1075);
+        let lines = LineCounts {
+            delivered: 12,
+            dropped: 3,
+        };
+        let text = render(&snapshot(), lines, 1075);
         assert!(
             text.contains("# TYPE nixfleet_agent_connects_total counter\n"),
             "{text}"
@@ -246,12 +278,25 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nnixfleet_agent_connected 1\n"), "{text}");
+        assert!(text.contains("\nnixfleet_agent_needs_reboot 1\n"), "{text}");
         // Connected at 1000, a beat every 30 s: the last one at 1060.
         assert!(
             text.contains("\nnixfleet_agent_last_heartbeat_timestamp_seconds 1060"),
             "{text}"
         );
         assert!(!text.contains("_total_total"), "{text}");
+        assert!(
+            text.contains("# TYPE nixfleet_agent_output_lines_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nnixfleet_agent_output_lines_total{outcome=\"delivered\"} 12\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nnixfleet_agent_output_lines_total{outcome=\"dropped\"} 3\n"),
+            "{text}"
+        );
     }
 
     #[test]

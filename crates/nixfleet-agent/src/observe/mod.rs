@@ -20,4 +20,4 @@ pub mod snapshot;
 mod task;
 
 pub use snapshot::{STATE_FILE, Snapshot};
-pub use task::{Observation, Observer};
+pub use task::{Observation, Observer, Watched};

@@ -3,6 +3,7 @@
 //! file; the running agent is never asked anything.
 
 use super::snapshot::{CommandResult, Link, Snapshot, unix_now};
+use crate::protocol::{Check, CheckStatus};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -102,6 +103,18 @@ fn as_text(snapshot: &Snapshot, running: bool, hint: &str, now: u64) -> String {
     for result in snapshot.last_results.values() {
         line("last", last_result(result, now));
     }
+    line("reboot", reboot(snapshot));
+    if let Some(status) = &snapshot.compartments {
+        let named = [
+            ("git", &status.git),
+            ("lock", &status.lock),
+            ("system", &status.system),
+            ("tests", &status.tests),
+        ];
+        for (name, check) in named {
+            line(name, compartment(check));
+        }
+    }
     let commit = agent.source_commit.as_deref().unwrap_or("unknown");
     line(
         "version",
@@ -172,6 +185,33 @@ fn last_result(result: &CommandResult, now: u64) -> String {
         result.duration_secs,
         result.message
     )
+}
+
+fn reboot(snapshot: &Snapshot) -> String {
+    let entries: Vec<&str> = snapshot.reboot_entries.iter().map(String::as_str).collect();
+    match crate::reboot::describe(&entries) {
+        Some(why) if snapshot.needs_reboot => why.replacen("reboot needed", "needed", 1),
+        _ => "not needed".to_owned(),
+    }
+}
+
+/// One v3 compartment: its verdict, message and when it was checked.
+fn compartment(check: &Check) -> String {
+    let status = match check.status {
+        CheckStatus::Ok => "ok",
+        CheckStatus::Outdated => "outdated",
+        CheckStatus::Error => "error",
+        CheckStatus::Unknown => "unknown",
+        CheckStatus::Working => "working",
+    };
+    let mut text = format!("{status:<9}");
+    if !check.message.is_empty() {
+        let _ = write!(text, "{}", check.message);
+    }
+    if !check.checked_at.is_empty() {
+        let _ = write!(text, " (checked {})", check.checked_at);
+    }
+    text
 }
 
 /// A past time as UTC and how long ago.

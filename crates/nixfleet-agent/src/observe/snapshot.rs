@@ -2,6 +2,7 @@
 //! metrics: one small JSON record, `state_dir/agent-status.json`, private
 //! to the agent and replaced atomically (`state_file`).
 
+use crate::protocol::UpdateStatus;
 use crate::state_file;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,6 +37,16 @@ pub struct Snapshot {
     /// The last command that activated a system (switch, boot, rollback, …).
     pub last_switch: Option<CommandResult>,
     pub counters: Counters,
+    /// The v3 status compartments as heartbeats carry them (absent from a
+    /// record written by an agent without them).
+    #[serde(default)]
+    pub compartments: Option<UpdateStatus>,
+    /// The booted and current systems differ in what only a boot loads:
+    /// these boot entries (`kernel`, `initrd`, `kernel-modules`).
+    #[serde(default)]
+    pub needs_reboot: bool,
+    #[serde(default)]
+    pub reboot_entries: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

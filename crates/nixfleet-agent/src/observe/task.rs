@@ -9,10 +9,14 @@ use super::snapshot::{
 use crate::config::Config;
 use crate::connection::LinkState;
 use crate::heartbeat::{AGENT_VERSION, CommandState};
+use crate::outbox::Outbox;
+use crate::protocol::UpdateStatus;
+use crate::reboot;
 use crate::shutdown;
 use crate::ticker::Ticker;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -36,6 +40,20 @@ pub enum Observation {
     },
 }
 
+/// What the observer follows of the other tasks' state.
+pub struct Watched {
+    pub link: watch::Receiver<LinkState>,
+    pub command: watch::Receiver<CommandState>,
+    /// The core's compartments, as published for heartbeats (they change
+    /// a few times a day).
+    pub compartments: watch::Receiver<UpdateStatus>,
+    /// Where output lines are counted as they are acknowledged.
+    pub outbox: Arc<Outbox>,
+    /// The boot entries that differ from the booted system's, as the
+    /// heartbeat's file facts last found them.
+    pub reboot: watch::Receiver<Vec<&'static str>>,
+}
+
 pub struct Observer {
     snapshot: Snapshot,
     state_dir: PathBuf,
@@ -47,15 +65,22 @@ pub struct Observer {
     metrics_failed: bool,
     link: watch::Receiver<LinkState>,
     command: watch::Receiver<CommandState>,
+    compartments: watch::Receiver<UpdateStatus>,
+    reboot: watch::Receiver<Vec<&'static str>>,
+    /// Read when the metrics are written, not kept in the snapshot, so the
+    /// state file is not rewritten for every batch a command sends.
+    outbox: Arc<Outbox>,
 }
 
 impl Observer {
-    pub fn new(
-        config: &Config,
-        source_commit: Option<String>,
-        link: watch::Receiver<LinkState>,
-        command: watch::Receiver<CommandState>,
-    ) -> Observer {
+    pub fn new(config: &Config, source_commit: Option<String>, watched: Watched) -> Observer {
+        let Watched {
+            link,
+            command,
+            mut compartments,
+            outbox,
+            reboot,
+        } = watched;
         let now = unix_now();
         let binary = std::env::current_exe()
             .map(|p| p.display().to_string())
@@ -75,6 +100,9 @@ impl Observer {
             last_results: BTreeMap::new(),
             last_switch: None,
             counters: Counters::default(),
+            compartments: Some(compartments.borrow_and_update().clone()),
+            needs_reboot: false,
+            reboot_entries: Vec::new(),
         };
         Observer {
             snapshot,
@@ -85,6 +113,9 @@ impl Observer {
             metrics_failed: false,
             link,
             command,
+            compartments,
+            reboot,
+            outbox,
         }
     }
 
@@ -104,6 +135,8 @@ impl Observer {
                 () = shutdown::requested(&mut shutdown) => break,
                 Ok(()) = self.link.changed() => self.on_link(),
                 Ok(()) = self.command.changed() => self.on_command(),
+                Ok(()) = self.compartments.changed() => self.on_compartments(),
+                Ok(()) = self.reboot.changed() => self.on_compartments(),
                 Some(observation) = observations.recv() => self.on_observation(observation),
                 Ok(()) = async { beat.as_mut().expect("guarded").tick().await }, if beat.is_some() => {
                     self.write_metrics();
@@ -152,6 +185,18 @@ impl Observer {
             }
         };
         self.snapshot.link = next;
+        self.dirty = true;
+    }
+
+    /// The compartments as heartbeats carry them: the core's, with the
+    /// reboot need in the system compartment's message.
+    fn on_compartments(&mut self) {
+        let entries = self.reboot.borrow_and_update().clone();
+        let mut status = self.compartments.borrow_and_update().clone();
+        reboot::annotate(&mut status.system, &entries);
+        self.snapshot.compartments = Some(status);
+        self.snapshot.needs_reboot = !entries.is_empty();
+        self.snapshot.reboot_entries = entries.into_iter().map(str::to_owned).collect();
         self.dirty = true;
     }
 
@@ -255,7 +300,7 @@ impl Observer {
         let Some(metrics) = &mut self.metrics else {
             return;
         };
-        match metrics.refresh(&self.snapshot) {
+        match metrics.refresh(&self.snapshot, self.outbox.line_counts()) {
             Ok(_) => self.metrics_failed = false,
             Err(error) if !self.metrics_failed => {
                 self.metrics_failed = true;

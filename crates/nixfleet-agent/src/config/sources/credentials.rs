@@ -1,4 +1,4 @@
-//! The systemd credentials layer: `token` and `ssh_key` in
+//! The systemd credentials layer: `token`, `ssh_key` and `tls_client_key` in
 //! `$CREDENTIALS_DIRECTORY`. The token is read here, once, but kept out of
 //! the layer; whether it is used depends on the layers above.
 
@@ -52,9 +52,13 @@ pub(crate) fn credentials_layer(
             read,
         });
     }
-    let ssh_key = dir.join("ssh_key");
-    if fs::symlink_metadata(&ssh_key).is_ok() {
-        creds.set("ssh_key", path_string(&ssh_key, "CREDENTIALS_DIRECTORY")?);
+    // Private keys given as credentials: the layer holds their paths, the
+    // validation reads them.
+    for key in ["ssh_key", "tls_client_key"] {
+        let path = dir.join(key);
+        if fs::symlink_metadata(&path).is_ok() {
+            creds.set(key, path_string(&path, "CREDENTIALS_DIRECTORY")?);
+        }
     }
     creds.path = Some(dir);
     Ok((creds, credential))

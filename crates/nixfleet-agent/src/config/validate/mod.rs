@@ -1,12 +1,13 @@
 //! Validation, key by key: a `Validator` method per key that turns the raw
 //! merged value into the typed one, or into one message naming the key, the
 //! value and its source. The methods live with their group of keys:
-//! `dashboard`, `repository`, `host`, `runtime`, and `token` (which
-//! layer supplies it); `duration` holds the shared duration parser. A new key's check goes into the group it
+//! `dashboard`, `client_cert` (mTLS), `repository`, `host`, `runtime`,
+//! `trust`, and `token` (which layer supplies it); `duration` holds the shared duration parser. A new key's check goes into the group it
 //! belongs to (or a new group module here), called from `build::validate`.
 //!
 //! The `check_*` functions return only the problem (no key, no source).
 
+mod client_cert;
 mod dashboard;
 mod duration;
 mod host;
