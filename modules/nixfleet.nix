@@ -291,6 +291,29 @@ in
       '';
     };
 
+    confirmTimeout = lib.mkOption {
+      type = lib.types.ints.between 0 86400;
+      default = 300;
+      example = 600;
+      description = ''
+        Safe deployments: seconds a switch that changed the running system
+        waits for the dashboard to confirm it (the agent completes a
+        register) before the agent rolls the host back to exactly the system
+        it recorded before the switch. The countdown is kept on disk and
+        survives the agent's restart. `0` turns it off. Sets
+        `settings.confirm_timeout`.
+      '';
+    };
+
+    rollbackOnFailedTests = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        After an activation, run the host's tests (as the `test` command
+        does) and roll back the same way if any of them fails. Sets
+        `settings.rollback_on_failed_tests`.
+      '';
+    };
     prometheus.enable = lib.mkEnableOption ''
       Prometheus metrics through node_exporter's textfile collector: the
       agent writes `${metricsDir}/nixfleet.prom` (the key
@@ -342,6 +365,8 @@ in
         log_level = cfg.logLevel;
       }
       // lib.optionalAttrs cfg.allowReboot { allow_reboot = true; }
+      // lib.optionalAttrs (cfg.confirmTimeout != 300) { confirm_timeout = cfg.confirmTimeout; }
+      // lib.optionalAttrs cfg.rollbackOnFailedTests { rollback_on_failed_tests = true; }
       // lib.optionalAttrs (cfg.repoUrl != null) { repo_url = cfg.repoUrl; }
       # Interpolated, so that a path literal is copied into the store and
       # the agent gets a store path rather than one in the flake's source.

@@ -244,6 +244,28 @@ let
         report_agent_version = "3.1.5";
       }
     )
+    (expectEqual "confirmTimeout and rollbackOnFailedTests map to settings keys"
+      (withMinimal {
+        services.nixfleet = {
+          confirmTimeout = 0;
+          rollbackOnFailedTests = true;
+        };
+      }).services.nixfleet.settings
+      {
+        url = "wss://fleet.example.com/ws";
+        hostname = "web-01";
+        repo_dir = "/var/lib/nixfleet/repo";
+        branch = "main";
+        interval = 30;
+        log_level = "info";
+        metrics = "auto";
+        confirm_timeout = 0;
+        rollback_on_failed_tests = true;
+      }
+    )
+    (expectEqual "confirmTimeout at its default leaves the agent's default" (
+      (withMinimal { }).services.nixfleet.settings ? confirm_timeout
+    ) false)
     (expectEqual "allowedSignersFile and gpgKeyring map to allowed_signers_file and gpg_keyring"
       (lib.filterAttrs (key: _: key == "allowed_signers_file" || key == "gpg_keyring")
         (withMinimal {
@@ -474,6 +496,12 @@ let
       ]
     )
 
+    (expectTypeError "a negative confirmTimeout" {
+      services.nixfleet.confirmTimeout = -1;
+    } (c: c.services.nixfleet.confirmTimeout))
+    (expectTypeError "a confirmTimeout over a day" {
+      services.nixfleet.confirmTimeout = 86401;
+    } (c: c.services.nixfleet.confirmTimeout))
     (expectTypeError "tokenFile as a Nix path literal (would be copied to the store)" {
       services.nixfleet.tokenFile = ./eval-module.nix;
     } (c: c.services.nixfleet.tokenFile))

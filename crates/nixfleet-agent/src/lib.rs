@@ -3,6 +3,7 @@
 //!
 //! One module per concern; `main.rs` only wires them together.
 
+pub mod activation;
 pub mod agent;
 pub mod child_env;
 pub mod commands;

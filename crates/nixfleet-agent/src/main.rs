@@ -1,4 +1,5 @@
 use clap::Parser;
+use nixfleet_agent::activation::timer::ROLLBACK_ARG;
 use nixfleet_agent::commands::launch::SUPERVISE_ARG;
 use nixfleet_agent::config::{self, Cli, Command};
 use nixfleet_agent::signature::VERIFY_ARG;
@@ -13,6 +14,11 @@ fn main() -> ExitCode {
     // signature (see signature.rs).
     if std::env::args_os().nth(1).as_deref() == Some(VERIFY_ARG.as_ref()) {
         return nixfleet_agent::signature::main();
+    }
+    // The hidden mode a systemd timer runs when a switch's countdown ends
+    // (see activation/unattended.rs).
+    if std::env::args_os().nth(1).as_deref() == Some(ROLLBACK_ARG.as_ref()) {
+        return nixfleet_agent::activation::unattended::main();
     }
     // Before anything secret is read.
     let dumpable = nixfleet_agent::hardening::forbid_core_dumps();

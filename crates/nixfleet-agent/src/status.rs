@@ -312,6 +312,9 @@ pub struct Compartments {
     /// The last commit a signature check refused (read when a command
     /// ends): the git compartment's error while it is the tip or HEAD.
     refused: Option<RefusedCommit>,
+    /// An automatic rollback's report: the system compartment's error until
+    /// the next successful switch.
+    rolled_back: Option<String>,
 }
 
 impl Compartments {
@@ -339,6 +342,7 @@ impl Compartments {
             lock_query_running: false,
             lock_answers,
             refused: None,
+            rolled_back: None,
         };
         compartments.refused = RefusedCommit::load(&compartments.state_dir);
         compartments.tests_set(CheckStatus::Unknown, "no test run since the agent started");
@@ -431,7 +435,17 @@ impl Compartments {
         record.save(&self.state_dir);
         self.record = Some(record);
         self.system_override = None;
+        if !rolled_back {
+            self.rolled_back = None;
+        }
         self.tests_set(CheckStatus::Outdated, "Tests not run since the last switch");
+    }
+
+    /// An unconfirmed switch was rolled back (or the rollback failed): the
+    /// system compartment says so until the next successful switch.
+    pub fn rolled_back(&mut self, report: &str) {
+        self.rolled_back = Some(report.to_owned());
+        self.reevaluate();
     }
 
     /// A switch failed: the system shows the error until HEAD or the running
@@ -535,7 +549,10 @@ impl Compartments {
                 .as_ref()
                 .filter(|o| o.head == head && o.current == current)
                 .map(|o| o.check.clone());
-            if let Some(check) = standing {
+            if let Some(report) = &self.rolled_back {
+                let report = report.clone();
+                self.set(Compartment::System, CheckStatus::Error, report, false);
+            } else if let Some(check) = standing {
                 self.set(Compartment::System, check.status, check.message, false);
             } else {
                 self.system_override = None;

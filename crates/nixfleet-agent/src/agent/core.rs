@@ -3,10 +3,13 @@
 //! (adopt.rs), a command's end (finish.rs) and the agent's own requests
 //! (requests.rs) are its other rooms.
 
+use super::confirm::Confirmation;
 use super::systemd_report::tick_if_any;
+use crate::activation::Record;
+use crate::commands::plan::Planned;
 use crate::commands::{CommandKind, Progress, Request, Runner, StopRequest};
 use crate::config::Config;
-use crate::connection::Control;
+use crate::connection::{Control, LinkState};
 use crate::heartbeat::{AgentIdentity, CommandState};
 use crate::observe::Observation;
 use crate::outbox::Outbox;
@@ -39,6 +42,7 @@ pub(super) struct CoreLinks {
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
     pub(super) observations: mpsc::Sender<Observation>,
+    pub(super) link_state: watch::Receiver<LinkState>,
 }
 
 /// What the core listens to.
@@ -81,6 +85,26 @@ pub(super) struct Core {
     pub(super) allow_reboot: bool,
     /// A command's log and end, for `status` and the metrics.
     pub(super) observations: mpsc::Sender<Observation>,
+    /// Safe deployments: the activation recorded, armed or rolled back
+    /// (mirrors the record in `state_dir`; see `safe_deploy.rs`).
+    pub(super) activation: Option<Record>,
+    pub(super) confirm_timeout: Duration,
+    /// Waits for a connection that confirms an armed activation.
+    pub(super) confirmation: Confirmation,
+    /// The deadline passed while a command ran: roll back when it ends.
+    pub(super) rollback_due: bool,
+    /// `rollback_on_failed_tests`.
+    pub(super) rollback_on_failed_tests: bool,
+    /// A switch succeeded: run the tests once it has ended.
+    pub(super) test_after_switch: bool,
+    /// The running `test` command checks a switch.
+    pub(super) testing_activation: bool,
+    /// The scripts the last `test` command found failing.
+    pub(super) failed_tests: Vec<String>,
+    /// Held for the agent's life (see `activation::timer`).
+    pub(super) activation_lock: Option<std::fs::File>,
+    /// Whether "no systemd timer" was logged already.
+    pub(super) told_no_timer: bool,
 }
 
 /// Why the core stopped.
@@ -134,6 +158,16 @@ impl Core {
             identity: links.identity,
             allow_reboot: config.allow_reboot,
             observations: links.observations,
+            activation: None,
+            confirm_timeout: config.confirm_timeout,
+            confirmation: Confirmation::new(links.link_state),
+            rollback_due: false,
+            rollback_on_failed_tests: config.rollback_on_failed_tests,
+            test_after_switch: false,
+            testing_activation: false,
+            failed_tests: Vec::new(),
+            activation_lock: None,
+            told_no_timer: false,
         }
     }
 
@@ -152,6 +186,7 @@ impl Core {
             .then(|| Ticker::on_grid(self.self_check_every));
         let mut tick = Ticker::on_grid(COMPARTMENT_TICK);
         let ending = loop {
+            let armed = self.armed_deadline();
             let idle_and_watching = self.running.is_none()
                 && self.restart.is_none()
                 && self.self_image.watches_a_unit();
@@ -167,6 +202,7 @@ impl Core {
                 Ok(()) = tick.tick() => self.compartments.reevaluate(),
                 Some(probe) = probes.recv() => probe.answer(),
                 Ok(()) = tick_if_any(&mut self_check), if idle_and_watching => self.check_self_image(),
+                verdict = self.confirmation.next(armed) => self.on_verdict(verdict),
             }
         };
         if let Some(running) = &self.running {
@@ -234,11 +270,18 @@ impl Core {
                     _ => self.stop(request),
                 }
             }
-            Inbound::Registered { .. } | Inbound::Unknown { .. } => {}
+            Inbound::Registered { .. } => self.confirm("the dashboard answered register"),
+            Inbound::Unknown { .. } => {}
         }
     }
 
     fn start(&mut self, kind: CommandKind) {
+        // First: it says more than "command already running" during the
+        // rollback.
+        if let Some(reason) = self.activation_refusal(kind) {
+            self.reject(reason);
+            return;
+        }
         if self.running.is_some() {
             self.reject("command already running".to_owned());
             return;
@@ -247,12 +290,20 @@ impl Core {
             self.reject("the agent is restarting".to_owned());
             return;
         }
+        if kind.activates() {
+            self.record_before(kind);
+        }
+        self.launch(kind, None);
+    }
+
+    /// Starts a command: its own plan, or `plan` (the automatic rollback).
+    pub(super) fn launch(&mut self, kind: CommandKind, plan: Option<Planned>) {
         info!(command = kind.name(), "starting");
         let (stop_tx, mut stop_rx) = watch::channel(None);
         let (progress_tx, progress_rx) = mpsc::channel(8);
         let runner = self.runner.clone();
         tokio::spawn(async move {
-            let status = runner.run(kind, &progress_tx, &mut stop_rx).await;
+            let status = runner.run(kind, plan, &progress_tx, &mut stop_rx).await;
             let _ = progress_tx.send(Progress::Finished(status)).await;
         });
         self.running = Some(Running {
@@ -271,6 +322,13 @@ impl Core {
     }
 
     fn stop(&mut self, request: StopRequest) {
+        if self.rolling_back() {
+            // Safe deployments: the dashboard cannot cancel the rollback.
+            self.reject(
+                "the automatic rollback of an unconfirmed switch cannot be stopped".to_owned(),
+            );
+            return;
+        }
         match &self.running {
             Some(running) => {
                 info!(

@@ -36,7 +36,11 @@ impl Core {
                 passed,
                 total,
                 stopped,
-            } => self.compartments.tested(passed, total, stopped),
+                failed,
+            } => {
+                self.compartments.tested(passed, total, stopped);
+                self.failed_tests = failed;
+            }
             Progress::Lock(answer) => self.compartments.on_lock_answer(answer),
             Progress::System(verdict) => self.compartments.system_verified(verdict),
             Progress::Rebuilt { ok } => {
@@ -58,8 +62,19 @@ impl Core {
     }
 
     fn finish(&mut self, status: Status) {
+        self.end_command(status);
+        // What waited for the command: a rollback, the tests of a switch.
+        self.rollback_if_due();
+        if self.restart.is_none() {
+            self.test_if_due();
+        }
+    }
+
+    fn end_command(&mut self, status: Status) {
         let finished = self.running.take();
         self.publish_state();
+        let (status, rolled_back) =
+            self.activation_ended(finished.as_ref().map(|r| r.kind), status);
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
@@ -73,6 +88,9 @@ impl Core {
         });
         if let Some(running) = finished.as_ref().filter(|r| r.kind.activates()) {
             self.record_activation(running, &status);
+        }
+        if let Some(report) = &rolled_back {
+            self.compartments.rolled_back(report);
         }
         self.compartments.stop_working();
         let self_changed = if activated && succeeded {

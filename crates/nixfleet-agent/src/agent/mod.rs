@@ -10,9 +10,11 @@
 //! ```
 
 mod adopt;
+mod confirm;
 mod core;
 mod finish;
 mod requests;
+mod safe_deploy;
 mod systemd_report;
 
 use self::core::{Core, CoreInputs, CoreLinks, Ending};
@@ -125,9 +127,11 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
         control: control_tx,
         identity,
         observations: observations_tx,
+        link_state: link_state_rx.clone(),
     };
     let mut core = Core::new(config, links);
     core.adopt_previous();
+    core.resume_activation();
     let systemd = tokio::spawn(report_to_systemd(
         Systemd::from_env(),
         config.url.clone(),

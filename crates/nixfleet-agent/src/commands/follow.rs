@@ -342,10 +342,12 @@ async fn send(emit: Emit, mut item: Item, outbox: &Outbox, progress: &mpsc::Send
             passed,
             total,
             stopped,
+            failed,
         } => Progress::Tested {
             passed,
             total,
             stopped,
+            failed,
         },
         Emit::Rebuilt(ok) => Progress::Rebuilt { ok },
         Emit::Lock(answer) => Progress::Lock(answer),

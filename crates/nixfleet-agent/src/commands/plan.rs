@@ -79,6 +79,27 @@ impl Planner {
         Ok(planned)
     }
 
+    /// The automatic rollback of an unconfirmed switch (safe deployments):
+    /// the profile pointed back at exactly the recorded system (a new
+    /// generation), then that system's own activation. Both paths come from
+    /// the agent's record, never from the dashboard.
+    pub fn rollback_to(&self, system: &str, profile: &Path, notes: Vec<String>) -> Planned {
+        let profile = profile.to_string_lossy().into_owned();
+        let set = ["--profile", profile.as_str(), "--set", system].map(str::to_owned);
+        let label = format!("nix-env --profile {profile} --set {system}");
+        let activate = format!("{system}/bin/switch-to-configuration");
+        let steps = vec![
+            step(label, "nix-env", set.to_vec(), self.working_dir()),
+            step(
+                format!("{activate} switch"),
+                &activate,
+                vec!["switch".to_owned()],
+                self.working_dir(),
+            ),
+        ];
+        Planned { steps, notes }
+    }
+
     /// Pull, bump the `nixfleet` input when the flake has one, then switch
     /// with the negative narinfo cache off, so that a freshly pushed agent
     /// is fetched or built rather than assumed missing. Whether the input

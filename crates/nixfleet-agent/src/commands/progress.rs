@@ -19,6 +19,8 @@ pub enum Progress {
         passed: u32,
         total: u32,
         stopped: bool,
+        /// The scripts that failed, by name.
+        failed: Vec<String>,
     },
     /// A fresh answer for the lock compartment.
     Lock(LockAnswer),

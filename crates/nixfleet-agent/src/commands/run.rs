@@ -4,7 +4,7 @@
 
 use super::follow::follow;
 use super::launch::launch;
-use super::plan::Planner;
+use super::plan::{Planned, Planner};
 use super::progress::Progress;
 use super::table::{CommandKind, StopRequest};
 use crate::child_env::{ChildEnv, child_environment};
@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::host_facts::generation;
 use crate::outbox::Outbox;
 use crate::protocol::{Outcome, Status};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{mpsc, watch};
@@ -53,13 +54,21 @@ impl Runner {
         self.child_env.clone()
     }
 
-    /// Runs one command to its end and returns its status. Output lines,
-    /// progress and the verdicts of checks are queued in the outbox as they
-    /// happen; the status is left to the caller, which queues it after
-    /// them.
+    /// The plan of the automatic rollback to `system` (see
+    /// [`Planner::rollback_to`]).
+    pub fn rollback_plan(&self, system: &str, profile: &Path, notes: Vec<String>) -> Planned {
+        self.planner.rollback_to(system, profile, notes)
+    }
+
+    /// Runs one command to its end and returns its status: `plan` when
+    /// given (the automatic rollback), else the command's own plan. Output
+    /// lines, progress and the verdicts of checks are queued in the outbox
+    /// as they happen; the status is left to the caller, which queues it
+    /// after them.
     pub async fn run(
         &self,
         kind: CommandKind,
+        plan: Option<Planned>,
         progress: &mpsc::Sender<Progress>,
         stop: &mut watch::Receiver<Option<StopRequest>>,
     ) -> Status {
@@ -76,9 +85,12 @@ impl Runner {
         if stop.borrow().is_some() {
             return failed("Stopped by user".to_owned(), -1);
         }
-        let planned = match self.planner.plan(kind).await {
-            Ok(planned) => planned,
-            Err(message) => return failed(message, 1),
+        let planned = match plan {
+            Some(planned) => planned,
+            None => match self.planner.plan(kind).await {
+                Ok(planned) => planned,
+                Err(message) => return failed(message, 1),
+            },
         };
         self.note_free_space(kind.log_max_bytes(self.config.log_max_bytes));
         let launched = launch(&self.config, &self.child_env, &self.outbox, kind, planned);

@@ -37,6 +37,8 @@ pub enum Emit {
         passed: u32,
         total: u32,
         stopped: bool,
+        /// The scripts that failed, by name.
+        failed: Vec<String>,
     },
     /// A `nixos-rebuild` step ran to its end (ok or not).
     Rebuilt(bool),
@@ -320,6 +322,12 @@ impl Summary {
             passed: self.passed(),
             total: self.steps as u32,
             stopped: self.stopped,
+            failed: self
+                .results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| r.label.clone())
+                .collect(),
         });
         if !self.final_progress {
             if self.steps == 0 {

@@ -125,7 +125,7 @@ fn the_core_hears_of_rebuilds_and_test_results_also_when_replayed() {
     let log = "# steps 2\n# start 0 5 T1.sh\n# end 0 0 exit code 0\n# start 1 6 T2.sh\n# end 1 1 exit code 1\n# done";
     assert_eq!(
         emits(CommandKind::Test, log),
-        ["Tested { passed: 1, total: 2, stopped: false }"]
+        ["Tested { passed: 1, total: 2, stopped: false, failed: [\"T2.sh\"] }"]
     );
 }
 

@@ -93,6 +93,13 @@ impl CommandKind {
         )
     }
 
+    /// Whether a success that changed the running system waits for the
+    /// dashboard's confirmation (safe deployments): every switch of a new
+    /// configuration, not a rollback.
+    pub fn needs_confirmation(self) -> bool {
+        self.activates() && self != CommandKind::Rollback
+    }
+
     /// The read-only checks this command is made of, in the order they
     /// run; empty for every command that changes something.
     pub fn checks(self) -> &'static [Check] {

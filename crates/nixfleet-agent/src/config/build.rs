@@ -4,7 +4,7 @@
 use super::cli::Cli;
 use super::effective::{Config, TokenSource};
 use super::errors::figment_error;
-use super::keys::{Env, KEYS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS};
+use super::keys::{Env, KEYS, MAX_CONFIRM_TIMEOUT_SECS, MAX_PERIOD_SECS, MAX_STOP_GRACE_SECS};
 use super::layer::{Layer, LayerKind, describe};
 use super::sources::credentials::{CredentialToken, credentials_layer};
 use super::sources::defaults::{default_layer, system_layer};
@@ -57,6 +57,8 @@ struct Raw {
     gpg_keyring: Option<String>,
     report_agent_version: Option<String>,
     metrics_textfile: Option<String>,
+    confirm_timeout: Option<Value>,
+    rollback_on_failed_tests: Option<Value>,
 }
 
 pub(super) fn build(
@@ -141,6 +143,17 @@ fn independent_problems(raw: &Raw, v: &Validator<'_>) -> Vec<String> {
         v.report_agent_version(raw.report_agent_version.clone())
             .err(),
         v.metrics_textfile(raw.metrics_textfile.clone()).err(),
+        secs(
+            "confirm_timeout",
+            &raw.confirm_timeout,
+            0,
+            MAX_CONFIRM_TIMEOUT_SECS,
+        ),
+        v.boolean(
+            "rollback_on_failed_tests",
+            raw.rollback_on_failed_tests.clone(),
+        )
+        .err(),
     ]
     .into_iter()
     .flatten()
@@ -251,6 +264,14 @@ fn validate(
         gpg_keyring: v.gpg_keyring(raw.gpg_keyring)?,
         report_agent_version: v.report_agent_version(raw.report_agent_version)?,
         metrics_textfile: v.metrics_textfile(raw.metrics_textfile)?,
+        confirm_timeout: v.duration(
+            "confirm_timeout",
+            raw.confirm_timeout,
+            0,
+            MAX_CONFIRM_TIMEOUT_SECS,
+        )?,
+        rollback_on_failed_tests: v
+            .boolean("rollback_on_failed_tests", raw.rollback_on_failed_tests)?,
         origins: origins(&v),
         warnings: v.warnings,
     })

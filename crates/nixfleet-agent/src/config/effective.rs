@@ -99,6 +99,12 @@ pub struct Config {
     /// Where to write the Prometheus metrics for node_exporter's textfile
     /// collector (`observe`); `None`: no metrics file.
     pub metrics_textfile: Option<PathBuf>,
+    /// How long a switch that changed the running system waits for the
+    /// dashboard to confirm it (a register) before rolling back; zero: never.
+    pub confirm_timeout: Duration,
+    /// Whether the host's tests run after every activation, a failure
+    /// rolling it back.
+    pub rollback_on_failed_tests: bool,
     /// Where the token came from (never the token itself).
     pub token_source: TokenSource,
     /// Non-fatal findings (e.g. a token file readable by others) for the

@@ -37,10 +37,14 @@ pub const KEYS: &[&str] = &[
     "gpg_keyring",
     "report_agent_version",
     "metrics_textfile",
+    "confirm_timeout",
+    "rollback_on_failed_tests",
 ];
 
 /// Upper bound for `interval`, `ping_interval`, `ping_timeout`, `backoff_max`.
 pub const MAX_PERIOD_SECS: u64 = 86_400;
+/// Upper bound for `confirm_timeout` (a day: longer is no safety net).
+pub const MAX_CONFIRM_TIMEOUT_SECS: u64 = 86_400;
 /// Upper bound for `stop_grace`.
 pub const MAX_STOP_GRACE_SECS: u64 = 3_600;
 /// Token files and credentials larger than this are refused.

@@ -68,6 +68,11 @@ impl Config {
                 "metrics_textfile",
                 self.metrics_textfile.as_deref().map(path),
             ),
+            ("confirm_timeout", Some(secs(self.confirm_timeout))),
+            (
+                "rollback_on_failed_tests",
+                Some(self.rollback_on_failed_tests.to_string()),
+            ),
         ];
         let mut out = String::new();
         for (key, value) in lines {

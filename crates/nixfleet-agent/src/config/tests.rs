@@ -615,5 +615,5 @@ fn render_is_toml_with_sources() {
         .collect();
     let dict: Dict = Toml::from_str(&back).unwrap();
     assert!(dict.keys().all(|k| KEYS.contains(&k.as_str())));
-    assert_eq!(dict.len(), 17);
+    assert_eq!(dict.len(), 19);
 }

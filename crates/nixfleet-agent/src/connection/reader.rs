@@ -57,6 +57,10 @@ pub(super) async fn read_frames(
                 // `?`: the dashboard's text, escaped, so it cannot start log lines.
                 info!(host_id = ?host_id, "registered with the dashboard");
                 registered.store(true, Ordering::Relaxed);
+                // The core confirms a pending switch with it.
+                if inbound.send(Inbound::Registered { host_id }).await.is_err() {
+                    return SessionEnd::Shutdown;
+                }
             }
             Ok(Inbound::Unknown { kind }) => {
                 debug!(kind = ?kind, "ignoring a message of unknown type")

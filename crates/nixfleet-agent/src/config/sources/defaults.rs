@@ -25,6 +25,9 @@ pub(crate) fn default_layer() -> Layer {
     defaults.set("logs_max_bytes", 2u64 * 1024 * 1024 * 1024);
     defaults.set("allow_insecure_url", false);
     defaults.set("allow_reboot", false);
+    // Safe deployments: an unconfirmed switch rolls back after 5 minutes.
+    defaults.set("confirm_timeout", 300u64);
+    defaults.set("rollback_on_failed_tests", false);
     defaults
 }
 

@@ -1,5 +1,6 @@
 //! Keys about the agent process itself: `log_level`, `log_max_bytes`,
 //! `logs_max_bytes`, and what it may do to the host: `allow_reboot`.
+//! (`rollback_on_failed_tests` is a plain yes/no: `Validator::boolean`.)
 //! (`state_dir` and `stop_grace` are a directory and a duration: see
 //! `build::validate`.)
 
