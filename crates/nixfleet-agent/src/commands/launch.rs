@@ -8,13 +8,16 @@ use super::plan::Planned;
 use super::table::CommandKind;
 use crate::config::Config;
 use crate::outbox::{DeliveryCursor, Outbox};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 /// The hidden first argument that makes the binary a supervisor.
 pub const SUPERVISE_ARG: &str = "--supervise";
+/// The running binary, even when a switch replaced the file: the
+/// supervisor is always this very version.
+const SELF_EXE: &str = "/proc/self/exe";
 
 /// A command to follow: one this agent launched, or one a previous agent
 /// left running (or ended) whose log is not yet delivered.
@@ -64,15 +67,14 @@ pub async fn launch(
         notes: planned.notes,
         steps: planned.steps,
     };
-    let pid = start_supervisor(child_env, &plan).await?;
+    let (pid, pid_start) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
     info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
     let log_id = outbox.track(cursor);
-    let record = CommandRecord::supervised(kind.name(), pid, log.clone())
-        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let record = CommandRecord::supervised_since(kind.name(), pid, pid_start, log.clone());
     let followed = Followed {
         kind,
         log,
-        supervisor: Some((pid, record.pid_start)),
+        supervisor: Some((pid, pid_start)),
         resume_at: 0,
         log_id,
         stop_file,
@@ -82,15 +84,20 @@ pub async fn launch(
     Ok(Launched { record, followed })
 }
 
-/// Starts `nixfleet-agent --supervise` with the plan on its stdin (so that
-/// nothing of it shows in `ps`); returns its pid.
+/// Starts `program --supervise` with the plan on its stdin (so that
+/// nothing of it shows in `ps`); returns its pid and start time.
+///
+/// The start time is read before the plan is written: until its stdin
+/// ends, the supervisor waits, so it is surely alive then. Read later, a
+/// short plan (a `test` with no scripts) may already be done and the
+/// supervisor a zombie, which has no start time to read: the command then
+/// failed as "the supervisor exited at once" on a busy machine.
 async fn start_supervisor(
+    program: &Path,
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
     plan: &Plan,
-) -> std::io::Result<u32> {
-    // The running binary, even when a switch replaced the file: the
-    // supervisor is always this very version.
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+) -> std::io::Result<(u32, u64)> {
+    let mut command = tokio::process::Command::new(program);
     command
         .arg0("nixfleet-agent")
         .arg(SUPERVISE_ARG)
@@ -108,9 +115,9 @@ async fn start_supervisor(
         command.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
     }
     let mut child = command.spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let exited = || std::io::Error::other("the supervisor exited at once");
+    let pid = child.id().ok_or_else(exited)?;
+    let pid_start = handover::process_start_ticks(pid).ok_or_else(exited)?;
     let json = serde_json::to_vec(plan).map_err(std::io::Error::other)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&json).await?;
@@ -120,5 +127,54 @@ async fn start_supervisor(
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
-    Ok(pid)
+    Ok((pid, pid_start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    /// `pid`'s state letter in /proc (`Z` for a zombie).
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .next()?
+            .chars()
+            .next()
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_that_ends_at_once_still_has_its_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in supervisor with nothing to do: it ends as soon as its
+        // plan is read, as one with an empty plan does.
+        let program = dir.path().join("supervisor");
+        std::fs::write(&program, "#!/bin/sh\ncat >/dev/null\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plan = Plan {
+            log: dir.path().join("log"),
+            stop_file: dir.path().join("stop"),
+            stop_grace_ms: 1000,
+            max_bytes: 1024,
+            scrub_url: None,
+            notes: Vec::new(),
+            steps: Vec::new(),
+        };
+        let (pid, pid_start) = start_supervisor(&program, &[], &plan).await.unwrap();
+        // Without yielding, nothing reaps it: wait (for the event, not a
+        // time) until it is a zombie, as a busy machine can make it before
+        // the agent runs on.
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while state(pid) != Some('Z') {
+            assert!(Instant::now() < give_up, "the stand-in never ended");
+            std::thread::yield_now();
+        }
+        // Read now, there is no start time: the command would have failed.
+        assert_eq!(handover::process_start_ticks(pid), None);
+        assert!(pid_start > 0);
+    }
 }
