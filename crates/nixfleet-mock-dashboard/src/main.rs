@@ -12,6 +12,7 @@
 //! ```text
 //! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE | --tokens FILE)
 //!                         [--listen ADDR] [--record FILE]
+//!                         [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 //!                         [--offline-after-intervals N]
 //!                         [--max-messages-per-host N] [--reconnect-timeout SECS]
 //!                         [--log-level FILTER]
@@ -23,6 +24,8 @@
 //! | `--token TOKEN` | | the bearer token agents must present |
 //! | `--token-file FILE` | | read the token from FILE (surrounding whitespace trimmed); exactly one of `--token`/`--token-file`/`--tokens` is required |
 //! | `--tokens FILE` | | one token per host: lines `hostname token` (blank lines and `#` comments skipped; a hostname or token listed twice is an error); see "Per-host tokens" below |
+//! | `--tls-cert FILE`, `--tls-key FILE` | off | serve `wss://` (and the page and API over `https://`) with this PEM chain and key; a failed handshake is listed by `/api/rejected` (`TLS handshake failed`) |
+//! | `--client-ca FILE` | off | with TLS, require a client certificate signed by this PEM CA (of agents, browsers and API clients alike) |
 //! | `--record FILE` | off | append a JSON-lines journal of everything agents send (below) |
 //! | `--offline-after-intervals N` | `3` | a host is offline after N × its `heartbeat_interval` without a heartbeat |
 //! | `--max-messages-per-host N` | `1000000` | per-host message cap; the oldest are evicted and counted |
@@ -227,6 +230,7 @@ mod record;
 mod session;
 mod shared;
 mod state;
+mod tls;
 mod tokens;
 mod view;
 mod ws;
@@ -253,6 +257,7 @@ use crate::record::Recorder;
 use crate::shared::Shared;
 use crate::state::State;
 use crate::tokens::Tokens;
+use rustls::ServerConfig;
 
 /// Request bodies (e.g. `/send` with a large raw frame) up to this size.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -279,6 +284,15 @@ struct Cli {
     /// File of `hostname token` lines: each host must present its own.
     #[arg(long, value_name = "FILE")]
     tokens: Option<PathBuf>,
+    /// Serve wss:// (and https://) with this PEM certificate chain.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this PEM CA (needs --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// Append every frame and connection event as JSON lines to FILE.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
@@ -306,6 +320,16 @@ fn main() -> ExitCode {
         eprintln!("error: invalid --log-level {:?}", cli.log_level);
         return ExitCode::from(2);
     };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => match tls::server_config(cert, key, cli.client_ca.as_deref()) {
+            Ok(config) => Some(config),
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let tokens = match load_tokens(&cli) {
         Ok(tokens) => tokens,
         Err(msg) => {
@@ -329,7 +353,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(run(cli, tokens));
+    let code = runtime.block_on(run(cli, tokens, tls));
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
@@ -393,8 +417,8 @@ fn router(shared: Arc<Shared>) -> Router {
 /// Listens until SIGTERM or SIGINT, then shuts down gracefully. Every
 /// failure before listening has been announced is reported on stderr and
 /// ends the program with status 1.
-async fn run(cli: Cli, tokens: Tokens) -> ExitCode {
-    match serve(cli, tokens).await {
+async fn run(cli: Cli, tokens: Tokens, tls: Option<Arc<ServerConfig>>) -> ExitCode {
+    match serve(cli, tokens, tls).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -403,7 +427,11 @@ async fn run(cli: Cli, tokens: Tokens) -> ExitCode {
     }
 }
 
-async fn serve(cli: Cli, tokens: Tokens) -> Result<ExitCode, String> {
+async fn serve(
+    cli: Cli,
+    tokens: Tokens,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<ExitCode, String> {
     let (recorder, writer) = match &cli.record {
         Some(path) => {
             let (recorder, writer) = Recorder::open(path)
@@ -434,7 +462,7 @@ async fn serve(cli: Cli, tokens: Tokens) -> Result<ExitCode, String> {
     };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = spawn_server(listener, shared.clone(), stop_rx);
+    let mut server = spawn_server(listener, tls, shared.clone(), stop_rx);
     let ticker = spawn_ticker(shared.clone());
     announce(addr);
 
@@ -464,20 +492,36 @@ async fn serve(cli: Cli, tokens: Tokens) -> Result<ExitCode, String> {
 /// The HTTP server (API, page and `/ws`), until `stop` fires.
 fn spawn_server(
     listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
     shared: Arc<Shared>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.await;
+    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let stopped = async move {
+        let _ = stop.await;
+    };
+    match tls {
+        Some(config) => {
+            // tap_io only for its ConnectInfo: axum gives the remote
+            // address of a tapped listener of any kind.
+            let listener = tls::TlsListener::new(listener, config, shared).tap_io(|_| {});
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    })
+        }
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        }
+    }
 }
 
 /// Checks every host's online state four times a second.

@@ -1,7 +1,8 @@
-//! Per-host tokens (`--tokens FILE`) with the real agent: a host with its
-//! own token registers; a host presenting another host's token is refused
-//! at its `register` (close 1008), listed by `/api/rejected`, and never
-//! becomes connected.
+//! The mock's trust features with the real agent. Per-host tokens
+//! (`--tokens FILE`): a host with its own token registers; a host
+//! presenting another host's token is refused at its `register` (close
+//! 1008), listed by `/api/rejected`, and never becomes connected. `wss://`
+//! (`--tls-cert`, `--tls-key`) and client certificates (`--client-ca`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,15 +13,23 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+mod pki;
+use pki::{Api, TestCa};
+
 const DEADLINE: Duration = Duration::from_secs(30);
 const TOKENS: &str = "# host token\nhost-a token-of-a-5d1e\nhost-b token-of-b-93c0\n";
 
 async fn start_mock(dir: &Path) -> (Child, String) {
+    start_mock_with(dir, &[]).await
+}
+
+async fn start_mock_with(dir: &Path, extra: &[&std::ffi::OsStr]) -> (Child, String) {
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, TOKENS).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"))
         .args(["--listen", "127.0.0.1:0", "--tokens"])
         .arg(&tokens)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -73,6 +82,10 @@ fn agent_binary() -> PathBuf {
 }
 
 fn start_agent(dir: &Path, addr: &str, hostname: &str, token: &str) -> Child {
+    start_agent_with(dir, &format!("ws://{addr}/ws"), hostname, token, "")
+}
+
+fn start_agent_with(dir: &Path, url: &str, hostname: &str, token: &str, extra: &str) -> Child {
     use std::os::unix::fs::PermissionsExt;
     let (repo, state) = (dir.join("repo"), dir.join("state"));
     for d in [&repo, &state] {
@@ -85,7 +98,7 @@ fn start_agent(dir: &Path, addr: &str, hostname: &str, token: &str) -> Child {
     std::fs::write(
         &config,
         format!(
-            "url = \"ws://{addr}/ws\"\ntoken_file = {token:?}\nrepo_dir = {repo:?}\n\
+            "url = {url:?}\n{extra}\ntoken_file = {token:?}\nrepo_dir = {repo:?}\n\
              state_dir = {state:?}\nhostname = {hostname:?}\ninterval = 1\nmetrics = \"proc\"\n",
             token = token_file.display().to_string(),
             repo = repo.display().to_string(),
@@ -113,6 +126,10 @@ async fn get(addr: &str, path: &str) -> (u16, Value) {
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
+    parse_response(&response)
+}
+
+fn parse_response(response: &str) -> (u16, Value) {
     let status = response[9..12].parse().unwrap();
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
@@ -221,4 +238,97 @@ async fn a_bad_tokens_file_is_a_usage_error_naming_the_line() {
         stderr.contains("line 2: expected `hostname token`") && !stderr.contains("secret-1"),
         "{stderr}"
     );
+}
+
+/// The mock serving TLS with a certificate for `localhost` from `ca`
+/// (`client_ca`: requiring client certificates from it too).
+async fn start_tls_mock(dir: &Path, ca: &TestCa, client_ca: bool) -> (Child, String) {
+    let (cert, key) = ca.issue("localhost", false);
+    let (cert_file, key_file, ca_file) = (
+        dir.join("mock.crt"),
+        dir.join("mock.key"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut args = vec![
+        "--tls-cert".as_ref(),
+        cert_file.as_os_str(),
+        "--tls-key".as_ref(),
+        key_file.as_os_str(),
+    ];
+    if client_ca {
+        args.extend(["--client-ca".as_ref(), ca_file.as_os_str()]);
+    }
+    start_mock_with(dir, &args).await
+}
+
+fn wss_url(addr: &str) -> String {
+    let port = addr.rsplit_once(':').unwrap().1;
+    format!("wss://localhost:{port}/ws")
+}
+
+#[tokio::test]
+async fn an_agent_trusting_the_ca_registers_over_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mock CA");
+    let (_mock, addr) = start_tls_mock(dir.path(), &ca, false).await;
+    let agent_dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "ca_file = {:?}",
+        dir.path().join("ca.pem").display().to_string()
+    );
+    let _agent = start_agent_with(
+        agent_dir.path(),
+        &wss_url(&addr),
+        "host-a",
+        "token-of-a-5d1e",
+        &extra,
+    );
+    let api = Api::new(&ca, None);
+    let host = api
+        .wait_for(&addr, "/api/hosts/host-a", |h| h["connected"] == true)
+        .await;
+    assert_eq!(host["hostname"], "host-a");
+}
+
+#[tokio::test]
+async fn with_client_ca_only_agents_with_a_certificate_from_it_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mock CA");
+    let (_mock, addr) = start_tls_mock(dir.path(), &ca, true).await;
+    let ca_line = format!(
+        "ca_file = {:?}\n",
+        dir.path().join("ca.pem").display().to_string()
+    );
+    // host-a has a client certificate from the CA.
+    let a_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue("host-a", true);
+    let (cert_file, key_file) = (a_dir.path().join("a.crt"), a_dir.path().join("a.key"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let a_extra = format!(
+        "{ca_line}tls_client_cert = {:?}\ntls_client_key = {:?}",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    );
+    let url = wss_url(&addr);
+    let _a = start_agent_with(a_dir.path(), &url, "host-a", "token-of-a-5d1e", &a_extra);
+    // host-b has the right token but no certificate.
+    let b_dir = tempfile::tempdir().unwrap();
+    let _b = start_agent_with(b_dir.path(), &url, "host-b", "token-of-b-93c0", &ca_line);
+    let api = Api::new(&ca, Some(&ca.issue("test-client", true)));
+    api.wait_for(&addr, "/api/hosts/host-a", |h| h["connected"] == true)
+        .await;
+    let rejected = api
+        .wait_for(&addr, "/api/rejected", |r| {
+            r.as_array()
+                .is_some_and(|l| l.iter().any(|e| e["reason"] == "TLS handshake failed"))
+        })
+        .await;
+    let (status, _) = api.get(&addr, "/api/hosts/host-b").await;
+    assert_eq!(status, 404, "host-b never registered: {rejected}");
 }
