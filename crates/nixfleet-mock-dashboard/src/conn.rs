@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::frame::ConnId;
+use crate::tokens::TokenOwner;
 
 /// What the HTTP API asks a connection task to do.
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub enum Outgoing {
 pub struct Conn {
     pub id: ConnId,
     pub remote: SocketAddr,
+    /// Whose token its upgrade presented: which hostname may register.
+    pub owner: TokenOwner,
     /// Index into `State::hosts`; 0 until the connection registers.
     pub host: usize,
     pub opened_at: u64,
@@ -44,10 +47,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, remote: SocketAddr, t: u64, tx: UnboundedSender<Outgoing>) -> Conn {
+    pub fn new(
+        id: ConnId,
+        remote: SocketAddr,
+        owner: TokenOwner,
+        t: u64,
+        tx: UnboundedSender<Outgoing>,
+    ) -> Conn {
         Conn {
             id,
             remote,
+            owner,
             host: 0,
             opened_at: t,
             registered_at: None,

@@ -10,8 +10,9 @@
 //! # Command line
 //!
 //! ```text
-//! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE)
+//! nixfleet-mock-dashboard (--token TOKEN | --token-file FILE | --tokens FILE)
 //!                         [--listen ADDR] [--record FILE]
+//!                         [--tls-cert FILE --tls-key FILE [--client-ca FILE]]
 //!                         [--offline-after-intervals N]
 //!                         [--max-messages-per-host N] [--reconnect-timeout SECS]
 //!                         [--log-level FILTER]
@@ -21,7 +22,10 @@
 //! |---|---|---|
 //! | `--listen ADDR` | `127.0.0.1:8000` | `ip:port` to listen on; port `0` picks a free port |
 //! | `--token TOKEN` | | the bearer token agents must present |
-//! | `--token-file FILE` | | read the token from FILE (surrounding whitespace trimmed); exactly one of `--token`/`--token-file` is required |
+//! | `--token-file FILE` | | read the token from FILE (surrounding whitespace trimmed); exactly one of `--token`/`--token-file`/`--tokens` is required |
+//! | `--tokens FILE` | | one token per host: lines `hostname token` (blank lines and `#` comments skipped; a hostname or token listed twice is an error); see "Per-host tokens" below |
+//! | `--tls-cert FILE`, `--tls-key FILE` | off | serve `wss://` (and the page and API over `https://`) with this PEM chain and key; a failed handshake is listed by `/api/rejected` (`TLS handshake failed`) |
+//! | `--client-ca FILE` | off | with TLS, require a client certificate signed by this PEM CA (of agents, browsers and API clients alike) |
 //! | `--record FILE` | off | append a JSON-lines journal of everything agents send (below) |
 //! | `--offline-after-intervals N` | `3` | a host is offline after N × its `heartbeat_interval` without a heartbeat |
 //! | `--max-messages-per-host N` | `1000000` | per-host message cap; the oldest are evicted and counted |
@@ -48,6 +52,14 @@
 //! larger one ends that connection (`closed_by: "transport"`, with the
 //! `error`) and nothing else. Pings are answered.
 //!
+//! * Per-host tokens (`--tokens`): the agent sends only its token with the
+//!   upgrade (as the v3 agent does), so the upgrade is accepted when the
+//!   token is any listed host's, and the connection remembers whose. A
+//!   `register` whose hostname is not that host's is refused: the
+//!   connection is closed with code 1008, reason `token of another host`,
+//!   and stays unregistered; `/api/rejected` lists it with that reason,
+//!   and the claimed host's timeline gets a `refused` entry naming whose
+//!   token it was.
 //! * The connection belongs to the hostname of its `register`
 //!   (`payload.hostname`, a non-empty string). The mock replies
 //!   `{"type":"registered","payload":{"host_id":"<hostname>"}}`. A
@@ -218,6 +230,8 @@ mod record;
 mod session;
 mod shared;
 mod state;
+mod tls;
+mod tokens;
 mod view;
 mod ws;
 
@@ -242,6 +256,8 @@ use tracing_subscriber::prelude::*;
 use crate::record::Recorder;
 use crate::shared::Shared;
 use crate::state::State;
+use crate::tokens::Tokens;
+use rustls::ServerConfig;
 
 /// Request bodies (e.g. `/send` with a large raw frame) up to this size.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -254,7 +270,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// crates/nixfleet-mock-dashboard/src/main.rs and in docs/demo.md.
 #[derive(Parser)]
 #[command(name = "nixfleet-mock-dashboard", version)]
-#[command(group(ArgGroup::new("auth").required(true).args(["token", "token_file"])))]
+#[command(group(ArgGroup::new("auth").required(true).args(["token", "token_file", "tokens"])))]
 struct Cli {
     /// Address to listen on (ip:port; port 0 picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
@@ -265,6 +281,18 @@ struct Cli {
     /// File holding the bearer token (whitespace trimmed).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// File of `hostname token` lines: each host must present its own.
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// Serve wss:// (and https://) with this PEM certificate chain.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this PEM CA (needs --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// Append every frame and connection event as JSON lines to FILE.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
@@ -292,8 +320,18 @@ fn main() -> ExitCode {
         eprintln!("error: invalid --log-level {:?}", cli.log_level);
         return ExitCode::from(2);
     };
-    let token = match load_token(&cli) {
-        Ok(token) => token,
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => match tls::server_config(cert, key, cli.client_ca.as_deref()) {
+            Ok(config) => Some(config),
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let tokens = match load_tokens(&cli) {
+        Ok(tokens) => tokens,
         Err(msg) => {
             eprintln!("error: {msg}");
             return ExitCode::from(2);
@@ -315,9 +353,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(run(cli, token));
+    let code = runtime.block_on(run(cli, tokens, tls));
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+fn load_tokens(cli: &Cli) -> Result<Tokens, String> {
+    let Some(path) = &cli.tokens else {
+        return load_token(cli).map(|token| Tokens::Shared(token.into_bytes().into()));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --tokens {}: {e}", path.display()))?;
+    Tokens::parse_per_host(&text, &format!("the tokens file {}", path.display()))
 }
 
 fn load_token(cli: &Cli) -> Result<String, String> {
@@ -332,7 +379,9 @@ fn load_token(cli: &Cli) -> Result<String, String> {
                 .to_owned(),
             format!("the token file {}", path.display()),
         ),
-        (None, None) => return Err("one of --token or --token-file is required".into()),
+        (None, None) => {
+            return Err("one of --token, --token-file or --tokens is required".into());
+        }
     };
     if token.is_empty() {
         return Err(format!("{source} is empty"));
@@ -368,8 +417,8 @@ fn router(shared: Arc<Shared>) -> Router {
 /// Listens until SIGTERM or SIGINT, then shuts down gracefully. Every
 /// failure before listening has been announced is reported on stderr and
 /// ends the program with status 1.
-async fn run(cli: Cli, token: String) -> ExitCode {
-    match serve(cli, token).await {
+async fn run(cli: Cli, tokens: Tokens, tls: Option<Arc<ServerConfig>>) -> ExitCode {
+    match serve(cli, tokens, tls).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -378,7 +427,11 @@ async fn run(cli: Cli, token: String) -> ExitCode {
     }
 }
 
-async fn serve(cli: Cli, token: String) -> Result<ExitCode, String> {
+async fn serve(
+    cli: Cli,
+    tokens: Tokens,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<ExitCode, String> {
     let (recorder, writer) = match &cli.record {
         Some(path) => {
             let (recorder, writer) = Recorder::open(path)
@@ -390,7 +443,7 @@ async fn serve(cli: Cli, token: String) -> Result<ExitCode, String> {
     let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
     let mut state = State::new(max_messages, cli.offline_after_intervals, recorder);
     state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
-    let shared = Arc::new(Shared::new(state, token));
+    let shared = Arc::new(Shared::new(state, tokens));
 
     let listener = TcpListener::bind(cli.listen)
         .await
@@ -409,7 +462,7 @@ async fn serve(cli: Cli, token: String) -> Result<ExitCode, String> {
     };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = spawn_server(listener, shared.clone(), stop_rx);
+    let mut server = spawn_server(listener, tls, shared.clone(), stop_rx);
     let ticker = spawn_ticker(shared.clone());
     announce(addr);
 
@@ -439,20 +492,36 @@ async fn serve(cli: Cli, token: String) -> Result<ExitCode, String> {
 /// The HTTP server (API, page and `/ws`), until `stop` fires.
 fn spawn_server(
     listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
     shared: Arc<Shared>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.await;
+    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let stopped = async move {
+        let _ = stop.await;
+    };
+    match tls {
+        Some(config) => {
+            // tap_io only for its ConnectInfo: axum gives the remote
+            // address of a tapped listener of any kind.
+            let listener = tls::TlsListener::new(listener, config, shared).tap_io(|_| {});
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    })
+        }
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        }
+    }
 }
 
 /// Checks every host's online state four times a second.

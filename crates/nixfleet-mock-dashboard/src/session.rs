@@ -13,6 +13,10 @@ use crate::frame::{ConnId, Incoming, Kind, Msg, now_ms, payload_of, record_frame
 use crate::host::{UNREGISTERED, heartbeat_interval_ms};
 use crate::lifecycle::merge_progress;
 use crate::state::State;
+use crate::tokens::TokenOwner;
+
+/// Why a `register` is refused, in the close frame and `/api/rejected`.
+const REFUSED_REASON: &str = "token of another host";
 use crate::view::HostView;
 
 impl State {
@@ -85,6 +89,10 @@ impl State {
         match payload.get("hostname").and_then(Value::as_str) {
             Some(name) if !name.is_empty() && name != UNREGISTERED => {
                 let name = name.to_owned();
+                if let Some(token_of) = self.foreign_token(id, &name) {
+                    self.refuse(id, &name, &token_of, t);
+                    return None;
+                }
                 let idx = self.attach(id, &name, payload, t);
                 self.hosts[idx].commands.on_register(t);
                 let reply = json!({"type": "registered", "payload": {"host_id": name}});
@@ -95,6 +103,38 @@ impl State {
                 None
             }
         }
+    }
+
+    /// The host whose token connection `id` presented, when that is not
+    /// `name`'s.
+    fn foreign_token(&mut self, id: ConnId, name: &str) -> Option<String> {
+        match &self.conn_mut(id)?.owner {
+            TokenOwner::Host(owner) if owner != name => Some(owner.clone()),
+            _ => None,
+        }
+    }
+
+    /// A `register` for `name` with `token_of`'s token: the connection is
+    /// closed with 1008 and stays unregistered; `name`'s timeline and
+    /// `/api/rejected` say why.
+    fn refuse(&mut self, id: ConnId, name: &str, token_of: &str, t: u64) {
+        tracing::warn!(
+            conn = id,
+            host = name,
+            token_of,
+            "refused register: the token is another host's"
+        );
+        let remote = match self.conn_mut(id) {
+            Some(conn) => conn.remote,
+            None => return,
+        };
+        self.reject(remote, REFUSED_REASON);
+        let idx = self.host_entry(name);
+        let remote_text = remote.to_string();
+        self.hosts[idx]
+            .view
+            .on_refused(t, id, &remote_text, token_of);
+        self.close_conn_with(id, 1008, REFUSED_REASON);
     }
 
     /// Any frame but a `register`, on a connection bound to host `idx`;

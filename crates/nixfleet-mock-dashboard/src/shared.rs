@@ -1,22 +1,23 @@
 //! What the connection tasks and the HTTP handlers share: the state behind
-//! its mutex, the token agents must present, and the shutdown flag.
+//! its mutex, the tokens agents may present, and the shutdown flag.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::state::State;
+use crate::tokens::{TokenOwner, Tokens};
 
 pub struct Shared {
     state: Mutex<State>,
-    token: Box<[u8]>,
+    tokens: Tokens,
     pub shutting_down: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(state: State, token: String) -> Shared {
+    pub fn new(state: State, tokens: Tokens) -> Shared {
         Shared {
             state: Mutex::new(state),
-            token: token.into_bytes().into_boxed_slice(),
+            tokens,
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -27,13 +28,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Compares without an early exit on the first differing byte.
-    pub fn token_matches(&self, given: &[u8]) -> bool {
-        let expected = &self.token;
-        let mut diff = u8::from(expected.len() != given.len());
-        for (i, b) in expected.iter().enumerate() {
-            diff |= b ^ given.get(i).copied().unwrap_or(0);
-        }
-        diff == 0
+    /// Whose token `given` is, if anyone's.
+    pub fn token_owner(&self, given: &[u8]) -> Option<TokenOwner> {
+        self.tokens.owner(given)
     }
 }

@@ -22,6 +22,7 @@ use crate::conn::{Conn, Outgoing, Rejected};
 use crate::frame::{ConnId, Msg, now_ms};
 use crate::host::{Host, UNREGISTERED};
 use crate::record::Recorder;
+use crate::tokens::TokenOwner;
 
 /// How many rejected upgrade attempts `/api/rejected` keeps.
 const MAX_REJECTED: usize = 10_000;
@@ -153,10 +154,15 @@ impl State {
         ));
     }
 
-    pub fn open_conn(&mut self, remote: SocketAddr, tx: UnboundedSender<Outgoing>) -> ConnId {
+    pub fn open_conn(
+        &mut self,
+        remote: SocketAddr,
+        tx: UnboundedSender<Outgoing>,
+        owner: TokenOwner,
+    ) -> ConnId {
         let t = now_ms();
         let id = self.conns.len() as ConnId + 1;
-        self.conns.push(Conn::new(id, remote, t, tx));
+        self.conns.push(Conn::new(id, remote, owner, t, tx));
         self.record(format!(
             "{{\"t\":{t},\"host\":\"\",\"conn\":{id},\"event\":\"open\",\"remote\":\"{remote}\"}}\n"
         ));

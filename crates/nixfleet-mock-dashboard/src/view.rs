@@ -57,6 +57,14 @@ impl HostView {
         }));
     }
 
+    /// A `register` for this host refused: its token is another host's.
+    pub fn on_refused(&mut self, t: u64, conn: u64, remote: &str, token_of: &str) {
+        self.push_event(json!({
+            "t": t, "kind": "refused", "conn": conn, "remote": remote,
+            "reason": format!("presented the token of {token_of}"),
+        }));
+    }
+
     pub fn on_heartbeat(&mut self, t: u64, payload: &Value) {
         if let Some(m) = payload.get("metrics").filter(|m| m.is_object()) {
             let num = |k: &str| m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);

@@ -19,6 +19,7 @@ use crate::api::error;
 use crate::conn::Outgoing;
 use crate::frame::{ConnId, classify};
 use crate::shared::Shared;
+use crate::tokens::TokenOwner;
 
 /// Largest message (and frame) accepted from an agent.
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
@@ -26,23 +27,21 @@ pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// How long to wait for the agent's close frame after sending ours.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why an upgrade was refused (for the log and `/api/rejected`; never
-/// contains the token).
-fn auth_problem(shared: &Shared, headers: &HeaderMap) -> Option<&'static str> {
+/// Whose token the upgrade presented, or why it was refused (for the log
+/// and `/api/rejected`; never contains the token).
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<TokenOwner, &'static str> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Some("missing Authorization header");
+        return Err("missing Authorization header");
     };
     let Some((scheme, token)) = value.to_str().ok().and_then(|v| v.trim().split_once(' ')) else {
-        return Some("malformed Authorization header");
+        return Err("malformed Authorization header");
     };
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Some("Authorization is not a Bearer token");
+        return Err("Authorization is not a Bearer token");
     }
-    if shared.token_matches(token.trim().as_bytes()) {
-        None
-    } else {
-        Some("wrong token")
-    }
+    shared
+        .token_owner(token.trim().as_bytes())
+        .ok_or("wrong token")
 }
 
 pub async fn upgrade(
@@ -51,15 +50,10 @@ pub async fn upgrade(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Some(reason) = auth_problem(&shared, &headers) {
-        tracing::warn!(%remote, reason, "refused WebSocket upgrade: HTTP 401");
-        shared.lock().reject(remote, reason);
-        let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
-    }
+    let owner = match authorize(&shared, &headers) {
+        Ok(owner) => owner,
+        Err(reason) => return unauthorized(&shared, remote, reason),
+    };
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => {
@@ -76,13 +70,24 @@ pub async fn upgrade(
         .max_message_size(MAX_MESSAGE_SIZE)
         .max_frame_size(MAX_MESSAGE_SIZE)
         .on_failed_upgrade(move |e| tracing::warn!(%remote, "WebSocket upgrade failed: {e}"))
-        .on_upgrade(move |socket| run(socket, shared, remote))
+        .on_upgrade(move |socket| run(socket, shared, remote, owner))
         .into_response()
 }
 
-async fn run(mut socket: WebSocket, shared: Arc<Shared>, remote: SocketAddr) {
+/// A refused upgrade: 401, listed by `/api/rejected`.
+fn unauthorized(shared: &Shared, remote: SocketAddr, reason: &'static str) -> Response {
+    tracing::warn!(%remote, reason, "refused WebSocket upgrade: HTTP 401");
+    shared.lock().reject(remote, reason);
+    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+async fn run(mut socket: WebSocket, shared: Arc<Shared>, remote: SocketAddr, owner: TokenOwner) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = shared.lock().open_conn(remote, tx);
+    let id = shared.lock().open_conn(remote, tx, owner);
     tracing::info!(conn = id, %remote, "connection opened");
     let error = serve(&mut socket, &shared, id, &mut rx).await;
     if let Some(e) = &error {

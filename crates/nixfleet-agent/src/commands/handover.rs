@@ -69,14 +69,25 @@ pub fn stop_path(state_dir: &Path) -> PathBuf {
 impl CommandRecord {
     /// A command run by the supervisor `pid`, writing `log`.
     pub fn supervised(command: &str, pid: u32, log: PathBuf) -> Option<Self> {
-        Some(CommandRecord {
+        Some(Self::supervised_since(
+            command,
+            pid,
+            process_start_ticks(pid)?,
+            log,
+        ))
+    }
+
+    /// The same, with the supervisor's start time read earlier (while it
+    /// was surely alive: it may have ended by now, see launch.rs).
+    pub fn supervised_since(command: &str, pid: u32, pid_start: u64, log: PathBuf) -> Self {
+        CommandRecord {
             command: command.to_owned(),
             pid,
-            pid_start: process_start_ticks(pid)?,
+            pid_start,
             log: Some(log),
             supervised: true,
             boot_id: boot_id(),
-        })
+        }
     }
 
     /// Written atomically (temporary file, then rename).

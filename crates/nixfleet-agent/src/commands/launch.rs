@@ -8,7 +8,7 @@ use super::plan::Planned;
 use super::table::CommandKind;
 use crate::config::Config;
 use crate::outbox::{DeliveryCursor, Outbox};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -20,6 +20,9 @@ const TAIL_MAX_BYTES: u64 = 2 * super::log::END_FILE_BYTES as u64;
 
 /// The hidden first argument that makes the binary a supervisor.
 pub const SUPERVISE_ARG: &str = "--supervise";
+/// The running binary, even when a switch replaced the file: the
+/// supervisor is always this very version.
+const SELF_EXE: &str = "/proc/self/exe";
 
 /// A command to follow: one this agent launched, or one a previous agent
 /// left running (or ended) whose log is not yet delivered.
@@ -77,15 +80,14 @@ pub async fn launch(
         notes: planned.notes,
         steps: planned.steps,
     };
-    let (pid, tail) = start_supervisor(child_env, &plan).await?;
+    let (pid, pid_start, tail) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
     info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
     let log_id = outbox.track(cursor);
-    let record = CommandRecord::supervised(kind.name(), pid, log.clone())
-        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let record = CommandRecord::supervised_since(kind.name(), pid, pid_start, log.clone());
     let followed = Followed {
         kind,
         log,
-        supervisor: Some((pid, record.pid_start)),
+        supervisor: Some((pid, pid_start)),
         resume_at: 0,
         log_id,
         stop_file,
@@ -120,16 +122,21 @@ fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, O
     (log, end_file)
 }
 
-/// Starts `nixfleet-agent --supervise` with the plan on its stdin (so that
-/// nothing of it shows in `ps`); returns its pid and what it will have
-/// printed on its stdout once it ended.
+/// Starts `program --supervise` with the plan on its stdin (so that
+/// nothing of it shows in `ps`); returns its pid, its start time and what
+/// it will have printed on its stdout once it ended.
+///
+/// The start time is read before the plan is written: until its stdin
+/// ends, the supervisor waits, so it is surely alive then. Read later, a
+/// short plan (a `test` with no scripts) may already be done and the
+/// supervisor a zombie, which has no start time to read: the command then
+/// failed as "the supervisor exited at once" on a busy machine.
 async fn start_supervisor(
+    program: &Path,
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
     plan: &Plan,
-) -> std::io::Result<(u32, oneshot::Receiver<Vec<u8>>)> {
-    // The running binary, even when a switch replaced the file: the
-    // supervisor is always this very version.
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+) -> std::io::Result<(u32, u64, oneshot::Receiver<Vec<u8>>)> {
+    let mut command = tokio::process::Command::new(program);
     command
         .arg0("nixfleet-agent")
         .arg(SUPERVISE_ARG)
@@ -152,9 +159,9 @@ async fn start_supervisor(
         });
     }
     let mut child = command.spawn()?;
-    let pid = child
-        .id()
-        .ok_or_else(|| std::io::Error::other("the supervisor exited at once"))?;
+    let exited = || std::io::Error::other("the supervisor exited at once");
+    let pid = child.id().ok_or_else(exited)?;
+    let pid_start = handover::process_start_ticks(pid).ok_or_else(exited)?;
     let json = serde_json::to_vec(plan).map_err(std::io::Error::other)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&json).await?;
@@ -172,5 +179,55 @@ async fn start_supervisor(
         let _ = child.wait().await;
         let _ = tail_tx.send(tail);
     });
-    Ok((pid, tail_rx))
+    Ok((pid, pid_start, tail_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    /// `pid`'s state letter in /proc (`Z` for a zombie).
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .next()?
+            .chars()
+            .next()
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_that_ends_at_once_still_has_its_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in supervisor with nothing to do: it ends as soon as its
+        // plan is read, as one with an empty plan does.
+        let program = dir.path().join("supervisor");
+        std::fs::write(&program, "#!/bin/sh\ncat >/dev/null\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plan = Plan {
+            log: dir.path().join("log"),
+            stop_file: dir.path().join("stop"),
+            stop_grace_ms: 1000,
+            max_bytes: 1024,
+            scrub_url: None,
+            end_file: None,
+            notes: Vec::new(),
+            steps: Vec::new(),
+        };
+        let (pid, pid_start, _tail) = start_supervisor(&program, &[], &plan).await.unwrap();
+        // Without yielding, nothing reaps it: wait (for the event, not a
+        // time) until it is a zombie, as a busy machine can make it before
+        // the agent runs on.
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while state(pid) != Some('Z') {
+            assert!(Instant::now() < give_up, "the stand-in never ended");
+            std::thread::yield_now();
+        }
+        // Read now, there is no start time: the command would have failed.
+        assert_eq!(handover::process_start_ticks(pid), None);
+        assert!(pid_start > 0);
+    }
 }
