@@ -192,9 +192,13 @@ def run():
     wait("all test statuses", 120 + n * 0.5, statuses)
     last = max(api(addr, f"/api/hosts/{name}/messages?type=status")["messages"][-1]["t"]
                for name in names)
-    ok = sum(1 for h in api(addr, "/api/hosts") if h["command"]["status"]["status"] == "ok")
+    counts = {}
+    for h in api(addr, "/api/hosts"):
+        status = h["command"]["status"]
+        key = status["status"] if status["status"] == "ok" else f"{status['status']} ({status.get('message')})"
+        counts[key] = counts.get(key, 0) + 1
     print(f"a test sent to all {n}: all {len(reply['sent'])} statuses {(last - sent_at) / 1000:.2f} s "
-          f"after the request ({ok} ok)")
+          f"after the request; " + ", ".join(f"{c} {k}" for k, c in sorted(counts.items())))
 
 def cleanup():
     for p in agents + ([mock] if mock else []):
