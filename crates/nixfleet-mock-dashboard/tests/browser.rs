@@ -584,7 +584,7 @@ async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
     browser
         .wait(
             "document.querySelectorAll('#hosts tbody tr').length === 0 && \
-             document.getElementById('host-count').textContent === '1 hosts, 0 match'",
+             document.getElementById('host-count').textContent === '1 host, 0 match'",
             "the filtered, empty host list",
         )
         .await;

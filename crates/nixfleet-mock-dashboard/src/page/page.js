@@ -160,7 +160,7 @@ function renderHosts() {
   $("no-hosts").hidden = hosts.length > 0;
   const hidden = shown.length - drawn.length;
   const count = $("host-count");
-  count.textContent = [`${hosts.length.toLocaleString()} hosts`,
+  count.textContent = [`${hosts.length.toLocaleString()} host${hosts.length === 1 ? "" : "s"}`,
     filterText && `${shown.length.toLocaleString()} match`,
     hidden && `${hidden.toLocaleString()} more not shown (filter to find them)`].filter(Boolean).join(", ");
   count.setAttribute("data-total", hosts.length);
