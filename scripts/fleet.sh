@@ -120,7 +120,7 @@ def setup():
     git("add", ".", cwd=seed)
     git("commit", "-q", "-m", "fleet", cwd=seed)
 
-def start_agent(i, name, addr):
+def start_agent(name, addr):
     home = os.path.join(work, name)
     git("clone", "-q", os.path.join(work, "seed"), os.path.join(home, "repo"))
     config = os.path.join(home, "agent.toml")
@@ -159,8 +159,8 @@ def run():
     mock, addr = start_mock(0)
     port = addr.rsplit(":", 1)[1]
     t0 = now_ms()
-    for i, name in enumerate(names):
-        agents.append(start_agent(i, name, addr))
+    for name in names:
+        agents.append(start_agent(name, addr))
     started = now_ms()
     times = wait("all registered", REGISTER_DEADLINE, lambda: registered_since(addr, t0))
     print(f"started {n} agents in {(started - t0) / 1000:.2f} s (with their git clones); "
