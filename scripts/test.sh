@@ -71,6 +71,11 @@ fi
 step "demo (scripts/demo.sh --check)"
 NIXFLEET_DEMO_PORT="${NIXFLEET_DEMO_PORT:-18000}" bash scripts/demo.sh --check
 
+# 50 real agents, a dashboard restart and a test to all (issue 25): it prints
+# figures and fails only when the fleet does not come back at all.
+step "a fleet of 50 agents (scripts/fleet.sh 50; figures only, never fails on timing)"
+bash scripts/fleet.sh 50
+
 # Timings are noisy, so the benchmark never decides pass or fail; the quick
 # run only keeps it from rotting (issue 5).
 step "benchmark, quick mode (figures only, never fails the run)"

@@ -42,7 +42,7 @@ fn host_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
         .map_err(|r| api_error(StatusCode::BAD_REQUEST, r.body_text()))
 }
 
-fn body_json(
+pub fn body_json(
     body: Result<Bytes, BytesRejection>,
     empty_is_object: bool,
 ) -> Result<Value, ApiError> {
@@ -77,6 +77,7 @@ pub async fn index() -> Response {
          GET  /api/hosts/{host}/connections\n\
          GET  /api/hosts/{host}/commands\n\
          POST /api/hosts/{host}/command       {\"command\": \"switch\"}\n\
+         POST /api/command                    {\"command\": \"test\", \"hosts\": [\"a\", \"b\"] | \"all\"}\n\
          POST /api/hosts/{host}/kill          {\"signal\": \"SIGTERM\", \"pid\": 0}\n\
          POST /api/hosts/{host}/send          any JSON, {\"raw\": \"text\"} or {\"binary\": \"text\"}\n\
          POST /api/hosts/{host}/disconnect    {\"code\": 1011, \"reason\": \"...\"}\n\

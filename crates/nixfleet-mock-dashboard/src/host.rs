@@ -45,6 +45,9 @@ pub struct Host {
     pub was_online: bool,
     /// What the web page shows beyond the raw messages.
     pub view: HostView,
+    /// The state's `summary_version` when something the host list shows
+    /// about this host last changed.
+    pub changed: u64,
     /// v3: the latest `operation_progress` phases, merged (reset when a
     /// command is sent).
     pub progress: serde_json::Map<String, Value>,
@@ -76,6 +79,7 @@ impl Host {
             live: None,
             was_online: false,
             view: HostView::default(),
+            changed: 0,
             progress: serde_json::Map::new(),
             commands: Commands::default(),
         }

@@ -16,8 +16,14 @@
 //!
 //! Events (each `data` is one JSON value):
 //!
-//! * `hosts` `{"now": ms, "hosts": [<API host object + "view">]}` — at the
-//!   start and whenever the host list changed;
+//! * `hosts` `{"now": ms, "hosts": [<API host object + "view">]}` — the
+//!   whole host list, once at the start;
+//! * `hosts_changed` `{"now": ms, "hosts": [...]}` — afterwards, only the
+//!   hosts that changed since the subscriber's last read, each whole
+//!   except its `view.metrics`, which holds only the samples taken since
+//!   that read (the page appends them; a sample may come twice, with the
+//!   same `t`). With 1,000 hosts a heartbeat costs one host's bytes, not
+//!   the fleet's;
 //! * `timeline` `{"host": str, "events": [...], "connections": [...]}` —
 //!   the selected host's timeline and connections, at the start and on
 //!   change;
@@ -90,6 +96,7 @@ pub async fn events(
         host: query.host.filter(|h| !h.is_empty()),
         cursor: resume,
         hosts_seen: None,
+        hosts_read_at: 0,
         timeline_seen: None,
         last_read: None,
         more: true,
@@ -112,6 +119,9 @@ struct Subscriber {
     /// exists (then it starts [`BACKLOG`] messages back).
     cursor: Option<u64>,
     hosts_seen: Option<u64>,
+    /// When (unix ms) the host list was last read: the metrics samples
+    /// from then on are new to the page.
+    hosts_read_at: u64,
     timeline_seen: Option<u64>,
     last_read: Option<Instant>,
     /// Read again without waiting for a change (more messages are waiting).
@@ -123,6 +133,7 @@ struct Subscriber {
 #[derive(Default)]
 struct Read {
     hosts: Option<Value>,
+    hosts_changed: Option<Value>,
     timeline: Option<Value>,
     skipped: Option<Value>,
     messages: Vec<(u64, Msg)>,
@@ -157,8 +168,16 @@ impl Subscriber {
         let mut read = Read::default();
         let state = self.shared.lock();
         if self.hosts_seen != Some(state.summary_version) {
+            let now = now_ms();
+            match self.hosts_seen {
+                None => read.hosts = Some(json!({ "now": now, "hosts": state.page_hosts(None) })),
+                Some(seen) => {
+                    let hosts = state.page_hosts(Some((seen, self.hosts_read_at)));
+                    read.hosts_changed = Some(json!({ "now": now, "hosts": hosts }));
+                }
+            }
             self.hosts_seen = Some(state.summary_version);
-            read.hosts = Some(json!({ "now": now_ms(), "hosts": state.page_hosts() }));
+            self.hosts_read_at = now;
         }
         self.more = false;
         let Some(idx) = self.host.as_deref().and_then(|h| state.host_index(h)) else {
@@ -187,6 +206,13 @@ impl Subscriber {
         if let Some(hosts) = read.hosts {
             self.pending
                 .push_back(Event::default().event("hosts").data(hosts.to_string()));
+        }
+        if let Some(changed) = read.hosts_changed {
+            self.pending.push_back(
+                Event::default()
+                    .event("hosts_changed")
+                    .data(changed.to_string()),
+            );
         }
         if let Some(timeline) = read.timeline {
             self.pending.push_back(

@@ -169,6 +169,11 @@
 //!   `{"type":"command","payload":{"command":"<name>"}}` (names are not
 //!   validated: every v3 name — `restart`, `reboot`, `check-version`,
 //!   `refresh-*`, `update`, `force-update`, `kill`, … — goes through).
+//! * `POST /api/command` `{"command": "<name>", "hosts": ["a", "b"]}` or
+//!   `"hosts": "all"` (every registered host) → the same frame to each,
+//!   under one lock; answers `200 {"sent": [{"host": str, "conn": id}],
+//!   "failed": [{"host": str, "error": str}]}` (unknown or not connected
+//!   hosts are listed there, the others still get it), `400` for a bad body.
 //! * `POST /api/hosts/{host}/kill` `{"signal": "SIGTERM", "pid": 0}` (both
 //!   optional, those are the defaults; the signal string is not validated)
 //!   → sends `{"type":"kill_command","payload":{"signal":…,"pid":…}}`.
@@ -221,6 +226,7 @@
 
 mod api;
 mod conn;
+mod fleet;
 mod frame;
 mod host;
 mod lifecycle;
@@ -407,6 +413,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/hosts/{host}/kill", post(api::kill))
         .route("/api/hosts/{host}/send", post(api::send))
         .route("/api/hosts/{host}/disconnect", post(api::disconnect))
+        .route("/api/command", post(fleet::command))
         .route("/api/rejected", get(api::rejected))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)

@@ -45,7 +45,7 @@ impl State {
         };
         self.store(idx, msg, || record_frame(text, is_json));
         if summary_changed {
-            self.summary_changed();
+            self.host_changed(idx);
         } else {
             self.message_stored();
         }

@@ -38,7 +38,9 @@ pub struct State {
     max_messages: usize,
     offline_after: u32,
     /// Bumped whenever something the host list shows changed (not for
-    /// every stored message: subscribers compare `next_index` for those).
+    /// every stored message: subscribers compare `next_index` for those);
+    /// the changed host's `changed` takes the new value, so a page's feed
+    /// sends only the hosts that changed since the version it last saw.
     pub summary_version: u64,
     /// Wakes the web page's event streams after any change.
     changes: watch::Sender<()>,
@@ -75,9 +77,22 @@ impl State {
         self.changes.subscribe()
     }
 
-    /// Something the host list shows changed: bump and wake subscribers.
-    pub fn summary_changed(&mut self) {
+    /// Something the host list shows about host `idx` changed: bump,
+    /// mark the host and wake subscribers.
+    pub fn host_changed(&mut self, idx: usize) {
         self.summary_version += 1;
+        if let Some(host) = self.hosts.get_mut(idx) {
+            host.changed = self.summary_version;
+        }
+        self.changes.send_replace(());
+    }
+
+    /// Every host changed at once (the mock closes all connections).
+    fn all_changed(&mut self) {
+        self.summary_version += 1;
+        for host in &mut self.hosts {
+            host.changed = self.summary_version;
+        }
         self.changes.send_replace(());
     }
 
@@ -182,7 +197,7 @@ impl State {
             });
             let idx = conn.host;
             self.hosts[idx].end_live(id);
-            self.summary_changed();
+            self.host_changed(idx);
         }
     }
 
@@ -197,7 +212,7 @@ impl State {
         }
         if closing {
             self.hosts[idx].live = None;
-            self.summary_changed();
+            self.host_changed(idx);
         }
         Ok(id)
     }
@@ -213,7 +228,7 @@ impl State {
         for host in &mut self.hosts {
             host.live = None;
         }
-        self.summary_changed();
+        self.all_changed();
     }
 
     pub fn note_sent_close(&mut self, id: ConnId, code: u16, reason: &str) {
@@ -239,7 +254,7 @@ impl State {
         conn.set_closed_by("agent");
         let idx = conn.host;
         self.hosts[idx].end_live(id);
-        self.summary_changed();
+        self.host_changed(idx);
     }
 
     /// The connection task has ended.
@@ -275,7 +290,7 @@ impl State {
             self.hosts[idx].view.on_closed(t, &conn);
         }
         self.record(line);
-        self.summary_changed();
+        self.host_changed(idx);
     }
 
     /// The API sent `command` to `host`.
@@ -290,13 +305,16 @@ impl State {
     }
 
     /// Logs online/offline transitions and ends switches whose agent did
-    /// not register again in time; called periodically.
+    /// not register again in time; called periodically. Only the hosts
+    /// that changed are marked, all with one new version.
     pub fn check_online(&mut self) {
         let now = Instant::now();
         let offline_after = self.offline_after;
         let mut changed = false;
         let t = now_ms();
+        let version = self.summary_version + 1;
         for host in self.hosts.iter_mut().skip(1) {
+            let mut this_changed = false;
             for command in host.commands.check_deadlines(t) {
                 tracing::warn!(
                     host = host.name.as_str(),
@@ -304,11 +322,11 @@ impl State {
                     "{}",
                     crate::lifecycle::RECONNECT_TIMEOUT_ERROR
                 );
-                changed = true;
+                this_changed = true;
             }
             let online = host.online(now, offline_after);
             if online != host.was_online {
-                changed = true;
+                this_changed = true;
                 host.was_online = online;
                 if online {
                     tracing::info!(host = host.name.as_str(), "host online");
@@ -316,9 +334,14 @@ impl State {
                     tracing::info!(host = host.name.as_str(), "host offline");
                 }
             }
+            if this_changed {
+                host.changed = version;
+                changed = true;
+            }
         }
         if changed {
-            self.summary_changed();
+            self.summary_version = version;
+            self.changes.send_replace(());
         }
     }
 
@@ -327,18 +350,25 @@ impl State {
     pub fn note_sent(&mut self, host: &str, what: &str, detail: Value) {
         if let Some(idx) = self.host_index(host) {
             self.hosts[idx].view.on_sent(now_ms(), what, detail);
-            self.summary_changed();
+            self.host_changed(idx);
         }
     }
 
-    /// The host list as the web page shows it: every registered host's API
+    /// The host list as the web page shows it: each registered host's API
     /// object plus its `view` (metrics history, running command, progress).
-    pub fn page_hosts(&self) -> Value {
+    /// `changed_since`: `None` for every host with its whole metrics
+    /// history; `Some((version, t))` for only the hosts changed after
+    /// `version`, with only the metrics samples taken at `t` (unix ms) or
+    /// later (the page already has the older ones), so that one host's
+    /// heartbeat costs the page one host's bytes, not the fleet's.
+    pub fn page_hosts(&self, changed_since: Option<(u64, u64)>) -> Value {
+        let (version, samples_from) = changed_since.unwrap_or((0, 0));
         let hosts = (1..self.hosts.len())
+            .filter(|&i| changed_since.is_none() || self.hosts[i].changed > version)
             .map(|i| {
                 let mut host = self.host_json(i);
                 if let Value::Object(map) = &mut host {
-                    map.insert("view".into(), self.hosts[i].view.summary());
+                    map.insert("view".into(), self.hosts[i].view.summary(samples_from));
                 }
                 host
             })

@@ -182,9 +182,12 @@ impl HostView {
         self.push_event(Value::Object(event));
     }
 
-    pub fn summary(&self) -> Value {
+    /// What the host list shows, with the metrics samples taken at
+    /// `samples_from` (unix ms) or later.
+    pub fn summary(&self, samples_from: u64) -> Value {
+        let from = samples_from as f64;
         json!({
-            "metrics": self.samples.iter().map(|s| {
+            "metrics": self.samples.iter().filter(|s| s[0] >= from).map(|s| {
                 s.iter().map(|&v| if v.is_finite() { json!(v) } else { Value::Null }).collect::<Vec<_>>()
             }).collect::<Vec<_>>(),
             "running": self.running.as_ref().map(|(c, since)| json!({"command": c, "since": since})),
@@ -215,7 +218,7 @@ mod tests {
         let status = &events[1];
         assert_eq!(status["kind"], "status");
         assert_eq!(status["duration_ms"], 3_000);
-        assert_eq!(view.summary()["running"], Value::Null);
+        assert_eq!(view.summary(0)["running"], Value::Null);
     }
 
     #[test]
@@ -234,7 +237,7 @@ mod tests {
         for i in 0..1_000u64 {
             view.on_heartbeat(i * 100, &json!({"metrics": {"cpu": 1.0, "ram": 2.0}}));
         }
-        let metrics = view.summary()["metrics"].as_array().unwrap().len();
+        let metrics = view.summary(0)["metrics"].as_array().unwrap().len();
         assert_eq!(metrics, MAX_SAMPLES);
         for i in 0..1_000u64 {
             view.on_closed(i, &json!({"id": i}));

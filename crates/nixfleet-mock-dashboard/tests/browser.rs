@@ -572,6 +572,34 @@ async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
         )
         .await;
 
+    // The filter box: a hostname substring that matches nothing hides the
+    // row and says so; clearing it brings the row back.
+    let filter = |text: &str| {
+        format!(
+            "(() => {{ const f = document.getElementById('host-filter'); f.value = '{text}'; \
+             f.dispatchEvent(new Event('input')); return true; }})()"
+        )
+    };
+    browser.eval(&filter("no-such-host")).await;
+    browser
+        .wait(
+            "document.querySelectorAll('#hosts tbody tr').length === 0 && \
+             document.getElementById('host-count').textContent === '1 host, 0 match'",
+            "the filtered, empty host list",
+        )
+        .await;
+    browser.eval(&filter("BROWSER")).await;
+    browser
+        .wait(
+            &format!(
+                "document.querySelector('tr[data-host=\"{HOST}\"]') !== null && \
+                 document.getElementById('host-count').dataset.total === '1'"
+            ),
+            "the host found by a case-insensitive filter",
+        )
+        .await;
+    browser.eval(&filter("")).await;
+
     // Open the host view and press "switch": lines stream in, stderr marked,
     // progress counted, the buttons marked busy.
     browser.click(&format!("tr[data-host=\"{HOST}\"]")).await;

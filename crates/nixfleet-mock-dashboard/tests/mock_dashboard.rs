@@ -23,6 +23,9 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+#[path = "mock_dashboard/fleet.rs"]
+mod fleet;
+
 // ---------------------------------------------------------------------------
 // The mock process
 
@@ -1232,12 +1235,14 @@ async fn the_event_feed_pushes_hosts_timeline_and_messages() {
 
     let mut ws = mock.agent("live", 30).await;
     let hosts = list
-        .wait("hosts", |d| d["hosts"][0]["hostname"] == "live")
+        .wait("hosts_changed", |d| d["hosts"][0]["hostname"] == "live")
         .await;
     assert_eq!(hosts["hosts"][0]["online"], true);
     send(&mut ws, &heartbeat("abc1234")).await;
     let beat = list
-        .wait("hosts", |d| !d["hosts"][0]["last_heartbeat"].is_null())
+        .wait("hosts_changed", |d| {
+            !d["hosts"][0]["last_heartbeat"].is_null()
+        })
         .await;
     assert_eq!(beat["hosts"][0]["view"]["metrics"][0][1], 1.5);
 
@@ -1321,7 +1326,7 @@ async fn the_event_feed_pushes_hosts_timeline_and_messages() {
         .await;
     assert_eq!(closed["events"][4]["close_code"], 1000);
     assert_eq!(closed["events"][4]["closed_by"], "agent");
-    list.wait("hosts", |d| d["hosts"][0]["online"] == false)
+    list.wait("hosts_changed", |d| d["hosts"][0]["online"] == false)
         .await;
 }
 

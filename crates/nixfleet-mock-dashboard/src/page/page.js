@@ -11,10 +11,17 @@ const ACCEPTED_WHILE_BUSY = new Set(["stop", "kill", "restart", "reboot"]);
 const COMPARTMENTS = ["git", "lock", "system", "tests"];
 // Output lines kept on the page; older ones stay available through the API.
 const MAX_DOM_LINES = 5000;
+// Host rows drawn at most: a fleet of 1,000 stays quick to draw; the count
+// says how many more match, and the filter finds them.
+const MAX_ROWS = 100;
+// Metrics samples kept per host for the sparkline (as the mock keeps).
+const MAX_SAMPLES = 120;
 
 const $ = (id) => document.getElementById(id);
 
 let hosts = [];
+let hostIndex = new Map(); // hostname → its position in hosts
+let filterText = "";
 let clockOffset = 0; // server clock minus ours
 let selected = null;
 let source = null;
@@ -44,7 +51,28 @@ function freshDerived(command) {
   return { command, buildsExpected: 0, builds: 0, downloadsExpected: 0, downloads: 0, done: false };
 }
 
-const hostByName = (name) => hosts.find((h) => h.hostname === name);
+const hostByName = (name) => hosts[hostIndex.get(name)];
+
+function setHosts(list) {
+  hosts = list;
+  hostIndex = new Map(hosts.map((h, i) => [h.hostname, i]));
+}
+
+// A changed host comes whole, except that its metrics are only the samples
+// taken since the feed's last read: append those newer than ours.
+function mergeHost(h) {
+  const i = hostIndex.get(h.hostname);
+  if (i === undefined) {
+    hostIndex.set(h.hostname, hosts.length);
+    hosts.push(h);
+    return;
+  }
+  const old = (hosts[i].view && hosts[i].view.metrics) || [];
+  const fresh = (h.view && h.view.metrics) || [];
+  const lastT = old.length ? old[old.length - 1][0] : -Infinity;
+  if (h.view) h.view.metrics = old.concat(fresh.filter((s) => s[0] > lastT)).slice(-MAX_SAMPLES);
+  hosts[i] = h;
+}
 const serverNow = () => Date.now() + clockOffset;
 
 function ago(t) {
@@ -126,26 +154,35 @@ function metricsCell(h) {
 }
 
 function renderHosts() {
-  const body = $("hosts").tBodies[0];
-  body.replaceChildren();
+  const shown = filterText ? hosts.filter((h) => h.hostname.toLowerCase().includes(filterText)) : hosts;
+  const drawn = shown.slice(0, MAX_ROWS);
+  $("hosts").tBodies[0].replaceChildren(...drawn.map(hostRow));
   $("no-hosts").hidden = hosts.length > 0;
-  for (const h of hosts) {
-    const st = stateOf(h);
-    const reg = h.register || {};
-    const beat = h.last_heartbeat || {};
-    const cmd = running(h);
-    const row = el("tr", { "data-host": h.hostname, class: `${st.cls}${h.hostname === selected ? " selected" : ""}` },
-      el("td", { class: "name" }, el("span", { class: "dot" }), h.hostname),
-      el("td", { class: "state", text: st.text }),
-      el("td", { class: "age", "data-t": h.last_heartbeat_at ?? "", text: ago(h.last_heartbeat_at) }),
-      el("td", { class: "generation", text: beat.generation || reg.generation || "–" }),
-      el("td", { class: "agent", text: reg.agent_version || "–" }),
-      el("td", { class: "running" }, cmd ? el("span", { class: "badge busy", text: cmd }) : "idle"),
-      metricsCell(h),
-      el("td", { class: "compartments" }, ...compartmentBadges(h, false)));
-    row.addEventListener("click", () => { location.hash = `host=${encodeURIComponent(h.hostname)}`; });
-    body.append(row);
-  }
+  const hidden = shown.length - drawn.length;
+  const count = $("host-count");
+  count.textContent = [`${hosts.length.toLocaleString()} host${hosts.length === 1 ? "" : "s"}`,
+    filterText && `${shown.length.toLocaleString()} match`,
+    hidden && `${hidden.toLocaleString()} more not shown (filter to find them)`].filter(Boolean).join(", ");
+  count.setAttribute("data-total", hosts.length);
+  count.setAttribute("data-hidden", hidden);
+}
+
+function hostRow(h) {
+  const st = stateOf(h);
+  const reg = h.register || {};
+  const beat = h.last_heartbeat || {};
+  const cmd = running(h);
+  const row = el("tr", { "data-host": h.hostname, class: `${st.cls}${h.hostname === selected ? " selected" : ""}` },
+    el("td", { class: "name" }, el("span", { class: "dot" }), h.hostname),
+    el("td", { class: "state", text: st.text }),
+    el("td", { class: "age", "data-t": h.last_heartbeat_at ?? "", text: ago(h.last_heartbeat_at) }),
+    el("td", { class: "generation", text: beat.generation || reg.generation || "–" }),
+    el("td", { class: "agent", text: reg.agent_version || "–" }),
+    el("td", { class: "running" }, cmd ? el("span", { class: "badge busy", text: cmd }) : "idle"),
+    metricsCell(h),
+    el("td", { class: "compartments" }, ...compartmentBadges(h, false)));
+  row.addEventListener("click", () => { location.hash = `host=${encodeURIComponent(h.hostname)}`; });
+  return row;
 }
 
 function tickAges() {
@@ -392,7 +429,14 @@ function connect() {
   source.addEventListener("hosts", (e) => {
     const data = JSON.parse(e.data);
     clockOffset = data.now - Date.now();
-    hosts = data.hosts || [];
+    setHosts(data.hosts || []);
+    renderHosts();
+    renderView();
+  });
+  source.addEventListener("hosts_changed", (e) => {
+    const data = JSON.parse(e.data);
+    clockOffset = data.now - Date.now();
+    for (const h of data.hosts || []) mergeHost(h);
     renderHosts();
     renderView();
   });
@@ -432,6 +476,10 @@ function init() {
     follow = true;
     $("follow").hidden = true;
     out.scrollTop = out.scrollHeight;
+  });
+  $("host-filter").addEventListener("input", (e) => {
+    filterText = e.target.value.trim().toLowerCase();
+    renderHosts();
   });
   window.addEventListener("hashchange", select);
   setInterval(tickAges, 1000);
