@@ -64,6 +64,32 @@ impl TmpfsMount {
     fn remount(&self, how: &str) {
         mount(&["-o", &format!("remount,{how}")], &self.path);
     }
+
+    /// Remounts read-only as soon as the kernel allows it: while any file
+    /// on it is open for writing (a state file being replaced, the log of
+    /// the lock check that follows a register) `mount` says "busy", as it
+    /// would to an operator. Polled with a deadline, like the tests' other
+    /// waits for an event.
+    async fn remount_read_only(&self) {
+        let give_up = Instant::now() + 30 * SECOND;
+        loop {
+            let output = Command::new("mount")
+                .args(["-o", "remount,ro"])
+                .arg(&self.path)
+                .output()
+                .unwrap();
+            if output.status.success() {
+                return;
+            }
+            let why = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                why.contains("busy") && Instant::now() < give_up,
+                "remount,ro {} failed: {why}",
+                self.path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for TmpfsMount {
@@ -187,7 +213,7 @@ echo one; echo two; exit 0"#;
         .await
         .conn();
     dashboard.wait_frame("heartbeat", 1, 10 * SECOND).await;
-    mount.remount("ro");
+    mount.remount_read_only().await;
     let from = Instant::now();
     dashboard.command(conn, "switch");
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
