@@ -456,6 +456,50 @@ async fn a_failing_test_after_the_switch_rolls_it_back_with_the_tests_name() {
     assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
 }
 
+/// The tests after the switch outlive the agent that started them: the
+/// agent started next adopts their run, and its failure still rolls back.
+#[tokio::test]
+async fn a_failing_test_still_rolls_back_after_the_agent_died_during_the_tests() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 60);
+    options
+        .extra_toml
+        .push("rollback_on_failed_tests = true".to_owned());
+    let tests = paths.home.join("repo/hosts/test-host/tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    let started = paths.home.join("test-started");
+    let gate = paths.home.join("test-gate");
+    script(
+        &tests,
+        "T1-slow-net.sh",
+        &format!(
+            "echo started > '{}'\nwhile [ ! -e '{}' ]; do sleep 0.1; done\necho 'no route' >&2\nexit 1",
+            started.display(),
+            gate.display()
+        ),
+    );
+    let agent = Agent::spawn(dir, options.clone()).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.command(dashboard.current_conn().unwrap(), "switch");
+    wait_for_file(&started, 30 * SECOND).await;
+    let dir = agent.crash().await;
+    let _second = Agent::spawn(dir, options).await;
+    dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    std::fs::write(&gate, "").unwrap();
+
+    let status = rollback_status(&dashboard).await;
+    assert_eq!(
+        status["message"],
+        format!(
+            "rolled back to system-old: the host's tests failed after switch {}: T1-slow-net.sh",
+            paths.short_commit()
+        )
+        .as_str()
+    );
+    assert_eq!(rollback_runs(&paths).len(), 1);
+    assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
+}
+
 #[tokio::test]
 async fn passing_tests_after_the_switch_leave_it_in_place() {
     let dashboard = Dashboard::start().await;

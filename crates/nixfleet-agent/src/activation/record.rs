@@ -65,6 +65,11 @@ pub struct Record {
     /// The rollback's exit code, for that status.
     #[serde(default)]
     pub exit_code: i32,
+    /// `rollback_on_failed_tests`: the host's tests after the switch have
+    /// not ended yet. On disk, so that the agent started after this one
+    /// (a self-restart, a crash) still lets a failure roll back.
+    #[serde(default)]
+    pub tests_due: bool,
 }
 
 fn yes() -> bool {
@@ -93,6 +98,7 @@ impl Record {
             reported: true,
             failed_tests: Vec::new(),
             exit_code: 0,
+            tests_due: false,
         }
     }
 

@@ -132,6 +132,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
     let mut core = Core::new(config, links);
     core.adopt_previous();
     core.resume_activation();
+    core.resume_tests();
     let systemd = tokio::spawn(report_to_systemd(
         Systemd::from_env(),
         config.url.clone(),

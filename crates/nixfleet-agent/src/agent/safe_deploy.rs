@@ -46,11 +46,15 @@ impl Core {
             Resume::Nothing => {}
             Resume::Forget => Record::clear(&self.state_dir),
             Resume::Wait | Resume::Countdown => self.activation = record,
-            Resume::Arm => {
-                if let Some(record) = record {
-                    self.arm(record);
+            Resume::Arm => match record {
+                // Only the tests after the switch guard it: they still run.
+                Some(record) if self.confirm_timeout.is_zero() && record.tests_due => {
+                    self.activation = Some(record);
                 }
-            }
+                Some(_) if self.confirm_timeout.is_zero() => Record::clear(&self.state_dir),
+                Some(record) => self.arm(record),
+                None => {}
+            },
             Resume::Report => {
                 if let Some(record) = record {
                     self.report_unattended(record);
@@ -189,11 +193,42 @@ impl Core {
             std::time::Duration::MAX,
         );
         self.test_after_switch = changed && self.rollback_on_failed_tests;
+        let record = Record {
+            tests_due: self.test_after_switch,
+            ..record
+        };
         if changed && !self.confirm_timeout.is_zero() {
             self.arm(record);
-        } else if !self.test_after_switch {
+        } else if self.test_after_switch {
+            self.save_activation(&record);
+            self.activation = Some(record);
+        } else {
             Record::clear(&self.state_dir);
             self.activation = None;
+        }
+    }
+
+    /// At start, after `resume_activation`: the tests after a switch that a
+    /// previous agent ran (it restarted or died before they ended) still
+    /// decide. A test run it started was adopted: its end decides; else
+    /// they run now.
+    pub(super) fn resume_tests(&mut self) {
+        let due = self
+            .activation
+            .as_ref()
+            .is_some_and(|r| r.tests_due && matches!(r.phase, Phase::Recorded | Phase::Armed));
+        if !due {
+            return;
+        }
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.kind == CommandKind::Test)
+        {
+            self.testing_activation = true;
+        } else {
+            self.test_after_switch = true;
+            self.test_if_due();
         }
     }
 
@@ -202,10 +237,14 @@ impl Core {
         if !std::mem::take(&mut self.testing_activation) {
             return;
         }
+        record.tests_due = false;
         if status.status == Outcome::Ok {
             if record.phase == Phase::Recorded {
                 Record::clear(&self.state_dir);
                 self.activation = None;
+            } else {
+                self.save_activation(&record);
+                self.activation = Some(record);
             }
             return;
         }
@@ -335,7 +374,7 @@ impl Core {
                 "stop the rollback timer",
             );
         }
-        if self.testing_activation {
+        if self.testing_activation || record.tests_due {
             // The countdown ends; the tests still decide.
             let record = Record {
                 phase: Phase::Recorded,
