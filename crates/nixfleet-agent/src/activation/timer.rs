@@ -66,14 +66,20 @@ pub fn cancel_argv(unit: &str) -> Vec<OsString> {
 pub fn lock(state_dir: &Path, wait: bool) -> std::io::Result<Option<File>> {
     use rustix::fs::{FlockOperation, flock};
     crate::state_file::private_dir(state_dir)?;
-    let file = crate::state_file::private_file(
-        &state_dir.join(LOCK_FILE),
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false),
-    )?;
+    let path = state_dir.join(LOCK_FILE);
+    if !path.exists() {
+        crate::state_file::private_file(
+            &path,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )?;
+    }
+    // Held read-only: the agent holds it for its whole life, and a file
+    // open for writing would keep the state file system from being
+    // remounted read-only ("busy"). flock needs no write access.
+    let file = File::open(&path)?;
     let operation = if wait {
         FlockOperation::LockExclusive
     } else {
