@@ -78,6 +78,8 @@ rustPlatform.buildRustPackage {
     "systemd_nspawn_agent_lifecycle"
     "systemd_nspawn_agent_watchdog_and_long_switch"
     "systemd_nspawn_agent_death_mid_switch_loses_nothing"
+    "systemd_nspawn_countdown_survives_the_agents_self_restart"
+    "systemd_nspawn_timer_rolls_back_a_system_that_breaks_the_agent"
     # Compare docs/config.md with the code: docs/ is not in this source.
     "docs_every_key_has_a_row_and_every_row_a_key"
     "docs_rows_name_the_right_environment_variable_and_flag"
