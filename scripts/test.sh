@@ -46,6 +46,13 @@ cargo_tool deadnix deadnix@1.3.1
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 # --- checks ----------------------------------------------------------------
+# CI builds once from scratch: incremental caches would only double
+# target/ (about 2 GB). The disk is printed first and last so a run that
+# dies of a full disk (a linker killed by SIGBUS) says so in its log.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+disk() { df -h --output=avail,target . | tail -n 1 | awk '{print "disk: " $1 " free on " $2}'; }
+step "$(disk); target/ $(du -sh target 2>/dev/null | cut -f1 || echo none)"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -80,3 +87,5 @@ bash scripts/fleet.sh 50
 # run only keeps it from rotting (issue 5).
 step "benchmark, quick mode (figures only, never fails the run)"
 cargo bench-agent --quick || echo "warning: the quick benchmark failed (not counted as a test failure)"
+
+step "done; $(disk); target/ $(du -sh target 2>/dev/null | cut -f1)"
