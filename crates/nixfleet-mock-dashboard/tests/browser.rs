@@ -2,371 +2,28 @@
 //! the Chrome DevTools Protocol, against the real mock dashboard and the
 //! real agent with a stand-in `nixos-rebuild` first on its PATH.
 //!
-//! Why the DevTools protocol and not WebDriver: it needs no new crate (the
-//! protocol is JSON over the WebSocket client these tests already use), no
-//! chromedriver process whose version must match the browser's, and it
-//! clicks with real input events. One browser, one mock and one agent serve
-//! the whole walk-through, which checks what a person would check, in
-//! order. Every wait is a DOM condition polled against a deadline.
+//! One browser, one mock and one agent serve the whole walk-through, which
+//! checks what a person would check, in order. The driver (and why the
+//! DevTools protocol rather than WebDriver) is in `browser_kit/`; the page
+//! with a fleet of 300 agents is `browser_fleet.rs`.
 //!
 //! Without Chromium the test is skipped with a message, except under
 //! `CI=true`, where it fails. `NIXFLEET_CHROMIUM` names another binary.
 //! A screenshot of the host view during a command is saved as
 //! `target/browser-artifacts/host-view.png`.
 
+mod browser_kit;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use browser_kit::{Browser, agent_binary, chromium_or_skip, git, start_mock};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const TOKEN: &str = "browser-test-token-51c2";
 const HOST: &str = "browser-host";
-const DEADLINE: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------
-// Chromium over the DevTools protocol
-
-fn find_chromium() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("NIXFLEET_CHROMIUM") {
-        return Some(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH")?;
-    ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
-        .find(|p| p.is_file())
-}
-
-/// The browser process (in its own process group, ended as a whole).
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_id: u64,
-    session: String,
-}
-
-impl Browser {
-    async fn start(binary: &Path) -> Browser {
-        let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--window-size=1280,1280",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        // Chromium writes its DevTools port and path into the profile.
-        let port_file = profile.path().join("DevToolsActivePort");
-        let endpoint = wait_until("Chromium's DevToolsActivePort", || {
-            let text = std::fs::read_to_string(&port_file).ok()?;
-            let mut lines = text.lines();
-            let port = lines.next()?.trim().parse::<u16>().ok()?;
-            let path = lines.next()?.trim().to_owned();
-            Some(format!("ws://127.0.0.1:{port}{path}"))
-        })
-        .await;
-        let (ws, _) = tokio_tungstenite::connect_async(endpoint.as_str())
-            .await
-            .expect("connect to Chromium's DevTools endpoint");
-        let mut browser = Browser {
-            child,
-            _profile: profile,
-            ws,
-            next_id: 0,
-            session: String::new(),
-        };
-        let target = browser
-            .call("Target.createTarget", json!({"url": "about:blank"}))
-            .await;
-        let attached = browser
-            .call(
-                "Target.attachToTarget",
-                json!({"targetId": target["targetId"], "flatten": true}),
-            )
-            .await;
-        browser.session = attached["sessionId"].as_str().unwrap().to_owned();
-        browser.call("Page.enable", json!({})).await;
-        browser
-    }
-
-    /// Sends one command (to the page once attached) and returns its result.
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut request = json!({"id": id, "method": method, "params": params});
-        if !self.session.is_empty() {
-            request["sessionId"] = json!(self.session);
-        }
-        self.ws
-            .send(Message::Text(request.to_string().into()))
-            .await
-            .expect("send to Chromium");
-        loop {
-            let frame = tokio::time::timeout(DEADLINE, self.ws.next())
-                .await
-                .unwrap_or_else(|_| panic!("Chromium did not answer {method}"))
-                .expect("Chromium closed the DevTools connection")
-                .expect("read from Chromium");
-            let Message::Text(text) = frame else { continue };
-            let reply: Value = serde_json::from_str(&text).unwrap();
-            if reply["id"] != id {
-                continue; // an event
-            }
-            if let Some(error) = reply.get("error") {
-                panic!("{method} failed: {error}");
-            }
-            return reply["result"].clone();
-        }
-    }
-
-    async fn open(&mut self, url: &str) {
-        self.call("Page.navigate", json!({"url": url})).await;
-        self.wait("document.readyState === 'complete'", "the page loaded")
-            .await;
-    }
-
-    /// Evaluates `expression` in the page and returns its value.
-    async fn eval(&mut self, expression: &str) -> Value {
-        let result = self
-            .call(
-                "Runtime.evaluate",
-                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
-            )
-            .await;
-        if let Some(exception) = result.get("exceptionDetails") {
-            panic!("{expression}: {exception}");
-        }
-        result["result"]["value"].clone()
-    }
-
-    /// Polls `condition` (JavaScript) until it is truthy; returns its value.
-    async fn wait(&mut self, condition: &str, what: &str) -> Value {
-        let start = Instant::now();
-        loop {
-            let value = self.eval(condition).await;
-            if !(value.is_null() || value == false || value == "" || value == 0) {
-                return value;
-            }
-            if start.elapsed() > DEADLINE {
-                let page = self.eval("document.querySelector('main').innerText").await;
-                panic!("timed out waiting for {what} ({condition}); the page shows:\n{page}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn text(&mut self, selector: &str) -> String {
-        let js = format!(
-            "(document.querySelector({}) || {{}}).textContent || ''",
-            json!(selector)
-        );
-        self.eval(&js).await.as_str().unwrap_or_default().to_owned()
-    }
-
-    /// Clicks the centre of the element as a person would (mouse events).
-    async fn click(&mut self, selector: &str) {
-        let js = format!(
-            "(() => {{ const e = document.querySelector({}); if (!e) return null; \
-             e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
-             return [r.x + r.width / 2, r.y + r.height / 2]; }})()",
-            json!(selector)
-        );
-        let point = self.eval(&js).await;
-        let (x, y) = (
-            point[0]
-                .as_f64()
-                .unwrap_or_else(|| panic!("no {selector} to click")),
-            point[1].as_f64().unwrap(),
-        );
-        for kind in ["mouseMoved", "mousePressed", "mouseReleased"] {
-            self.call(
-                "Input.dispatchMouseEvent",
-                json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
-            )
-            .await;
-        }
-    }
-
-    async fn screenshot(&mut self, path: &Path) {
-        let shot = self
-            .call("Page.captureScreenshot", json!({"format": "png"}))
-            .await;
-        let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, png).unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            // The renderer and helper processes share the browser's group.
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let digits: Vec<u8> = text
-        .bytes()
-        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
-        .map(value)
-        .collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let mut n = 0u32;
-        for (i, d) in chunk.iter().enumerate() {
-            n |= u32::from(*d) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
-}
-
-async fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The mock dashboard and the agent
-
-async fn start_mock() -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"))
-        .args(["--listen", "127.0.0.1:0", "--token", TOKEN])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the mock dashboard");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    tokio::time::timeout(DEADLINE, out.read_line(&mut first))
-        .await
-        .expect("the mock printed its address")
-        .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening on …")
-        .to_owned();
-    (child, addr)
-}
-
-/// The agent binary beside the mock dashboard. It is another crate of the
-/// workspace, so cargo builds it for this test only in a workspace run
-/// (`cargo test --workspace`, what CI does); otherwise, when it is missing
-/// or older than the agent's sources, it is built here.
-fn agent_binary() -> PathBuf {
-    let mock = Path::new(env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"));
-    let agent = mock.with_file_name("nixfleet-agent");
-    let built = std::fs::metadata(&agent).and_then(|m| m.modified()).ok();
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixfleet-agent");
-    let stale = match built {
-        None => true,
-        Some(built) => {
-            newest_file(&sources.join("src")).max(newest_file(&sources.join("Cargo.toml")))
-                > Some(built)
-        }
-    };
-    if stale {
-        eprintln!(
-            "building {} (missing or older than its sources)",
-            agent.display()
-        );
-        let profile_dir = mock.parent().expect("profile directory");
-        let mut build =
-            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "nixfleet-agent",
-            "--bin",
-            "nixfleet-agent",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        if let Some(target_dir) = profile_dir.parent() {
-            build.arg("--target-dir").arg(target_dir);
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p nixfleet-agent failed");
-    }
-    agent
-}
-
-fn newest_file(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| newest_file(&entry.path()))
-        .max()
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@t")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@t")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
-}
 
 /// A stand-in `nixos-rebuild` that talks like Nix: what it will build and
 /// fetch, one line per build and download, a warning on stderr, then it
@@ -495,17 +152,11 @@ fn row(cell: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
-    let Some(chromium) = find_chromium() else {
-        let message = "no chromium on PATH (apt-get install chromium, or set NIXFLEET_CHROMIUM)";
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{message}: CI=true needs the browser test"
-        );
-        eprintln!("SKIPPED browser test: {message}");
+    let Some(chromium) = chromium_or_skip("browser test") else {
         return;
     };
     let agent_bin = agent_binary();
-    let (_mock, addr) = start_mock().await;
+    let (_mock, addr) = start_mock(TOKEN).await;
     let base = format!("http://{addr}");
     let mut browser = Browser::start(&chromium).await;
 
@@ -783,16 +434,11 @@ async fn a_person_follows_a_host_and_runs_commands_in_the_browser() {
 /// taken here so that it shows what the page really looks like.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_build_is_drawn_without_errors_and_is_the_readme_screenshot() {
-    let Some(chromium) = find_chromium() else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "no chromium: CI=true needs the browser test"
-        );
-        eprintln!("SKIPPED browser test: no chromium on PATH");
+    let Some(chromium) = chromium_or_skip("browser test") else {
         return;
     };
     let agent_bin = agent_binary();
-    let (_mock, addr) = start_mock().await;
+    let (_mock, addr) = start_mock(TOKEN).await;
     let mut browser = Browser::start(&chromium).await;
     let work = tempfile::tempdir().unwrap();
     let url = format!("ws://{addr}/ws");
