@@ -37,6 +37,14 @@ command -v git >/dev/null || { echo "fleet.sh needs git (apt-get install git)" >
 
 # Each agent holds a few descriptors; the mock one per agent, plus some.
 ulimit -n "$(( n * 4 + 1024 ))" 2>/dev/null || true
+# Each agent also holds one inotify instance, and those are limited per user.
+# Past the limit an agent runs without one (it checks its files' metadata on
+# each heartbeat instead: src/file_watch.rs), which the fleet survives; but
+# meanwhile no other program of this user gets an instance either.
+inotify_limit="$(cat /proc/sys/fs/inotify/max_user_instances 2>/dev/null || true)"
+if [ -n "$inotify_limit" ] && [ "$n" -gt "$inotify_limit" ]; then
+  echo "note: $n agents exceed fs.inotify.max_user_instances ($inotify_limit): the agents past it poll their files on each heartbeat instead of watching them, and other programs of this user get no inotify instance while the fleet runs; for a one-machine test, raise it first: sysctl fs.inotify.max_user_instances=$(( n + 256 )) (real hosts run one agent each)"
+fi
 
 cargo build --quiet -p nixfleet-agent -p nixfleet-mock-dashboard --bins
 bin=target/debug
