@@ -292,36 +292,9 @@ fn stream_bytes(meter: &StreamMeter) -> u64 {
     meter.wire_bytes.max(framed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
-    let Some(chromium) = chromium_or_skip("browser fleet test") else {
-        return;
-    };
-    let began = Instant::now();
-    let agent_bin = agent_binary();
-    let (_mock, addr) = start_mock(TOKEN).await;
-    let (in_use, limit) = inotify_in_use();
-    eprintln!(
-        "inotify instances in use before the fleet: {in_use} (fs.inotify.max_user_instances = {limit})"
-    );
-    // Started before the fleet, so it gets its inotify instances.
-    let mut browser = Browser::start(&chromium).await;
-
-    let started = Instant::now();
-    let mut fleet = Fleet::start(&agent_bin, &addr);
-    eprintln!(
-        "started {AGENTS} agents in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    wait_for_fleet(&addr, &mut fleet).await;
-    let watching = fleet.watching();
-    eprintln!(
-        "all {AGENTS} connected with a heartbeat {:.2} s after the first start; \
-         {watching} watch their files with inotify, {} poll (past the per-user limit)",
-        started.elapsed().as_secs_f64(),
-        AGENTS - watching
-    );
-
+/// Opens the page and checks what it shows of the fleet; prints how long
+/// it took and the size of the first event (the whole list).
+async fn load_page(browser: &mut Browser, addr: &str) {
     browser.meter_event_streams().await;
     let loading = Instant::now();
     browser.open(&format!("http://{addr}/")).await;
@@ -358,7 +331,10 @@ async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
         "the first event, the whole list: {} bytes for {AGENTS} hosts",
         first.1.len()
     );
+}
 
+/// Measures the page's stream for [`IDLE`] and checks it against the bound.
+async fn measure_idle_stream(browser: &mut Browser) {
     let measuring = Instant::now();
     let mut idle = StreamMeter::default();
     while measuring.elapsed() < IDLE {
@@ -392,8 +368,10 @@ async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
         rate <= BOUND as f64,
         "the idle stream took {rate:.0} bytes/s, above {BOUND}"
     );
+}
 
-    // A host past the first 100 rows is found with the filter box.
+/// A host past the first 100 rows is found with the filter box.
+async fn find_the_last_host(browser: &mut Browser) {
     let last = hostname(AGENTS);
     browser
         .eval(&format!(
@@ -407,7 +385,10 @@ async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
             "the last host found by the filter",
         )
         .await;
+}
 
+/// Every agent still runs, and none panicked.
+fn check_agents(fleet: &mut Fleet) {
     let ended = fleet.ended();
     assert!(ended.is_empty(), "agents ended:\n{}", ended.join("\n"));
     for i in 1..=AGENTS {
@@ -419,6 +400,42 @@ async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
             hostname(i)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_holds_300_agents_and_its_idle_stream_stays_small() {
+    let Some(chromium) = chromium_or_skip("browser fleet test") else {
+        return;
+    };
+    let began = Instant::now();
+    let agent_bin = agent_binary();
+    let (_mock, addr) = start_mock(TOKEN).await;
+    let (in_use, limit) = inotify_in_use();
+    eprintln!(
+        "inotify instances in use before the fleet: {in_use} (fs.inotify.max_user_instances = {limit})"
+    );
+    // Started before the fleet, so it gets its inotify instances.
+    let mut browser = Browser::start(&chromium).await;
+
+    let started = Instant::now();
+    let mut fleet = Fleet::start(&agent_bin, &addr);
+    eprintln!(
+        "started {AGENTS} agents in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    wait_for_fleet(&addr, &mut fleet).await;
+    let watching = fleet.watching();
+    eprintln!(
+        "all {AGENTS} connected with a heartbeat {:.2} s after the first start; \
+         {watching} watch their files with inotify, {} poll (past the per-user limit)",
+        started.elapsed().as_secs_f64(),
+        AGENTS - watching
+    );
+
+    load_page(&mut browser, &addr).await;
+    measure_idle_stream(&mut browser).await;
+    find_the_last_host(&mut browser).await;
+    check_agents(&mut fleet);
     drop(fleet);
     eprintln!("the test took {:.1} s", began.elapsed().as_secs_f64());
 }
