@@ -58,6 +58,20 @@ impl Ticker {
         Ticker::start(period, true)
     }
 
+    /// Ticks at once, then on the grid of `period`, skipping a grid point
+    /// less than half a period away: the first two ticks are never
+    /// bunched. For the heartbeat, whose first beat follows `register` at
+    /// once (protocol): otherwise a connection opened just before a grid
+    /// point sends two heartbeats within milliseconds (after every
+    /// reconnect, a resume among them).
+    pub fn spaced(period: Duration) -> Ticker {
+        let period = period.max(Duration::from_millis(1));
+        Ticker {
+            clock: Ticker::arm(period, period / 2),
+            immediate: true,
+        }
+    }
+
     /// Ticks at every grid point of `period`, the first one within a period
     /// from now.
     pub fn on_grid(period: Duration) -> Ticker {
@@ -68,13 +82,15 @@ impl Ticker {
         // A zero period would disarm the timer.
         let period = period.max(Duration::from_millis(1));
         Ticker {
-            clock: Ticker::arm(period),
+            clock: Ticker::arm(period, Duration::ZERO),
             immediate,
         }
     }
 
-    fn arm(period: Duration) -> Clock {
-        let first = next_grid_point(period, monotonic_now());
+    /// The timer, first expiring at the first grid point at least `after`
+    /// from now.
+    fn arm(period: Duration, after: Duration) -> Clock {
+        let first = next_grid_point(period, monotonic_now().saturating_add(nanos(after)));
         match periodic_timer(first, period) {
             Ok(timer) => Clock::Kernel(timer),
             Err(error) => {
@@ -311,6 +327,28 @@ mod tests {
             off_grid(ping_at + jitter / 2, Duration::from_secs(15)) / jitter,
             0
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_spaced_ticker_never_ticks_twice_within_half_a_period() {
+        let period = Duration::from_secs(1);
+        // Started just before a grid point, where a plain ticker would
+        // tick again within milliseconds.
+        epoch();
+        while off_grid(monotonic_now(), period) < 900_000_000 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let start = monotonic_now();
+        let mut spaced = Ticker::spaced(period);
+        let next = next_expiry(&spaced);
+        assert!(next - start >= NANOS_PER_SEC / 2, "{} ns", next - start);
+        // The grid point after that, not one further.
+        assert!(next - start < NANOS_PER_SEC * 3 / 2 + 50_000_000);
+        let waited = Instant::now();
+        spaced.tick().await.unwrap();
+        assert!(waited.elapsed() < period / 4, "the first tick is immediate");
+        spaced.tick().await.unwrap();
+        assert!(monotonic_now() >= next);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -102,7 +102,7 @@ impl Core {
             stop_file: handover::stop_path(&self.state_dir),
             repo_dir: self.repo_dir.clone(),
             branch: self.branch.clone(),
-            tail: None,
+            relay: crate::commands::relay::RelayIn::new(None),
         };
         let outbox = self.outbox.clone();
         tokio::spawn(async move {

@@ -6,11 +6,17 @@
 //! sending, the rest is sent. Reading waits for room in the outbox, so a
 //! slow dashboard costs disk, not memory, and never slows the command,
 //! whose output goes to the supervisor, not to us.
+//!
+//! When the disk refused the log, the records after its last one come on
+//! the supervisor's stdout (relay.rs), for the agent that started it: they
+//! are read only once the log is read to its end, so they follow it in
+//! order (the supervisor relays nothing before it stops writing the log).
 
 use super::handover::process_start_ticks;
 use super::launch::Followed;
 use super::log::{Record, end_path, parse};
 use super::progress::Progress;
+use super::relay::RelayIn;
 use super::summary::{Emit, Summary};
 use super::table::StopRequest;
 use crate::host_facts::generation;
@@ -22,7 +28,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 /// Bytes read from the log at once; a record is at most 64 KiB + 3.
@@ -44,12 +50,12 @@ pub async fn follow(
     stop: &mut watch::Receiver<Option<StopRequest>>,
 ) -> Status {
     let stop_file = followed.stop_file.clone();
-    let tail = followed.tail.take();
+    let relay = std::mem::replace(&mut followed.relay, RelayIn::new(None));
     // Only a supervisor this agent started (this very binary) knows the
     // stop signals; for any other the default action would end it.
-    let ours = followed.supervisor.filter(|_| tail.is_some());
+    let ours = followed.supervisor.filter(|_| relay.open());
     tokio::select! {
-        status = read_log(&followed, tail, outbox, progress) => status,
+        status = read_log(&followed, relay, outbox, progress) => status,
         () = forward_stops(stop, &stop_file, ours) => unreachable!("forward_stops never ends"),
     }
 }
@@ -103,6 +109,7 @@ struct Reader<'a> {
     progress: &'a mpsc::Sender<Progress>,
     file: Option<File>,
     buf: Vec<u8>,
+    relay: RelayIn,
     /// Log offset of buf[0].
     base: u64,
     since_yield: usize,
@@ -111,7 +118,7 @@ struct Reader<'a> {
 
 async fn read_log(
     followed: &Followed,
-    tail: Option<oneshot::Receiver<Vec<u8>>>,
+    relay: RelayIn,
     outbox: &Outbox,
     progress: &mpsc::Sender<Progress>,
 ) -> Status {
@@ -125,16 +132,30 @@ async fn read_log(
     if watch.is_none() && followed.log.exists() {
         warn!("inotify unavailable; polling the command log");
     }
-    let mut reader = Reader::open(followed, outbox, progress);
+    let mut reader = Reader::open(followed, relay, outbox, progress);
     let mut supervisor_gone = false;
     loop {
         let read = reader.read_more();
         reader.handle_records(&mut summary).await;
-        if read > 0 {
+        if read > 0 || reader.handle_relayed(&mut summary).await {
             continue;
         }
-        if summary.done() || supervisor_gone {
+        if summary.done() {
             break;
+        }
+        if supervisor_gone {
+            // What it relayed last is still in the pipe: read to its end.
+            if !reader.relay.open() {
+                break;
+            }
+            if tokio::time::timeout(RELAY_WAIT, reader.relay.read())
+                .await
+                .is_err()
+            {
+                warn!("the supervisor is gone but its stdout is still open");
+                break;
+            }
+            continue;
         }
         if !supervisor_alive(followed) {
             // Read once more: the supervisor may have written its last
@@ -142,41 +163,33 @@ async fn read_log(
             supervisor_gone = true;
             continue;
         }
-        wait_for_more(watch.as_ref(), &summary).await;
+        wait_for_more(watch.as_ref(), &mut reader.relay, &summary).await;
         if let Some(emit) = summary.held_back_progress() {
             reader.send(emit, reader.base).await;
         }
     }
     if summary.done() {
-        // The log holds the end: its end file, unused, goes.
+        // The log (or the relay) holds the end: its end file, unused, goes.
         let _ = std::fs::remove_file(end_path(&followed.log));
-    } else {
-        reader.read_end_records(&mut summary, tail).await;
+    } else if !reader.relay.used {
+        reader.read_end_records(&mut summary).await;
     }
     ended(followed, &summary)
 }
 
-/// How long the supervisor's stdout is awaited once it is gone (it was
-/// read to its end before the supervisor was reaped: this only guards
-/// against a bug there).
-const TAIL_WAIT: Duration = Duration::from_secs(5);
+/// How long the supervisor's stdout may stay open once it is gone (only
+/// a process it leaked could hold it).
+const RELAY_WAIT: Duration = Duration::from_secs(5);
 
-/// The records the log could not keep (log_writer.rs): from the end file,
-/// whose space was taken at start, or else from what the supervisor
-/// printed on its stdout (only for one this agent started).
-async fn end_records(log: &Path, tail: Option<oneshot::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
-    let has_done = |bytes: &[u8]| {
-        bytes
-            .split(|b| *b == b'\n')
-            .any(|record| parse(record) == Record::Done)
-    };
-    if let Ok(bytes) = std::fs::read(end_path(log))
-        && has_done(&bytes)
-    {
-        return Some(bytes);
-    }
-    let bytes = tokio::time::timeout(TAIL_WAIT, tail?).await.ok()?.ok()?;
-    has_done(&bytes).then_some(bytes)
+/// The records the log could not keep (log_writer.rs), from the end file,
+/// whose space was taken at start: for a supervisor whose relay this
+/// agent could not read.
+fn end_records(log: &Path) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(end_path(log)).ok()?;
+    bytes
+        .split(|b| *b == b'\n')
+        .any(|record| parse(record) == Record::Done)
+        .then_some(bytes)
 }
 
 fn supervisor_alive(followed: &Followed) -> bool {
@@ -185,20 +198,25 @@ fn supervisor_alive(followed: &Followed) -> bool {
         .is_some_and(|(pid, start)| process_start_ticks(pid) == Some(start))
 }
 
-/// A quiet log: wakes for new records, the supervisor's end, or a build
-/// progress report the throttle held back.
-async fn wait_for_more(watch: Option<&LogWatch>, summary: &Summary) {
+/// A quiet log: wakes for new records, relayed ones, the supervisor's
+/// end, or a build progress report the throttle held back.
+async fn wait_for_more(watch: Option<&LogWatch>, relay: &mut RelayIn, summary: &Summary) {
     let poll = match summary.progress_due() {
         Some(due) => due
             .saturating_duration_since(Instant::now())
             .min(LIVENESS_POLL),
         None => LIVENESS_POLL,
     };
-    match watch {
-        Some(watch) => {
-            let _ = tokio::time::timeout(poll, watch.changed()).await;
+    let log_changed = async {
+        match watch {
+            Some(watch) => watch.changed().await,
+            None => tokio::time::sleep(FALLBACK_POLL).await,
         }
-        None => tokio::time::sleep(FALLBACK_POLL.min(poll)).await,
+    };
+    tokio::select! {
+        () = log_changed => {}
+        () = relay.read() => {}
+        () = tokio::time::sleep(poll) => {}
     }
 }
 
@@ -223,6 +241,7 @@ fn ended(followed: &Followed, summary: &Summary) -> Status {
 impl<'a> Reader<'a> {
     fn open(
         followed: &'a Followed,
+        relay: RelayIn,
         outbox: &'a Outbox,
         progress: &'a mpsc::Sender<Progress>,
     ) -> Self {
@@ -239,6 +258,7 @@ impl<'a> Reader<'a> {
             progress,
             file,
             buf: Vec::with_capacity(READ_CHUNK),
+            relay,
             base: 0,
             since_yield: 0,
             emitted: Vec::new(),
@@ -279,14 +299,34 @@ impl<'a> Reader<'a> {
         self.base += consumed as u64;
     }
 
+    /// Every whole record the supervisor relayed so far (read after the
+    /// log's last record: see `read_log`); false if there was none.
+    async fn handle_relayed(&mut self, summary: &mut Summary) -> bool {
+        let mut consumed = 0;
+        while let Some(newline) = memchr::memchr(b'\n', &self.relay.buf[consumed..]) {
+            let record = &self.relay.buf[consumed..consumed + newline];
+            consumed += newline + 1;
+            let mut emitted = std::mem::take(&mut self.emitted);
+            summary.on_record(parse(record), true, &mut emitted);
+            for emit in emitted.drain(..) {
+                // Past the log's end: delivering it moves no cursor.
+                self.send(emit, self.base).await;
+            }
+            self.emitted = emitted;
+            self.since_yield += newline + 1;
+            if self.since_yield >= YIELD_EVERY_BYTES {
+                self.since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        self.relay.buf.drain(..consumed);
+        consumed > 0
+    }
+
     /// The supervisor is gone and the log ends without `done`: the end
-    /// records it could not write there, if it left them elsewhere.
-    async fn read_end_records(
-        &mut self,
-        summary: &mut Summary,
-        tail: Option<oneshot::Receiver<Vec<u8>>>,
-    ) {
-        let Some(bytes) = end_records(&self.followed.log, tail).await else {
+    /// records it could not write there, if it left them beside it.
+    async fn read_end_records(&mut self, summary: &mut Summary) {
+        let Some(bytes) = end_records(&self.followed.log) else {
             return;
         };
         info!(

@@ -5,18 +5,14 @@
 use super::handover::{self, CommandRecord};
 use super::log::{self, Plan};
 use super::plan::Planned;
+use super::relay::RelayIn;
 use super::table::CommandKind;
 use crate::config::Config;
 use crate::outbox::{DeliveryCursor, Outbox};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
-
-/// Most bytes of the supervisor's stdout kept (its last records fit in
-/// the end file's size).
-const TAIL_MAX_BYTES: u64 = 2 * super::log::END_FILE_BYTES as u64;
 
 /// The hidden first argument that makes the binary a supervisor.
 pub const SUPERVISE_ARG: &str = "--supervise";
@@ -41,10 +37,10 @@ pub struct Followed {
     pub repo_dir: PathBuf,
     /// The configured branch (what a git check compares HEAD with).
     pub branch: String,
-    /// What the supervisor this agent started printed on its stdout (its
-    /// last records, when the log could not keep them); `None` for a
-    /// command another agent started.
-    pub tail: Option<oneshot::Receiver<Vec<u8>>>,
+    /// The stdout of a supervisor this agent started, which carries what
+    /// the log could not keep (relay.rs); closed for a command another
+    /// agent started.
+    pub relay: RelayIn,
 }
 
 /// A started command: the record a next agent adopts, and what to follow.
@@ -80,7 +76,7 @@ pub async fn launch(
         notes: planned.notes,
         steps: planned.steps,
     };
-    let (pid, pid_start, tail) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
+    let (pid, pid_start, relay) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
     info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
     let log_id = outbox.track(cursor);
     let record = CommandRecord::supervised_since(kind.name(), pid, pid_start, log.clone());
@@ -93,29 +89,30 @@ pub async fn launch(
         stop_file,
         repo_dir: config.repo_dir.clone(),
         branch: config.branch.clone(),
-        tail: Some(tail),
+        relay: RelayIn::new(Some(relay)),
     };
     Ok(Launched { record, followed })
 }
 
 /// The command's log and its end file. Neither failing is a reason to
 /// refuse the command (a full or read-only state disk is when the operator
-/// needs it most): without a log the command runs all the same, its lines
-/// counted as not kept; without an end file (no room even for that) its
-/// end reaches this agent on the supervisor's stdout only (see follow.rs).
+/// needs it most): without a log the command runs all the same, streaming
+/// only, its records reaching this agent on the supervisor's stdout
+/// (relay.rs); without an end file (no room even for that) a next agent
+/// would not learn its end.
 fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, Option<PathBuf>) {
     let state_dir = &config.state_dir;
     let log = match log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes) {
         Ok(log) => log,
         Err(error) => {
-            warn!(%error, "cannot create the command log; the command runs without one");
+            warn!(%error, "cannot create the command log; the command runs streaming only");
             log::new_path(state_dir, kind.name())
         }
     };
     let end_file = match log::reserve_end(&log) {
         Ok(path) => Some(path),
         Err(error) => {
-            warn!(%error, "cannot reserve the command's end file; its end will reach this agent on the supervisor's stdout only");
+            warn!(%error, "cannot reserve the command's end file; only this agent will learn the command's end");
             None
         }
     };
@@ -123,8 +120,8 @@ fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, O
 }
 
 /// Starts `program --supervise` with the plan on its stdin (so that
-/// nothing of it shows in `ps`); returns its pid, its start time and what
-/// it will have printed on its stdout once it ended.
+/// nothing of it shows in `ps`); returns its pid, its start time and its
+/// stdout (relay.rs).
 ///
 /// The start time is read before the plan is written: until its stdin
 /// ends, the supervisor waits, so it is surely alive then. Read later, a
@@ -135,7 +132,7 @@ async fn start_supervisor(
     program: &Path,
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
     plan: &Plan,
-) -> std::io::Result<(u32, u64, oneshot::Receiver<Vec<u8>>)> {
+) -> std::io::Result<(u32, u64, tokio::process::ChildStdout)> {
     let mut command = tokio::process::Command::new(program);
     command
         .arg0("nixfleet-agent")
@@ -166,20 +163,13 @@ async fn start_supervisor(
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&json).await?;
     }
+    let stdout = child.stdout.take().ok_or_else(exited)?;
     // Reaps the supervisor when it ends (a next agent cannot: it is then
-    // init's child), after reading its stdout to the end: the follower
-    // sees the supervisor gone only once this was handed over.
-    let stdout = child.stdout.take();
-    let (tail_tx, tail_rx) = oneshot::channel();
+    // init's child). What it relayed stays in the pipe for the follower.
     tokio::spawn(async move {
-        let mut tail = Vec::new();
-        if let Some(stdout) = stdout {
-            let _ = stdout.take(TAIL_MAX_BYTES).read_to_end(&mut tail).await;
-        }
         let _ = child.wait().await;
-        let _ = tail_tx.send(tail);
     });
-    Ok((pid, pid_start, tail_rx))
+    Ok((pid, pid_start, stdout))
 }
 
 #[cfg(test)]

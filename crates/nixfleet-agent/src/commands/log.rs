@@ -22,12 +22,15 @@
 //! # dropped <n>      lines not kept because of the cap
 //! # notkept <n> <why> lines not kept because the disk refused them (full,
 //!                    read-only, failing); `why` names the file system
+//! # streaming <why>  the disk refused the log (`why` names the file system):
+//!                    what follows goes to the agent only (relay.rs)
 //! # done             the supervisor finished; nothing follows
 //! ```
 //!
 //! When the disk refuses a record, the log stops there (it stays a clean
-//! prefix, see log_writer.rs) and the records that could not be written
-//! go, once the command ends, into the end file (`state_dir/ends/<log
+//! prefix, see log_writer.rs). The records after it go to the agent that
+//! started the supervisor, on its stdout (relay.rs), and the events among
+//! them, once the command ends, into the end file (`state_dir/ends/<log
 //! name>.end`): created with
 //! its space taken when the command starts, so that writing into it needs
 //! no free space. It holds the same records, padded with empty lines.
@@ -149,6 +152,7 @@ pub enum Record<'a> {
         lines: u64,
         why: &'a str,
     },
+    Streaming(&'a str),
     Done,
     /// Anything else (a newer format, a damaged line): skipped.
     Unknown,
@@ -212,6 +216,7 @@ fn parse_event(text: &str) -> Option<Record<'_>> {
                 why,
             }
         }
+        "streaming" => Record::Streaming(rest),
         "done" => Record::Done,
         _ => return None,
     })

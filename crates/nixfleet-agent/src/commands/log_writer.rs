@@ -2,20 +2,22 @@
 //! records in single `write`s, output under its cap, and a disk that
 //! refuses (full, read-only, failing) never stopping the command.
 //!
-//! What the disk refuses is counted, never waited for:
-//!
-//! - a batch of lines refused before any byte of it was written is only
-//!   counted, and later batches are tried again (old logs pruned first);
-//! - once anything is refused halfway (the log now ends in half a record)
-//!   or an event record is refused, the log is *sealed*: nothing more is
-//!   written into it, so it stays a clean prefix the follower can trust,
-//!   every later line is counted and every later event is kept in memory;
-//! - at the end those events, the count (`# notkept`) and `# done` go into
-//!   the end file, whose space was taken at start, and to the supervisor's
-//!   stdout, which the agent that started it reads (follow.rs uses the end
-//!   file first, then that).
+//! What the disk refuses is never waited for. Before a write, and again
+//! when it is refused for want of space, the oldest other logs are pruned.
+//! Once the disk still refuses anything (a whole batch, half of one, an
+//! event), the log is *sealed*: nothing more is written into it, so it
+//! stays a clean prefix of whole records the follower can trust (the half
+//! record a cut-short write left is never ended). From then on the command
+//! runs *streaming only*: a `# streaming <why>` record and every later
+//! record go to the supervisor's stdout, which the agent that started it
+//! reads right after the log (relay.rs); the lines that cannot go that way
+//! either are counted. Every later event is also kept in memory, and at the
+//! end those events, the count (`# notkept`) and `# done` go into the end
+//! file, whose space was taken at start, for an agent that did not start
+//! the supervisor (follow.rs reads the relay, else the end file).
 
 use super::log::{END_FILE_BYTES, MAX_TAIL_RECORD, Plan, remove_oldest};
+use super::relay::Relay;
 use crate::redact::Scrubber;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -40,19 +42,22 @@ pub struct LogState {
     cut: bool,
     /// Lines past the cap.
     pub dropped: u64,
-    /// Lines the disk refused.
+    /// Lines neither the disk nor the relay took.
     not_kept: u64,
     /// Why the disk refused, the first time, naming the file system.
     refused: Option<String>,
     sealed: bool,
     /// Records not written into the sealed log, in order.
     tail: Vec<String>,
+    /// Where records go once the log is sealed.
+    relay: Relay,
 }
 
 impl Log {
     /// The log of `plan`, opened for appending; a log that cannot be
-    /// opened is sealed from the start (the command runs all the same).
-    pub fn open(plan: &Plan) -> Log {
+    /// opened is sealed from the start (the command runs all the same,
+    /// streaming only through `relay`).
+    pub fn open(plan: &Plan, relay: Relay) -> Log {
         use super::log::{private_dir, private_file};
         // Created if the agent could not (so that the error names the
         // real cause: a read-only or full disk, not a missing file).
@@ -63,10 +68,10 @@ impl Log {
             }
             opened => opened,
         };
-        Log::new(plan, file)
+        Log::new(plan, file, relay)
     }
 
-    pub fn new(plan: &Plan, file: io::Result<File>) -> Log {
+    pub fn new(plan: &Plan, file: io::Result<File>, relay: Relay) -> Log {
         let (file, refused) = match file {
             Ok(file) => (Some(file), None),
             Err(error) => (None, Some(why_refused(&error, &plan.log))),
@@ -75,12 +80,13 @@ impl Log {
             .as_ref()
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
-        Log {
+        let unopened = file.is_none();
+        let log = Log {
             max_bytes: plan.max_bytes,
             scrubber: Scrubber::for_url(plan.scrub_url.as_deref()),
             path: plan.log.clone(),
             inner: Mutex::new(LogState {
-                sealed: file.is_none(),
+                sealed: false,
                 file,
                 written,
                 cut: false,
@@ -88,8 +94,13 @@ impl Log {
                 not_kept: 0,
                 refused,
                 tail: Vec::new(),
+                relay,
             }),
+        };
+        if unopened {
+            log.seal(&mut log.lock());
         }
+        log
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
@@ -100,10 +111,6 @@ impl Log {
     /// cap; past it every line is only counted.
     pub fn append(&self, records: &[u8], lines: u64) {
         let mut state = self.lock();
-        if state.sealed {
-            state.not_kept += lines;
-            return;
-        }
         if state.cut {
             state.dropped += lines;
             return;
@@ -117,8 +124,16 @@ impl Log {
             memchr::memrchr(b'\n', &records[..limit]).map_or(0, |i| i + 1)
         };
         if fits > 0 {
-            let kept = self.write(&mut state, &records[..fits]);
-            state.not_kept += count_lines(&records[kept..fits]);
+            let kept = if state.sealed {
+                0
+            } else {
+                self.write(&mut state, &records[..fits])
+            };
+            if kept < fits {
+                // Sealed now if not before: the rest streams.
+                let not_relayed = state.relay.lines(&records[kept..fits]);
+                state.not_kept += not_relayed;
+            }
         }
         if fits < records.len() {
             state.dropped += count_lines(&records[fits..]);
@@ -145,22 +160,37 @@ impl Log {
         self.append(&record, 1);
     }
 
-    /// An event record: into the log, or, once the log is sealed, kept for
-    /// the end file (in order: a refused event seals the log).
+    /// An event record: into the log, or, once the log is sealed, to the
+    /// relay and kept for the end file (in order: a refused event seals
+    /// the log).
     pub fn event(&self, text: &str) {
         let record = format!("# {text}\n");
         let mut state = self.lock();
-        if !state.sealed {
-            if self.write(&mut state, record.as_bytes()) == record.len() {
-                return;
-            }
-            state.sealed = true;
+        if !state.sealed && self.write(&mut state, record.as_bytes()) == record.len() {
+            return;
         }
-        state.tail.push(cut_record(record));
+        let record = cut_record(record);
+        state.relay.event(record.as_bytes());
+        state.tail.push(record);
+    }
+
+    /// No more writes into the log: the command streams only from here,
+    /// which the relay's first record says (and the end file's, for an
+    /// agent that could not read the relay).
+    fn seal(&self, state: &mut LogState) {
+        if std::mem::replace(&mut state.sealed, true) {
+            return;
+        }
+        let why = state.refused.clone();
+        let why = why.unwrap_or_else(|| "the disk refused the log".to_owned());
+        let record = cut_record(format!("# streaming {why}\n"));
+        state.relay.event(record.as_bytes());
+        state.tail.push(record);
     }
 
     /// The last records: the count of lines not kept, those past the cap,
-    /// `done`; then, if the log was sealed, the end file and stdout.
+    /// `done`; then, if the log was sealed, the end file, and what the
+    /// relay still owes its agent.
     pub fn finish(&self, end_file: Option<&Path>) {
         let (dropped, not_kept, why) = {
             let state = self.lock();
@@ -174,7 +204,7 @@ impl Log {
             self.event(&format!("dropped {dropped}"));
         }
         self.event("done");
-        let state = self.lock();
+        let mut state = self.lock();
         if !state.sealed {
             return;
         }
@@ -189,14 +219,11 @@ impl Log {
                 eprintln!("nixfleet-agent --supervise: cannot write the end file: {error}");
             }
         }
-        // The agent that started us reads this (a dead one: EPIPE, fine).
-        let mut stdout = io::stdout().lock();
-        let _ = stdout.write_all(&tail).and_then(|()| stdout.flush());
+        state.relay.finish();
     }
 
     /// Writes `bytes` (whole records); returns how many bytes of whole
-    /// records the log kept. A refusal before the first byte leaves the
-    /// log as it was; one after it seals the log.
+    /// records the log kept. A refusal seals the log.
     fn write(&self, state: &mut LogState, bytes: &[u8]) -> usize {
         let Some(file) = state.file.as_ref() else {
             return 0;
@@ -209,9 +236,7 @@ impl Log {
         if state.refused.is_none() {
             state.refused = Some(why_refused(&error, &self.path));
         }
-        if done > 0 {
-            state.sealed = true;
-        }
+        self.seal(state);
         memchr::memrchr(b'\n', &bytes[..done]).map_or(0, |i| i + 1)
     }
 
@@ -362,8 +387,9 @@ mod tests {
     }
 
     /// A disk that refuses every write (/dev/full answers ENOSPC): old logs
-    /// are pruned first, lines are counted, the events and the count go to
-    /// the end file, whose old contents they overwrite in place.
+    /// are pruned first, then the log is sealed; with no agent to relay
+    /// to, lines are counted, and the events and the count go to the end
+    /// file, whose old contents they overwrite in place.
     #[test]
     fn a_full_disk_costs_lines_counted_never_the_end() {
         let state_dir = tempfile::tempdir().unwrap();
@@ -383,12 +409,10 @@ mod tests {
             notes: Vec::new(),
             steps: Vec::new(),
         };
-        let log = Log::new(&plan, OpenOptions::new().append(true).open("/dev/full"));
+        let full = OpenOptions::new().append(true).open("/dev/full");
+        let log = Log::new(&plan, full, Relay::none());
         log.append(b"o one\no two\n", 2);
-        assert!(
-            !log.lock().sealed,
-            "nothing half-written: the log stays open"
-        );
+        assert!(log.lock().sealed);
         assert!(!old.exists(), "the oldest other log goes first");
         log.event("steps 1");
         log.append(b"o three\n", 1);
@@ -399,7 +423,43 @@ mod tests {
         let fs = mount_point(&plan.log);
         assert_eq!(
             text.trim_end_matches('\n'),
-            format!("# steps 1\n# end 0 3 exit code 3\n# notkept 3 no space left on {fs}\n# done")
+            format!(
+                "# streaming no space left on {fs}\n# steps 1\n# end 0 3 exit code 3\n\
+                 # notkept 3 no space left on {fs}\n# done"
+            )
+        );
+    }
+
+    /// The same disk, with an agent reading the relay: every record after
+    /// the seal reaches it, in order, the notice first; none is lost.
+    #[test]
+    fn a_full_disk_streams_to_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Plan {
+            log: dir.path().join("x.log"),
+            stop_file: dir.path().join("stop"),
+            stop_grace_ms: 1000,
+            max_bytes: u64::MAX,
+            scrub_url: None,
+            end_file: None,
+            notes: Vec::new(),
+            steps: Vec::new(),
+        };
+        let (read, write) = std::io::pipe().unwrap();
+        let relay = Relay::to(std::os::fd::OwnedFd::from(write));
+        let full = OpenOptions::new().append(true).open("/dev/full");
+        let log = Log::new(&plan, full, relay);
+        log.event("steps 1");
+        log.append(b"o one\no two\n", 2);
+        log.event("end 0 0 exited");
+        log.finish(None);
+        drop(log);
+        let fs = mount_point(&plan.log);
+        assert_eq!(
+            std::io::read_to_string(read).unwrap(),
+            format!(
+                "# streaming no space left on {fs}\n# steps 1\no one\no two\n# end 0 0 exited\n# done\n"
+            )
         );
     }
 

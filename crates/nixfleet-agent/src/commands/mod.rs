@@ -10,6 +10,8 @@
 //!    `stop_signal.rs`: a stop request as a signal to the supervisor.
 //! 3. `log.rs`: the command log's format, the plan handed to the
 //!    supervisor, creating and pruning logs, the end file.
+//!    `relay.rs`: the supervisor's stdout, which carries the records a
+//!    refusing disk did not take to the agent.
 //!    `log_writer.rs`: the log as the supervisor writes it, also on a
 //!    disk that refuses.
 //! 4. `lines.rs`: a line of output as the dashboard gets it.
@@ -46,6 +48,7 @@ pub mod log;
 pub mod log_writer;
 pub mod plan;
 pub mod progress;
+pub mod relay;
 pub mod run;
 pub mod step;
 pub mod stop_signal;

@@ -135,7 +135,13 @@ impl Summary {
                 self.notice(&format!("[nixfleet] {lines} lines not kept: {why}"), out);
                 out.push(Emit::Dropped(lines));
             }
-            Record::Dropped(_) | Record::NotKept { .. } => {}
+            // Said once, before the first line that is not kept: a
+            // reconnect cannot send these again from the disk.
+            Record::Streaming(why) if sending => self.notice(
+                &format!("[nixfleet] streaming only from here, output not kept on disk: {why}"),
+                out,
+            ),
+            Record::Dropped(_) | Record::NotKept { .. } | Record::Streaming(_) => {}
             Record::Done => self.on_done(sending, out),
             Record::Cut | Record::Unknown => {}
         }

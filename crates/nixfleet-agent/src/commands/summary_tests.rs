@@ -196,3 +196,21 @@ fn stops_unstarted_programs_and_dead_supervisors() {
     assert!(frames[0].contains("[nixfleet] 7 lines not kept: no space left on /var"));
     assert_eq!(status.exit_code, 3);
 }
+
+#[test]
+fn a_command_streaming_only_says_so_before_its_lines() {
+    let log =
+        "# streaming /var is read-only\n# steps 1\n# start 0 5 x\no a\n# end 0 0 exited\n# done\n";
+    let (frames, status) = summarise(CommandKind::Switch, log, 0);
+    assert!(
+        frames[0].contains(
+            "[nixfleet] streaming only from here, output not kept on disk: /var is read-only"
+        ),
+        "{frames:?}"
+    );
+    assert!(
+        frames[1..].iter().any(|f| f.contains(r#""line":"a""#)),
+        "{frames:?}"
+    );
+    assert_eq!(status.exit_code, 0);
+}

@@ -15,7 +15,9 @@
 //! steps that talk to it get, in their environment; blocking I/O on three
 //! threads. Its only limits are the disk cap of the log and the stop file
 //! the agent creates. A disk that refuses to keep the log (full, read-only)
-//! costs lines, counted, never the command or its exit code (log_writer.rs).
+//! never costs the command or its exit code: what follows goes to the agent
+//! on stdout instead (log_writer.rs, relay.rs), lines it has no room for
+//! are counted.
 
 use super::group::{GROUP_POLL, GroupStop, describe_exit, exit_code_of, lower_priority};
 use super::log::{MAX_LINE_BYTES, Plan, Step};
@@ -47,9 +49,9 @@ pub fn main() -> ExitCode {
         eprintln!("nixfleet-agent --supervise: expected a plan on stdin");
         return ExitCode::from(crate::config::EXIT_CONFIG);
     };
-    // A log that cannot be opened does not stop the command: its lines
-    // are counted and its end goes to the end file and stdout.
-    let log = Arc::new(Log::open(&plan));
+    // A log that cannot be opened does not stop the command: it streams
+    // to the agent on stdout, its end also goes to the end file.
+    let log = Arc::new(Log::open(&plan, super::relay::Relay::stdout()));
     run(&plan, &log);
     ExitCode::SUCCESS
 }

@@ -31,7 +31,7 @@ fn sh(label: &str, body: &str, stop_on_failure: bool) -> Step {
 
 fn run_plan(plan: &Plan) -> Vec<String> {
     std::fs::write(&plan.log, "").unwrap();
-    let log = Arc::new(Log::open(plan));
+    let log = Arc::new(Log::open(plan, crate::commands::relay::Relay::none()));
     run(plan, &log);
     let text = std::fs::read(&plan.log).unwrap();
     text.split(|b| *b == b'\n')

@@ -86,8 +86,8 @@ impl Session<'_> {
         // session's descriptors are all open once it is up.
         let clocks = Clocks {
             // The first tick is immediate: the first heartbeat follows
-            // `register`.
-            beat: Ticker::new(self.config.interval),
+            // `register`; the next is at least half an interval later.
+            beat: Ticker::spaced(self.config.interval),
             // On the same grid as the heartbeat: a ping goes out in the
             // same wake-up as the heartbeat due with it.
             ping: Ticker::on_grid(self.config.ping_interval),
