@@ -40,7 +40,7 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
             // exists), as the "after" figure is.
             wait_heartbeat_on(&dashboard, register.conn()).await;
             rss_before = agent.rss_kib();
-            fds_before = agent.fd_count();
+            fds_before = settled_fd_count(&agent).await;
             threads_before = agent.thread_count();
         }
         // Acknowledge (which resets the backoff to its first step), then
@@ -67,7 +67,8 @@ async fn connect_disconnect_cycles_leak_neither_memory_nor_descriptors() {
         .await;
     wait_heartbeat_on(&dashboard, last.conn()).await;
     let rss_after = agent.rss_kib();
-    let (fds_after, threads_after) = (agent.fd_count(), agent.thread_count());
+    let fds_after = settled_fd_count(&agent).await;
+    let threads_after = agent.thread_count();
     let elapsed = started.elapsed();
     eprintln!(
         "figures: {} connect/disconnect cycles in {:.0} s: RSS {rss_before} KiB before, \
@@ -110,4 +111,23 @@ async fn wait_heartbeat_on(dashboard: &Dashboard, conn: u64) {
                 .then_some(())
         })
         .await;
+}
+
+/// The agent's descriptors, counted while it writes no state file: each
+/// write goes through a temporary file (`*.tmp`) that is open only for it,
+/// and a link that changes starts one, so a count taken mid-write would
+/// see a descriptor about to close. One that stays open fails here.
+async fn settled_fd_count(agent: &Agent) -> usize {
+    let deadline = Instant::now() + 10 * SECOND;
+    loop {
+        let targets = agent.fd_targets();
+        if !targets.iter().any(|t| t.ends_with(".tmp")) {
+            return targets.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a temporary file stays open: {targets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
