@@ -432,27 +432,24 @@ mod tests {
         assert_ne!(facts.lock_hash().map(str::to_owned), old_hash);
     }
 
-    #[test]
-    fn a_heartbeat_is_unchanged_until_what_it_says_changes() {
-        // Fresh StaSysMo files (outside the tree the test backdates).
-        let stasysmo = tempfile::tempdir().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let repo = repo_with_a_commit(&dir.path().join("repo"));
-        backdate_tree(dir.path());
+    /// A reporter of metrics from StaSysMo files (written here) in
+    /// `stasysmo`, for the repository `repo`; and the sender of its
+    /// compartments.
+    fn stasysmo_reporter(
+        repo: &std::path::Path,
+        stasysmo: &std::path::Path,
+    ) -> (Reporter, watch::Sender<UpdateStatus>) {
         let env: std::collections::HashMap<&str, String> = [
             ("NIXFLEET_URL", "ws://127.0.0.1:9/ws".to_owned()),
             ("NIXFLEET_TOKEN", "test-token".to_owned()),
             ("NIXFLEET_REPO_DIR", repo.display().to_string()),
             ("NIXFLEET_HOSTNAME", "h".to_owned()),
             ("NIXFLEET_METRICS", "stasysmo".to_owned()),
-            (
-                "NIXFLEET_STASYSMO_DIR",
-                stasysmo.path().display().to_string(),
-            ),
+            ("NIXFLEET_STASYSMO_DIR", stasysmo.display().to_string()),
         ]
         .into();
         for (gauge, value) in [("cpu", "5"), ("ram", "40"), ("swap", "0"), ("load", "0.5")] {
-            std::fs::write(stasysmo.path().join(gauge), value).unwrap();
+            std::fs::write(stasysmo.join(gauge), value).unwrap();
         }
         let config = crate::config::load_with(&crate::config::Cli::default(), |name| {
             env.get(name).cloned()
@@ -466,7 +463,18 @@ mod tests {
             reported_version: AGENT_VERSION.to_owned(),
         };
         let (status_tx, status_rx) = watch::channel(UpdateStatus::default());
-        let mut reporter = Reporter::new(&config, identity).with_update_status(status_rx);
+        let reporter = Reporter::new(&config, identity).with_update_status(status_rx);
+        (reporter, status_tx)
+    }
+
+    #[test]
+    fn a_heartbeat_is_unchanged_until_what_it_says_changes() {
+        // Fresh StaSysMo files (outside the tree the test backdates).
+        let stasysmo = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo_with_a_commit(&dir.path().join("repo"));
+        backdate_tree(dir.path());
+        let (mut reporter, status_tx) = stasysmo_reporter(&repo, stasysmo.path());
         let idle = CommandState::default();
         let unchanged =
             |reporter: &mut Reporter, command: &CommandState| reporter.heartbeat(command).1;

@@ -151,11 +151,7 @@ const WAITING_REBUILD: &str = "echo $$ > \"$HOME/pid\"\necho waiting\nwhile [ ! 
 async fn crash_mid_switch(dashboard: &Dashboard) -> (Agent, u32) {
     let options = AgentOptions::new(dashboard.url());
     let first = start_with_rebuild(dashboard.url(), WAITING_REBUILD, |_| {}).await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    dashboard.command_first("switch").await;
     dashboard
         .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "waiting")
         .await;

@@ -165,17 +165,9 @@ async fn a_dashboard_gone_for_10s_mid_flood_gets_every_line_then_one_status() {
     let mut dashboard = Dashboard::start().await;
     dashboard.set_read_rate(Some(20_000));
     let agent = start_with_rebuild(dashboard.url(), &flood(LINES, 0), |_| {}).await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    dashboard.command_first("switch").await;
     dashboard
-        .wait_frame_where("output", 10 * SECOND, |p| {
-            p["line"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("line 0010000"))
-        })
+        .wait_output_starting("line 0010000", 10 * SECOND)
         .await;
     dashboard.kill();
     let killed_at = Instant::now();
@@ -210,17 +202,9 @@ async fn an_agent_killed_twice_mid_flood_still_delivers_every_line_and_the_real_
     dashboard.set_read_rate(Some(20_000));
     let options = AgentOptions::new(dashboard.url());
     let first = start_with_rebuild(dashboard.url(), &flood(LINES, 3), |_| {}).await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    dashboard.command_first("switch").await;
     dashboard
-        .wait_frame_where("output", 10 * SECOND, |p| {
-            p["line"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("line 0005000"))
-        })
+        .wait_output_starting("line 0005000", 10 * SECOND)
         .await;
     let home = first.dir.path().to_owned();
     let dir = first.crash().await;
@@ -236,11 +220,7 @@ async fn an_agent_killed_twice_mid_flood_still_delivers_every_line_and_the_real_
     // The child ran on, unharmed, and ended while the backlog drains.
     wait_for_file(&home.join("end"), 30 * SECOND).await;
     dashboard
-        .wait_frame_where("output", 30 * SECOND, |p| {
-            p["line"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("line 0060000"))
-        })
+        .wait_output_starting("line 0060000", 30 * SECOND)
         .await;
     let dir = second.crash().await;
     let third = Agent::spawn(dir, options).await;
@@ -267,17 +247,9 @@ async fn after_a_sigkill_the_log_holds_every_line_the_dashboard_saw() {
     let dashboard = Dashboard::start().await;
     let body = "i=0; while [ ! -e \"$HOME/finish\" ]; do i=$((i+1)); echo \"line $(printf %07d $i)\"; sleep 0.002; done";
     let agent = start_with_rebuild(dashboard.url(), body, |_| {}).await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    dashboard.command_first("switch").await;
     dashboard
-        .wait_frame_where("output", 10 * SECOND, |p| {
-            p["line"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("line 0000300"))
-        })
+        .wait_output_starting("line 0000300", 10 * SECOND)
         .await;
     // SIGKILL, as the OOM killer or a watchdog escalation would.
     let state = agent.state_dir.clone();
@@ -355,11 +327,7 @@ while [ ! -e \"$HOME/go\" ]; do sleep 0.05; done";
     .await;
     // The state directory existed before, world-readable.
     set_mode(&agent.state_dir, 0o755);
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    let conn = dashboard.command_first("switch").await;
     dashboard
         .wait_frame_where("output", 10 * SECOND, |p| p["line"] == "secret-ish output")
         .await;
@@ -405,11 +373,7 @@ async fn the_log_cap_drops_and_counts_lines_past_it() {
         o.extra_toml.push("log_max_bytes = 100000".into());
     })
     .await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    dashboard.command(conn, "switch");
+    dashboard.command_first("switch").await;
     let status = dashboard.wait_frame("status", 1, 30 * SECOND).await;
     assert_eq!(
         status.payload()["status"],

@@ -9,9 +9,7 @@ use common::*;
 async fn a_rejected_command_is_logged_with_its_reason() {
     let dashboard = Dashboard::start().await;
     let agent = Agent::start(AgentOptions::new(dashboard.url())).await;
-    let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
-
-    dashboard.command(register.conn(), "stop");
+    dashboard.command_first("stop").await;
     dashboard
         .wait_frame("command_rejected", 1, 10 * SECOND)
         .await;

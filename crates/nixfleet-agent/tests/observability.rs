@@ -266,27 +266,70 @@ impl Drop for NodeExporter {
     }
 }
 
+/// An agent with a stand-in `nixos-rebuild`, registered, that writes its
+/// metrics file where a real node_exporter reads it.
+struct Exported {
+    exporter: NodeExporter,
+    agent: Agent,
+    conn: u64,
+    /// The metrics file.
+    file: PathBuf,
+    _textfiles: tempfile::TempDir,
+}
+
+impl Exported {
+    /// `None`, said in a "skipped: …" line, where node_exporter is not
+    /// installed.
+    async fn start(
+        dashboard: &Dashboard,
+        rebuild: &str,
+        tweak: impl FnOnce(&mut AgentOptions),
+    ) -> Option<Exported> {
+        if !Path::new(NODE_EXPORTER).exists() {
+            eprintln!(
+                "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
+            );
+            return None;
+        }
+        let textfiles = tempfile::tempdir().unwrap();
+        let file = textfiles.path().join("nixfleet-agent.prom");
+        let setting = format!("metrics_textfile = {:?}", file.display().to_string());
+        let agent = start_with_rebuild(dashboard.url(), rebuild, |o| {
+            o.extra_toml.push(setting);
+            tweak(o);
+        })
+        .await;
+        let conn = dashboard
+            .wait_frame("register", 1, 10 * SECOND)
+            .await
+            .conn();
+        let exporter = NodeExporter::start(textfiles.path());
+        Some(Exported {
+            exporter,
+            agent,
+            conn,
+            file,
+            _textfiles: textfiles,
+        })
+    }
+}
+
 #[tokio::test]
 async fn node_exporter_serves_the_agents_metrics() {
-    if !Path::new(NODE_EXPORTER).exists() {
-        eprintln!(
-            "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
-        );
-        return;
-    }
-    let textfiles = tempfile::tempdir().unwrap();
-    let file = textfiles.path().join("nixfleet-agent.prom");
     let mut dashboard = Dashboard::start().await;
-    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
-    let agent = start_with_rebuild(dashboard.url(), HELD_REBUILD, |o| {
-        o.extra_toml.push(setting)
-    })
-    .await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    let exporter = NodeExporter::start(textfiles.path());
+    let exported = Exported::start(&dashboard, HELD_REBUILD, |_| {}).await;
+    // Every field bound: what a pattern leaves out would be dropped (the
+    // agent stopped) at once.
+    let Some(Exported {
+        exporter,
+        agent,
+        conn,
+        file,
+        _textfiles,
+    }) = exported
+    else {
+        return;
+    };
 
     let body = exporter
         .wait_for(&[
@@ -347,27 +390,22 @@ fn printing_rebuild(lines: u64) -> String {
 
 #[tokio::test]
 async fn node_exporter_counts_output_lines_delivered_and_dropped() {
-    if !Path::new(NODE_EXPORTER).exists() {
-        eprintln!(
-            "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
-        );
-        return;
-    }
-    let textfiles = tempfile::tempdir().unwrap();
-    let file = textfiles.path().join("nixfleet-agent.prom");
     let dashboard = Dashboard::start().await;
-    let setting = format!("metrics_textfile = {:?}", file.display().to_string());
-    let _agent = start_with_rebuild(dashboard.url(), &printing_rebuild(5_000), |o| {
-        o.extra_toml.push(setting);
+    let rebuild = printing_rebuild(5_000);
+    let exported = Exported::start(&dashboard, &rebuild, |o| {
         // About 1,100 of the 5,000 lines fit.
         o.extra_toml.push("log_max_bytes = 100000".into());
-    })
-    .await;
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-    let exporter = NodeExporter::start(textfiles.path());
+    });
+    let Some(Exported {
+        exporter,
+        agent: _agent,
+        conn,
+        file: _,
+        _textfiles,
+    }) = exported.await
+    else {
+        return;
+    };
     exporter
         .wait_for(&[
             "nixfleet_agent_output_lines_total{outcome=\"delivered\"} 0",

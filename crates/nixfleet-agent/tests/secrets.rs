@@ -91,12 +91,7 @@ async fn session(source: Source, level: &str) -> (String, tempfile::TempDir) {
         .await;
     agent.wait_stderr("authentication failed", 5 * SECOND).await;
     dashboard.reject_upgrades(None);
-    let conn = dashboard
-        .wait_frame("register", 1, 10 * SECOND)
-        .await
-        .conn();
-
-    dashboard.command(conn, "switch");
+    let conn = dashboard.command_first("switch").await;
     let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
     assert_eq!(status.payload()["status"], "error");
     dashboard.command(conn, "pull");

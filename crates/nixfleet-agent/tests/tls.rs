@@ -13,10 +13,7 @@
 mod common;
 
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,81 +22,30 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// A CA made for one test.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
+#[allow(dead_code)] // shared with the mock's tests, which use other parts
+#[path = "common/test_ca.rs"]
+mod test_ca;
 
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        TestCa { issuer }
-    }
+use test_ca::TestCa;
 
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A server certificate for `names`, signed by this CA.
-    fn server(
-        &self,
-        names: &[&str],
-        expired: bool,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (vec![cert.der().clone(), self.issuer.der().clone()], key)
-    }
-
-    /// A client certificate for host `name` signed by this CA, and its key,
-    /// as PEM.
-    fn client(&self, name: &str) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A server configuration that wants a client certificate from this CA.
-    fn requiring_clients(
-        &self,
-        (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-    ) -> rustls::ServerConfig {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.issuer.der().clone()).unwrap();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.into(),
-            provider.clone(),
-        )
-        .build()
-        .unwrap();
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap()
-    }
+/// A server configuration that wants a client certificate from `clients`.
+fn requiring_clients(
+    clients: &TestCa,
+    (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> rustls::ServerConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(clients.der()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .unwrap();
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap()
 }
 
 /// Terminates TLS and forwards the plaintext to the in-test dashboard.
@@ -403,7 +349,7 @@ async fn mtls_with_the_right_client_certificate_registers() {
     let dashboard = Dashboard::start().await;
     let ca = TestCa::new("NixFleet test CA");
     let clients = TestCa::new("Fleet hosts CA");
-    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let config = requiring_clients(&clients, ca.server(&["localhost"], false));
     let front = TlsFront::with_config(dashboard.addr, config).await;
     let agent = mtls_agent(&front, &ca, clients.client("test-host")).await;
     let register = dashboard.wait_frame("register", 1, 10 * SECOND).await;
@@ -419,7 +365,7 @@ async fn mtls_with_a_certificate_from_another_ca_is_refused_and_retried() {
     let ca = TestCa::new("NixFleet test CA");
     let clients = TestCa::new("Fleet hosts CA");
     let stranger = TestCa::new("Another CA");
-    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let config = requiring_clients(&clients, ca.server(&["localhost"], false));
     let front = TlsFront::with_config(dashboard.addr, config).await;
     let mut agent = mtls_agent(&front, &ca, stranger.client("test-host")).await;
     let refused = "the dashboard refused this host's client certificate (tls_client_cert)";
@@ -431,7 +377,7 @@ async fn mtls_without_a_client_certificate_says_one_is_wanted() {
     let dashboard = Dashboard::start().await;
     let ca = TestCa::new("NixFleet test CA");
     let clients = TestCa::new("Fleet hosts CA");
-    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let config = requiring_clients(&clients, ca.server(&["localhost"], false));
     let front = TlsFront::with_config(dashboard.addr, config).await;
     let mut agent = agent_for(&front, Some(ca.pem())).await;
     let wanted = "the dashboard wants a client certificate and none is set";
@@ -443,7 +389,7 @@ async fn a_client_key_that_does_not_match_the_certificate_is_a_config_error() {
     let dashboard = Dashboard::start().await;
     let ca = TestCa::new("NixFleet test CA");
     let clients = TestCa::new("Fleet hosts CA");
-    let config = clients.requiring_clients(ca.server(&["localhost"], false));
+    let config = requiring_clients(&clients, ca.server(&["localhost"], false));
     let front = TlsFront::with_config(dashboard.addr, config).await;
     let (cert, _) = clients.client("test-host");
     let (_, other_key) = clients.client("other-host");

@@ -36,6 +36,20 @@ fn ssh_key(dir: &Path, name: &str) -> (PathBuf, String) {
     (key, format!("t@t namespaces=\"git\" {}", public.trim()))
 }
 
+/// The key allowed to sign, the only one its allowed-signers file (in
+/// `dir`) lists: the key's path and the file's.
+fn allowed_key(dir: &Path) -> (PathBuf, PathBuf) {
+    let (key, line) = ssh_key(dir, "allowed");
+    let signers = dir.join("allowed_signers");
+    std::fs::write(&signers, format!("{line}\n")).unwrap();
+    (key, signers)
+}
+
+/// The configuration line naming `signers` as the allowed-signers file.
+fn signers_config(signers: &Path) -> String {
+    format!("allowed_signers_file = {:?}", signers.display().to_string())
+}
+
 /// Runs git in `dir` with a fixed identity and no user configuration, plus
 /// `extra` environment; returns its stdout.
 fn git_env(dir: &Path, args: &[&str], extra: &[(&str, &Path)]) -> String {
@@ -117,13 +131,9 @@ fn upstream(dir: &Path, key: &Path) -> (PathBuf, String) {
 /// An agent in isolated mode cloning `work`, with `keys` as extra config.
 async fn isolated_host(dashboard: &Dashboard, work: &Path, keys: Vec<String>) -> Agent {
     let mut options = AgentOptions::new(dashboard.url());
-    options
-        .extra_toml
-        .push(format!("repo_url = {:?}", work.display().to_string()));
-    options.extra_toml.push("branch = \"main\"".into());
+    options.follow(work);
     options.extra_toml.extend(keys);
-    let (dir, _) = Agent::prepare(&options);
-    std::fs::remove_dir(dir.path().join("repo")).unwrap();
+    let (dir, _) = Agent::prepare_to_clone(&options);
     let agent = Agent::spawn(dir, options).await;
     dashboard.wait_frame("register", 1, 10 * SECOND).await;
     agent
@@ -183,17 +193,12 @@ async fn only_a_tip_signed_by_a_listed_ssh_key_is_checked_out() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let (allowed, line) = ssh_key(keys.path(), "allowed");
+    let (allowed, signers) = allowed_key(keys.path());
     let (other, _) = ssh_key(keys.path(), "other");
-    let signers = keys.path().join("allowed_signers");
-    std::fs::write(&signers, format!("{line}\n")).unwrap();
     let (work, first) = upstream(keys.path(), &allowed);
 
     let dashboard = Dashboard::start().await;
-    let config = vec![format!(
-        "allowed_signers_file = {:?}",
-        signers.display().to_string()
-    )];
+    let config = vec![signers_config(&signers)];
     let agent = isolated_host(&dashboard, &work, config).await;
     let p = command_status(&dashboard, "pull", 1).await;
     assert_eq!(p["status"], "ok", "{p}");
@@ -241,17 +246,12 @@ async fn a_first_clone_of_an_unsigned_tip_checks_nothing_out() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let (allowed, line) = ssh_key(keys.path(), "allowed");
-    let signers = keys.path().join("allowed_signers");
-    std::fs::write(&signers, format!("{line}\n")).unwrap();
+    let (allowed, signers) = allowed_key(keys.path());
     let (work, _) = upstream(keys.path(), &allowed);
     let unsigned = commit_ssh(&work, "unsigned", None);
 
     let dashboard = Dashboard::start().await;
-    let config = vec![format!(
-        "allowed_signers_file = {:?}",
-        signers.display().to_string()
-    )];
+    let config = vec![signers_config(&signers)];
     let agent = isolated_host(&dashboard, &work, config).await;
     let p = command_status(&dashboard, "pull-switch", 1).await;
     assert_eq!(p["status"], "error", "{p}");
@@ -270,10 +270,7 @@ async fn a_first_clone_of_an_unsigned_tip_checks_nothing_out() {
 /// a stand-in `nixos-rebuild` that leaves a mark when it runs.
 async fn plain_host(dashboard: &Dashboard, key: &Path, signers: &Path) -> Agent {
     let mut options = AgentOptions::new(dashboard.url());
-    options.extra_toml.push(format!(
-        "allowed_signers_file = {:?}",
-        signers.display().to_string()
-    ));
+    options.extra_toml.push(signers_config(signers));
     let (dir, bin) = Agent::prepare(&options);
     let repo = dir.path().join("repo");
     git_env(&repo, &["init", "-q", "-b", "main"], &[]);
@@ -297,9 +294,7 @@ async fn switch_refuses_a_head_changed_by_hand() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let (allowed, line) = ssh_key(keys.path(), "allowed");
-    let signers = keys.path().join("allowed_signers");
-    std::fs::write(&signers, format!("{line}\n")).unwrap();
+    let (allowed, signers) = allowed_key(keys.path());
     let dashboard = Dashboard::start().await;
     let agent = plain_host(&dashboard, &allowed, &signers).await;
     let mark = agent.dir.path().join("rebuilt");
@@ -343,10 +338,8 @@ async fn the_users_own_git_config_and_keyring_are_never_consulted() {
         return;
     }
     let keys = tempfile::tempdir().unwrap();
-    let (allowed, line) = ssh_key(keys.path(), "allowed");
+    let (allowed, signers) = allowed_key(keys.path());
     let (other, other_line) = ssh_key(keys.path(), "other");
-    let signers = keys.path().join("allowed_signers");
-    std::fs::write(&signers, format!("{line}\n")).unwrap();
     let (work, first) = upstream(keys.path(), &allowed);
 
     // A commit signed with a GPG key that only the user's own keyring
@@ -357,19 +350,12 @@ async fn the_users_own_git_config_and_keyring_are_never_consulted() {
 
     let dashboard = Dashboard::start().await;
     let mut options = AgentOptions::new(dashboard.url());
-    options
-        .extra_toml
-        .push(format!("repo_url = {:?}", work.display().to_string()));
-    options.extra_toml.push("branch = \"main\"".into());
-    options.extra_toml.push(format!(
-        "allowed_signers_file = {:?}",
-        signers.display().to_string()
-    ));
+    options.follow(&work);
+    options.extra_toml.push(signers_config(&signers));
     options
         .env
         .push(("GNUPGHOME".into(), home_gnupg.display().to_string()));
-    let (dir, _) = Agent::prepare(&options);
-    std::fs::remove_dir(dir.path().join("repo")).unwrap();
+    let (dir, _) = Agent::prepare_to_clone(&options);
     // The user's gitconfig (HOME is the test directory) allows the other
     // SSH key and every GPG key.
     let user_signers = dir.path().join("user_signers");

@@ -353,8 +353,7 @@ async fn isolated_host(dashboard: &Dashboard, url: &str, real_git: &Path) -> (Ag
     let mut options = AgentOptions::new(dashboard.url());
     options.extra_toml.push(format!("repo_url = {url:?}"));
     options.extra_toml.push("branch = \"main\"".into());
-    let (agent_dir, bin_dir) = Agent::prepare(&options);
-    std::fs::remove_dir(agent_dir.path().join("repo")).unwrap();
+    let (agent_dir, bin_dir) = Agent::prepare_to_clone(&options);
     let argv_log = agent_dir.path().join("git-argv.log");
     stand_in_git(&bin_dir, real_git, &argv_log);
     let agent = Agent::spawn(agent_dir, options).await;

@@ -259,7 +259,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
-use crate::record::Recorder;
+use crate::record::{Recorder, RecorderThread};
 use crate::shared::Shared;
 use crate::state::State;
 use crate::tokens::Tokens;
@@ -439,18 +439,7 @@ async fn serve(
     tokens: Tokens,
     tls: Option<Arc<ServerConfig>>,
 ) -> Result<ExitCode, String> {
-    let (recorder, writer) = match &cli.record {
-        Some(path) => {
-            let (recorder, writer) = Recorder::open(path)
-                .map_err(|e| format!("cannot open record file {}: {e}", path.display()))?;
-            (Some(recorder), Some(writer))
-        }
-        None => (None, None),
-    };
-    let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
-    let mut state = State::new(max_messages, cli.offline_after_intervals, recorder);
-    state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
-    let shared = Arc::new(Shared::new(state, tokens));
+    let (shared, writer) = shared_state(&cli, tokens)?;
 
     let listener = TcpListener::bind(cli.listen)
         .await
@@ -494,6 +483,26 @@ async fn serve(
     }
     tracing::info!("bye");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fleet's state, shared by every connection, and the thread that
+/// writes the record file (`--record`), if there is one.
+fn shared_state(
+    cli: &Cli,
+    tokens: Tokens,
+) -> Result<(Arc<Shared>, Option<RecorderThread>), String> {
+    let (recorder, writer) = match &cli.record {
+        Some(path) => {
+            let (recorder, writer) = Recorder::open(path)
+                .map_err(|e| format!("cannot open record file {}: {e}", path.display()))?;
+            (Some(recorder), Some(writer))
+        }
+        None => (None, None),
+    };
+    let max_messages = usize::try_from(cli.max_messages_per_host).unwrap_or(usize::MAX);
+    let mut state = State::new(max_messages, cli.offline_after_intervals, recorder);
+    state.reconnect_timeout = Duration::from_secs(cli.reconnect_timeout);
+    Ok((Arc::new(Shared::new(state, tokens)), writer))
 }
 
 /// The HTTP server (API, page and `/ws`), until `stop` fires.

@@ -243,7 +243,7 @@ async fn a_bad_tokens_file_is_a_usage_error_naming_the_line() {
 /// The mock serving TLS with a certificate for `localhost` from `ca`
 /// (`client_ca`: requiring client certificates from it too).
 async fn start_tls_mock(dir: &Path, ca: &TestCa, client_ca: bool) -> (Child, String) {
-    let (cert, key) = ca.issue("localhost", false);
+    let (cert, key) = ca.server_pem("localhost");
     let (cert_file, key_file, ca_file) = (
         dir.join("mock.crt"),
         dir.join("mock.key"),
@@ -304,7 +304,7 @@ async fn with_client_ca_only_agents_with_a_certificate_from_it_register() {
     );
     // host-a has a client certificate from the CA.
     let a_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.issue("host-a", true);
+    let (cert, key) = ca.client("host-a");
     let (cert_file, key_file) = (a_dir.path().join("a.crt"), a_dir.path().join("a.key"));
     std::fs::write(&cert_file, &cert).unwrap();
     std::fs::write(&key_file, &key).unwrap();
@@ -320,7 +320,7 @@ async fn with_client_ca_only_agents_with_a_certificate_from_it_register() {
     // host-b has the right token but no certificate.
     let b_dir = tempfile::tempdir().unwrap();
     let _b = start_agent_with(b_dir.path(), &url, "host-b", "token-of-b-93c0", &ca_line);
-    let api = Api::new(&ca, Some(&ca.issue("test-client", true)));
+    let api = Api::new(&ca, Some(&ca.client("test-client")));
     api.wait_for(&addr, "/api/hosts/host-a", |h| h["connected"] == true)
         .await;
     let rejected = api

@@ -21,15 +21,15 @@ use self::core::{Core, CoreInputs, CoreLinks, Ending};
 use self::systemd_report::report_to_systemd;
 use crate::commands::Runner;
 use crate::config::Config;
-use crate::connection::{Connection, LinkState, Links};
+use crate::connection::{Connection, Control, LinkState, Links};
 use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
-use crate::observe::{Observer, Watched};
+use crate::observe::{Observation, Observer, Watched};
 use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
 use crate::systemd::Systemd;
-use crate::watchdog::probe_channel;
+use crate::watchdog::{Prober, probe_channel};
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -77,6 +77,73 @@ struct Tasks {
 /// predecessor left, if any).
 fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
     let outbox = Arc::new(Outbox::default());
+    let (links, inputs, ends) = wire(outbox.clone());
+    let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
+    let (compartments, reporter, identity) = reporting(config, &runner, ends.lock_answers);
+    let (reboot_tx, reboot_rx) = watch::channel(Vec::new());
+    let reporter = reporter.with_reboot_watch(reboot_tx);
+    let watched = Watched {
+        link: ends.link_state.clone(),
+        command: ends.command_state_rx.clone(),
+        compartments: compartments.subscribe(),
+        outbox: outbox.clone(),
+        reboot: reboot_rx,
+    };
+    let observer = Observer::new(config, identity.source_commit.clone(), watched);
+    let (observations, observations_rx) = ends.observations;
+    let observer =
+        tokio::spawn(observer.run(config.interval, observations_rx, inputs.shutdown.clone()));
+    let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());
+    tokio::spawn(release_startup_memory_once_connected(
+        ends.link_state.clone(),
+    ));
+    let shutdown = Arc::new(ends.shutdown);
+    tokio::spawn(shutdown::on_signals(shutdown.clone()));
+
+    let core = build_core(
+        config,
+        CoreLinks {
+            runner,
+            outbox,
+            replies: ends.replies,
+            command_state: ends.command_state,
+            compartments,
+            control: ends.control,
+            identity,
+            observations,
+            link_state: ends.link_state.clone(),
+        },
+    );
+    let systemd = tokio::spawn(report_to_systemd(
+        Systemd::from_env(),
+        config.url.clone(),
+        ends.link_state,
+        ends.command_state_rx,
+        ends.probers,
+        inputs.shutdown.clone(),
+    ));
+    let tasks = (connection, systemd, observer);
+    (core, inputs, Tasks { shutdown, tasks })
+}
+
+/// The ends of the channels that belong neither to the connection's
+/// [`Links`] nor to what the core listens to ([`CoreInputs`]): the core's
+/// senders, the watchers' receivers, the shutdown switch and the probers.
+struct Ends {
+    replies: mpsc::Sender<String>,
+    command_state: watch::Sender<CommandState>,
+    command_state_rx: watch::Receiver<CommandState>,
+    link_state: watch::Receiver<LinkState>,
+    control: mpsc::Sender<Control>,
+    lock_answers: mpsc::Sender<LockAnswer>,
+    observations: (mpsc::Sender<Observation>, mpsc::Receiver<Observation>),
+    shutdown: shutdown::Trigger,
+    probers: [Prober; 2],
+}
+
+/// Every channel between the tasks, made in one place so that their
+/// capacities can be read together; each end is handed to its owner.
+fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
     let (inbound_tx, inbound_rx) = mpsc::channel(64);
     let (replies_tx, replies_rx) = mpsc::channel(64);
     let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
@@ -86,69 +153,47 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
     let (connection_prober, connection_probes) = probe_channel("connection");
     let (control_tx, control_rx) = mpsc::channel(16);
     let (lock_answers_tx, lock_answers_rx) = mpsc::channel(4);
-    // A command's launch and end: two messages per command.
-    let (observations_tx, observations_rx) = mpsc::channel(8);
-
-    let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
-    let (compartments, reporter, identity) = reporting(config, &runner, lock_answers_tx);
-    let (reboot_tx, reboot_rx) = watch::channel(Vec::new());
-    let reporter = reporter.with_reboot_watch(reboot_tx);
     let links = Links {
         inbound: inbound_tx,
         replies: replies_rx,
-        outbox: outbox.clone(),
+        outbox,
         command_state: command_state_rx.clone(),
         link_state: link_state_tx,
         probes: connection_probes,
         shutdown: shutdown_rx.clone(),
         control: control_rx,
     };
-    let watched = Watched {
-        link: link_state_rx.clone(),
-        command: command_state_rx.clone(),
-        compartments: compartments.subscribe(),
-        outbox: outbox.clone(),
-        reboot: reboot_rx,
-    };
-    let observer = Observer::new(config, identity.source_commit.clone(), watched);
-    let observer =
-        tokio::spawn(observer.run(config.interval, observations_rx, shutdown_rx.clone()));
-    let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());
-    tokio::spawn(release_startup_memory_once_connected(link_state_rx.clone()));
-    let shutdown_tx = Arc::new(shutdown_tx);
-    tokio::spawn(shutdown::on_signals(shutdown_tx.clone()));
-
-    let links = CoreLinks {
-        runner,
-        outbox,
-        replies: replies_tx,
-        command_state: command_state_tx,
-        compartments,
-        control: control_tx,
-        identity,
-        observations: observations_tx,
-        link_state: link_state_rx.clone(),
-    };
-    let mut core = Core::new(config, links);
-    core.adopt_previous();
-    core.resume_activation();
-    core.resume_tests();
-    let systemd = tokio::spawn(report_to_systemd(
-        Systemd::from_env(),
-        config.url.clone(),
-        link_state_rx,
-        command_state_rx,
-        [core_prober, connection_prober],
-        shutdown_rx.clone(),
-    ));
     let inputs = CoreInputs {
         inbound: inbound_rx,
         lock_answers: lock_answers_rx,
         shutdown: shutdown_rx,
         probes: core_probes,
     };
-    let (shutdown, tasks) = (shutdown_tx, (connection, systemd, observer));
-    (core, inputs, Tasks { shutdown, tasks })
+    let ends = Ends {
+        replies: replies_tx,
+        command_state: command_state_tx,
+        command_state_rx,
+        link_state: link_state_rx,
+        control: control_tx,
+        lock_answers: lock_answers_tx,
+        // A command's launch and end: two messages per command.
+        observations: mpsc::channel(8),
+        shutdown: shutdown_tx,
+        probers: [core_prober, connection_prober],
+    };
+    (links, inputs, ends)
+}
+
+/// The core, once it has taken over what an earlier agent left: a command
+/// it started, then a deployment still to be confirmed or rolled back, then
+/// the tests after a switch (in this order: each step sees what the one
+/// before adopted).
+fn build_core(config: &Arc<Config>, links: CoreLinks) -> Core {
+    let mut core = Core::new(config, links);
+    core.adopt_previous();
+    core.resume_activation();
+    core.resume_tests();
+    core
 }
 
 /// The status compartments, and the reporter that puts them (and the

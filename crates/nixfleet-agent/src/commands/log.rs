@@ -402,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn records_parse() {
+    fn output_line_records_parse() {
         assert_eq!(
             parse(b"o hello"),
             Record::Line {
@@ -427,6 +427,10 @@ mod tests {
                 raw: b""
             }
         );
+    }
+
+    #[test]
+    fn step_and_end_records_parse() {
         assert_eq!(parse(b"# steps 3"), Record::Steps(3));
         assert_eq!(
             parse(b"# step 1 git fetch"),

@@ -55,23 +55,7 @@ impl Dialer {
         probes: &mut mpsc::Receiver<Probe>,
     ) -> Result<Socket, ConnectError> {
         let request = self.request().map_err(ConnectError::Failed)?;
-        let connector = if self.config.url.starts_with("wss://") {
-            if self.tls.is_none() {
-                self.tls = Some(
-                    crate::tls::client_config(
-                        self.config.ca_file.as_deref(),
-                        self.config
-                            .tls_client
-                            .as_ref()
-                            .map(|c| (c.chain.clone(), c.key())),
-                    )
-                    .map_err(ConnectError::Failed)?,
-                );
-            }
-            Connector::Rustls(self.tls.clone().expect("set above"))
-        } else {
-            Connector::Plain
-        };
+        let connector = self.connector().map_err(ConnectError::Failed)?;
         let ws_config = websocket_config();
         let connect_timeout = self.config.ping_timeout;
         let written = self.written.clone();
@@ -109,6 +93,24 @@ impl Dialer {
                 Ok(socket)
             }
         }
+    }
+
+    /// Plain TCP for `ws://`; for `wss://` the TLS settings, built on the
+    /// first attempt (reading `ca_file` and the client identity) and kept.
+    fn connector(&mut self) -> Result<Connector, String> {
+        if !self.config.url.starts_with("wss://") {
+            return Ok(Connector::Plain);
+        }
+        if self.tls.is_none() {
+            self.tls = Some(crate::tls::client_config(
+                self.config.ca_file.as_deref(),
+                self.config
+                    .tls_client
+                    .as_ref()
+                    .map(|c| (c.chain.clone(), c.key())),
+            )?);
+        }
+        Ok(Connector::Rustls(self.tls.clone().expect("set above")))
     }
 
     fn request(&self) -> Result<Request, String> {

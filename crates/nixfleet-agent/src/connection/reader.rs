@@ -52,29 +52,42 @@ pub(super) async fn read_frames(
             }
             Err(error) => return SessionEnd::Broken(error.to_string()),
         };
-        match protocol::decode(&text) {
-            Ok(Inbound::Registered { host_id }) => {
-                // `?`: the dashboard's text, escaped, so it cannot start log lines.
-                info!(host_id = ?host_id, "registered with the dashboard");
-                registered.store(true, Ordering::Relaxed);
-                // The core confirms a pending switch with it.
-                if inbound.send(Inbound::Registered { host_id }).await.is_err() {
-                    return SessionEnd::Shutdown;
-                }
-            }
-            Ok(Inbound::Unknown { kind }) => {
-                debug!(kind = ?kind, "ignoring a message of unknown type")
-            }
-            Ok(message) => {
-                if inbound.send(message).await.is_err() {
-                    // The core is gone: the agent is shutting down.
-                    return SessionEnd::Shutdown;
-                }
-            }
-            Err(error) => warn!(error = %error, bytes = text.len(), "ignoring a bad message"),
+        if let Err(end) = hand_over(&text, registered, inbound).await {
+            return end;
         }
     }
     SessionEnd::Broken("connection closed".to_owned())
+}
+
+/// A text frame decoded and handed to the core; `Err` ends the session
+/// (the core is gone: the agent is shutting down).
+async fn hand_over(
+    text: &str,
+    registered: &AtomicBool,
+    inbound: &mpsc::Sender<Inbound>,
+) -> Result<(), SessionEnd> {
+    match protocol::decode(text) {
+        Ok(Inbound::Registered { host_id }) => {
+            // `?`: the dashboard's text, escaped, so it cannot start log lines.
+            info!(host_id = ?host_id, "registered with the dashboard");
+            registered.store(true, Ordering::Relaxed);
+            // The core confirms a pending switch with it.
+            if inbound.send(Inbound::Registered { host_id }).await.is_err() {
+                return Err(SessionEnd::Shutdown);
+            }
+        }
+        Ok(Inbound::Unknown { kind }) => {
+            debug!(kind = ?kind, "ignoring a message of unknown type")
+        }
+        Ok(message) => {
+            if inbound.send(message).await.is_err() {
+                // The core is gone: the agent is shutting down.
+                return Err(SessionEnd::Shutdown);
+            }
+        }
+        Err(error) => warn!(error = %error, bytes = text.len(), "ignoring a bad message"),
+    }
+    Ok(())
 }
 
 fn reason_suffix(reason: &str) -> String {

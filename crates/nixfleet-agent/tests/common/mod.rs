@@ -357,6 +357,22 @@ impl Dashboard {
         );
     }
 
+    /// Waits for the first agent's `register` and sends it the command
+    /// `name`; returns its connection.
+    pub async fn command_first(&self, name: &str) -> u64 {
+        let conn = self.wait_frame("register", 1, 10 * SECOND).await.conn();
+        self.command(conn, name);
+        conn
+    }
+
+    /// Waits for an output line that starts with `prefix`.
+    pub async fn wait_output_starting(&self, prefix: &str, timeout: Duration) -> Seen {
+        self.wait_frame_where("output", timeout, |p| {
+            p["line"].as_str().is_some_and(|l| l.starts_with(prefix))
+        })
+        .await
+    }
+
     pub fn close(&self, conn: u64, code: u16, reason: &str) {
         let s = self.shared.lock().unwrap();
         if let Some(tx) = s.connections.get(&conn) {
@@ -692,6 +708,14 @@ impl AgentOptions {
             umask: None,
         }
     }
+
+    /// Isolated mode: the agent follows branch `main` of `upstream`, a
+    /// local repository (start it with [`Agent::prepare_to_clone`]).
+    pub fn follow(&mut self, upstream: &Path) {
+        let url = upstream.display().to_string();
+        self.extra_toml.push(format!("repo_url = {url:?}"));
+        self.extra_toml.push("branch = \"main\"".into());
+    }
 }
 
 /// The real agent binary, running. Killed when dropped.
@@ -718,6 +742,14 @@ impl Agent {
         std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
         set_mode(&dir.path().join("token"), 0o600);
         let _ = options;
+        (dir, bin_dir)
+    }
+
+    /// [`Agent::prepare`] for an agent in isolated mode: no `repo_dir` yet,
+    /// so that its first pull clones.
+    pub fn prepare_to_clone(options: &AgentOptions) -> (tempfile::TempDir, PathBuf) {
+        let (dir, bin_dir) = Agent::prepare(options);
+        std::fs::remove_dir(dir.path().join("repo")).unwrap();
         (dir, bin_dir)
     }
 

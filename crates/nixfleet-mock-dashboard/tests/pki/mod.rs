@@ -1,57 +1,20 @@
 //! Certificates made for one test (rcgen), and a small HTTPS client for the
 //! mock's API when it serves TLS.
 
+// The agent's TLS tests make their certificates with the same CA.
+#[allow(dead_code)] // the agent's tests use parts this crate's do not
+#[path = "../../../nixfleet-agent/tests/common/test_ca.rs"]
+mod test_ca;
+
+pub use test_ca::TestCa;
+
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-pub struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub fn new(name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        TestCa { issuer }
-    }
-
-    pub fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate (`client`: for client authentication) for `name`,
-    /// and its key, as PEM.
-    pub fn issue(&self, name: &str, client: bool) -> (String, String) {
-        let sans = if client {
-            Vec::new()
-        } else {
-            vec![name.to_owned()]
-        };
-        let mut params = CertificateParams::new(sans).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        if client {
-            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// GETs over TLS, trusting `ca`, presenting `client` (cert, key PEM) if
 /// given.
