@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 // The tests, in two modules: the commands that change the host or the
 // agent, and the checks behind the compartments; the helpers below serve
