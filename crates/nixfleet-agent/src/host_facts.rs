@@ -1,6 +1,6 @@
 //! Facts about the host that both the heartbeat and the commands report:
 //! the repository's HEAD (the "generation"), where a ref points, the lock
-//! file's hash, the running NixOS system.
+//! file's hash, the running NixOS system, the boot's id.
 //!
 //! Everything here is read from small files, never by spawning a process:
 //! the heartbeat calls it every second. The git facts read `.git` directly
@@ -22,6 +22,32 @@ pub fn current_system() -> Option<String> {
         .unwrap_or_else(|| PathBuf::from(CURRENT_SYSTEM));
     let target = std::fs::canonicalize(link).ok()?;
     target.to_str().map(str::to_owned)
+}
+
+/// The kernel's id of this boot. A process's start time counts from boot,
+/// and a rollback's countdown belongs to one boot: both compare it.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+/// Test-only: a stand-in for [`BOOT_ID_FILE`].
+pub const TEST_BOOT_ID_ENV: &str = "NIXFLEET_TEST_BOOT_ID_FILE";
+
+/// This boot's id, when the kernel (or the test's stand-in) tells it. The
+/// kernel's is read once per process (it cannot change while the process
+/// lives); a stand-in is read at every call, so a test can reboot the fake
+/// host under a running agent.
+pub fn boot_id() -> Option<String> {
+    if let Some(stand_in) = std::env::var_os(TEST_BOOT_ID_ENV).filter(|v| !v.is_empty()) {
+        return read_boot_id(Path::new(&stand_in));
+    }
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| read_boot_id(Path::new(BOOT_ID_FILE)))
+        .clone()
+}
+
+fn read_boot_id(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let id = text.trim();
+    (!id.is_empty() && id.len() <= 64).then(|| id.to_owned())
 }
 
 /// sha256 hex of the repository's `flake.lock` (hashed again only when the
@@ -147,6 +173,23 @@ fn valid_commit(id: &str) -> Option<String> {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn the_boot_id_is_the_files_trimmed_text_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("boot_id");
+        assert_eq!(read_boot_id(&file), None);
+        std::fs::write(&file, "6f1c-aa\n").unwrap();
+        assert_eq!(read_boot_id(&file).as_deref(), Some("6f1c-aa"));
+        std::fs::write(&file, " \n").unwrap();
+        assert_eq!(read_boot_id(&file), None);
+        std::fs::write(&file, "x".repeat(65)).unwrap();
+        assert_eq!(read_boot_id(&file), None);
+        // The kernel's, when there is a /proc to read.
+        if Path::new(BOOT_ID_FILE).exists() && std::env::var_os(TEST_BOOT_ID_ENV).is_none() {
+            assert_eq!(boot_id(), read_boot_id(Path::new(BOOT_ID_FILE)));
+        }
+    }
 
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")

@@ -16,9 +16,9 @@ fn main() -> ExitCode {
         return nixfleet_agent::signature::main();
     }
     // The hidden mode a systemd timer runs when a switch's countdown ends
-    // (see activation/unattended.rs).
+    // (see commands/unattended.rs).
     if std::env::args_os().nth(1).as_deref() == Some(ROLLBACK_ARG.as_ref()) {
-        return nixfleet_agent::activation::unattended::main();
+        return nixfleet_agent::commands::unattended::main();
     }
     // Before anything secret is read.
     let dumpable = nixfleet_agent::hardening::forbid_core_dumps();

@@ -7,8 +7,12 @@
 //! `bin/switch-to-configuration` (flips the link back).
 
 mod common;
+#[path = "rollback/cut_short.rs"]
+mod cut_short;
 #[path = "rollback/host.rs"]
 mod host;
+#[path = "rollback/timer.rs"]
+mod timer;
 
 use common::*;
 use host::*;
@@ -330,84 +334,6 @@ async fn a_failed_rollback_is_reported_once_and_never_retried() {
         .filter(|s| s.payload()["command"] == "rollback")
         .count();
     assert_eq!(rollbacks, 1);
-}
-
-/// The hidden mode the systemd timer runs, with the test's stand-ins.
-fn run_timer_mode(paths: &Paths, options: &AgentOptions) -> String {
-    let path = format!(
-        "{}:{}",
-        paths.home.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"))
-        .arg("--rollback-if-unconfirmed")
-        .arg(&paths.state)
-        .env_clear()
-        .env("PATH", path)
-        .env("HOME", &paths.home)
-        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn armed_record(paths: &Paths, deadline: u64) -> String {
-    serde_json::json!({
-        "phase": "armed", "command": "switch", "system": paths.old.display().to_string(),
-        "generation": 7, "boot_id": "boot-a", "commit": "abc1234", "deadline": deadline,
-        "timeout_secs": 300,
-    })
-    .to_string()
-}
-
-/// The new system's agent cannot start: the timer's hidden mode rolls
-/// back on its own, and the next agent (the old system's) reports it. While
-/// an agent runs, the hidden mode leaves the countdown to it.
-#[tokio::test]
-async fn the_timers_mode_rolls_back_only_without_an_agent_and_the_next_agent_reports_it() {
-    let mut dashboard = Dashboard::start().await;
-    let (dir, paths, options) = prepare(dashboard.url(), 300);
-    let new = paths.home.join("system-new");
-    std::fs::remove_file(&paths.link).unwrap();
-    std::os::unix::fs::symlink(&new, &paths.link).unwrap();
-    std::fs::create_dir_all(&paths.state).unwrap();
-    let far = 4_000_000_000;
-    std::fs::write(paths.record(), armed_record(&paths, far)).unwrap();
-    let agent = Agent::spawn(dir, options.clone()).await;
-    dashboard.wait_frame("register", 1, 10 * SECOND).await;
-    dashboard.kill();
-    assert_eq!(
-        run_timer_mode(&paths, &options).trim(),
-        "the agent runs and counts down itself: nothing to do"
-    );
-    assert!(rollback_runs(&paths).is_empty());
-
-    let dir = agent.crash().await;
-    std::fs::write(paths.record(), armed_record(&paths, 1)).unwrap();
-    let said = run_timer_mode(&paths, &options);
-    assert!(
-        said.contains("rolled back to system-old: the dashboard was unreachable for 300 s after switch abc1234"),
-        "{said}"
-    );
-    assert_eq!(rollback_runs(&paths).len(), 1);
-    assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
-    assert_eq!(
-        run_timer_mode(&paths, &options).trim(),
-        "the activation record is RolledBack: nothing to do"
-    );
-
-    dashboard.restart().await;
-    let _next = Agent::spawn(dir, options).await;
-    let status = rollback_status(&dashboard).await;
-    assert_eq!(status["status"], "error");
-    assert_eq!(
-        status["message"],
-        "rolled back to system-old: the dashboard was unreachable for 300 s after switch abc1234"
-    );
-    let record = wait_for_record(&paths, "rolled_back").await;
-    assert_eq!(record["reported"], true);
-    assert_eq!(rollback_runs(&paths).len(), 1);
 }
 
 #[tokio::test]

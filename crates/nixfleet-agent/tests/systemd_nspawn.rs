@@ -733,14 +733,7 @@ fn systemd_nspawn_countdown_survives_the_agents_self_restart() {
     );
     let rollback = await_rollback_report(&c, &setup);
     // The agent ran the rollback itself: its output reached the dashboard.
-    let outputs = setup.messages("output", 0);
-    let lines: Vec<String> = outputs["messages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["payload"]["command"] == "rollback")
-        .filter_map(|m| m["payload"]["line"].as_str().map(str::to_owned))
-        .collect();
+    let lines = rollback_lines(&setup);
     c.check(
         expect(
             lines.iter().any(|l| l.contains("old system: active")),
@@ -767,7 +760,28 @@ fn systemd_nspawn_timer_rolls_back_a_system_that_breaks_the_agent() {
         }),
         "the new system's config stops the agent (exit 78)",
     );
-    await_rollback_report(&c, &setup);
+    let rollback = await_rollback_report(&c, &setup);
+    // The timer ran it under a supervisor into a command log, which the
+    // old agent adopted: the output reached the dashboard before the status.
+    let lines = rollback_lines(&setup);
+    c.check(
+        expect(
+            lines.iter().any(|l| l.contains("old system: active")),
+            "the timer's rollback output, delivered by the next agent",
+        ),
+        &format!("the rollback's output: {lines:?}; status {rollback}"),
+    );
+    let statuses = setup.messages("status", 0);
+    let rollbacks = statuses["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["payload"]["command"] == "rollback")
+        .count();
+    c.check(
+        expect(rollbacks == 1, "one rollback status"),
+        &format!("{rollbacks} rollback statuses"),
+    );
     let timer_log = c.ok(&[
         "journalctl",
         "--no-pager",
@@ -843,6 +857,18 @@ fn switch_and_lose_the_dashboard(c: &Container, setup: &AgentSetup) {
         }),
         "the switch cut the host off the dashboard",
     );
+}
+
+/// The `output` lines of `rollback` the dashboard got.
+fn rollback_lines(setup: &AgentSetup) -> Vec<String> {
+    let outputs = setup.messages("output", 0);
+    outputs["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["payload"]["command"] == "rollback")
+        .filter_map(|m| m["payload"]["line"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The `rollback` status at the dashboard (started again by the old

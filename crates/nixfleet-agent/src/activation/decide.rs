@@ -6,6 +6,25 @@
 use super::record::{Phase, Record};
 use std::time::Duration;
 
+/// A rollback cut short (the agent or the host stopped while it ran) is
+/// started at most this many times in all: its steps are idempotent, so
+/// once more is safe; a loop is what must never happen.
+pub const MAX_ROLLBACK_ATTEMPTS: u32 = 2;
+
+/// What a starting agent took over from the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopted {
+    Nothing,
+    /// A command other than the automatic rollback (the switch, its tests).
+    Command,
+    /// The rollback: its supervisor still runs, or it ended and its log
+    /// says how.
+    Rollback,
+    /// The rollback, cut short: no supervisor, and its log ends without
+    /// the supervisor's end.
+    RollbackCutShort,
+}
+
 /// What a starting agent does with the record a previous one left.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -24,18 +43,24 @@ pub enum Resume {
     Report,
     /// The record is from another boot: discarded, and the dashboard told.
     OtherBoot { message: String },
-    /// A rollback was started but nothing runs it any more: reported as
-    /// failed, never retried.
+    /// A rollback was cut short, but the recorded system runs: it got far
+    /// enough. Reported as rolled back, with this report.
+    AlreadyBack { report: String },
+    /// A rollback was cut short (or never got started) and the recorded
+    /// system does not run: start it (again).
+    RollBackAgain,
+    /// A rollback was cut short as often as it may be: reported as failed,
+    /// not retried.
     Interrupted { message: String },
 }
 
 /// What to do with `record` at start, given this boot's id, the running
-/// system and whether the command it is about was adopted.
+/// system and what was adopted from the agent before.
 pub fn resume(
     record: Option<&Record>,
     boot_id: Option<&str>,
     current_system: Option<&str>,
-    command_adopted: bool,
+    adopted: Adopted,
 ) -> Resume {
     let Some(record) = record else {
         return Resume::Nothing;
@@ -45,23 +70,39 @@ pub fn resume(
     }
     // An unknown boot id (no /proc) cannot tell boots apart: same boot.
     let other_boot = boot_id.is_some_and(|id| id != record.boot_id);
-    if other_boot && !command_adopted {
+    if other_boot && adopted == Adopted::Nothing {
         return Resume::OtherBoot {
             message: other_boot_message(record, current_system),
         };
     }
     match record.phase {
-        Phase::Recorded | Phase::RollingBack if command_adopted => Resume::Wait,
+        Phase::RollingBack if adopted == Adopted::Rollback => Resume::Wait,
+        Phase::RollingBack => cut_short(record, current_system),
+        Phase::Recorded if adopted != Adopted::Nothing => Resume::Wait,
         Phase::Recorded if current_system.is_some_and(|c| c != record.system) => Resume::Arm,
         Phase::Recorded => Resume::Forget,
         Phase::Armed => Resume::Countdown,
-        Phase::RollingBack | Phase::RolledBack => Resume::Interrupted {
-            message: format!(
-                "the rollback to {} was interrupted (the agent stopped while it ran) after {}; not retried",
-                short_path(&record.system),
-                switch_words(record)
-            ),
-        },
+        Phase::RolledBack => Resume::Report,
+    }
+}
+
+/// A record left rolling back with no rollback to follow.
+fn cut_short(record: &Record, current_system: Option<&str>) -> Resume {
+    if current_system == Some(record.system.as_str()) {
+        return Resume::AlreadyBack {
+            report: rollback_report(record, Ok(())),
+        };
+    }
+    if record.attempts < MAX_ROLLBACK_ATTEMPTS {
+        return Resume::RollBackAgain;
+    }
+    Resume::Interrupted {
+        message: format!(
+            "the rollback to {} was cut short {} times (the agent or the host stopped while it ran) after {}; not retried",
+            short_path(&record.system),
+            record.attempts,
+            switch_words(record)
+        ),
     }
 }
 
@@ -139,6 +180,35 @@ pub fn rollback_report(record: &Record, outcome: Result<(), (i32, &str)>) -> Str
     }
 }
 
+/// The agent's line at the top of the rollback's log: why, to what, and
+/// which attempt.
+pub fn rollback_note(record: &Record) -> String {
+    let why = if record.failed_tests.is_empty() {
+        format!("was not confirmed within {} s", record.timeout_secs)
+    } else {
+        format!(
+            "failed the host's tests ({})",
+            record.failed_tests.join(", ")
+        )
+    };
+    let generation = record
+        .generation
+        .map(|g| format!(" (generation {g} before the switch)"))
+        .unwrap_or_default();
+    let again = if record.attempts > 1 {
+        format!(
+            "; attempt {} of {MAX_ROLLBACK_ATTEMPTS}: the one before was cut short",
+            record.attempts
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "[nixfleet] {} {} {why}: rolling back to {}{generation}{again}",
+        record.command, record.commit, record.system
+    )
+}
+
 /// Why a second activation is refused while one is unconfirmed.
 pub fn refusal(record: &Record, now: u64) -> String {
     match record.phase {
@@ -182,17 +252,21 @@ mod tests {
     fn a_starting_agent_decides_from_the_record() {
         let current = Some("/nix/store/new");
         let same = Some("boot-a");
-        assert_eq!(resume(None, same, current, false), Resume::Nothing);
+        assert_eq!(
+            resume(None, same, current, Adopted::Nothing),
+            Resume::Nothing
+        );
         let armed = record(Phase::Armed);
         assert_eq!(
-            resume(Some(&armed), same, current, false),
+            resume(Some(&armed), same, current, Adopted::Nothing),
             Resume::Countdown
         );
         assert_eq!(
-            resume(Some(&armed), None, current, false),
+            resume(Some(&armed), None, current, Adopted::Nothing),
             Resume::Countdown
         );
-        let Resume::OtherBoot { message } = resume(Some(&armed), Some("boot-b"), current, false)
+        let Resume::OtherBoot { message } =
+            resume(Some(&armed), Some("boot-b"), current, Adopted::Nothing)
         else {
             panic!("another boot is discarded");
         };
@@ -201,24 +275,62 @@ mod tests {
             "not rolling back: the host rebooted before switch abc1234 was confirmed; it runs new"
         );
         let recorded = record(Phase::Recorded);
-        assert_eq!(resume(Some(&recorded), same, current, true), Resume::Wait);
-        assert_eq!(resume(Some(&recorded), same, current, false), Resume::Arm);
+        assert_eq!(
+            resume(Some(&recorded), same, current, Adopted::Command),
+            Resume::Wait
+        );
+        assert_eq!(
+            resume(Some(&recorded), same, current, Adopted::Nothing),
+            Resume::Arm
+        );
         let unchanged = Some("/nix/store/old");
         assert_eq!(
-            resume(Some(&recorded), same, unchanged, false),
+            resume(Some(&recorded), same, unchanged, Adopted::Nothing),
             Resume::Forget
         );
-        let rolling = record(Phase::RollingBack);
-        assert_eq!(resume(Some(&rolling), same, unchanged, true), Resume::Wait);
-        assert!(matches!(
-            resume(Some(&rolling), same, unchanged, false),
-            Resume::Interrupted { .. }
-        ));
         let done = record(Phase::RolledBack);
         assert_eq!(
-            resume(Some(&done), Some("boot-b"), unchanged, false),
+            resume(Some(&done), Some("boot-b"), unchanged, Adopted::Nothing),
             Resume::Report
         );
+    }
+
+    #[test]
+    fn a_rollback_cut_short_is_followed_reported_or_run_again_once() {
+        let same = Some("boot-a");
+        let (old, new) = (Some("/nix/store/old"), Some("/nix/store/new"));
+        let mut rolling = record(Phase::RollingBack);
+        rolling.attempts = 1;
+        // Its supervisor runs, or its log has its end: that end decides.
+        let r = |r: &Record, current, adopted| resume(Some(r), same, current, adopted);
+        assert_eq!(r(&rolling, new, Adopted::Rollback), Resume::Wait);
+        // Cut short, the recorded system runs: it is back.
+        for adopted in [
+            Adopted::Nothing,
+            Adopted::RollbackCutShort,
+            Adopted::Command,
+        ] {
+            assert_eq!(
+                r(&rolling, old, adopted),
+                Resume::AlreadyBack {
+                    report: "rolled back to old: the dashboard was unreachable for 300 s after switch abc1234".into()
+                }
+            );
+            assert_eq!(r(&rolling, new, adopted), Resume::RollBackAgain);
+        }
+        // Never started (the agent stopped a command first, then died).
+        rolling.attempts = 0;
+        assert_eq!(r(&rolling, new, Adopted::Nothing), Resume::RollBackAgain);
+        rolling.attempts = MAX_ROLLBACK_ATTEMPTS;
+        assert_eq!(
+            r(&rolling, new, Adopted::RollbackCutShort),
+            Resume::Interrupted {
+                message: "the rollback to old was cut short 2 times (the agent or the host stopped while it ran) after switch abc1234; not retried".into()
+            }
+        );
+        assert!(rollback_note(&rolling).ends_with(
+            "rolling back to /nix/store/old (generation 7 before the switch); attempt 2 of 2: the one before was cut short"
+        ));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The host facts a rollback needs: the running system (`host_facts`), the
-//! system profile and its generation, and the boot id. Each path can be
-//! redirected by a test-only environment variable, as
-//! `NIXFLEET_TEST_CURRENT_SYSTEM` redirects `/run/current-system`.
+//! The host facts a rollback needs: the running system and the boot id
+//! (both `host_facts`, shared with the commands), the system profile and
+//! its generation. Each path can be redirected by a test-only environment
+//! variable, as `NIXFLEET_TEST_CURRENT_SYSTEM` redirects
+//! `/run/current-system`.
 
 use std::path::{Path, PathBuf};
 
@@ -9,11 +10,9 @@ use std::path::{Path, PathBuf};
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 /// Test-only: a stand-in for [`SYSTEM_PROFILE`].
 pub const TEST_SYSTEM_PROFILE_ENV: &str = "NIXFLEET_TEST_SYSTEM_PROFILE";
-/// The kernel's id of this boot: a record from another boot is not rolled
-/// back (rebooting into the new system was the user's choice).
-pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
-/// Test-only: a stand-in for [`BOOT_ID_FILE`].
-pub const TEST_BOOT_ID_ENV: &str = "NIXFLEET_TEST_BOOT_ID_FILE";
+/// A record from another boot is not rolled back (rebooting into the new
+/// system was the user's choice).
+pub use crate::host_facts::boot_id;
 
 fn redirected(var: &str, default: &str) -> PathBuf {
     std::env::var_os(var)
@@ -25,13 +24,6 @@ fn redirected(var: &str, default: &str) -> PathBuf {
 /// The system profile's path (the link itself, not its target).
 pub fn system_profile() -> PathBuf {
     redirected(TEST_SYSTEM_PROFILE_ENV, SYSTEM_PROFILE)
-}
-
-/// This boot's id, when the kernel (or the test) tells it.
-pub fn boot_id() -> Option<String> {
-    let text = std::fs::read_to_string(redirected(TEST_BOOT_ID_ENV, BOOT_ID_FILE)).ok()?;
-    let id = text.trim();
-    (!id.is_empty() && id.len() <= 64).then(|| id.to_owned())
 }
 
 /// The generation the profile points at: its link `system` points at

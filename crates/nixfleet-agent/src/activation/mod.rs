@@ -18,6 +18,6 @@ pub mod record;
 pub mod timer;
 pub mod unattended;
 
-pub use decide::{Resume, resume, short_path};
+pub use decide::{Adopted, Resume, resume, short_path};
 pub use host::{boot_id, profile_generation, system_profile};
 pub use record::{Phase, Record};

@@ -18,7 +18,9 @@ pub enum Phase {
     /// It changed the running system: waiting for the dashboard until
     /// `deadline`.
     Armed,
-    /// The deadline passed: the rollback was started.
+    /// The deadline passed (or the tests failed): the rollback is due or
+    /// runs. Found by a starting agent with no rollback to follow, it was
+    /// cut short.
     RollingBack,
     /// The rollback ended; `report` is what the dashboard is told until
     /// the next successful switch.
@@ -70,6 +72,11 @@ pub struct Record {
     /// (a self-restart, a crash) still lets a failure roll back.
     #[serde(default)]
     pub tests_due: bool,
+    /// How many times the rollback was started (by the agent's countdown,
+    /// the timer's hidden mode, or again after it was cut short): a
+    /// rollback cut short runs again once, never more.
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 fn yes() -> bool {
@@ -99,6 +106,7 @@ impl Record {
             failed_tests: Vec::new(),
             exit_code: 0,
             tests_due: false,
+            attempts: 0,
         }
     }
 

@@ -1,67 +1,76 @@
-//! The hidden `--rollback-if-unconfirmed <state_dir>` mode the systemd
-//! timer runs when the countdown ends: it rolls back only if the switch is
-//! still unconfirmed, on the same boot, and no agent runs (an agent that
-//! runs holds the lock and counts down itself). The rollback's output goes
-//! to the journal; the report goes into the record, and the next agent
-//! sends it to the dashboard once.
+//! The decisions of the hidden `--rollback-if-unconfirmed <state_dir>`
+//! mode the systemd timer runs when the countdown ends: it rolls back only
+//! if the switch is still unconfirmed, on the same boot, and no agent runs
+//! (an agent that runs holds the lock and counts down itself). The
+//! rollback itself runs as a command, under its supervisor, with its log
+//! (`commands::unattended`); its report goes into the record, and the next
+//! agent sends the log's lines and then the report to the dashboard once.
 
 use super::decide::{expired, rollback_report};
-use super::host::{boot_id, system_profile};
+use super::host::boot_id;
 use super::record::{Phase, Record};
-use super::timer::{ROLLBACK_ARG, lock};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use super::timer::lock;
+use std::fs::File;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Bad arguments (EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-
-pub fn main() -> ExitCode {
-    let args: Vec<_> = std::env::args_os().skip(2).collect();
-    let [state_dir] = args.as_slice() else {
-        eprintln!("nixfleet-agent {ROLLBACK_ARG}: expected <state_dir>");
-        return ExitCode::from(EXIT_USAGE);
-    };
-    let state_dir = Path::new(state_dir);
-    match roll_back_if_unconfirmed(state_dir) {
-        Ok(said) => {
-            println!("{said}");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("nixfleet-agent {ROLLBACK_ARG}: {error}");
-            ExitCode::FAILURE
-        }
-    }
+/// What the hidden mode does.
+pub enum Begin {
+    /// Nothing: why, for the journal.
+    Nothing(String),
+    /// Roll back to `record.system`, holding `lock` until done (so that an
+    /// agent starting meanwhile waits, then adopts the rollback whole).
+    RollBack { record: Record, lock: File },
 }
 
-fn roll_back_if_unconfirmed(state_dir: &Path) -> Result<String, String> {
-    let Some(_lock) = lock(state_dir, false).map_err(|e| format!("cannot take the lock: {e}"))?
+/// Takes the lock and decides; when rolling back, the record is marked
+/// rolling back (with one more attempt) before anything runs.
+pub fn begin(state_dir: &Path) -> Result<Begin, String> {
+    let Some(lock) = lock(state_dir, false).map_err(|e| format!("cannot take the lock: {e}"))?
     else {
-        return Ok("the agent runs and counts down itself: nothing to do".to_owned());
+        return Ok(nothing(
+            "the agent runs and counts down itself: nothing to do",
+        ));
     };
     let Some(mut record) = Record::load(state_dir) else {
-        return Ok("no activation record: the switch was confirmed".to_owned());
+        return Ok(nothing("no activation record: the switch was confirmed"));
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     if record.phase != Phase::Armed {
-        return Ok(format!(
+        return Ok(Begin::Nothing(format!(
             "the activation record is {:?}: nothing to do",
             record.phase
-        ));
+        )));
     }
     if boot_id().is_some_and(|id| id != record.boot_id) {
-        return Ok("the record is from another boot: the next agent reports it".to_owned());
+        return Ok(nothing(
+            "the record is from another boot: the next agent reports it",
+        ));
     }
     if !expired(&record, now) {
-        return Ok("the countdown has not ended: nothing to do".to_owned());
+        return Ok(nothing("the countdown has not ended: nothing to do"));
     }
     record.phase = Phase::RollingBack;
+    record.attempts += 1;
     record.save(state_dir).map_err(|e| e.to_string())?;
-    let outcome = run_steps(&record.system, &system_profile());
+    Ok(Begin::RollBack { record, lock })
+}
+
+fn nothing(why: &str) -> Begin {
+    Begin::Nothing(why.to_owned())
+}
+
+/// The rollback ended with `outcome` (its exit code and words on
+/// failure): the record says so, for the next agent to report. Returns
+/// the report.
+pub fn finish(
+    state_dir: &Path,
+    mut record: Record,
+    outcome: Result<(), (i32, String)>,
+) -> Result<String, String> {
     let report = match &outcome {
         Ok(()) => rollback_report(&record, Ok(())),
         Err((code, why)) => rollback_report(&record, Err((*code, why))),
@@ -72,35 +81,4 @@ fn roll_back_if_unconfirmed(state_dir: &Path) -> Result<String, String> {
     record.reported = false;
     record.save(state_dir).map_err(|e| e.to_string())?;
     Ok(report)
-}
-
-/// `nix-env --profile <profile> --set <system>`, then
-/// `<system>/bin/switch-to-configuration switch`; the second only if the
-/// first succeeded. The old system's own `nix-env` is preferred: a service
-/// started by systemd has no NixOS `PATH`.
-fn run_steps(system: &str, profile: &Path) -> Result<(), (i32, String)> {
-    let own = PathBuf::from(system).join("sw/bin/nix-env");
-    let nix_env = if own.exists() {
-        own
-    } else {
-        PathBuf::from("nix-env")
-    };
-    let mut set = Command::new(&nix_env);
-    set.arg("--profile").arg(profile).arg("--set").arg(system);
-    run(set, "nix-env")?;
-    let mut activate = Command::new(PathBuf::from(system).join("bin/switch-to-configuration"));
-    activate.arg("switch");
-    run(activate, "switch-to-configuration")
-}
-
-fn run(mut command: Command, what: &str) -> Result<(), (i32, String)> {
-    let status = command
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| (127, format!("cannot run {what}: {e}")))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(code) => Err((code, format!("{what} failed"))),
-        None => Err((-1, format!("{what} was killed by a signal"))),
-    }
 }

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 
 impl Core {
     /// Takes over a command that a previous instance started and that may
-    /// still be running (or ended without its status being delivered).
+    /// still be running (or ended without its status being delivered); a
+    /// rollback the timer runs is taken over once it ended (the lock).
     pub(super) fn adopt_previous(&mut self) {
+        self.take_activation_lock();
         let Some(record) = CommandRecord::load(&self.state_dir) else {
             return;
         };
@@ -40,8 +42,10 @@ impl Core {
         }
         // Never report (nor let kill_command name) a pid that is not ours.
         let ours = running.then_some(record.pid);
+        // The supervisor's pid, even once it is gone, names the record to
+        // clear once the status is out (not a step's pid from the log).
         let (legacy_pid, supervisor_pid) = if record.supervised {
-            (None, ours)
+            (None, Some(record.pid))
         } else {
             (ours, None)
         };

@@ -75,6 +75,9 @@ impl Core {
         self.publish_state();
         let (status, rolled_back) =
             self.activation_ended(finished.as_ref().map(|r| r.kind), status);
+        let Some(status) = status else {
+            return self.superseded(&finished);
+        };
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
@@ -142,6 +145,14 @@ impl Core {
             }
             _ => {}
         }
+    }
+
+    /// A rollback cut short, started again next: no status of its own, and
+    /// its record makes way for the new run's.
+    fn superseded(&mut self, finished: &Option<Running>) {
+        let pid = finished.as_ref().and_then(|r| r.supervisor.or(r.pid));
+        CommandRecord::clear(&self.state_dir, pid);
+        self.compartments.stop_working();
     }
 
     /// The record stays until the status is out, so that an agent that

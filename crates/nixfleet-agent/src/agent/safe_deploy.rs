@@ -6,7 +6,9 @@
 
 use super::confirm::{Verdict, now_secs};
 use super::core::Core;
-use crate::activation::{self, Phase, Record, Resume};
+use crate::activation::{self, Adopted, Phase, Record, Resume};
+use crate::commands::handover::CommandRecord;
+use crate::commands::log::has_ended;
 use crate::commands::{CommandKind, StopRequest};
 use crate::connection::Control;
 use crate::host_facts::{current_system, generation};
@@ -14,12 +16,15 @@ use crate::protocol::{Outcome, Status};
 use tracing::{info, warn};
 
 impl Core {
-    /// At start: what a previous agent left (after `adopt_previous`, so
-    /// that a command or rollback it started is followed, not repeated).
-    pub(super) fn resume_activation(&mut self) {
-        // Held for the agent's life: a rollback timer that fires meanwhile
-        // leaves the countdown to this agent. Waits while the timer's
-        // rollback runs, then reports it.
+    /// Taken before anything a previous agent left is adopted, and held
+    /// for the agent's life: a rollback timer that fires meanwhile leaves
+    /// the countdown to this agent. While the timer's rollback runs (the
+    /// old system's activation may start this agent), this waits for it to
+    /// end, so that its command is adopted whole, lines and end.
+    pub(super) fn take_activation_lock(&mut self) {
+        if self.activation_lock.is_some() {
+            return;
+        }
         let lock = match activation::timer::lock(&self.state_dir, false) {
             Ok(None) => {
                 warn!(
@@ -33,10 +38,16 @@ impl Core {
             Ok(lock) => self.activation_lock = lock,
             Err(error) => warn!(%error, "cannot take the activation lock"),
         }
+    }
+
+    /// At start: what a previous agent left (after `adopt_previous`, so
+    /// that a command or rollback it started is followed, not repeated).
+    pub(super) fn resume_activation(&mut self) {
+        self.take_activation_lock();
         let record = Record::load(&self.state_dir);
         let current = current_system();
         let boot = activation::boot_id();
-        let adopted = self.running.is_some();
+        let adopted = self.adopted();
         match activation::resume(
             record.as_ref(),
             boot.as_deref(),
@@ -65,31 +76,76 @@ impl Core {
                 Record::clear(&self.state_dir);
                 self.rollback_status(Outcome::Warning, 0, message);
             }
+            Resume::AlreadyBack { report } => {
+                info!("the rollback was cut short, but the recorded system runs: {report}");
+                self.conclude(record, report, 0);
+            }
+            Resume::RollBackAgain => {
+                warn!(
+                    "the rollback was cut short (the agent or the host stopped while it ran); running it again"
+                );
+                self.activation = record;
+                self.roll_back();
+            }
             Resume::Interrupted { message } => {
                 warn!("{message}");
-                if let Some(mut record) = record {
-                    record.phase = Phase::RolledBack;
-                    record.report = Some(message.clone());
-                    self.save_activation(&record);
-                    self.activation = Some(record);
-                }
-                self.compartments.rolled_back(&message);
-                self.rollback_status(Outcome::Error, -1, message);
+                self.conclude(record, message, -1);
             }
         }
     }
 
-    /// A rolled-back record: its report stands in the system compartment;
-    /// a rollback the timer ran is sent to the dashboard, once.
+    /// What `adopt_previous` took over, as the activation needs to know it:
+    /// a rollback whose supervisor runs, or whose log has its end, is
+    /// followed; one with neither was cut short.
+    fn adopted(&self) -> Adopted {
+        match &self.running {
+            None => Adopted::Nothing,
+            Some(r) if r.kind != CommandKind::Rollback => Adopted::Command,
+            Some(_) => {
+                let record = CommandRecord::load(&self.state_dir);
+                let followed = record
+                    .is_some_and(|r| r.is_running() || r.log.as_deref().is_some_and(has_ended));
+                if followed {
+                    Adopted::Rollback
+                } else {
+                    Adopted::RollbackCutShort
+                }
+            }
+        }
+    }
+
+    /// A rollback cut short ends with `report`: the record says so, and
+    /// the dashboard is told once.
+    fn conclude(&mut self, record: Option<Record>, report: String, exit_code: i32) {
+        let Some(mut record) = record else {
+            return;
+        };
+        record.phase = Phase::RolledBack;
+        record.report = Some(report);
+        record.exit_code = exit_code;
+        record.reported = false;
+        self.report_unattended(record);
+    }
+
+    /// A rolled-back record: its report stands in the system compartment,
+    /// and, if it was not sent yet (a rollback the timer ran, or one cut
+    /// short), it is sent once: by the end of the adopted rollback, whose
+    /// lines go first, or now when there is none.
     fn report_unattended(&mut self, mut record: Record) {
         let Some(report) = record.report.clone() else {
             return;
         };
         self.compartments.rolled_back(&report);
-        if !record.reported {
+        let adopted_rollback = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.kind == CommandKind::Rollback);
+        if !record.reported && !adopted_rollback {
             record.reported = true;
             self.save_activation(&record);
             self.rollback_status(Outcome::Error, record.exit_code, report);
+        } else {
+            self.save_activation(&record);
         }
         self.activation = Some(record);
     }
@@ -161,23 +217,30 @@ impl Core {
         &mut self,
         kind: Option<CommandKind>,
         status: Status,
-    ) -> (Status, Option<String>) {
+    ) -> (Option<Status>, Option<String>) {
         let (Some(kind), Some(record)) = (kind, self.activation.clone()) else {
-            return (status, None);
+            return (Some(status), None);
         };
         match record.phase {
+            // The rollback a previous agent left cut short: the lines its
+            // log held went out; it runs again next, and that run's status
+            // is the one the dashboard gets.
+            Phase::RollingBack if kind == CommandKind::Rollback && self.rollback_due => {
+                (None, None)
+            }
             Phase::RollingBack | Phase::RolledBack if kind == CommandKind::Rollback => {
-                self.rollback_ended(record, status)
+                let (status, report) = self.rollback_ended(record, status);
+                (Some(status), report)
             }
             Phase::Recorded if kind.needs_confirmation() => {
                 self.switch_ended(record, &status);
-                (status, None)
+                (Some(status), None)
             }
             Phase::Recorded | Phase::Armed if kind == CommandKind::Test => {
                 self.tests_ended(record, &status);
-                (status, None)
+                (Some(status), None)
             }
-            _ => (status, None),
+            _ => (Some(status), None),
         }
     }
 
@@ -269,26 +332,34 @@ impl Core {
     }
 
     fn rollback_ended(&mut self, mut record: Record, status: Status) -> (Status, Option<String>) {
-        let report = match (&record.report, &record.phase) {
-            // The same rollback again (its status was not delivered before
-            // the agent restarted): the same report.
-            (Some(report), Phase::RolledBack) => report.clone(),
+        let (report, exit_code) = match (&record.report, &record.phase) {
+            // Decided already: the same rollback again (its status was not
+            // delivered before the agent restarted), one the timer ran, or
+            // one cut short: the same report.
+            (Some(report), Phase::RolledBack) => (report.clone(), record.exit_code),
             _ if status.status == Outcome::Ok => {
-                activation::decide::rollback_report(&record, Ok(()))
+                (activation::decide::rollback_report(&record, Ok(())), 0)
             }
-            _ => activation::decide::rollback_report(
-                &record,
-                Err((status.exit_code, status.message.as_str())),
+            _ => (
+                activation::decide::rollback_report(
+                    &record,
+                    Err((status.exit_code, status.message.as_str())),
+                ),
+                status.exit_code,
             ),
         };
         warn!("{report}");
         record.phase = Phase::RolledBack;
         record.report = Some(report.clone());
+        record.exit_code = exit_code;
+        // This status carries it.
+        record.reported = true;
         self.save_activation(&record);
         self.activation = Some(record);
         let status = Status {
             status: Outcome::Error,
             message: report.clone(),
+            exit_code,
             ..status
         };
         (status, Some(report))
@@ -411,33 +482,20 @@ impl Core {
         if let Some(running) = &self.running {
             warn!(
                 command = running.kind.name(),
-                "the switch was not confirmed in time; stopping the running command to roll back"
+                "a command runs; stopping it to roll back"
             );
             running.stop.send_replace(Some(StopRequest::Terminate));
             self.rollback_due = true;
             return;
         }
-        let Some(record) = self.activation.as_ref() else {
+        let Some(record) = self.activation.as_mut() else {
             return;
         };
-        let why = if record.failed_tests.is_empty() {
-            format!("was not confirmed within {} s", record.timeout_secs)
-        } else {
-            format!(
-                "failed the host's tests ({})",
-                record.failed_tests.join(", ")
-            )
-        };
-        let note = format!(
-            "[nixfleet] {} {} {why}: rolling back to {}{}",
-            record.command,
-            record.commit,
-            record.system,
-            record
-                .generation
-                .map(|g| format!(" (generation {g} before the switch)"))
-                .unwrap_or_default()
-        );
+        // Counted before it starts: a rollback cut short runs again once.
+        record.attempts += 1;
+        let record = record.clone();
+        self.save_activation(&record);
+        let note = activation::decide::rollback_note(&record);
         warn!("{}", note.trim_start_matches("[nixfleet] "));
         let profile = activation::system_profile();
         let plan = self

@@ -17,7 +17,7 @@
 
 use super::group::{GROUP_POLL, GroupStop};
 use super::table::{CommandKind, StopRequest};
-use crate::host_facts::generation;
+use crate::host_facts::{boot_id, generation};
 use crate::protocol::{Outcome, Status};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -136,17 +136,6 @@ impl CommandRecord {
             && process_start_ticks(self.pid) == Some(self.pid_start)
             && shares_our_cgroup(self.pid)
     }
-}
-
-/// This boot's ID (`/proc/sys/kernel/random/boot_id`).
-pub fn boot_id() -> Option<String> {
-    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    BOOT_ID
-        .get_or_init(|| {
-            let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-            Some(id.trim().to_owned()).filter(|id| !id.is_empty())
-        })
-        .clone()
 }
 
 /// Whether `pid` sits in the same cgroups as the agent. The agent's

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::outbox::{DeliveryCursor, Outbox};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
@@ -49,6 +50,44 @@ pub struct Launched {
     pub followed: Followed,
 }
 
+/// Where a command's log goes and what bounds it: from the configuration,
+/// or, in the rollback timer's hidden mode (which has none), fixed.
+pub struct LogSettings {
+    pub state_dir: PathBuf,
+    /// This command's cap (`CommandKind::log_max_bytes` applied).
+    pub max_bytes: u64,
+    /// All logs together (older ones are pruned to fit).
+    pub logs_max_bytes: u64,
+    pub stop_grace: Duration,
+    /// `repo_url`, scrubbed from every line.
+    pub scrub_url: Option<String>,
+}
+
+impl LogSettings {
+    pub fn of(config: &Config, kind: CommandKind) -> Self {
+        LogSettings {
+            state_dir: config.state_dir.clone(),
+            max_bytes: kind.log_max_bytes(config.log_max_bytes),
+            logs_max_bytes: config.logs_max_bytes,
+            stop_grace: config.stop_grace,
+            scrub_url: config.repo_url.clone(),
+        }
+    }
+}
+
+/// A supervisor started on its plan.
+pub struct Started {
+    /// What a next agent adopts (the caller saves it).
+    pub record: CommandRecord,
+    pub log: PathBuf,
+    pub cursor: DeliveryCursor,
+    pub supervisor: (u32, u64),
+    pub stop_file: PathBuf,
+    /// The supervisor's stdout, which carries what the log could not keep
+    /// (relay.rs).
+    pub relay: tokio::process::ChildStdout,
+}
+
 /// Creates the command log and starts the supervisor on it.
 pub async fn launch(
     config: &Config,
@@ -57,9 +96,36 @@ pub async fn launch(
     kind: CommandKind,
     planned: Planned,
 ) -> std::io::Result<Launched> {
-    let state_dir = &config.state_dir;
-    let max_bytes = kind.log_max_bytes(config.log_max_bytes);
-    let (log, end_file) = create_log(config, kind, max_bytes);
+    let started = start(&LogSettings::of(config, kind), child_env, kind, planned).await?;
+    let log_id = outbox.track(started.cursor);
+    let followed = Followed {
+        kind,
+        log: started.log,
+        supervisor: Some(started.supervisor),
+        resume_at: 0,
+        log_id,
+        stop_file: started.stop_file,
+        repo_dir: config.repo_dir.clone(),
+        branch: config.branch.clone(),
+        relay: RelayIn::new(Some(started.relay)),
+    };
+    Ok(Launched {
+        record: started.record,
+        followed,
+    })
+}
+
+/// The one way a command starts, for the agent and for the rollback
+/// timer's hidden mode alike: its log, end file and delivery cursor
+/// created, its supervisor started on the plan.
+pub async fn start(
+    settings: &LogSettings,
+    child_env: &[(std::ffi::OsString, std::ffi::OsString)],
+    kind: CommandKind,
+    planned: Planned,
+) -> std::io::Result<Started> {
+    let state_dir = &settings.state_dir;
+    let (log, end_file) = create_log(settings, kind);
     let stop_file = handover::stop_path(state_dir);
     let _ = std::fs::remove_file(&stop_file);
     let cursor = DeliveryCursor::create(&handover::sent_path(state_dir)).unwrap_or_else(|error| {
@@ -69,29 +135,24 @@ pub async fn launch(
     let plan = Plan {
         log: log.clone(),
         stop_file: stop_file.clone(),
-        stop_grace_ms: config.stop_grace.as_millis() as u64,
-        max_bytes,
-        scrub_url: config.repo_url.clone(),
+        stop_grace_ms: settings.stop_grace.as_millis() as u64,
+        max_bytes: settings.max_bytes,
+        scrub_url: settings.scrub_url.clone(),
         end_file,
         notes: planned.notes,
         steps: planned.steps,
     };
     let (pid, pid_start, relay) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
     info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
-    let log_id = outbox.track(cursor);
     let record = CommandRecord::supervised_since(kind.name(), pid, pid_start, log.clone());
-    let followed = Followed {
-        kind,
+    Ok(Started {
+        record,
         log,
-        supervisor: Some((pid, pid_start)),
-        resume_at: 0,
-        log_id,
+        cursor,
+        supervisor: (pid, pid_start),
         stop_file,
-        repo_dir: config.repo_dir.clone(),
-        branch: config.branch.clone(),
-        relay: RelayIn::new(Some(relay)),
-    };
-    Ok(Launched { record, followed })
+        relay,
+    })
 }
 
 /// The command's log and its end file. Neither failing is a reason to
@@ -100,9 +161,15 @@ pub async fn launch(
 /// only, its records reaching this agent on the supervisor's stdout
 /// (relay.rs); without an end file (no room even for that) a next agent
 /// would not learn its end.
-fn create_log(config: &Config, kind: CommandKind, max_bytes: u64) -> (PathBuf, Option<PathBuf>) {
-    let state_dir = &config.state_dir;
-    let log = match log::create(state_dir, kind.name(), max_bytes, config.logs_max_bytes) {
+fn create_log(settings: &LogSettings, kind: CommandKind) -> (PathBuf, Option<PathBuf>) {
+    let state_dir = &settings.state_dir;
+    let created = log::create(
+        state_dir,
+        kind.name(),
+        settings.max_bytes,
+        settings.logs_max_bytes,
+    );
+    let log = match created {
         Ok(log) => log,
         Err(error) => {
             warn!(%error, "cannot create the command log; the command runs streaming only");

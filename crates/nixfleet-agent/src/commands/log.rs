@@ -291,6 +291,73 @@ pub fn reserve_end(log: &Path) -> io::Result<PathBuf> {
     }
 }
 
+/// Longest record read back by [`replay`]: a line at its cap and its tag.
+const MAX_RECORD_BYTES: u64 = MAX_LINE_BYTES as u64 + 3;
+
+/// Whether a command's end was recorded: `done` ends its log, or its end
+/// file (when the log was sealed). Reads the log's last bytes only.
+pub fn has_ended(log: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const DONE: &[u8] = b"# done\n";
+    let tail_is_done = std::fs::File::open(log).ok().is_some_and(|mut file| {
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut tail = Vec::with_capacity(DONE.len());
+        file.seek(SeekFrom::Start(len.saturating_sub(DONE.len() as u64)))
+            .and_then(|_| file.take(DONE.len() as u64).read_to_end(&mut tail))
+            .is_ok()
+            && tail == DONE
+    });
+    tail_is_done
+        || end_file_records(log)
+            .is_some_and(|r| r.split(|b| *b == b'\n').any(|r| parse(r) == Record::Done))
+}
+
+/// The end file's bytes (it is [`END_FILE_BYTES`] long; no more is read).
+fn end_file_records(log: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(end_path(log)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(END_FILE_BYTES as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
+}
+
+/// Hands every record of an ended command to `each`, in order: its log,
+/// then, if the log ends without `done`, the end file's records. Returns
+/// whether `done` was among them. Reads record by record, each at most
+/// [`MAX_RECORD_BYTES`] (a longer one, which the supervisor never writes,
+/// ends the log there), so memory stays bounded.
+pub fn replay(log: &Path, mut each: impl FnMut(Record<'_>)) -> bool {
+    use std::io::{BufRead, Read};
+    let mut done = false;
+    let mut record = Vec::new();
+    if let Ok(file) = std::fs::File::open(log) {
+        let mut reader = std::io::BufReader::new(file);
+        loop {
+            record.clear();
+            let read = (&mut reader)
+                .take(MAX_RECORD_BYTES)
+                .read_until(b'\n', &mut record);
+            // Without its newline: cut short (or over-long), not a record.
+            if !matches!(read, Ok(n) if n > 0) || record.last() != Some(&b'\n') {
+                break;
+            }
+            let parsed = parse(&record[..record.len() - 1]);
+            done |= parsed == Record::Done;
+            each(parsed);
+        }
+    }
+    if !done && let Some(bytes) = end_file_records(log) {
+        for record in bytes.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
+            let parsed = parse(record);
+            done |= parsed == Record::Done;
+            each(parsed);
+        }
+    }
+    done
+}
+
 /// Bytes an unprivileged writer may still use on `dir`'s file system.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(dir).ok()?;

@@ -29,6 +29,9 @@
 //! 12. `follow.rs`: the log followed as it grows, frames into the outbox.
 //! 13. `run.rs`: one command from request to status (plan, launch,
 //!     follow).
+//! 14. `unattended.rs`: the rollback timer's hidden mode, which runs the
+//!     automatic rollback through the same plan, launch and log when no
+//!     agent runs, for the next agent to adopt.
 //!
 //! Nothing the dashboard sends ever becomes an argument or reaches a shell.
 //! Programs come from `PATH`. The command runs under its supervisor and
@@ -55,6 +58,7 @@ pub mod stop_signal;
 pub mod summary;
 pub mod supervisor;
 pub mod table;
+pub mod unattended;
 
 pub use lines::{MAX_LINE_BYTES, TRUNCATED_MARK, output_frame};
 pub use progress::Progress;

@@ -84,19 +84,7 @@ impl Planner {
     /// generation), then that system's own activation. Both paths come from
     /// the agent's record, never from the dashboard.
     pub fn rollback_to(&self, system: &str, profile: &Path, notes: Vec<String>) -> Planned {
-        let profile = profile.to_string_lossy().into_owned();
-        let set = ["--profile", profile.as_str(), "--set", system].map(str::to_owned);
-        let label = format!("nix-env --profile {profile} --set {system}");
-        let activate = format!("{system}/bin/switch-to-configuration");
-        let steps = vec![
-            step(label, "nix-env", set.to_vec(), self.working_dir()),
-            step(
-                format!("{activate} switch"),
-                &activate,
-                vec!["switch".to_owned()],
-                self.working_dir(),
-            ),
-        ];
+        let steps = rollback_steps(system, profile, &self.working_dir());
         Planned { steps, notes }
     }
 
@@ -433,6 +421,33 @@ impl Planner {
             PathBuf::from("/")
         }
     }
+}
+
+/// The automatic rollback's steps: `nix-env --profile <profile> --set
+/// <system>` (a new generation pointing at exactly the recorded system),
+/// then `<system>/bin/switch-to-configuration switch`. The recorded
+/// system's own `nix-env` is preferred: the rollback timer's service,
+/// started by systemd, has no NixOS `PATH`. Shared by the agent's own
+/// countdown and the timer's hidden mode (unattended.rs).
+pub fn rollback_steps(system: &str, profile: &Path, cwd: &Path) -> Vec<Step> {
+    let own_nix_env = Path::new(system).join("sw/bin/nix-env");
+    let nix_env = match own_nix_env.to_str() {
+        Some(own) if own_nix_env.exists() => own.to_owned(),
+        _ => "nix-env".to_owned(),
+    };
+    let profile = profile.to_string_lossy().into_owned();
+    let set = ["--profile", profile.as_str(), "--set", system].map(str::to_owned);
+    let label = format!("nix-env --profile {profile} --set {system}");
+    let activate = format!("{system}/bin/switch-to-configuration");
+    vec![
+        step(label, &nix_env, set.to_vec(), cwd.to_owned()),
+        step(
+            format!("{activate} switch"),
+            &activate,
+            vec!["switch".to_owned()],
+            cwd.to_owned(),
+        ),
+    ]
 }
 
 /// A step that ends the command when it fails.

@@ -83,7 +83,12 @@ pub fn prepare(url: String, confirm_timeout: u64) -> (tempfile::TempDir, Paths, 
         old.display().to_string()
     );
     script(&bin, "nixos-rebuild", &format!("{prelude}{SWITCH}"));
-    script(&bin, "nix-env", r#"echo "$@" > "$HOME/nix-env-args""#);
+    script(
+        &bin,
+        "nix-env",
+        r#"echo "$@" > "$HOME/nix-env-args"
+echo "nix-env stand-in: profile set""#,
+    );
     let activation = format!("{prelude}{OLD_ACTIVATION}");
     script(&old.join("bin"), "switch-to-configuration", &activation);
     for (var, path) in [

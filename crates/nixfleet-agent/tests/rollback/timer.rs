@@ -1,0 +1,148 @@
+//! The hidden mode the transient systemd timer runs
+//! (`--rollback-if-unconfirmed`), with the test's stand-ins: it rolls back
+//! only when no agent runs, through the command path (a supervisor and a
+//! command log), and the next agent delivers the rollback's lines, then its
+//! one status.
+
+use crate::common::*;
+use crate::host::*;
+use std::time::Duration;
+
+/// The hidden mode, run as systemd would run it (the stand-ins first on
+/// its PATH); its stdout.
+pub fn run_timer_mode(paths: &Paths, options: &AgentOptions) -> String {
+    let path = format!(
+        "{}:{}",
+        paths.home.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet-agent"))
+        .arg("--rollback-if-unconfirmed")
+        .arg(&paths.state)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", &paths.home)
+        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn armed_record(paths: &Paths, deadline: u64) -> String {
+    serde_json::json!({
+        "phase": "armed", "command": "switch", "system": paths.old.display().to_string(),
+        "generation": 7, "boot_id": "boot-a", "commit": "abc1234", "deadline": deadline,
+        "timeout_secs": 300,
+    })
+    .to_string()
+}
+
+const REPORT: &str =
+    "rolled back to system-old: the dashboard was unreachable for 300 s after switch abc1234";
+
+/// The new system's agent cannot start: the timer's hidden mode rolls
+/// back on its own, and the next agent (the old system's) sends the
+/// rollback's output lines, then its status and compartment, each once.
+/// While an agent runs, the hidden mode leaves the countdown to it.
+#[tokio::test]
+async fn the_timers_mode_rolls_back_only_without_an_agent_and_the_next_agent_reports_it() {
+    let mut dashboard = Dashboard::start().await;
+    let (dir, paths, options) = prepare(dashboard.url(), 300);
+    let new = paths.home.join("system-new");
+    std::fs::remove_file(&paths.link).unwrap();
+    std::os::unix::fs::symlink(&new, &paths.link).unwrap();
+    std::fs::create_dir_all(&paths.state).unwrap();
+    let far = 4_000_000_000;
+    std::fs::write(paths.record(), armed_record(&paths, far)).unwrap();
+    let agent = Agent::spawn(dir, options.clone()).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    dashboard.kill();
+    assert_eq!(
+        run_timer_mode(&paths, &options).trim(),
+        "the agent runs and counts down itself: nothing to do"
+    );
+    assert!(rollback_runs(&paths).is_empty());
+
+    let dir = agent.crash().await;
+    std::fs::write(paths.record(), armed_record(&paths, 1)).unwrap();
+    let said = run_timer_mode(&paths, &options);
+    // The journal gets the lines too, then the report.
+    assert!(said.contains("activating the old system"), "{said}");
+    assert!(said.trim_end().ends_with(REPORT), "{said}");
+    assert_eq!(rollback_runs(&paths).len(), 1);
+    assert_eq!(std::fs::read_link(&paths.link).unwrap(), paths.old);
+    assert_eq!(
+        run_timer_mode(&paths, &options).trim(),
+        "the activation record is RolledBack: nothing to do"
+    );
+
+    dashboard.restart().await;
+    let _next = Agent::spawn(dir, options).await;
+    let status = dashboard
+        .wait_frame_where("status", 30 * SECOND, |p| p["command"] == "rollback")
+        .await;
+    assert_eq!(status.payload()["status"], "error");
+    assert_eq!(status.payload()["message"], REPORT);
+    assert_eq!(status.payload()["exit_code"], 0);
+    // The rollback's lines came before its status: the agent's note, then
+    // what the stand-ins printed.
+    let log = dashboard.log();
+    let status_at = log
+        .iter()
+        .position(|s| s.kind() == Some("status") && s.payload()["command"] == "rollback")
+        .unwrap();
+    let lines: Vec<String> = log[..status_at]
+        .iter()
+        .filter(|s| s.kind() == Some("output") && s.payload()["command"] == "rollback")
+        .map(|s| s.payload()["line"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let expected = [
+        "was not confirmed within 300 s: rolling back to",
+        "nix-env stand-in: profile set",
+        "activating the old system",
+    ];
+    let mut at = 0;
+    for needle in expected {
+        let found = lines[at..].iter().position(|l| l.contains(needle));
+        assert!(found.is_some(), "{needle:?} in order among {lines:?}");
+        at += found.unwrap_or(0) + 1;
+    }
+    // Each once: the status is delivered (its record goes), the report
+    // stands in the compartment, and no second status followed.
+    let record = wait_for_record(&paths, "rolled_back").await;
+    assert_eq!(record["reported"], true);
+    assert_eq!(record["attempts"], 1);
+    wait_for_gone(&paths.state.join("running-command.json")).await;
+    dashboard
+        .wait_frame_where("heartbeat", 10 * SECOND, |p| {
+            p["update_status"]["system"]["status"] == "error"
+                && p["update_status"]["system"]["message"] == REPORT
+        })
+        .await;
+    let heartbeats = dashboard.frames("heartbeat").len();
+    dashboard
+        .wait_frame("heartbeat", heartbeats + 1, 10 * SECOND)
+        .await;
+    let statuses = dashboard.frames("status");
+    let rollbacks = statuses
+        .iter()
+        .filter(|s| s.payload()["command"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1, "{statuses:?}");
+    assert_eq!(rollback_runs(&paths).len(), 1);
+}
+
+/// Waits until a file is gone.
+async fn wait_for_gone(path: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + 30 * SECOND;
+    while path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} stayed: {}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
