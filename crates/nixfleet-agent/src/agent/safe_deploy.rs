@@ -74,6 +74,7 @@ impl Core {
                     self.activation = Some(record);
                 }
                 self.compartments.rolled_back(&message);
+                self.count_rollback(false);
                 self.rollback_status(Outcome::Error, -1, message);
             }
         }
@@ -89,6 +90,7 @@ impl Core {
         if !record.reported {
             record.reported = true;
             self.save_activation(&record);
+            self.count_rollback(record.exit_code == 0);
             self.rollback_status(Outcome::Error, record.exit_code, report);
         }
         self.activation = Some(record);
@@ -282,6 +284,10 @@ impl Core {
             ),
         };
         warn!("{report}");
+        // Once per rollback: an agent that adopts its end again does not.
+        if record.phase != Phase::RolledBack {
+            self.count_rollback(status.status == Outcome::Ok);
+        }
         record.phase = Phase::RolledBack;
         record.report = Some(report.clone());
         self.save_activation(&record);
