@@ -60,10 +60,7 @@ impl Dialer {
                 self.tls = Some(
                     crate::tls::client_config(
                         self.config.ca_file.as_deref(),
-                        self.config
-                            .tls_client
-                            .as_ref()
-                            .map(|c| (c.chain.clone(), c.key())),
+                        self.config.tls_client.as_ref().map(|c| c.certified()),
                     )
                     .map_err(ConnectError::Failed)?,
                 );
