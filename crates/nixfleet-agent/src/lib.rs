@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod nix_log;
 pub mod observe;
 pub mod outbox;
+pub mod private_key;
 pub mod protocol;
 pub mod reboot;
 pub mod redact;

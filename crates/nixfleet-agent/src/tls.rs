@@ -3,8 +3,9 @@
 //! (`tls_client_cert`, `tls_client_key`). Certificates are always
 //! verified; there is no switch to turn that off.
 
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 /// connection, so a `ws://` agent never pays for parsing the trust store.
 pub fn client_config(
     ca_file: Option<&Path>,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    identity: Option<Arc<CertifiedKey>>,
 ) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -49,10 +50,12 @@ pub fn client_config(
         .map_err(|e| format!("TLS setup failed: {e}"))?
         .with_root_certificates(roots);
     let config = match identity {
-        // The pair was checked when the configuration was loaded.
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| format!("TLS client certificate setup failed: {e}"))?,
+        // The pair was checked, and the key parsed (its bytes then zeroed),
+        // when the configuration was loaded: rustls gets the parsed key,
+        // shared with the configuration, never the key's bytes.
+        Some(certified) => {
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+        }
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))

@@ -3,10 +3,12 @@
 //! read by the real node_exporter's textfile collector.
 
 mod common;
+#[path = "observability/exporter.rs"]
+mod exporter;
 
 use common::*;
+use exporter::NodeExporter;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -195,77 +197,6 @@ async fn status_follows_the_agent_through_connect_command_failure_and_disconnect
     assert!(text.contains("NOT RUNNING"), "{text}");
 }
 
-/// The Debian package's binary (CI installs it: scripts/test.sh).
-const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
-
-/// node_exporter reading only the textfile directory, on a free loopback
-/// port. Killed when dropped.
-struct NodeExporter {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl NodeExporter {
-    fn start(dir: &Path) -> NodeExporter {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(NODE_EXPORTER)
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--collector.disable-defaults")
-            .arg("--collector.textfile")
-            .arg(format!("--collector.textfile.directory={}", dir.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node exporter starts");
-        NodeExporter { child, port }
-    }
-
-    /// GET /metrics: the body, or None while it does not answer yet.
-    fn scrape(&self) -> Option<String> {
-        let mut socket = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        socket.set_read_timeout(Some(5 * SECOND)).ok()?;
-        let request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-        socket.write_all(request.as_bytes()).ok()?;
-        let mut response = String::new();
-        socket.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200").then(|| body.to_owned())
-    }
-
-    /// Scrapes until every line in `wanted` is there; the collector must
-    /// never report a parse error.
-    async fn wait_for(&self, wanted: &[&str]) -> String {
-        let deadline = Instant::now() + 15 * SECOND;
-        loop {
-            let body = self.scrape().unwrap_or_default();
-            if body.contains("node_textfile_scrape_error") {
-                assert!(body.contains("node_textfile_scrape_error 0"), "{body}");
-            }
-            let has = |line: &&str| body.lines().any(|l| l == *line);
-            if body.contains("node_textfile_scrape_error 0") && wanted.iter().all(has) {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never scraped {wanted:?}; last:\n{body}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for NodeExporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// An agent with a stand-in `nixos-rebuild`, registered, that writes its
 /// metrics file where a real node_exporter reads it.
 struct Exported {
@@ -285,10 +216,7 @@ impl Exported {
         rebuild: &str,
         tweak: impl FnOnce(&mut AgentOptions),
     ) -> Option<Exported> {
-        if !Path::new(NODE_EXPORTER).exists() {
-            eprintln!(
-                "skipped: {NODE_EXPORTER} is not installed (apt install prometheus-node-exporter)"
-            );
+        if exporter::missing() {
             return None;
         }
         let textfiles = tempfile::tempdir().unwrap();

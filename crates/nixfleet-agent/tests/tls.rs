@@ -11,8 +11,11 @@
 //! `SSL_CERT_FILE`/`SSL_CERT_DIR` cannot point at the test CA.
 
 mod common;
+#[path = "tls/memory.rs"]
+mod memory;
 
 use common::*;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -357,6 +360,45 @@ async fn mtls_with_the_right_client_certificate_registers() {
     assert_eq!(front.wait_handshakes(1, SECOND).await[0], Ok(()));
     let stderr = agent.stderr();
     assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}
+
+/// Like the token, the client key is not kept in the agent's memory once
+/// it is parsed: neither a line of its PEM file nor its DER bytes are in
+/// any writable mapping of the running, connected agent (ring's parsed key
+/// is in its own form, see config/validate/client_cert.rs).
+#[tokio::test]
+async fn the_client_keys_bytes_are_not_left_in_the_agents_memory() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: reading the (non-dumpable) agent's memory needs root");
+        return;
+    }
+    let dashboard = Dashboard::start().await;
+    let ca = TestCa::new("NixFleet test CA");
+    let clients = TestCa::new("Fleet hosts CA");
+    let config = requiring_clients(&clients, ca.server(&["localhost"], false));
+    let front = TlsFront::with_config(dashboard.addr, config).await;
+    let (cert, key) = clients.client("test-host");
+    let agent = mtls_agent(&front, &ca, (cert, key.clone())).await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert_eq!(front.wait_handshakes(1, SECOND).await[0], Ok(()));
+
+    let der = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let body: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut needles: Vec<&[u8]> = body.iter().map(|l| l.as_bytes()).collect();
+    needles.push(der.secret_der());
+    let found = memory::find_in_memory(agent.pid(), &needles).unwrap();
+    let found: Vec<String> = found
+        .iter()
+        .map(|(i, mapping)| match *i == body.len() {
+            true => format!("the DER in {mapping}"),
+            false => format!("PEM line {i} in {mapping}"),
+        })
+        .collect();
+    assert!(found.is_empty(), "the key's bytes are in memory: {found:?}");
+    let stderr = agent.stderr();
+    for line in &body {
+        assert!(!stderr.contains(line), "{stderr}");
+    }
 }
 
 #[tokio::test]

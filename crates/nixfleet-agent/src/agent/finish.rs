@@ -61,6 +61,19 @@ impl Core {
         }
     }
 
+    /// A safe deployment rolled back, for `rollbacks_total`: the rollback's
+    /// own result (its status says `error` either way, as the switch was
+    /// undone). Unlike `observe`, it waits for room rather than be lost
+    /// when the observer lags behind a burst of commands (its state file
+    /// is fsynced): a counter must not miss an event. Off the core's path,
+    /// and a few times a year.
+    pub(super) fn count_rollback(&self, ok: bool) {
+        let observations = self.observations.clone();
+        tokio::spawn(async move {
+            let _ = observations.send(Observation::RolledBack { ok }).await;
+        });
+    }
+
     fn finish(&mut self, status: Status) {
         self.end_command(status);
         // What waited for the command: a rollback, the tests of a switch.

@@ -143,6 +143,7 @@ impl Core {
         if !record.reported && !adopted_rollback {
             record.reported = true;
             self.save_activation(&record);
+            self.count_rollback(record.exit_code == 0);
             self.rollback_status(Outcome::Error, record.exit_code, report);
         } else {
             self.save_activation(&record);
@@ -349,6 +350,12 @@ impl Core {
             ),
         };
         warn!("{report}");
+        // Once per rollback, by whoever sends its status first (the agent
+        // that ran it, or the one that adopted the timer's run); an agent
+        // that adopts its end again after delivering it does not.
+        if record.phase != Phase::RolledBack || !record.reported {
+            self.count_rollback(exit_code == 0);
+        }
         record.phase = Phase::RolledBack;
         record.report = Some(report.clone());
         record.exit_code = exit_code;

@@ -1,10 +1,11 @@
 //! The validated, effective configuration the rest of the agent reads.
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use secrecy::SecretString;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,44 +129,29 @@ impl Config {
     }
 }
 
-/// A client certificate chain and its private key, read at start-up. The
-/// key's bytes never show in `Debug` and are never logged.
+/// A client certificate chain and its private key, read at start-up and
+/// kept as the signing key rustls uses (`config/validate/client_cert.rs`
+/// says what that holds). `Debug` shows the paths only.
+#[derive(Clone)]
 pub struct ClientIdentity {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
-    pub chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    certified: Arc<CertifiedKey>,
 }
 
 impl ClientIdentity {
-    pub(crate) fn new(
-        cert_path: PathBuf,
-        key_path: PathBuf,
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Self {
+    pub(crate) fn new(cert_path: PathBuf, key_path: PathBuf, certified: Arc<CertifiedKey>) -> Self {
         ClientIdentity {
             cert_path,
             key_path,
-            chain,
-            key,
+            certified,
         }
     }
 
-    /// A copy of the key for a TLS client configuration.
-    pub fn key(&self) -> PrivateKeyDer<'static> {
-        self.key.clone_key()
-    }
-}
-
-impl Clone for ClientIdentity {
-    fn clone(&self) -> Self {
-        ClientIdentity {
-            cert_path: self.cert_path.clone(),
-            key_path: self.key_path.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
+    /// The chain and signing key for a TLS client configuration (shared,
+    /// not copied).
+    pub fn certified(&self) -> Arc<CertifiedKey> {
+        self.certified.clone()
     }
 }
 
@@ -174,7 +160,7 @@ impl fmt::Debug for ClientIdentity {
         f.debug_struct("ClientIdentity")
             .field("cert_path", &self.cert_path)
             .field("key_path", &self.key_path)
-            .field("certificates", &self.chain.len())
+            .field("certificates", &self.certified.cert.len())
             .finish_non_exhaustive()
     }
 }

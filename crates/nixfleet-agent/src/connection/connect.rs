@@ -104,10 +104,7 @@ impl Dialer {
         if self.tls.is_none() {
             self.tls = Some(crate::tls::client_config(
                 self.config.ca_file.as_deref(),
-                self.config
-                    .tls_client
-                    .as_ref()
-                    .map(|c| (c.chain.clone(), c.key())),
+                self.config.tls_client.as_ref().map(|c| c.certified()),
             )?);
         }
         Ok(Connector::Rustls(self.tls.clone().expect("set above")))

@@ -19,14 +19,27 @@ use std::sync::atomic::AtomicU64;
 type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-/// The snapshot and the output line counts in Prometheus' text format.
-/// `now` stands for the last heartbeat while connected (the caller writes
-/// on the heartbeat's grid).
-pub fn render(snapshot: &Snapshot, lines: LineCounts, now: u64) -> String {
+/// The snapshot, the output line counts and the flake.lock's newest input
+/// time in Prometheus' text format. `now` stands for the last heartbeat
+/// while connected (the caller writes on the heartbeat's grid) and is what
+/// the lock's age is counted to.
+pub fn render(snapshot: &Snapshot, lines: LineCounts, flake_lock: Option<u64>, now: u64) -> String {
     let mut registry = Registry::with_prefix("nixfleet_agent");
     link_metrics(&mut registry, snapshot, now);
     command_metrics(&mut registry, snapshot);
+    rollback_metrics(&mut registry, snapshot);
     line_metrics(&mut registry, lines);
+    if let Some(newest) = flake_lock {
+        let age = Gauge::<i64>::default();
+        // A clock behind the lock's times says 0, not a negative age.
+        age.set(i64::try_from(now.saturating_sub(newest)).unwrap_or(i64::MAX));
+        registry.register_with_unit(
+            "flake_lock_age",
+            "Time since the newest lastModified of flake.lock's direct inputs",
+            Unit::Seconds,
+            age,
+        );
+    }
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![
         ("version", snapshot.agent.version.clone()),
@@ -158,6 +171,22 @@ fn command_metrics(registry: &mut Registry, snapshot: &Snapshot) {
     }
 }
 
+/// Both results always, so that a first rollback is an increase from 0.
+fn rollback_metrics(registry: &mut Registry, snapshot: &Snapshot) {
+    let family = Family::<Labels, Counter>::default();
+    for result in ["ok", "failed"] {
+        let n = snapshot.counters.rollbacks.get(result).copied();
+        family
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc_by(n.unwrap_or(0));
+    }
+    registry.register(
+        "rollbacks",
+        "Safe deployments rolled back (unconfirmed, or the host's tests failed), by the rollback's result",
+        family,
+    );
+}
+
 fn line_metrics(registry: &mut Registry, lines: LineCounts) {
     let family = Family::<Labels, Counter>::default();
     for (outcome, n) in [("delivered", lines.delivered), ("dropped", lines.dropped)] {
@@ -197,10 +226,15 @@ impl MetricsFile {
         Ok(true)
     }
 
-    /// Renders the snapshot and the line counts and writes them if they
-    /// changed.
-    pub fn refresh(&mut self, snapshot: &Snapshot, lines: LineCounts) -> io::Result<bool> {
-        self.update(render(snapshot, lines, unix_now()))
+    /// Renders the snapshot, the line counts and the lock's newest input
+    /// time, and writes them if they changed.
+    pub fn refresh(
+        &mut self,
+        snapshot: &Snapshot,
+        lines: LineCounts,
+        flake_lock: Option<u64>,
+    ) -> io::Result<bool> {
+        self.update(render(snapshot, lines, flake_lock, unix_now()))
     }
 }
 
@@ -264,7 +298,7 @@ mod tests {
             delivered: 12,
             dropped: 3,
         };
-        let text = render(&snapshot(), lines, 1075);
+        let text = render(&snapshot(), lines, None, 1075);
         assert!(
             text.contains("# TYPE nixfleet_agent_connects_total counter\n"),
             "{text}"
@@ -295,6 +329,44 @@ mod tests {
         );
         assert!(
             text.contains("\nnixfleet_agent_output_lines_total{outcome=\"dropped\"} 3\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rollbacks_count_by_result_and_the_lock_age_is_to_now() {
+        let lines = LineCounts::default();
+        let mut with = snapshot();
+        let text = render(&with, lines, None, 1075);
+        for result in ["ok", "failed"] {
+            let zero = format!("\nnixfleet_agent_rollbacks_total{{result=\"{result}\"}} 0\n");
+            assert!(text.contains(&zero), "{text}");
+        }
+        assert!(
+            text.contains("# TYPE nixfleet_agent_rollbacks_total counter\n"),
+            "{text}"
+        );
+        // No lock file read: no age at all, rather than a made-up one.
+        assert!(!text.contains("flake_lock_age"), "{text}");
+
+        with.counters.rollbacks.insert("failed".into(), 2);
+        let text = render(&with, lines, Some(1000), 1075);
+        assert!(
+            text.contains("\nnixfleet_agent_rollbacks_total{result=\"failed\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nnixfleet_agent_flake_lock_age_seconds 75\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE nixfleet_agent_flake_lock_age_seconds gauge\n"),
+            "{text}"
+        );
+        // A lock "from the future" (the host's clock behind): age 0.
+        let text = render(&with, lines, Some(2000), 1075);
+        assert!(
+            text.contains("\nnixfleet_agent_flake_lock_age_seconds 0\n"),
             "{text}"
         );
     }

@@ -11,10 +11,12 @@
 //!
 //! The parts, from the bottom up: `snapshot` (what is kept, the state
 //! file), `exposition` (the snapshot as metrics, the metrics file),
+//! `flake_lock` (the lock file's newest input, for the metrics),
 //! `task` (the owner), `report` (the `status` subcommand, which only reads
 //! the state file).
 
 pub mod exposition;
+mod flake_lock;
 pub mod report;
 pub mod snapshot;
 mod task;

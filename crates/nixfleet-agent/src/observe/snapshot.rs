@@ -116,6 +116,9 @@ pub struct Counters {
     pub disconnects: BTreeMap<String, u64>,
     /// By command, then `ok` / `error`.
     pub commands: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Safe deployments rolled back, by result (`ok` / `failed`).
+    #[serde(default)]
+    pub rollbacks: BTreeMap<String, u64>,
 }
 
 impl Snapshot {

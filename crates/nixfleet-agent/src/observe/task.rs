@@ -3,6 +3,7 @@
 //! configured) on the heartbeat's grid when its text changed.
 
 use super::exposition::MetricsFile;
+use super::flake_lock::FlakeLock;
 use super::snapshot::{
     AgentInfo, CommandResult, Counters, Link, RunningCommand, Snapshot, unix_now, unix_secs,
 };
@@ -38,6 +39,9 @@ pub enum Observation {
         /// When it started (the command's `watch` may say idle already).
         started: Option<SystemTime>,
     },
+    /// A safe deployment was rolled back (by the agent or, reported by
+    /// the next agent, by the timer), or the rollback ended in an error.
+    RolledBack { ok: bool },
 }
 
 /// What the observer follows of the other tasks' state.
@@ -58,6 +62,8 @@ pub struct Observer {
     snapshot: Snapshot,
     state_dir: PathBuf,
     metrics: Option<MetricsFile>,
+    /// `repo_dir/flake.lock`, followed only for the metrics file.
+    flake_lock: Option<FlakeLock>,
     /// Whether the state file is behind the snapshot.
     dirty: bool,
     /// A failed write is reported once, not at every change.
@@ -108,6 +114,10 @@ impl Observer {
             snapshot,
             state_dir: config.state_dir.clone(),
             metrics: config.metrics_textfile.clone().map(MetricsFile::new),
+            flake_lock: config
+                .metrics_textfile
+                .is_some()
+                .then(|| FlakeLock::new(&config.repo_dir)),
             dirty: true,
             write_failed: false,
             metrics_failed: false,
@@ -129,6 +139,9 @@ impl Observer {
         // On the heartbeat's grid, so a metrics write shares its wake-up;
         // no timer at all without a metrics file.
         let mut beat = self.metrics.is_some().then(|| Ticker::new(interval));
+        if let Some(lock) = &mut self.flake_lock {
+            lock.watch();
+        }
         loop {
             self.save_if_dirty();
             tokio::select! {
@@ -141,6 +154,8 @@ impl Observer {
                 Ok(()) = async { beat.as_mut().expect("guarded").tick().await }, if beat.is_some() => {
                     self.write_metrics();
                 }
+                // Marks the lock file due; it is read at the next write.
+                () = lock_changed(self.flake_lock.as_mut()) => {}
             }
         }
         self.snapshot.link = Link::Stopped { since: unix_now() };
@@ -241,6 +256,16 @@ impl Observer {
                 }
             }
             finished @ Observation::Finished { .. } => self.on_finished(finished),
+            Observation::RolledBack { ok } => {
+                let result = if ok { "ok" } else { "failed" };
+                *self
+                    .snapshot
+                    .counters
+                    .rollbacks
+                    .entry(result.to_owned())
+                    .or_default() += 1;
+                self.dirty = true;
+            }
         }
     }
 
@@ -280,6 +305,9 @@ impl Observer {
         }
         self.snapshot.last_results.insert(command, result);
         self.dirty = true;
+        if let Some(lock) = &mut self.flake_lock {
+            lock.command_ended();
+        }
     }
 
     fn save_if_dirty(&mut self) {
@@ -300,7 +328,8 @@ impl Observer {
         let Some(metrics) = &mut self.metrics else {
             return;
         };
-        match metrics.refresh(&self.snapshot, self.outbox.line_counts()) {
+        let lock = self.flake_lock.as_mut().and_then(FlakeLock::newest);
+        match metrics.refresh(&self.snapshot, self.outbox.line_counts(), lock) {
             Ok(_) => self.metrics_failed = false,
             Err(error) if !self.metrics_failed => {
                 self.metrics_failed = true;
@@ -308,5 +337,13 @@ impl Observer {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// Something happened beside the lock file; never without one.
+async fn lock_changed(lock: Option<&mut FlakeLock>) {
+    match lock {
+        Some(lock) => lock.changed().await,
+        None => std::future::pending().await,
     }
 }

@@ -4,14 +4,30 @@
 //! does not belong to the certificate would fail every handshake, so it
 //! stops the agent with exit 78 instead. No message ever holds the key's
 //! bytes: its parse errors are summarised, not shown.
+//!
+//! The key is kept as the token is: its PEM and DER bytes live only in
+//! zeroed-on-drop buffers (`private_key`) while ring parses them into the
+//! signing key, and are zeroed as soon as that is done; no copy of them
+//! stays in the configuration. What stays is ring's parsed key inside
+//! rustls' `CertifiedKey`, which the TLS configuration needs until the
+//! agent exits. ring keeps it in its own form (RSA: the private exponent
+//! and primes as big integers; ECDSA: the scalar; Ed25519: the seed) and,
+//! as its own comments say, does not zero it when dropped; nothing of it
+//! is printable (its `Debug` names the algorithm only). A SEC1 `EC PRIVATE
+//! KEY` is re-wrapped by rustls as PKCS#8 in a temporary buffer it does not
+//! zero: a PKCS#8 key (`PRIVATE KEY`, what `openssl genpkey` writes)
+//! avoids that. The agent is not dumpable (`hardening`), so no core file
+//! holds any of it; the memory is not locked against swap.
 
 use super::{Validator, check_path};
 use crate::config::effective::ClientIdentity;
 use crate::config::files::{check_readable_file, read_capped, warn_loose_permissions};
+use crate::private_key::PrivateKey;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::CertifiedKey;
+use rustls::sign::{CertifiedKey, SigningKey};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Larger PEM files than this are refused (a certificate chain is a few KiB).
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
@@ -37,23 +53,17 @@ impl Validator<'_> {
             }
         };
         let chain = self.client_chain(&cert)?;
-        let private = self.client_key(&key)?;
-        let signing = rustls::crypto::ring::sign::any_supported_type(&private).map_err(|_| {
-            let why = "is not an RSA, ECDSA or Ed25519 private key rustls can use";
-            self.bad("tls_client_key", &key, why)
+        let signing = self.client_key(&key)?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified.keys_match().map_err(|_| {
+            let why = format!("does not match the certificate in tls_client_cert {cert}");
+            self.bad("tls_client_key", &key, &why)
         })?;
-        CertifiedKey::new(chain.clone(), signing)
-            .keys_match()
-            .map_err(|_| {
-                let why = format!("does not match the certificate in tls_client_cert {cert}");
-                self.bad("tls_client_key", &key, &why)
-            })?;
         warn_loose_permissions(Path::new(&key), "tls_client_key", &mut self.warnings);
         Ok(Some(ClientIdentity::new(
             PathBuf::from(cert),
             PathBuf::from(key),
-            chain,
-            private,
+            Arc::new(certified),
         )))
     }
 
@@ -69,12 +79,14 @@ impl Validator<'_> {
         Ok(chain)
     }
 
-    fn client_key(&self, key: &str) -> Result<PrivateKeyDer<'static>, String> {
+    /// The signing key rustls uses; the key's bytes are zeroed on return.
+    fn client_key(&self, key: &str) -> Result<Arc<dyn SigningKey>, String> {
         let bad = |why: &str| self.bad("tls_client_key", key, why);
-        let pem = self.pem_file(key).map_err(|why| bad(&why))?;
-        // The parser's own error could quote part of the file: not shown.
-        PrivateKeyDer::from_pem_slice(&pem)
-            .map_err(|_| bad("holds no PEM private key (PKCS#8, PKCS#1 or SEC1)"))
+        check_path(key).map_err(|why| bad(&why))?;
+        check_readable_file(Path::new(key)).map_err(|why| bad(&why))?;
+        let private = PrivateKey::read(Path::new(key), MAX_PEM_BYTES).map_err(|why| bad(&why))?;
+        rustls::crypto::ring::sign::any_supported_type(&private.der())
+            .map_err(|_| bad("is not an RSA, ECDSA or Ed25519 private key rustls can use"))
     }
 
     fn pem_file(&self, path: &str) -> Result<Vec<u8>, String> {
