@@ -44,7 +44,8 @@ pub const EXIT_RESTART: u8 = 75;
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let (mut core, inputs, tasks) = start(&config);
+    let activation_lock = safe_deploy::wait_for_the_timers_rollback(&config.state_dir).await;
+    let (mut core, inputs, tasks) = start(&config, activation_lock);
     let ending = core.run(inputs).await;
     // A restart stops the connection the same way as a shutdown (close
     // 1000); after a signal this is already set.
@@ -75,7 +76,10 @@ struct Tasks {
 
 /// Starts every task and builds the core (which has adopted a command a
 /// predecessor left, if any).
-fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
+fn start(
+    config: &Arc<Config>,
+    activation_lock: Option<std::fs::File>,
+) -> (Core, CoreInputs, Tasks) {
     let outbox = Arc::new(Outbox::default());
     let (links, inputs, ends) = wire(outbox.clone());
     let runner = Arc::new(Runner::new(config.clone(), outbox.clone()));
@@ -113,6 +117,7 @@ fn start(config: &Arc<Config>) -> (Core, CoreInputs, Tasks) {
             observations,
             link_state: ends.link_state.clone(),
         },
+        activation_lock,
     );
     let systemd = tokio::spawn(report_to_systemd(
         Systemd::from_env(),
@@ -188,8 +193,9 @@ fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
 /// it started, then a deployment still to be confirmed or rolled back, then
 /// the tests after a switch (in this order: each step sees what the one
 /// before adopted).
-fn build_core(config: &Arc<Config>, links: CoreLinks) -> Core {
+fn build_core(config: &Arc<Config>, links: CoreLinks, lock: Option<std::fs::File>) -> Core {
     let mut core = Core::new(config, links);
+    core.activation_lock = lock;
     core.adopt_previous();
     core.resume_activation();
     core.resume_tests();

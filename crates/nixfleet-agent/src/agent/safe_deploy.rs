@@ -6,6 +6,7 @@
 
 use super::confirm::{Verdict, now_secs};
 use super::core::Core;
+use super::systemd_report::tick_if_any;
 use crate::activation::{self, Adopted, Phase, Record, Resume};
 use crate::commands::handover::CommandRecord;
 use crate::commands::log::has_ended;
@@ -13,14 +14,18 @@ use crate::commands::{CommandKind, StopRequest};
 use crate::connection::Control;
 use crate::host_facts::{current_system, generation};
 use crate::protocol::{Outcome, Status};
+use crate::systemd::Systemd;
+use crate::ticker::Ticker;
+use std::path::Path;
 use tracing::{info, warn};
 
 impl Core {
     /// Taken before anything a previous agent left is adopted, and held
     /// for the agent's life: a rollback timer that fires meanwhile leaves
-    /// the countdown to this agent. While the timer's rollback runs (the
-    /// old system's activation may start this agent), this waits for it to
-    /// end, so that its command is adopted whole, lines and end.
+    /// the countdown to this agent. Normally taken before the core is built
+    /// ([`wait_for_the_timers_rollback`], which waits for a running timer
+    /// rollback to end, so that its command is adopted whole); taken here
+    /// again only if that failed.
     pub(super) fn take_activation_lock(&mut self) {
         if self.activation_lock.is_some() {
             return;
@@ -534,5 +539,32 @@ impl Core {
             generation: generation(&self.repo_dir),
         };
         self.send_status(status, Control::Heartbeat);
+    }
+}
+
+/// Before the agent starts its work: the activation lock, waited for if the
+/// rollback timer holds it (it rolls back an unconfirmed switch). That
+/// rollback's `switch-to-configuration` may be what started this agent, and
+/// it waits for the agent's start job: so systemd hears READY (and the
+/// watchdog its pings) while the lock is awaited off the runtime's thread,
+/// and the agent then adopts the rollback whole. `None` when the lock
+/// cannot be had at all (`take_activation_lock` tries again and says why).
+pub(super) async fn wait_for_the_timers_rollback(state_dir: &Path) -> Option<std::fs::File> {
+    match activation::timer::lock(state_dir, false) {
+        Ok(None) => {}
+        taken => return taken.ok().flatten(),
+    }
+    warn!("the rollback timer is rolling back an unconfirmed switch; waiting for it to end");
+    let systemd = Systemd::from_env();
+    systemd.status("waiting for the rollback timer to end its rollback");
+    systemd.ready();
+    let dir = state_dir.to_owned();
+    let mut locked = tokio::task::spawn_blocking(move || activation::timer::lock(&dir, true));
+    let mut pings = systemd.watchdog_interval().map(Ticker::new);
+    loop {
+        tokio::select! {
+            lock = &mut locked => return lock.ok().and_then(Result::ok).flatten(),
+            Ok(()) = tick_if_any(&mut pings) => systemd.watchdog_ping(),
+        }
     }
 }

@@ -146,3 +146,56 @@ async fn wait_for_gone(path: &std::path::Path) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// While the timer's rollback runs, the old system's activation may be
+/// what starts the agent, and `switch-to-configuration` waits for the
+/// agent's start job: an agent that waited for the lock before telling
+/// systemd READY would stall the rollback it waits for. So READY comes at
+/// once, and the agent connects only once the lock is free.
+#[tokio::test]
+async fn an_agent_started_during_the_timers_rollback_is_ready_at_once_and_waits_for_it() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 300);
+    std::fs::create_dir_all(&paths.state).unwrap();
+    // The test holds the lock as the timer's rollback would.
+    let lock_path = paths.state.join("activation.lock");
+    let held = std::fs::File::create(&lock_path).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    options
+        .env
+        .push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
+    let agent = Agent::spawn(dir, options).await;
+
+    let mut buf = vec![0u8; 4096];
+    let ready = tokio::time::timeout(10 * SECOND, async {
+        loop {
+            let n = notify.recv(&mut buf).await.unwrap();
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ready.is_ok(),
+        "no READY=1 while the lock was held: {}",
+        agent.stderr()
+    );
+    assert!(
+        dashboard.frames("register").is_empty(),
+        "the agent connected before the rollback ended"
+    );
+    drop(held);
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    assert!(
+        agent.stderr().contains("waiting for it to end"),
+        "{}",
+        agent.stderr()
+    );
+}
