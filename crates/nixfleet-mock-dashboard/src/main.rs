@@ -52,9 +52,12 @@
 //! larger one ends that connection (`closed_by: "transport"`, with the
 //! `error`) and nothing else. Pings are answered.
 //!
-//! * Per-host tokens (`--tokens`): the agent sends only its token with the
-//!   upgrade (as the v3 agent does), so the upgrade is accepted when the
-//!   token is any listed host's, and the connection remembers whose. A
+//! * Per-host tokens (`--tokens`): an upgrade whose `X-NixFleet-Hostname`
+//!   (our agent's extension header) names another host than the token's is
+//!   refused with 401 (listed by `/api/rejected`, a `refused` entry in that
+//!   host's timeline). Without the header (the v3 agent sends only its
+//!   token), the upgrade is accepted when the token is any listed host's,
+//!   and the connection remembers whose. A
 //!   `register` whose hostname is not that host's is refused: the
 //!   connection is closed with code 1008, reason `token of another host`,
 //!   and stays unregistered; `/api/rejected` lists it with that reason,

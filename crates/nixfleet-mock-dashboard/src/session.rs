@@ -137,6 +137,17 @@ impl State {
         self.close_conn_with(id, 1008, REFUSED_REASON);
     }
 
+    /// An upgrade naming host `name` (our agent's extension header) with
+    /// `token_of`'s token: refused with 401 before any connection exists;
+    /// `name`'s timeline and `/api/rejected` say why.
+    pub fn refuse_upgrade(&mut self, remote: std::net::SocketAddr, name: &str, token_of: &str) {
+        self.reject(remote, REFUSED_REASON);
+        let idx = self.host_entry(name);
+        self.hosts[idx]
+            .view
+            .on_refused(now_ms(), 0, &remote.to_string(), token_of);
+    }
+
     /// Any frame but a `register`, on a connection bound to host `idx`;
     /// returns whether the host list changed.
     fn on_frame(

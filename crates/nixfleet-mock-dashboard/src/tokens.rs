@@ -2,11 +2,12 @@
 //! `--token-file`), or one per host (`--tokens FILE`, lines
 //! `hostname token`).
 //!
-//! An agent sends only `Authorization: Bearer <token>` with its upgrade,
-//! as the v3 agent does: the hostname comes later, in its `register`. So a
-//! per-host token is accepted at the upgrade when it is any known host's,
-//! and the connection remembers whose it was; a `register` for another
-//! hostname is refused then (session.rs).
+//! Our agent names its host at the upgrade (`X-NixFleet-Hostname`), so
+//! another host's token is refused there (ws.rs). The v3 agent sends only
+//! `Authorization: Bearer <token>`: the hostname comes later, in its
+//! `register`. So a per-host token is accepted at the upgrade when it is
+//! any known host's, and the connection remembers whose it was; a
+//! `register` for another hostname is refused then (session.rs).
 
 /// Whose token an upgrade presented.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,6 +44,20 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<TokenOwner, &'stati
         .ok_or("wrong token")
 }
 
+/// Our agent names its host at the upgrade (an extension header; v3's Go
+/// agent does not, and is checked at its `register` instead): the host it
+/// names and whose token it presented, when they differ.
+fn foreign_host(owner: &TokenOwner, headers: &HeaderMap) -> Option<(String, String)> {
+    let named = headers.get(HOSTNAME_HEADER)?.to_str().ok()?.trim();
+    match owner {
+        TokenOwner::Host(host) if host != named => Some((named.to_owned(), host.clone())),
+        _ => None,
+    }
+}
+
+/// The header in which our agent names its host at the upgrade.
+pub const HOSTNAME_HEADER: &str = "x-nixfleet-hostname";
+
 pub async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -54,6 +68,11 @@ pub async fn upgrade(
         Ok(owner) => owner,
         Err(reason) => return unauthorized(&shared, remote, reason),
     };
+    if let Some((named, token_of)) = foreign_host(&owner, &headers) {
+        tracing::warn!(%remote, host = named, token_of, "refused WebSocket upgrade: the token is another host's");
+        shared.lock().refuse_upgrade(remote, &named, &token_of);
+        return unauthorized_response();
+    }
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => {
@@ -78,6 +97,11 @@ pub async fn upgrade(
 fn unauthorized(shared: &Shared, remote: SocketAddr, reason: &'static str) -> Response {
     tracing::warn!(%remote, reason, "refused WebSocket upgrade: HTTP 401");
     shared.lock().reject(remote, reason);
+    unauthorized_response()
+}
+
+/// 401 with `WWW-Authenticate: Bearer`.
+fn unauthorized_response() -> Response {
     let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized");
     response
         .headers_mut()

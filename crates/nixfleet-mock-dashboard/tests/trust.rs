@@ -1,8 +1,11 @@
 //! The mock's trust features with the real agent. Per-host tokens
-//! (`--tokens FILE`): a host with its own token registers; a host
-//! presenting another host's token is refused at its `register` (close
-//! 1008), listed by `/api/rejected`, and never becomes connected. `wss://`
-//! (`--tls-cert`, `--tls-key`) and client certificates (`--client-ca`).
+//! (`--tokens FILE`): a host with its own token registers; our agent
+//! presenting another host's token is refused at the upgrade (401: it
+//! names its host in a header), a client that names it only in `register`
+//! (v3's Go agent) at its `register` (close 1008); both are listed by
+//! `/api/rejected`, said in the host's timeline, and never connected.
+//! `wss://` (`--tls-cert`, `--tls-key`) and client certificates
+//! (`--client-ca`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -166,37 +169,70 @@ async fn a_host_with_its_own_token_registers() {
 }
 
 #[tokio::test]
-async fn a_host_presenting_another_hosts_token_is_refused() {
+async fn our_agent_presenting_another_hosts_token_is_refused_at_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let (_mock, addr) = start_mock(dir.path()).await;
-    // host-a with host-b's token: accepted at the upgrade (the agent sends
-    // no hostname there), refused at its register.
+    // host-a with host-b's token.
     let _agent = start_agent(dir.path(), &addr, "host-a", "token-of-b-93c0");
     let rejected = wait_for(&addr, "/api/rejected", "a refusal", |r| {
         r.as_array().is_some_and(|list| !list.is_empty())
     })
     .await;
     assert_eq!(rejected[0]["reason"], "token of another host", "{rejected}");
-    let conns = wait_for(
-        &addr,
-        "/api/hosts/(unregistered)/connections",
-        "the refused connection closed",
-        |c| c[0]["sent_close_code"] == 1008,
-    )
-    .await;
-    assert_eq!(conns[0]["sent_close_reason"], "token of another host");
+    let stderr = dir.path().join("agent.stderr");
+    let deadline = Instant::now() + DEADLINE;
+    while !std::fs::read_to_string(&stderr)
+        .unwrap_or_default()
+        .contains("authentication failed (HTTP 401)")
+    {
+        assert!(Instant::now() < deadline, "the agent never heard 401");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No WebSocket was ever opened: nothing unregistered, nothing of host-a.
+    let (code, conns) = get(&addr, "/api/hosts/(unregistered)/connections").await;
+    assert!(
+        code == 404 || conns == Value::Array(Vec::new()),
+        "{code} {conns}"
+    );
     let (_, host) = get(&addr, "/api/hosts/host-a").await;
     assert_eq!(host["connected"], false, "{host}");
     assert_eq!(host["registered_at"], Value::Null, "{host}");
-    // Nothing was stored under host-a: no frame of the impostor is its.
-    let (_, messages) = get(&addr, "/api/hosts/host-a/messages").await;
-    assert_eq!(messages["messages"], Value::Array(Vec::new()), "{messages}");
-    // host-a's timeline (the page's live events) says why.
     let timeline = read_events_until(&addr, "/events?host=host-a", "\"kind\":\"refused\"").await;
     assert!(
         timeline.contains("presented the token of host-b"),
         "{timeline}"
     );
+}
+
+/// A client that names its host only in `register`, as v3's Go agent does.
+#[tokio::test]
+async fn a_register_with_another_hosts_token_is_refused_with_1008() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, addr) = start_mock(dir.path()).await;
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", "Bearer token-of-b-93c0".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let register = r#"{"type":"register","payload":{"hostname":"host-a","agent_version":"3.0.0","heartbeat_interval":30}}"#;
+    ws.send(Message::text(register)).await.unwrap();
+    let close = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "token of another host");
+    let (_, rejected) = get(&addr, "/api/rejected").await;
+    assert_eq!(rejected[0]["reason"], "token of another host", "{rejected}");
+    let (_, host) = get(&addr, "/api/hosts/host-a").await;
+    assert_eq!(host["registered_at"], Value::Null, "{host}");
 }
 
 /// Reads the page's event stream until `needle` shows up; returns it all.

@@ -39,6 +39,9 @@ pub(super) struct Dialer {
     written: Arc<WriteProgress>,
 }
 
+/// The upgrade header that names this host (dashboards ignore it).
+const HOSTNAME_HEADER: &str = "x-nixfleet-hostname";
+
 impl Dialer {
     pub(super) fn new(config: Arc<Config>, written: Arc<WriteProgress>) -> Self {
         Dialer {
@@ -130,6 +133,12 @@ impl Dialer {
             header::USER_AGENT,
             HeaderValue::from_static(concat!("nixfleet-agent/", env!("CARGO_PKG_VERSION"))),
         );
+        // Our extension: the host is named before `register`, so a
+        // dashboard with one token per host can refuse another host's token
+        // at the upgrade (401) rather than after it (docs/protocol.md).
+        if let Ok(host) = HeaderValue::try_from(self.config.hostname.as_str()) {
+            headers.insert(HOSTNAME_HEADER, host);
+        }
         Ok(request)
     }
 }
