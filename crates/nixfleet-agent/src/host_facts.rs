@@ -61,20 +61,23 @@ pub fn sha256_hex_of_file(path: &Path) -> Option<String> {
     sha256_hex_of_reader(&mut std::fs::File::open(path).ok()?)
 }
 
+/// ring's SHA-256 (already linked for TLS): assembly on x86_64 and
+/// aarch64, so hashing the agent's own binary at start stays cheap whatever
+/// the optimisation level the binary was built with.
 pub(crate) fn sha256_hex_of_reader(file: &mut impl std::io::Read) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = file.read(&mut buf).ok()?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        context.update(&buf[..n]);
     }
     Some(
-        hasher
-            .finalize()
+        context
+            .finish()
+            .as_ref()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect(),
