@@ -94,14 +94,12 @@ async fn rollbacks_and_the_lock_files_age_reach_node_exporter() {
     let textfiles = tempfile::tempdir().unwrap();
     let file = textfiles.path().join("nixfleet-agent.prom");
     let dashboard = Dashboard::start().await;
-    let (dir, paths, mut options) = prepare(dashboard.url(), 60);
-    options.extra_toml.extend([
-        "rollback_on_failed_tests = true".to_owned(),
-        format!("metrics_textfile = {:?}", file.display().to_string()),
-    ]);
+    let (dir, paths, mut options, tests) = prepare_with_tests(dashboard.url(), 60);
+    options.extra_toml.push(format!(
+        "metrics_textfile = {:?}",
+        file.display().to_string()
+    ));
     let repo = paths.home.join("repo");
-    let tests = repo.join("hosts/test-host/tests");
-    std::fs::create_dir_all(&tests).unwrap();
     script(&tests, "T1-net.sh", "echo 'no route' >&2\nexit 1");
     let started = unix_now();
     let ten_days_ago = started - 10 * DAY;

@@ -339,12 +339,7 @@ async fn a_failed_rollback_is_reported_once_and_never_retried() {
 #[tokio::test]
 async fn a_failing_test_after_the_switch_rolls_it_back_with_the_tests_name() {
     let dashboard = Dashboard::start().await;
-    let (dir, paths, mut options) = prepare(dashboard.url(), 60);
-    options
-        .extra_toml
-        .push("rollback_on_failed_tests = true".to_owned());
-    let tests = paths.home.join("repo/hosts/test-host/tests");
-    std::fs::create_dir_all(&tests).unwrap();
+    let (dir, paths, options, tests) = prepare_with_tests(dashboard.url(), 60);
     script(&tests, "T1-ok.sh", "echo fine");
     script(
         &tests,
@@ -387,12 +382,7 @@ async fn a_failing_test_after_the_switch_rolls_it_back_with_the_tests_name() {
 #[tokio::test]
 async fn a_failing_test_still_rolls_back_after_the_agent_died_during_the_tests() {
     let dashboard = Dashboard::start().await;
-    let (dir, paths, mut options) = prepare(dashboard.url(), 60);
-    options
-        .extra_toml
-        .push("rollback_on_failed_tests = true".to_owned());
-    let tests = paths.home.join("repo/hosts/test-host/tests");
-    std::fs::create_dir_all(&tests).unwrap();
+    let (dir, paths, options, tests) = prepare_with_tests(dashboard.url(), 60);
     let started = paths.home.join("test-started");
     let gate = paths.home.join("test-gate");
     script(
@@ -429,12 +419,7 @@ async fn a_failing_test_still_rolls_back_after_the_agent_died_during_the_tests()
 #[tokio::test]
 async fn passing_tests_after_the_switch_leave_it_in_place() {
     let dashboard = Dashboard::start().await;
-    let (dir, paths, mut options) = prepare(dashboard.url(), 0);
-    options
-        .extra_toml
-        .push("rollback_on_failed_tests = true".to_owned());
-    let tests = paths.home.join("repo/hosts/test-host/tests");
-    std::fs::create_dir_all(&tests).unwrap();
+    let (dir, paths, options, tests) = prepare_with_tests(dashboard.url(), 0);
     script(&tests, "T1-ok.sh", "echo fine");
     let _agent = Agent::spawn(dir, options).await;
     dashboard.wait_frame("register", 1, 10 * SECOND).await;

@@ -18,7 +18,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use browser_kit::{Browser, agent_binary, chromium_or_skip, git, start_mock};
+use browser_kit::{Browser, agent_binary, chromium_or_skip, git, start_mock, write_agent_config};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -103,18 +103,13 @@ fn start_agent_with(binary: &Path, dir: &Path, url: &str, stand_in: &str) -> Age
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "url = {url:?}\ntoken_file = {token:?}\nrepo_dir = {repo:?}\nstate_dir = {state:?}\n\
-             hostname = {HOST:?}\ninterval = 1\nstop_grace = 2\nmetrics = \"proc\"\n",
-            token = token.display().to_string(),
-            repo = repo.display().to_string(),
-            state = dir.join("state").display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = write_agent_config(
+        dir,
+        url,
+        HOST,
+        &token,
+        "interval = 1\nstop_grace = 2\nmetrics = \"proc\"",
+    );
     let path = format!(
         "{}:{}",
         bin.display(),

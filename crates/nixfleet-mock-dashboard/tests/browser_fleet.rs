@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use browser_kit::{Browser, StreamMeter, agent_binary, chromium_or_skip, git, start_mock};
+use browser_kit::{
+    Browser, StreamMeter, agent_binary, chromium_or_skip, git, start_mock, write_agent_config,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -147,18 +149,13 @@ fn start_agent(
 ) -> std::process::Child {
     let state = home.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let config = home.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "url = \"ws://{addr}/ws\"\ntoken_file = {token:?}\nrepo_dir = {repo:?}\n\
-             state_dir = {state:?}\nhostname = {name:?}\ninterval = {INTERVAL}\n",
-            token = token.display().to_string(),
-            repo = home.join("repo").display().to_string(),
-            state = state.display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = write_agent_config(
+        home,
+        &format!("ws://{addr}/ws"),
+        name,
+        token,
+        &format!("interval = {INTERVAL}"),
+    );
     std::process::Command::new(binary)
         .arg("--config")
         .arg(&config)

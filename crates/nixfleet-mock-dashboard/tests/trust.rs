@@ -7,7 +7,7 @@
 //! `wss://` (`--tls-cert`, `--tls-key`) and client certificates
 //! (`--client-ca`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+mod agent_kit;
 mod pki;
+use agent_kit::{agent_binary, write_agent_config};
 use pki::{Api, TestCa};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -53,37 +55,6 @@ async fn start_mock_with(dir: &Path, extra: &[&std::ffi::OsStr]) -> (Child, Stri
     (child, addr)
 }
 
-/// The agent binary beside the mock (built by a workspace test run, else
-/// here, as in browser.rs).
-fn agent_binary() -> PathBuf {
-    let mock = Path::new(env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"));
-    let agent = mock.with_file_name("nixfleet-agent");
-    if !agent.exists() {
-        let profile_dir = mock.parent().expect("profile directory");
-        let mut build =
-            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "nixfleet-agent",
-            "--bin",
-            "nixfleet-agent",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        if let Some(target_dir) = profile_dir.parent() {
-            build.arg("--target-dir").arg(target_dir);
-        }
-        assert!(
-            build.status().unwrap().success(),
-            "cargo build -p nixfleet-agent failed"
-        );
-    }
-    agent
-}
-
 fn start_agent(dir: &Path, addr: &str, hostname: &str, token: &str) -> Child {
     start_agent_with(dir, &format!("ws://{addr}/ws"), hostname, token, "")
 }
@@ -97,18 +68,13 @@ fn start_agent_with(dir: &Path, url: &str, hostname: &str, token: &str, extra: &
     let token_file = dir.join("token");
     std::fs::write(&token_file, token).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "url = {url:?}\n{extra}\ntoken_file = {token:?}\nrepo_dir = {repo:?}\n\
-             state_dir = {state:?}\nhostname = {hostname:?}\ninterval = 1\nmetrics = \"proc\"\n",
-            token = token_file.display().to_string(),
-            repo = repo.display().to_string(),
-            state = state.display().to_string(),
-        ),
-    )
-    .unwrap();
+    let config = write_agent_config(
+        dir,
+        url,
+        hostname,
+        &token_file,
+        &format!("interval = 1\nmetrics = \"proc\"\n{extra}"),
+    );
     Command::new(agent_binary())
         .arg("--config")
         .arg(&config)

@@ -110,6 +110,21 @@ echo "nix-env stand-in: profile set""#,
     (dir, paths, options)
 }
 
+/// [`prepare`] with `rollback_on_failed_tests` on, and the host's tests
+/// directory created in the repository; returns that directory too.
+pub fn prepare_with_tests(
+    url: String,
+    confirm_timeout: u64,
+) -> (tempfile::TempDir, Paths, AgentOptions, PathBuf) {
+    let (dir, paths, mut options) = prepare(url, confirm_timeout);
+    options
+        .extra_toml
+        .push("rollback_on_failed_tests = true".to_owned());
+    let tests = paths.home.join("repo/hosts/test-host/tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    (dir, paths, options, tests)
+}
+
 /// Sends `switch` and, once the stand-in has switched, kills the dashboard
 /// (it refuses connections from then on) before letting the switch end.
 pub async fn switch_then_cut_off(dashboard: &mut Dashboard, paths: &Paths) {

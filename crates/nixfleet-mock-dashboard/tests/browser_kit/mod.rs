@@ -25,6 +25,10 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "../agent_kit/mod.rs"]
+mod agent_kit;
+pub use agent_kit::{agent_binary, write_agent_config};
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
@@ -368,62 +372,6 @@ pub async fn start_mock(token: &str) -> (Child, String) {
         .expect("listening on …")
         .to_owned();
     (child, addr)
-}
-
-/// The agent binary beside the mock dashboard. It is another crate of the
-/// workspace, so cargo builds it for this test only in a workspace run
-/// (`cargo test --workspace`, what CI does); otherwise, when it is missing
-/// or older than the agent's sources, it is built here.
-pub fn agent_binary() -> PathBuf {
-    let mock = Path::new(env!("CARGO_BIN_EXE_nixfleet-mock-dashboard"));
-    let agent = mock.with_file_name("nixfleet-agent");
-    let built = std::fs::metadata(&agent).and_then(|m| m.modified()).ok();
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixfleet-agent");
-    let stale = match built {
-        None => true,
-        Some(built) => {
-            newest_file(&sources.join("src")).max(newest_file(&sources.join("Cargo.toml")))
-                > Some(built)
-        }
-    };
-    if stale {
-        eprintln!(
-            "building {} (missing or older than its sources)",
-            agent.display()
-        );
-        let profile_dir = mock.parent().expect("profile directory");
-        let mut build =
-            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "nixfleet-agent",
-            "--bin",
-            "nixfleet-agent",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        if let Some(target_dir) = profile_dir.parent() {
-            build.arg("--target-dir").arg(target_dir);
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p nixfleet-agent failed");
-    }
-    agent
-}
-
-pub fn newest_file(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| newest_file(&entry.path()))
-        .max()
 }
 
 pub fn git(dir: &Path, args: &[&str]) {
