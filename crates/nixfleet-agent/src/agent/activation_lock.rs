@@ -74,6 +74,12 @@ impl Core {
     }
 }
 
+/// Test-only, and only in debug builds (release builds never read it):
+/// set, the start-up wait takes no lock, as when it failed, so that a test
+/// shows what the core then does (tests/rollback/timer.rs). No file state
+/// makes the start-up wait fail and the core's try find the lock held.
+pub const TEST_NO_START_UP_LOCK_ENV: &str = "NIXFLEET_TEST_NO_START_UP_LOCK";
+
 /// Before the agent starts its work: the activation lock, waited for if the
 /// rollback timer holds it (it rolls back an unconfirmed switch). That
 /// rollback's `switch-to-configuration` may be what started this agent, and
@@ -82,6 +88,10 @@ impl Core {
 /// and the agent then adopts the rollback whole. `None` when the lock
 /// cannot be had at all (`Core::take_over` tries again and says why).
 pub(super) async fn wait_for_the_timers_rollback(state_dir: &Path) -> Option<File> {
+    #[cfg(debug_assertions)]
+    if std::env::var_os(TEST_NO_START_UP_LOCK_ENV).is_some_and(|v| !v.is_empty()) {
+        return None;
+    }
     match activation::timer::lock(state_dir, false) {
         Ok(None) => {}
         taken => return taken.ok().flatten(),
