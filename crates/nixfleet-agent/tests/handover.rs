@@ -202,6 +202,82 @@ async fn a_new_agent_follows_a_switch_started_by_its_predecessor() {
     assert_eq!(dashboard.frames("status").len(), 1);
 }
 
+/// Waits until `pid` is stopped (state `T`): the agent stopped itself.
+async fn wait_stopped(pid: u32) {
+    let deadline = tokio::time::Instant::now() + 20 * SECOND;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('T')
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent {pid} never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The agent dies the moment its switch's supervisor has the plan, before
+/// the core heard of the launch (it stops itself exactly there, then gets
+/// SIGKILL): the running-command record is on disk all the same, so the
+/// next agent follows the switch and reports it rather than never
+/// learning of it.
+#[tokio::test]
+async fn a_switch_launched_just_before_the_agent_died_is_adopted() {
+    let dashboard = Dashboard::start().await;
+    let first = start_with_rebuild(dashboard.url(), WAITING_REBUILD, |options| {
+        options
+            .env
+            .push(("NIXFLEET_TEST_STOP_AFTER_LAUNCH".into(), "1".into()));
+    })
+    .await;
+    dashboard.command_first("switch").await;
+    wait_stopped(first.pid()).await;
+    let dir = first.crash().await;
+    assert!(
+        dir.path().join("state/running-command.json").exists(),
+        "no running-command record: the next agent cannot know of the switch"
+    );
+    let second = Agent::spawn(dir, AgentOptions::new(dashboard.url())).await;
+    let pid = read_pid(&second.dir.path().join("pid"));
+    let register = dashboard.wait_frame("register", 2, 10 * SECOND).await;
+    dashboard
+        .wait_for(10 * SECOND, "the new agent's heartbeat", |log| {
+            log.iter()
+                .find(|s| {
+                    s.conn() == register.conn()
+                        && s.kind() == Some("heartbeat")
+                        && s.payload()["pending_command"] == "switch"
+                        && s.payload()["command_pid"] == pid
+                })
+                .map(|_| ())
+        })
+        .await;
+    std::fs::write(second.dir.path().join("go"), "").unwrap();
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.conn(), register.conn());
+    let p = status.payload();
+    assert_eq!(
+        (p["command"].as_str(), p["status"].as_str()),
+        (Some("switch"), Some("ok")),
+        "{p}"
+    );
+    for line in ["waiting", "went"] {
+        let seen = dashboard
+            .wait_frame_where("output", 5 * SECOND, |p| p["line"] == line)
+            .await;
+        assert_eq!(seen.conn(), register.conn(), "{line} sent by the new agent");
+    }
+    assert_eq!(dashboard.frames("status").len(), 1);
+}
+
 #[tokio::test]
 async fn an_adopted_command_can_be_stopped() {
     let dashboard = Dashboard::start().await;

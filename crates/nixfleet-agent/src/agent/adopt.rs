@@ -16,9 +16,9 @@ use tracing::{info, warn};
 impl Core {
     /// Takes over a command that a previous instance started and that may
     /// still be running (or ended without its status being delivered); a
-    /// rollback the timer runs is taken over once it ended (the lock).
+    /// rollback the timer runs is taken over once it ended (the lock:
+    /// activation_lock.rs).
     pub(super) fn adopt_previous(&mut self) {
-        self.take_activation_lock();
         let Some(record) = CommandRecord::load(&self.state_dir) else {
             return;
         };

@@ -103,6 +103,9 @@ pub(super) struct Core {
     pub(super) failed_tests: Vec<String>,
     /// Held for the agent's life (see `activation::timer`).
     pub(super) activation_lock: Option<std::fs::File>,
+    /// The take-over at start waits for the rollback timer's lock
+    /// (activation_lock.rs).
+    pub(super) lock_wait: Option<LockWait>,
     /// Whether "no systemd timer" was logged already.
     pub(super) told_no_timer: bool,
 }
@@ -167,6 +170,7 @@ impl Core {
             testing_activation: false,
             failed_tests: Vec::new(),
             activation_lock: None,
+            lock_wait: None,
             told_no_timer: false,
         }
     }
@@ -203,6 +207,7 @@ impl Core {
                 Some(probe) = probes.recv() => probe.answer(),
                 Ok(()) = tick_if_any(&mut self_check), if idle_and_watching => self.check_self_image(),
                 verdict = self.confirmation.next(armed) => self.on_verdict(verdict),
+                lock = lock_wait_ended(&mut self.lock_wait) => self.lock_waited(lock),
             }
         };
         if let Some(running) = &self.running {
@@ -278,7 +283,10 @@ impl Core {
     fn start(&mut self, kind: CommandKind) {
         // First: it says more than "command already running" during the
         // rollback.
-        if let Some(reason) = self.activation_refusal(kind) {
+        if let Some(reason) = self
+            .waiting_refusal()
+            .or_else(|| self.activation_refusal(kind))
+        {
             self.reject(reason);
             return;
         }
@@ -390,6 +398,18 @@ async fn restart_due(outbox: &Outbox, restart: Option<u64>) {
                 );
             }
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// The activation lock, awaited off the runtime's thread
+/// (activation_lock.rs).
+pub(super) type LockWait = tokio::task::JoinHandle<std::io::Result<Option<std::fs::File>>>;
+
+/// Completes when the wait for the lock ends; never when there is none.
+async fn lock_wait_ended(wait: &mut Option<LockWait>) -> std::io::Result<Option<std::fs::File>> {
+    match wait {
+        Some(wait) => wait.await.map_err(std::io::Error::other)?,
         None => std::future::pending().await,
     }
 }

@@ -18,12 +18,12 @@ impl Core {
     pub(super) fn on_progress(&mut self, progress: Progress) {
         match progress {
             Progress::Launched(record) => {
+                // The record is on disk already (launch.rs saves it before
+                // the supervisor gets its plan): only the core's view here.
                 if let Some(running) = &mut self.running {
                     running.supervisor = Some(record.pid);
                 }
-                let log = record.log.clone();
-                record.save(&self.state_dir);
-                self.observe(Observation::Launched { log });
+                self.observe(Observation::Launched { log: record.log });
             }
             Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {

@@ -9,6 +9,7 @@
 //!                 └──────── command state (watch) for heartbeats
 //! ```
 
+mod activation_lock;
 mod adopt;
 mod confirm;
 mod core;
@@ -44,7 +45,7 @@ pub const EXIT_RESTART: u8 = 75;
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let activation_lock = safe_deploy::wait_for_the_timers_rollback(&config.state_dir).await;
+    let activation_lock = activation_lock::wait_for_the_timers_rollback(&config.state_dir).await;
     let (mut core, inputs, tasks) = start(&config, activation_lock);
     let ending = core.run(inputs).await;
     // A restart stops the connection the same way as a shutdown (close
@@ -189,16 +190,13 @@ fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
     (links, inputs, ends)
 }
 
-/// The core, once it has taken over what an earlier agent left: a command
-/// it started, then a deployment still to be confirmed or rolled back, then
-/// the tests after a switch (in this order: each step sees what the one
-/// before adopted).
+/// The core, once it has taken over what an earlier agent left (or, while
+/// the rollback timer holds the activation lock, waiting to: see
+/// `Core::take_over`).
 fn build_core(config: &Arc<Config>, links: CoreLinks, lock: Option<std::fs::File>) -> Core {
     let mut core = Core::new(config, links);
     core.activation_lock = lock;
-    core.adopt_previous();
-    core.resume_activation();
-    core.resume_tests();
+    core.take_over();
     core
 }
 

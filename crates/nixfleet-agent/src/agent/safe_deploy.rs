@@ -6,7 +6,6 @@
 
 use super::confirm::{Verdict, now_secs};
 use super::core::Core;
-use super::systemd_report::tick_if_any;
 use crate::activation::{self, Adopted, Phase, Record, Resume};
 use crate::commands::handover::CommandRecord;
 use crate::commands::log::has_ended;
@@ -14,41 +13,12 @@ use crate::commands::{CommandKind, StopRequest};
 use crate::connection::Control;
 use crate::host_facts::{current_system, generation};
 use crate::protocol::{Outcome, Status};
-use crate::systemd::Systemd;
-use crate::ticker::Ticker;
-use std::path::Path;
 use tracing::{info, warn};
 
 impl Core {
-    /// Taken before anything a previous agent left is adopted, and held
-    /// for the agent's life: a rollback timer that fires meanwhile leaves
-    /// the countdown to this agent. Normally taken before the core is built
-    /// ([`wait_for_the_timers_rollback`], which waits for a running timer
-    /// rollback to end, so that its command is adopted whole); taken here
-    /// again only if that failed.
-    pub(super) fn take_activation_lock(&mut self) {
-        if self.activation_lock.is_some() {
-            return;
-        }
-        let lock = match activation::timer::lock(&self.state_dir, false) {
-            Ok(None) => {
-                warn!(
-                    "the rollback timer is rolling back an unconfirmed switch; waiting for it to end"
-                );
-                activation::timer::lock(&self.state_dir, true)
-            }
-            taken => taken,
-        };
-        match lock {
-            Ok(lock) => self.activation_lock = lock,
-            Err(error) => warn!(%error, "cannot take the activation lock"),
-        }
-    }
-
     /// At start: what a previous agent left (after `adopt_previous`, so
     /// that a command or rollback it started is followed, not repeated).
     pub(super) fn resume_activation(&mut self) {
-        self.take_activation_lock();
         let record = Record::load(&self.state_dir);
         let current = current_system();
         let boot = activation::boot_id();
@@ -539,32 +509,5 @@ impl Core {
             generation: generation(&self.repo_dir),
         };
         self.send_status(status, Control::Heartbeat);
-    }
-}
-
-/// Before the agent starts its work: the activation lock, waited for if the
-/// rollback timer holds it (it rolls back an unconfirmed switch). That
-/// rollback's `switch-to-configuration` may be what started this agent, and
-/// it waits for the agent's start job: so systemd hears READY (and the
-/// watchdog its pings) while the lock is awaited off the runtime's thread,
-/// and the agent then adopts the rollback whole. `None` when the lock
-/// cannot be had at all (`take_activation_lock` tries again and says why).
-pub(super) async fn wait_for_the_timers_rollback(state_dir: &Path) -> Option<std::fs::File> {
-    match activation::timer::lock(state_dir, false) {
-        Ok(None) => {}
-        taken => return taken.ok().flatten(),
-    }
-    warn!("the rollback timer is rolling back an unconfirmed switch; waiting for it to end");
-    let systemd = Systemd::from_env();
-    systemd.status("waiting for the rollback timer to end its rollback");
-    systemd.ready();
-    let dir = state_dir.to_owned();
-    let mut locked = tokio::task::spawn_blocking(move || activation::timer::lock(&dir, true));
-    let mut pings = systemd.watchdog_interval().map(Ticker::new);
-    loop {
-        tokio::select! {
-            lock = &mut locked => return lock.ok().and_then(Result::ok).flatten(),
-            Ok(()) = tick_if_any(&mut pings) => systemd.watchdog_ping(),
-        }
     }
 }

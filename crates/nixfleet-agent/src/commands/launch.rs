@@ -77,7 +77,7 @@ impl LogSettings {
 
 /// A supervisor started on its plan.
 pub struct Started {
-    /// What a next agent adopts (the caller saves it).
+    /// What a next agent adopts, saved before the supervisor got its plan.
     pub record: CommandRecord,
     pub log: PathBuf,
     pub cursor: DeliveryCursor,
@@ -117,7 +117,8 @@ pub async fn launch(
 
 /// The one way a command starts, for the agent and for the rollback
 /// timer's hidden mode alike: its log, end file and delivery cursor
-/// created, its supervisor started on the plan.
+/// created, its supervisor started, the running-command record saved,
+/// then the plan handed to the supervisor.
 pub async fn start(
     settings: &LogSettings,
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
@@ -142,9 +143,23 @@ pub async fn start(
         notes: planned.notes,
         steps: planned.steps,
     };
-    let (pid, pid_start, relay) = start_supervisor(Path::new(SELF_EXE), child_env, &plan).await?;
-    info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
+    let waiting = start_supervisor(Path::new(SELF_EXE), child_env)?;
+    let (pid, pid_start) = (waiting.pid, waiting.pid_start);
+    // Durable before the supervisor has its plan: from the moment it can
+    // run anything, a next agent adopts it even if this one dies right
+    // now (crash, OOM kill). An agent that dies before this line leaves a
+    // supervisor that reads no plan and ends having run nothing.
     let record = CommandRecord::supervised_since(kind.name(), pid, pid_start, log.clone());
+    record.save(state_dir);
+    let relay = match waiting.hand_plan(&plan).await {
+        Ok(relay) => relay,
+        Err(error) => {
+            // It never got its plan: no command runs, nothing to adopt.
+            CommandRecord::clear(state_dir, Some(pid));
+            return Err(error);
+        }
+    };
+    info!(command = kind.name(), pid, log = %log.display(), "started the command's supervisor");
     Ok(Started {
         record,
         log,
@@ -186,20 +201,27 @@ fn create_log(settings: &LogSettings, kind: CommandKind) -> (PathBuf, Option<Pat
     (log, end_file)
 }
 
-/// Starts `program --supervise` with the plan on its stdin (so that
-/// nothing of it shows in `ps`); returns its pid, its start time and its
-/// stdout (relay.rs).
+/// A supervisor started and waiting for its plan on stdin.
+struct Waiting {
+    child: tokio::process::Child,
+    pid: u32,
+    /// Read while it waits, so surely alive (see [`start_supervisor`]).
+    pid_start: u64,
+}
+
+/// Starts `program --supervise`, which waits for its plan on stdin (so
+/// that nothing of it shows in `ps`, and so that it runs nothing before
+/// the caller recorded it); returns it with its pid and start time.
 ///
 /// The start time is read before the plan is written: until its stdin
 /// ends, the supervisor waits, so it is surely alive then. Read later, a
 /// short plan (a `test` with no scripts) may already be done and the
 /// supervisor a zombie, which has no start time to read: the command then
 /// failed as "the supervisor exited at once" on a busy machine.
-async fn start_supervisor(
+fn start_supervisor(
     program: &Path,
     child_env: &[(std::ffi::OsString, std::ffi::OsString)],
-    plan: &Plan,
-) -> std::io::Result<(u32, u64, tokio::process::ChildStdout)> {
+) -> std::io::Result<Waiting> {
     let mut command = tokio::process::Command::new(program);
     command
         .arg0("nixfleet-agent")
@@ -222,21 +244,36 @@ async fn start_supervisor(
             super::stop_signal::block_in_child()
         });
     }
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     let exited = || std::io::Error::other("the supervisor exited at once");
     let pid = child.id().ok_or_else(exited)?;
     let pid_start = handover::process_start_ticks(pid).ok_or_else(exited)?;
-    let json = serde_json::to_vec(plan).map_err(std::io::Error::other)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&json).await?;
+    Ok(Waiting {
+        child,
+        pid,
+        pid_start,
+    })
+}
+
+impl Waiting {
+    /// Writes the plan to the supervisor's stdin and closes it: from here
+    /// on it runs the steps. Returns its stdout (relay.rs).
+    async fn hand_plan(mut self, plan: &Plan) -> std::io::Result<tokio::process::ChildStdout> {
+        let exited = || std::io::Error::other("the supervisor exited at once");
+        let json = serde_json::to_vec(plan).map_err(std::io::Error::other)?;
+        if let Some(mut stdin) = self.child.stdin.take() {
+            stdin.write_all(&json).await?;
+        }
+        let stdout = self.child.stdout.take().ok_or_else(exited)?;
+        // Reaps the supervisor when it ends (a next agent cannot: it is
+        // then init's child). What it relayed stays in the pipe for the
+        // follower.
+        let mut child = self.child;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(stdout)
     }
-    let stdout = child.stdout.take().ok_or_else(exited)?;
-    // Reaps the supervisor when it ends (a next agent cannot: it is then
-    // init's child). What it relayed stays in the pipe for the follower.
-    tokio::spawn(async move {
-        let _ = child.wait().await;
-    });
-    Ok((pid, pid_start, stdout))
 }
 
 #[cfg(test)]
@@ -274,7 +311,9 @@ mod tests {
             notes: Vec::new(),
             steps: Vec::new(),
         };
-        let (pid, pid_start, _tail) = start_supervisor(&program, &[], &plan).await.unwrap();
+        let waiting = start_supervisor(&program, &[]).unwrap();
+        let (pid, pid_start) = (waiting.pid, waiting.pid_start);
+        let _tail = waiting.hand_plan(&plan).await.unwrap();
         // Without yielding, nothing reaps it: wait (for the event, not a
         // time) until it is a zombie, as a busy machine can make it before
         // the agent runs on.

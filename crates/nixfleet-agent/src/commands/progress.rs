@@ -8,7 +8,8 @@ use crate::status::LockAnswer;
 
 #[derive(Debug)]
 pub enum Progress {
-    /// The supervisor runs: the record a next agent needs to take over.
+    /// The supervisor runs: the record a next agent takes over (already
+    /// saved in `state_dir` by launch.rs).
     Launched(CommandRecord),
     /// A process of the command started (pull-switch and test run several).
     Started {

@@ -18,6 +18,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+/// Test-only, and only in debug builds (release builds never read it):
+/// set, the agent stops itself (SIGSTOP) once a command's supervisor has
+/// its plan and before the core hears `Launched`, so that a test kills it
+/// in exactly that window (tests/handover.rs). Nothing else can hold the
+/// agent between two statements of one task.
+pub const TEST_STOP_AFTER_LAUNCH_ENV: &str = "NIXFLEET_TEST_STOP_AFTER_LAUNCH";
+
+fn stop_here_if_testing() {
+    #[cfg(debug_assertions)]
+    if std::env::var_os(TEST_STOP_AFTER_LAUNCH_ENV).is_some_and(|v| !v.is_empty()) {
+        let me = rustix::process::getpid();
+        let _ = rustix::process::kill_process(me, rustix::process::Signal::STOP);
+    }
+}
+
 /// What every command needs, shared by all of them.
 pub struct Runner {
     config: Arc<Config>,
@@ -98,6 +113,7 @@ impl Runner {
             Ok(launched) => launched,
             Err(error) => return failed(format!("cannot start the command: {error}"), -1),
         };
+        stop_here_if_testing();
         let _ = progress.send(Progress::Launched(launched.record)).await;
         follow(launched.followed, &self.outbox, progress, stop).await
     }

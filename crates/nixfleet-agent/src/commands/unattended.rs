@@ -95,9 +95,8 @@ async fn roll_back(state_dir: &Path, record: &Activation) -> Result<(), (i32, St
     let started = start(&settings, &env, CommandKind::Rollback, planned)
         .await
         .map_err(|e| (-1, format!("cannot start the rollback: {e}")))?;
-    // The next agent adopts it from this record, as any command an agent
-    // left behind.
-    started.record.save(state_dir);
+    // The next agent adopts it from its record (saved by `start`), as any
+    // command an agent left behind.
     // Its stdout closes when it ends; what it relayed there (the records
     // a full or read-only disk refused) is kept, its last part only.
     let tail = read_tail(started.relay).await;

@@ -199,3 +199,47 @@ async fn an_agent_started_during_the_timers_rollback_is_ready_at_once_and_waits_
         agent.stderr()
     );
 }
+
+/// The core never waits for the lock on its thread. Should the start-up
+/// wait not have taken it (here: skipped, as when it failed) while the
+/// timer's rollback holds it, the agent still connects and answers, refuses
+/// commands, and takes over what a previous agent left (here: an ended
+/// switch whose status it sends) only once the lock is free.
+#[tokio::test]
+async fn without_the_start_up_wait_the_core_defers_the_take_over_and_still_answers() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 300);
+    let log = paths.state.join("logs/20260101T000000.000Z-switch.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::fs::write(&log, "[nixfleet] exit code 0: ok (switch succeeded)\n").unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let record = serde_json::json!({"command": "switch", "pid": pid, "pid_start": 1, "log": log});
+    std::fs::write(paths.state.join("running-command.json"), record.to_string()).unwrap();
+    // The test holds the lock as the timer's rollback would.
+    let held = std::fs::File::create(paths.state.join("activation.lock")).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    options
+        .env
+        .push(("NIXFLEET_TEST_NO_START_UP_LOCK".into(), "1".into()));
+    let agent = Agent::spawn(dir, options).await;
+
+    dashboard.command_first("switch").await;
+    let rejected = dashboard
+        .wait_frame("command_rejected", 1, 10 * SECOND)
+        .await;
+    let reason = rejected.payload()["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(reason.contains("rollback timer"), "{reason}");
+    assert!(
+        dashboard.frames("status").is_empty(),
+        "taken over while the lock was held"
+    );
+    drop(held);
+    let status = dashboard.wait_frame("status", 1, 10 * SECOND).await;
+    assert_eq!(status.payload()["command"], "switch");
+    assert_eq!(status.payload()["status"], "ok", "{}", agent.stderr());
+}
