@@ -3,10 +3,9 @@
 
 use super::start;
 use crate::commands::Progress;
-use crate::config::{Cli, load_with};
 use crate::observe::Snapshot;
 use crate::protocol::{Outcome, Status};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 fn status(ok: bool) -> Status {
     Status {
@@ -27,15 +26,7 @@ async fn counts_survive_a_burst_the_observer_cannot_keep_up_with() {
     let dir = tempfile::tempdir().unwrap();
     let (repo, state) = (dir.path().join("repo"), dir.path().join("state"));
     std::fs::create_dir(&repo).unwrap();
-    let env: HashMap<&str, String> = [
-        ("NIXFLEET_URL", "ws://127.0.0.1:9/ws".to_owned()),
-        ("NIXFLEET_TOKEN", "test-token".to_owned()),
-        ("NIXFLEET_REPO_DIR", repo.display().to_string()),
-        ("NIXFLEET_STATE_DIR", state.display().to_string()),
-        ("NIXFLEET_HOSTNAME", "h".to_owned()),
-    ]
-    .into();
-    let config = load_with(&Cli::default(), |name| env.get(name).cloned()).unwrap();
+    let config = crate::config::for_test(&repo, &state);
     let (mut core, _inputs, tasks) = start(&std::sync::Arc::new(config), None);
 
     // No await in this loop: the observer gets no turn until it is over.

@@ -292,3 +292,64 @@ async fn lock_changed(lock: Option<&mut FlakeLock>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::CommandState;
+
+    /// Reconnects faster than the observer runs (here: all before it gets
+    /// a turn on this runtime's one thread) are all counted: the link's
+    /// state alone would show only the last one.
+    #[tokio::test]
+    async fn reconnects_the_observer_did_not_see_one_by_one_are_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let config = crate::config::for_test(dir.path(), &state_dir);
+        let (link_tx, link) = watch::channel(LinkState::Connecting);
+        let (counts_tx, link_counts) = watch::channel(LinkCounts::default());
+        let (_command_tx, command) = watch::channel(CommandState::default());
+        let (_history_tx, history) = watch::channel(CommandHistory::default());
+        let (_compartments_tx, compartments) = watch::channel(UpdateStatus::default());
+        let (_reboot_tx, reboot) = watch::channel(Vec::new());
+        let watched = Watched {
+            link,
+            link_counts,
+            command,
+            history,
+            compartments,
+            outbox: Arc::new(Outbox::default()),
+            reboot,
+        };
+        let (shutdown_tx, shutdown_rx) = shutdown::channel();
+        let observer = Observer::new(&config, None, watched);
+        let observer = tokio::spawn(observer.run(config.interval, shutdown_rx));
+
+        // As the connection does it: count, then say so.
+        for _ in 0..5 {
+            counts_tx.send_modify(|counts| counts.connects += 1);
+            link_tx.send_replace(LinkState::Connected);
+            counts_tx.send_modify(|counts| *counts.disconnects.entry("silent").or_default() += 1);
+            link_tx.send_replace(LinkState::Reconnecting {
+                delay: Duration::ZERO,
+                error: "silent".to_owned(),
+                reason: "silent",
+            });
+        }
+        counts_tx.send_modify(|counts| counts.connects += 1);
+        link_tx.send_replace(LinkState::Connected);
+        tokio::task::yield_now().await;
+        shutdown_tx.send_replace(true);
+        observer.await.unwrap();
+
+        let counters = Snapshot::load(&state_dir)
+            .unwrap()
+            .expect("a record")
+            .counters;
+        assert_eq!(counters.connects, 6);
+        assert_eq!(
+            counters.disconnects,
+            BTreeMap::from([("silent".to_owned(), 5)])
+        );
+    }
+}
