@@ -11,7 +11,7 @@ use crate::commands::{CommandKind, Progress, Request, Runner, StopRequest};
 use crate::config::Config;
 use crate::connection::{Control, LinkState};
 use crate::heartbeat::{AgentIdentity, CommandState};
-use crate::observe::Observation;
+use crate::observe::History;
 use crate::outbox::Outbox;
 use crate::protocol::{CommandRejected, Inbound, KillSignal, Outbound};
 use crate::self_image::SelfImage;
@@ -41,7 +41,7 @@ pub(super) struct CoreLinks {
     pub(super) compartments: Compartments,
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
-    pub(super) observations: mpsc::Sender<Observation>,
+    pub(super) history: History,
     pub(super) link_state: watch::Receiver<LinkState>,
 }
 
@@ -83,8 +83,9 @@ pub(super) struct Core {
     pub(super) control: mpsc::Sender<Control>,
     pub(super) identity: AgentIdentity,
     pub(super) allow_reboot: bool,
-    /// A command's log and end, for `status` and the metrics.
-    pub(super) observations: mpsc::Sender<Observation>,
+    /// Commands' logs, results and counts, for `status` and the metrics
+    /// (the observer reads it when it gets to it).
+    pub(super) history: History,
     /// Safe deployments: the activation recorded, armed or rolled back
     /// (mirrors the record in `state_dir`; see `safe_deploy.rs`).
     pub(super) activation: Option<Record>,
@@ -160,7 +161,7 @@ impl Core {
             control: links.control,
             identity: links.identity,
             allow_reboot: config.allow_reboot,
-            observations: links.observations,
+            history: links.history,
             activation: None,
             confirm_timeout: config.confirm_timeout,
             confirmation: Confirmation::new(links.link_state),

@@ -7,7 +7,7 @@ use super::core::{Core, Running};
 use crate::commands::handover::CommandRecord;
 use crate::commands::{CommandKind, Progress};
 use crate::connection::Control;
-use crate::observe::Observation;
+use crate::observe::CommandEnd;
 use crate::protocol::{Outbound, Outcome, Status};
 use tracing::info;
 
@@ -23,7 +23,7 @@ impl Core {
                 if let Some(running) = &mut self.running {
                     running.supervisor = Some(record.pid);
                 }
-                self.observe(Observation::Launched { log: record.log });
+                self.history.send_modify(|history| history.launched(record.log));
             }
             Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {
@@ -52,26 +52,11 @@ impl Core {
         }
     }
 
-    /// Tells the observer. Its queue holds more than one command's
-    /// messages; were it ever full, `status` would miss one event rather
-    /// than the core wait.
-    fn observe(&self, observation: Observation) {
-        if self.observations.try_send(observation).is_err() {
-            tracing::debug!("observer busy: one status event not recorded");
-        }
-    }
-
     /// A safe deployment rolled back, for `rollbacks_total`: the rollback's
     /// own result (its status says `error` either way, as the switch was
-    /// undone). Unlike `observe`, it waits for room rather than be lost
-    /// when the observer lags behind a burst of commands (its state file
-    /// is fsynced): a counter must not miss an event. Off the core's path,
-    /// and a few times a year.
+    /// undone).
     pub(super) fn count_rollback(&self, ok: bool) {
-        let observations = self.observations.clone();
-        tokio::spawn(async move {
-            let _ = observations.send(Observation::RolledBack { ok }).await;
-        });
+        self.history.send_modify(|history| history.rolled_back(ok));
     }
 
     fn finish(&mut self, status: Status) {
@@ -94,14 +79,17 @@ impl Core {
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
-        self.observe(Observation::Finished {
+        let end = CommandEnd {
             command: status.command.clone(),
             ok: succeeded,
             exit_code: status.exit_code,
             message: status.message.clone(),
             activates: activated,
             started: finished.as_ref().map(|r| r.since),
-        });
+        };
+        let now = std::time::SystemTime::now();
+        self.history
+            .send_modify(|history| history.finished(end, now));
         if let Some(running) = finished.as_ref().filter(|r| r.kind.activates()) {
             self.record_activation(running, &status);
         }
@@ -165,6 +153,7 @@ impl Core {
     fn superseded(&mut self, finished: &Option<Running>) {
         let pid = finished.as_ref().and_then(|r| r.supervisor.or(r.pid));
         CommandRecord::clear(&self.state_dir, pid);
+        self.history.send_modify(|history| history.idle());
         self.compartments.stop_working();
     }
 

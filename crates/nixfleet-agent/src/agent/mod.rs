@@ -17,15 +17,17 @@ mod finish;
 mod requests;
 mod safe_deploy;
 mod systemd_report;
+#[cfg(test)]
+mod tests;
 
 use self::core::{Core, CoreInputs, CoreLinks, Ending};
 use self::systemd_report::report_to_systemd;
 use crate::commands::Runner;
 use crate::config::Config;
-use crate::connection::{Connection, Control, LinkState, Links};
+use crate::connection::{Connection, Control, LinkCounts, LinkState, Links};
 use crate::footprint;
 use crate::heartbeat::{AgentIdentity, CommandState, Reporter};
-use crate::observe::{Observation, Observer, Watched};
+use crate::observe::{CommandHistory, History, Observer, Watched};
 use crate::outbox::Outbox;
 use crate::shutdown;
 use crate::status::{Compartments, LockAnswer};
@@ -47,6 +49,7 @@ pub async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
     let activation_lock = activation_lock::wait_for_the_timers_rollback(&config.state_dir).await;
     let (mut core, inputs, tasks) = start(&config, activation_lock);
+    tokio::spawn(shutdown::on_signals(tasks.shutdown.clone()));
     let ending = core.run(inputs).await;
     // A restart stops the connection the same way as a shutdown (close
     // 1000); after a signal this is already set.
@@ -89,21 +92,20 @@ fn start(
     let reporter = reporter.with_reboot_watch(reboot_tx);
     let watched = Watched {
         link: ends.link_state.clone(),
+        link_counts: ends.link_counts,
         command: ends.command_state_rx.clone(),
+        history: ends.history.subscribe(),
         compartments: compartments.subscribe(),
         outbox: outbox.clone(),
         reboot: reboot_rx,
     };
     let observer = Observer::new(config, identity.source_commit.clone(), watched);
-    let (observations, observations_rx) = ends.observations;
-    let observer =
-        tokio::spawn(observer.run(config.interval, observations_rx, inputs.shutdown.clone()));
+    let observer = tokio::spawn(observer.run(config.interval, inputs.shutdown.clone()));
     let connection = tokio::spawn(Connection::new(config.clone(), reporter, links).run());
     tokio::spawn(release_startup_memory_once_connected(
         ends.link_state.clone(),
     ));
     let shutdown = Arc::new(ends.shutdown);
-    tokio::spawn(shutdown::on_signals(shutdown.clone()));
 
     let core = build_core(
         config,
@@ -115,7 +117,7 @@ fn start(
             compartments,
             control: ends.control,
             identity,
-            observations,
+            history: ends.history,
             link_state: ends.link_state.clone(),
         },
         activation_lock,
@@ -140,9 +142,10 @@ struct Ends {
     command_state: watch::Sender<CommandState>,
     command_state_rx: watch::Receiver<CommandState>,
     link_state: watch::Receiver<LinkState>,
+    link_counts: watch::Receiver<LinkCounts>,
     control: mpsc::Sender<Control>,
     lock_answers: mpsc::Sender<LockAnswer>,
-    observations: (mpsc::Sender<Observation>, mpsc::Receiver<Observation>),
+    history: History,
     shutdown: shutdown::Trigger,
     probers: [Prober; 2],
 }
@@ -154,6 +157,7 @@ fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
     let (replies_tx, replies_rx) = mpsc::channel(64);
     let (command_state_tx, command_state_rx) = watch::channel(CommandState::default());
     let (link_state_tx, link_state_rx) = watch::channel(LinkState::Connecting);
+    let (link_counts_tx, link_counts_rx) = watch::channel(LinkCounts::default());
     let (shutdown_tx, shutdown_rx) = shutdown::channel();
     let (core_prober, core_probes) = probe_channel("core");
     let (connection_prober, connection_probes) = probe_channel("connection");
@@ -165,6 +169,7 @@ fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
         outbox,
         command_state: command_state_rx.clone(),
         link_state: link_state_tx,
+        link_counts: link_counts_tx,
         probes: connection_probes,
         shutdown: shutdown_rx.clone(),
         control: control_rx,
@@ -180,10 +185,12 @@ fn wire(outbox: Arc<Outbox>) -> (Links, CoreInputs, Ends) {
         command_state: command_state_tx,
         command_state_rx,
         link_state: link_state_rx,
+        link_counts: link_counts_rx,
         control: control_tx,
         lock_answers: lock_answers_tx,
-        // A command's launch and end: two messages per command.
-        observations: mpsc::channel(8),
+        // Kept by the core, read by the observer when it gets to it: no
+        // queue between them to drop a count or to wait on.
+        history: watch::Sender::new(CommandHistory::default()),
         shutdown: shutdown_tx,
         probers: [core_prober, connection_prober],
     };

@@ -125,3 +125,18 @@ fn load_inner(
     let mut secrets: Vec<SecretString> = Vec::new();
     build::build(cli, env, system_hostname, &mut secrets).map_err(|msg| error_line(&msg, &secrets))
 }
+
+/// A configuration for unit tests: a dashboard on a closed port (9,
+/// discard), and `repo_dir` and `state_dir` as given.
+#[cfg(test)]
+pub fn for_test(repo_dir: &std::path::Path, state_dir: &std::path::Path) -> Config {
+    let env: std::collections::HashMap<&str, String> = [
+        ("NIXFLEET_URL", "ws://127.0.0.1:9/ws".to_owned()),
+        ("NIXFLEET_TOKEN", "test-token".to_owned()),
+        ("NIXFLEET_REPO_DIR", repo_dir.display().to_string()),
+        ("NIXFLEET_STATE_DIR", state_dir.display().to_string()),
+        ("NIXFLEET_HOSTNAME", "h".to_owned()),
+    ]
+    .into();
+    load_with(&Cli::default(), |name| env.get(name).cloned()).expect("a valid test configuration")
+}

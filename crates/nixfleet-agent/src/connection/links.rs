@@ -6,6 +6,7 @@ use crate::outbox::Outbox;
 use crate::protocol::Inbound;
 use crate::shutdown;
 use crate::watchdog::Probe;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -35,6 +36,20 @@ pub enum LinkState {
     },
 }
 
+/// Connections made and lost since the agent started, counted by the
+/// connection itself and published through a `watch` (for the metrics):
+/// cumulative, so that an observer that lags behind a burst of
+/// reconnects (it writes files) still reads every one, where following
+/// [`LinkState`] would see only the latest state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkCounts {
+    /// Sessions that started (the socket and the WebSocket upgrade done).
+    pub connects: u64,
+    /// Sessions that ended other than by shutdown, by
+    /// `SessionEnd::label`.
+    pub disconnects: BTreeMap<&'static str, u64>,
+}
+
 /// Everything the connection needs from the rest of the agent.
 pub struct Links {
     /// Commands and kill requests for the agent core.
@@ -44,6 +59,7 @@ pub struct Links {
     pub outbox: Arc<Outbox>,
     pub command_state: watch::Receiver<CommandState>,
     pub link_state: watch::Sender<LinkState>,
+    pub link_counts: watch::Sender<LinkCounts>,
     pub probes: mpsc::Receiver<Probe>,
     pub shutdown: shutdown::Listener,
     pub control: mpsc::Receiver<Control>,

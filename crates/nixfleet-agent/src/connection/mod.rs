@@ -46,7 +46,7 @@ mod writer;
 
 pub use backoff::{Backoff, TEST_FIRST_BACKOFF_ENV};
 pub use connect::MAX_INBOUND_FRAME;
-pub use links::{Control, LinkState, Links};
+pub use links::{Control, LinkCounts, LinkState, Links};
 pub use window::UNACKNOWLEDGED_WINDOW;
 
 use crate::config::Config;
@@ -137,6 +137,12 @@ impl Connection {
             written: &self.written,
         };
         let end = session.run(socket, &registered).await;
+        if !matches!(end, SessionEnd::Shutdown | SessionEnd::ShutdownMidWrite) {
+            let reason = end.label();
+            self.links
+                .link_counts
+                .send_modify(|counts| *counts.disconnects.entry(reason).or_default() += 1);
+        }
         self.links.outbox.requeue_in_flight();
         if registered.load(Ordering::Relaxed) || started.elapsed() >= STABLE_CONNECTION {
             backoff.reset();

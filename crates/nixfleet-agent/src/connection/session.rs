@@ -45,6 +45,9 @@ impl Session<'_> {
     /// is set once the dashboard confirms `register`.
     pub(super) async fn run(mut self, socket: Socket, registered: &AtomicBool) -> SessionEnd {
         let (mut sink, mut stream) = socket.split();
+        self.links
+            .link_counts
+            .send_modify(|counts| counts.connects += 1);
         self.links.link_state.send_replace(LinkState::Connected);
         let end = self.exchange(&mut sink, &mut stream, registered).await;
         close(&end, &mut sink, &mut stream, self.config.ping_timeout).await;

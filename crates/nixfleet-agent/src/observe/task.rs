@@ -1,14 +1,16 @@
-//! The task that owns the [`Snapshot`]: it hears of every change, writes
-//! the state file when the snapshot changed, and the metrics file (when
-//! configured) on the heartbeat's grid when its text changed.
+//! The task that owns the [`Snapshot`]: it follows the other tasks'
+//! `watch`es, writes the state file when the snapshot changed, and the
+//! metrics file (when configured) on the heartbeat's grid when its text
+//! changed. What it follows is latest-wins or cumulative (counts kept by
+//! the task that counts), so however far behind its file writes leave it,
+//! it misses no count and nobody waits for it.
 
 use super::exposition::MetricsFile;
 use super::flake_lock::FlakeLock;
-use super::snapshot::{
-    AgentInfo, CommandResult, Counters, Link, RunningCommand, Snapshot, unix_now, unix_secs,
-};
+use super::history::CommandHistory;
+use super::snapshot::{AgentInfo, Counters, Link, RunningCommand, Snapshot, unix_now, unix_secs};
 use crate::config::Config;
-use crate::connection::LinkState;
+use crate::connection::{LinkCounts, LinkState};
 use crate::heartbeat::{AGENT_VERSION, CommandState};
 use crate::outbox::Outbox;
 use crate::protocol::UpdateStatus;
@@ -18,36 +20,18 @@ use crate::ticker::Ticker;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, watch};
+use std::time::Duration;
+use tokio::sync::watch;
 use tracing::warn;
-
-/// What the core tells the observer (the link and the running command it
-/// reads from their `watch`es).
-#[derive(Debug)]
-pub enum Observation {
-    /// The running command's log.
-    Launched { log: Option<PathBuf> },
-    /// A command ended.
-    Finished {
-        command: String,
-        ok: bool,
-        exit_code: i32,
-        message: String,
-        /// A switch, boot or rollback: counts as the last switch.
-        activates: bool,
-        /// When it started (the command's `watch` may say idle already).
-        started: Option<SystemTime>,
-    },
-    /// A safe deployment was rolled back (by the agent or, reported by
-    /// the next agent, by the timer), or the rollback ended in an error.
-    RolledBack { ok: bool },
-}
 
 /// What the observer follows of the other tasks' state.
 pub struct Watched {
     pub link: watch::Receiver<LinkState>,
+    /// Connections made and lost, counted by the connection.
+    pub link_counts: watch::Receiver<LinkCounts>,
     pub command: watch::Receiver<CommandState>,
+    /// Commands' logs, results and counts, kept by the core.
+    pub history: watch::Receiver<CommandHistory>,
     /// The core's compartments, as published for heartbeats (they change
     /// a few times a day).
     pub compartments: watch::Receiver<UpdateStatus>,
@@ -70,7 +54,9 @@ pub struct Observer {
     write_failed: bool,
     metrics_failed: bool,
     link: watch::Receiver<LinkState>,
+    link_counts: watch::Receiver<LinkCounts>,
     command: watch::Receiver<CommandState>,
+    history: watch::Receiver<CommandHistory>,
     compartments: watch::Receiver<UpdateStatus>,
     reboot: watch::Receiver<Vec<&'static str>>,
     /// Read when the metrics are written, not kept in the snapshot, so the
@@ -82,7 +68,9 @@ impl Observer {
     pub fn new(config: &Config, source_commit: Option<String>, watched: Watched) -> Observer {
         let Watched {
             link,
+            link_counts,
             command,
+            history,
             mut compartments,
             outbox,
             reboot,
@@ -122,7 +110,9 @@ impl Observer {
             write_failed: false,
             metrics_failed: false,
             link,
+            link_counts,
             command,
+            history,
             compartments,
             reboot,
             outbox,
@@ -130,12 +120,7 @@ impl Observer {
     }
 
     /// Runs until shutdown, then records that the agent stopped.
-    pub async fn run(
-        mut self,
-        interval: Duration,
-        mut observations: mpsc::Receiver<Observation>,
-        mut shutdown: shutdown::Listener,
-    ) {
+    pub async fn run(mut self, interval: Duration, mut shutdown: shutdown::Listener) {
         // On the heartbeat's grid, so a metrics write shares its wake-up;
         // no timer at all without a metrics file.
         let mut beat = self.metrics.is_some().then(|| Ticker::new(interval));
@@ -146,11 +131,16 @@ impl Observer {
             self.save_if_dirty();
             tokio::select! {
                 () = shutdown::requested(&mut shutdown) => break,
-                Ok(()) = self.link.changed() => self.on_link(),
-                Ok(()) = self.command.changed() => self.on_command(),
+                Ok(()) = self.link.changed() => self.on_link(true),
+                Ok(()) = self.link_counts.changed() => {
+                    let state_too = self.link.has_changed().unwrap_or(false);
+                    self.on_link(state_too);
+                }
+                // Either way both are read: one write for a command's end.
+                Ok(()) = self.command.changed() => self.on_commands(),
+                Ok(()) = self.history.changed() => self.on_commands(),
                 Ok(()) = self.compartments.changed() => self.on_compartments(),
                 Ok(()) = self.reboot.changed() => self.on_compartments(),
-                Some(observation) = observations.recv() => self.on_observation(observation),
                 Ok(()) = async { beat.as_mut().expect("guarded").tick().await }, if beat.is_some() => {
                     self.write_metrics();
                 }
@@ -158,35 +148,49 @@ impl Observer {
                 () = lock_changed(self.flake_lock.as_mut()) => {}
             }
         }
+        // Whatever the other tasks counted that this task had not read yet
+        // (nothing is counted after a shutdown request: the core has
+        // stopped, and a session ended by shutdown is not a disconnect).
+        self.on_link(false);
+        self.on_commands();
         self.snapshot.link = Link::Stopped { since: unix_now() };
         self.dirty = true;
         self.save_if_dirty();
         self.write_metrics();
     }
 
-    fn on_link(&mut self) {
+    /// The connection's counts, and its state when that changed too.
+    fn on_link(&mut self, state_changed: bool) {
+        let counts = self.link_counts.borrow_and_update().clone();
+        let counters = &mut self.snapshot.counters;
+        let disconnects = counts
+            .disconnects
+            .iter()
+            .map(|(reason, n)| ((*reason).to_owned(), *n))
+            .collect();
+        if counters.connects != counts.connects || counters.disconnects != disconnects {
+            counters.connects = counts.connects;
+            counters.disconnects = disconnects;
+            self.dirty = true;
+        }
+        if state_changed {
+            self.on_link_state();
+        }
+    }
+
+    fn on_link_state(&mut self) {
         let state = self.link.borrow_and_update().clone();
         let now = unix_now();
-        let was_connected = self.snapshot.link.is_connected();
         let next = match state {
-            LinkState::Connected => {
-                self.snapshot.counters.connects += 1;
-                Link::Connected { since: now }
-            }
-            LinkState::Connecting if was_connected => {
-                // Closed on purpose to register again at once.
-                self.count_disconnect("reregister");
-                return;
-            }
+            LinkState::Connected => Link::Connected { since: now },
+            // Connecting after a connection was closed on purpose, to
+            // register again at once, stays "connected" for a person.
             LinkState::Connecting => return,
             LinkState::Reconnecting {
                 delay,
                 error,
                 reason,
             } => {
-                if was_connected {
-                    self.count_disconnect(reason);
-                }
                 let since = match self.snapshot.link {
                     Link::Disconnected { since, .. } => since,
                     _ => now,
@@ -215,98 +219,39 @@ impl Observer {
         self.dirty = true;
     }
 
-    fn count_disconnect(&mut self, reason: &str) {
-        *self
-            .snapshot
-            .counters
-            .disconnects
-            .entry(reason.to_owned())
-            .or_default() += 1;
-        self.dirty = true;
-    }
-
-    fn on_command(&mut self) {
+    /// The running command (its state, and its log once launched) and
+    /// what the finished ones left: results and counts.
+    fn on_commands(&mut self) {
         let state = self.command.borrow_and_update().clone();
-        let running = state.name.map(|command| {
-            let log = self
-                .snapshot
-                .running
-                .as_ref()
-                .filter(|r| r.command == command)
-                .and_then(|r| r.log.clone());
-            RunningCommand {
-                command,
-                pid: state.pid,
-                started: state.since.map_or_else(unix_now, unix_secs),
-                log,
-            }
+        let history = self.history.borrow_and_update().clone();
+        let running = state.name.map(|command| RunningCommand {
+            command,
+            pid: state.pid,
+            started: state.since.map_or_else(unix_now, unix_secs),
+            log: history.log.clone(),
         });
         if running != self.snapshot.running {
             self.snapshot.running = running;
             self.dirty = true;
         }
-    }
-
-    fn on_observation(&mut self, observation: Observation) {
-        match observation {
-            Observation::Launched { log } => {
-                if let Some(running) = &mut self.snapshot.running {
-                    running.log = log;
-                    self.dirty = true;
-                }
+        let counters = &mut self.snapshot.counters;
+        if history.finished != counters.commands {
+            counters.commands = history.finished;
+            if let Some(lock) = &mut self.flake_lock {
+                lock.command_ended();
             }
-            finished @ Observation::Finished { .. } => self.on_finished(finished),
-            Observation::RolledBack { ok } => {
-                let result = if ok { "ok" } else { "failed" };
-                *self
-                    .snapshot
-                    .counters
-                    .rollbacks
-                    .entry(result.to_owned())
-                    .or_default() += 1;
-                self.dirty = true;
-            }
+            self.dirty = true;
         }
-    }
-
-    fn on_finished(&mut self, finished: Observation) {
-        let Observation::Finished {
-            command,
-            ok,
-            exit_code,
-            message,
-            activates,
-            started,
-        } = finished
-        else {
-            return;
-        };
-        let now = SystemTime::now();
-        let duration_secs = started
-            .and_then(|started| now.duration_since(started).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        let result = CommandResult {
-            command: command.clone(),
-            finished: unix_secs(now),
-            ok,
-            exit_code,
-            message,
-            duration_secs,
-        };
-        let outcome = if ok { "ok" } else { "error" };
-        let counters = &mut self.snapshot.counters.commands;
-        *counters
-            .entry(command.clone())
-            .or_default()
-            .entry(outcome.to_owned())
-            .or_default() += 1;
-        if activates {
-            self.snapshot.last_switch = Some(result.clone());
+        if history.rollbacks != counters.rollbacks {
+            counters.rollbacks = history.rollbacks;
+            self.dirty = true;
         }
-        self.snapshot.last_results.insert(command, result);
-        self.dirty = true;
-        if let Some(lock) = &mut self.flake_lock {
-            lock.command_ended();
+        if history.last_results != self.snapshot.last_results
+            || history.last_switch != self.snapshot.last_switch
+        {
+            self.snapshot.last_results = history.last_results;
+            self.snapshot.last_switch = history.last_switch;
+            self.dirty = true;
         }
     }
 
@@ -345,5 +290,66 @@ async fn lock_changed(lock: Option<&mut FlakeLock>) {
     match lock {
         Some(lock) => lock.changed().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::CommandState;
+
+    /// Reconnects faster than the observer runs (here: all before it gets
+    /// a turn on this runtime's one thread) are all counted: the link's
+    /// state alone would show only the last one.
+    #[tokio::test]
+    async fn reconnects_the_observer_did_not_see_one_by_one_are_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let config = crate::config::for_test(dir.path(), &state_dir);
+        let (link_tx, link) = watch::channel(LinkState::Connecting);
+        let (counts_tx, link_counts) = watch::channel(LinkCounts::default());
+        let (_command_tx, command) = watch::channel(CommandState::default());
+        let (_history_tx, history) = watch::channel(CommandHistory::default());
+        let (_compartments_tx, compartments) = watch::channel(UpdateStatus::default());
+        let (_reboot_tx, reboot) = watch::channel(Vec::new());
+        let watched = Watched {
+            link,
+            link_counts,
+            command,
+            history,
+            compartments,
+            outbox: Arc::new(Outbox::default()),
+            reboot,
+        };
+        let (shutdown_tx, shutdown_rx) = shutdown::channel();
+        let observer = Observer::new(&config, None, watched);
+        let observer = tokio::spawn(observer.run(config.interval, shutdown_rx));
+
+        // As the connection does it: count, then say so.
+        for _ in 0..5 {
+            counts_tx.send_modify(|counts| counts.connects += 1);
+            link_tx.send_replace(LinkState::Connected);
+            counts_tx.send_modify(|counts| *counts.disconnects.entry("silent").or_default() += 1);
+            link_tx.send_replace(LinkState::Reconnecting {
+                delay: Duration::ZERO,
+                error: "silent".to_owned(),
+                reason: "silent",
+            });
+        }
+        counts_tx.send_modify(|counts| counts.connects += 1);
+        link_tx.send_replace(LinkState::Connected);
+        tokio::task::yield_now().await;
+        shutdown_tx.send_replace(true);
+        observer.await.unwrap();
+
+        let counters = Snapshot::load(&state_dir)
+            .unwrap()
+            .expect("a record")
+            .counters;
+        assert_eq!(counters.connects, 6);
+        assert_eq!(
+            counters.disconnects,
+            BTreeMap::from([("silent".to_owned(), 5)])
+        );
     }
 }
