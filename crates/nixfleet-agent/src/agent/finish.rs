@@ -23,7 +23,8 @@ impl Core {
                 if let Some(running) = &mut self.running {
                     running.supervisor = Some(record.pid);
                 }
-                self.history.send_modify(|history| history.launched(record.log));
+                self.history
+                    .send_modify(|history| history.launched(record.log));
             }
             Progress::Started { pid } => {
                 let Some(running) = &mut self.running else {
