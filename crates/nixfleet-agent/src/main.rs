@@ -56,7 +56,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(nixfleet_agent::agent::run(config))
+    let code = runtime.block_on(nixfleet_agent::agent::run(config));
+    // Dropping the runtime would wait for its blocking threads; the only
+    // one the agent starts waits in `flock` for the rollback timer's lock,
+    // which may be held for minutes. A stop must not wait for that.
+    runtime.shutdown_background();
+    code
 }
 
 /// `nixfleet-agent status`: reads the running agent's state file.

@@ -78,6 +78,7 @@ impl Core {
 /// set, the start-up wait takes no lock, as when it failed, so that a test
 /// shows what the core then does (tests/rollback/timer.rs). No file state
 /// makes the start-up wait fail and the core's try find the lock held.
+#[cfg(debug_assertions)]
 pub const TEST_NO_START_UP_LOCK_ENV: &str = "NIXFLEET_TEST_NO_START_UP_LOCK";
 
 /// Before the agent starts its work: the activation lock, waited for if the

@@ -200,6 +200,33 @@ async fn an_agent_started_during_the_timers_rollback_is_ready_at_once_and_waits_
     );
 }
 
+/// A stop asked for while the core defers its take-over (the timer's
+/// rollback holds the lock) ends the agent then, not when the rollback
+/// ends: the wait's thread, blocked in `flock`, is left behind.
+#[tokio::test]
+async fn an_agent_stopped_while_it_waits_for_the_timers_rollback_exits_at_once() {
+    let dashboard = Dashboard::start().await;
+    let (dir, paths, mut options) = prepare(dashboard.url(), 300);
+    std::fs::create_dir_all(&paths.state).unwrap();
+    let held = std::fs::File::create(paths.state.join("activation.lock")).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    options
+        .env
+        .push(("NIXFLEET_TEST_NO_START_UP_LOCK".into(), "1".into()));
+    let mut agent = Agent::spawn(dir, options).await;
+    agent
+        .wait_stderr(
+            "taking over what a previous agent left once it ends",
+            10 * SECOND,
+        )
+        .await;
+    dashboard.wait_frame("register", 1, 10 * SECOND).await;
+    agent.signal(libc::SIGTERM);
+    // Panics (and so releases the lock) if the agent is still there.
+    assert_eq!(agent.wait_exit(10 * SECOND).await, Some(0));
+    drop(held);
+}
+
 /// The core never waits for the lock on its thread. Should the start-up
 /// wait not have taken it (here: skipped, as when it failed) while the
 /// timer's rollback holds it, the agent still connects and answers, refuses
