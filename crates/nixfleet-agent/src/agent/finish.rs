@@ -80,17 +80,7 @@ impl Core {
         info!(command = %status.command, exit_code = status.exit_code, "finished: {}", status.message);
         let activated = finished.as_ref().is_some_and(|r| r.kind.activates());
         let succeeded = status.status == Outcome::Ok;
-        let end = CommandEnd {
-            command: status.command.clone(),
-            ok: succeeded,
-            exit_code: status.exit_code,
-            message: status.message.clone(),
-            activates: activated,
-            started: finished.as_ref().map(|r| r.since),
-        };
-        let now = std::time::SystemTime::now();
-        self.history
-            .send_modify(|history| history.finished(end, now));
+        self.remember_end(finished.as_ref(), &status);
         if let Some(running) = finished.as_ref().filter(|r| r.kind.activates()) {
             self.record_activation(running, &status);
         }
@@ -129,6 +119,21 @@ impl Core {
             self.self_image = self.self_image.rebased();
             self.suspected_replacement = None;
         }
+    }
+
+    /// The command's end in the history `status` and the metrics read.
+    fn remember_end(&self, finished: Option<&Running>, status: &Status) {
+        let end = CommandEnd {
+            command: status.command.clone(),
+            ok: status.status == Outcome::Ok,
+            exit_code: status.exit_code,
+            message: status.message.clone(),
+            activates: finished.is_some_and(|r| r.kind.activates()),
+            started: finished.map(|r| r.since),
+        };
+        let now = std::time::SystemTime::now();
+        self.history
+            .send_modify(|history| history.finished(end, now));
     }
 
     /// What an activating command changed, for the system compartment. An

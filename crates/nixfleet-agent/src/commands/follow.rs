@@ -116,6 +116,22 @@ struct Reader<'a> {
     emitted: Vec<Emit>,
 }
 
+/// The supervisor is gone, but what it relayed last may still be in the
+/// pipe: read on to its end (false once there is nothing more).
+async fn relay_read_on(relay: &mut RelayIn) -> bool {
+    if !relay.open() {
+        return false;
+    }
+    if tokio::time::timeout(RELAY_WAIT, relay.read())
+        .await
+        .is_err()
+    {
+        warn!("the supervisor is gone but its stdout is still open");
+        return false;
+    }
+    true
+}
+
 async fn read_log(
     followed: &Followed,
     relay: RelayIn,
@@ -144,15 +160,7 @@ async fn read_log(
             break;
         }
         if supervisor_gone {
-            // What it relayed last is still in the pipe: read to its end.
-            if !reader.relay.open() {
-                break;
-            }
-            if tokio::time::timeout(RELAY_WAIT, reader.relay.read())
-                .await
-                .is_err()
-            {
-                warn!("the supervisor is gone but its stdout is still open");
+            if !relay_read_on(&mut reader.relay).await {
                 break;
             }
             continue;

@@ -18,6 +18,7 @@ use figment::value::Value;
 use figment::{Figment, Provider};
 use secrecy::SecretString;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Everything figment extracts; validated into [`Config`] afterwards.
 /// Strings and loosely typed values here, so that the validation (not
@@ -214,45 +215,41 @@ fn validate(
     credential: Option<CredentialToken>,
     secrets: &mut Vec<SecretString>,
 ) -> Result<Config, String> {
+    // The dashboard's keys, the periods, then the rest in the literal's
+    // order: the first error found is the one named.
     let access = dashboard_access(&mut raw, &mut v, credential, secrets)?;
-    let repo_dir = v.repo_dir(raw.repo_dir)?;
-    let repo_url = v.repo_url(raw.repo_url)?;
-    let branch = v.branch(raw.branch)?;
-    let hostname = v.hostname(raw.hostname)?;
-    let log_level = v.log_level(raw.log_level)?;
-    let metrics = v.metrics(raw.metrics)?;
-    let stasysmo_dir = v.dir("stasysmo_dir", raw.stasysmo_dir)?;
-    let state_dir = v.dir("state_dir", raw.state_dir)?;
-    let ssh_key = v.ssh_key(raw.ssh_key)?;
-    let ca_file = v.ca_file(raw.ca_file)?;
-    let tls_client = v.tls_client(raw.tls_client_cert, raw.tls_client_key)?;
-    let interval = v.duration("interval", raw.interval, 1, MAX_PERIOD_SECS)?;
-    let ping_interval = v.duration("ping_interval", raw.ping_interval, 1, MAX_PERIOD_SECS)?;
-    let ping_timeout = v.duration("ping_timeout", raw.ping_timeout, 1, MAX_PERIOD_SECS)?;
-    let backoff_max = v.duration("backoff_max", raw.backoff_max, 1, MAX_PERIOD_SECS)?;
-    let stop_grace = v.duration("stop_grace", raw.stop_grace, 0, MAX_STOP_GRACE_SECS)?;
-    v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
+    let periods = periods(
+        &v,
+        [
+            raw.interval,
+            raw.ping_interval,
+            raw.ping_timeout,
+            raw.backoff_max,
+            raw.stop_grace,
+            raw.confirm_timeout,
+        ],
+    )?;
     Ok(Config {
         url: access.url,
         token: access.token,
         token_source: access.token_source,
         allow_insecure_url: access.allow_insecure_url,
-        repo_dir,
-        repo_url,
-        branch,
-        interval,
-        ssh_key,
-        hostname,
-        log_level,
-        metrics,
-        stasysmo_dir,
-        ping_interval,
-        ping_timeout,
-        backoff_max,
-        stop_grace,
-        state_dir,
-        ca_file,
-        tls_client,
+        repo_dir: v.repo_dir(raw.repo_dir)?,
+        repo_url: v.repo_url(raw.repo_url)?,
+        branch: v.branch(raw.branch)?,
+        hostname: v.hostname(raw.hostname)?,
+        log_level: v.log_level(raw.log_level)?,
+        metrics: v.metrics(raw.metrics)?,
+        stasysmo_dir: v.dir("stasysmo_dir", raw.stasysmo_dir)?,
+        state_dir: v.dir("state_dir", raw.state_dir)?,
+        ssh_key: v.ssh_key(raw.ssh_key)?,
+        ca_file: v.ca_file(raw.ca_file)?,
+        tls_client: v.tls_client(raw.tls_client_cert, raw.tls_client_key)?,
+        interval: periods.interval,
+        ping_interval: periods.ping_interval,
+        ping_timeout: periods.ping_timeout,
+        backoff_max: periods.backoff_max,
+        stop_grace: periods.stop_grace,
         log_max_bytes: v.byte_size("log_max_bytes", raw.log_max_bytes)?,
         logs_max_bytes: v.byte_size("logs_max_bytes", raw.logs_max_bytes)?,
         theme_color: v.theme_color(raw.theme_color)?,
@@ -264,16 +261,50 @@ fn validate(
         gpg_keyring: v.gpg_keyring(raw.gpg_keyring)?,
         report_agent_version: v.report_agent_version(raw.report_agent_version)?,
         metrics_textfile: v.metrics_textfile(raw.metrics_textfile)?,
-        confirm_timeout: v.duration(
-            "confirm_timeout",
-            raw.confirm_timeout,
-            0,
-            MAX_CONFIRM_TIMEOUT_SECS,
-        )?,
+        confirm_timeout: periods.confirm_timeout,
         rollback_on_failed_tests: v
             .boolean("rollback_on_failed_tests", raw.rollback_on_failed_tests)?,
         origins: origins(&v),
         warnings: v.warnings,
+    })
+}
+
+/// The agent's periods, validated together (the ping timeout must outlast
+/// the ping interval).
+struct Periods {
+    interval: Duration,
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    backoff_max: Duration,
+    stop_grace: Duration,
+    confirm_timeout: Duration,
+}
+
+/// `values`: interval, ping_interval, ping_timeout, backoff_max,
+/// stop_grace and confirm_timeout, as read.
+fn periods(v: &Validator<'_>, values: [Option<Value>; 6]) -> Result<Periods, String> {
+    let [
+        interval,
+        ping_interval,
+        ping_timeout,
+        backoff_max,
+        stop_grace,
+        confirm,
+    ] = values;
+    let period = |key, value| v.duration(key, value, 1, MAX_PERIOD_SECS);
+    let interval = period("interval", interval)?;
+    let ping_interval = period("ping_interval", ping_interval)?;
+    let ping_timeout = period("ping_timeout", ping_timeout)?;
+    let backoff_max = period("backoff_max", backoff_max)?;
+    let stop_grace = v.duration("stop_grace", stop_grace, 0, MAX_STOP_GRACE_SECS)?;
+    v.ping_timeout_outlasts_interval(ping_interval, ping_timeout)?;
+    Ok(Periods {
+        interval,
+        ping_interval,
+        ping_timeout,
+        backoff_max,
+        stop_grace,
+        confirm_timeout: v.duration("confirm_timeout", confirm, 0, MAX_CONFIRM_TIMEOUT_SECS)?,
     })
 }
 
