@@ -169,15 +169,23 @@ async fn a_browser_that_stops_reading_holds_up_neither_the_agent_nor_memory() {
 
     let start = Instant::now();
     let padding = "x".repeat(128);
-    for i in 0..LINES {
-        ws.feed(Message::text(
-            output(&format!("line {i} {padding}")).to_string(),
-        ))
+    // A mock that waited for the browser would stop reading the agent, and
+    // the flood would never be stored: a deadline for that, not a speed
+    // target (the time is printed).
+    let flood = async {
+        for i in 0..LINES {
+            ws.feed(Message::text(
+                output(&format!("line {i} {padding}")).to_string(),
+            ))
+            .await
+            .unwrap();
+        }
+        send(&mut ws, &status_frame("switch", "ok", 0)).await;
+        mock.wait_messages("flood", LINES + 2).await;
+    };
+    tokio::time::timeout(Duration::from_secs(120), flood)
         .await
-        .unwrap();
-    }
-    send(&mut ws, &status_frame("switch", "ok", 0)).await;
-    mock.wait_messages("flood", LINES + 2).await;
+        .expect("the mock stopped storing the agent's frames while the browser stalled");
     let stored_in = start.elapsed();
     let rss_after = proc_status_kib(pid, "VmRSS:");
     let hwm = proc_status_kib(pid, "VmHWM:");
@@ -185,17 +193,13 @@ async fn a_browser_that_stops_reading_holds_up_neither_the_agent_nor_memory() {
         "flood of {LINES} lines stored in {stored_in:?} with a stalled browser; \
          mock RSS {rss_before} KiB before, {rss_after} KiB after, peak {hwm} KiB"
     );
-    // Generous for a debug build on a loaded machine; what matters is that
-    // nothing waited for the browser.
+    // The capped store holds 40,000 frames (about 12 MB) and the feed lets
+    // a browser fall 20,000 behind; with the allocator's slack (two worker
+    // threads' arenas churning through 300,000 frames) the mock grew 24 to
+    // 42 MiB in runs here. Holding the whole flood (the store uncapped, as a
+    // feed buffering it for the browser would) grew it by about 130 MiB.
     assert!(
-        stored_in < Duration::from_secs(20),
-        "stored in {stored_in:?}"
-    );
-    // The capped store holds 40,000 frames (about 12 MB); the whole flood
-    // is about 70 MB of frames, which a feed buffering for the browser
-    // would hold.
-    assert!(
-        rss_after < rss_before + 40 * 1024,
+        rss_after < rss_before + 60 * 1024,
         "the mock grew from {rss_before} to {rss_after} KiB"
     );
 
