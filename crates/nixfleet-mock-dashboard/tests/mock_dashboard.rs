@@ -25,6 +25,11 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 // The tests, by concern; the helpers below serve them all. One test
 // binary: these are its modules, not binaries of their own.
+// The agent's tests read /proc the same way.
+#[allow(dead_code)] // git: these tests do not use it
+#[path = "../../nixfleet-agent/tests/common/host_tools.rs"]
+mod host_tools;
+use host_tools::proc_status_kib;
 #[path = "mock_dashboard/api.rs"]
 mod api;
 #[path = "mock_dashboard/fleet.rs"]

@@ -3,6 +3,7 @@
 
 use super::TOKEN;
 use super::host::{script, set_mode};
+use super::host_tools::proc_status_kib;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -332,15 +333,6 @@ fn supervisors_writing_into(dir: &Path) -> Vec<u32> {
             })
         })
         .collect()
-}
-
-pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Starts the agent with a stand-in `nixos-rebuild` (running `body`)

@@ -15,6 +15,7 @@
 mod agent;
 mod dashboard;
 mod host;
+mod host_tools;
 mod proxy;
 mod seen;
 mod serve;
@@ -26,6 +27,8 @@ pub use agent::*;
 pub use dashboard::*;
 #[allow(unused_imports)]
 pub use host::*;
+#[allow(unused_imports)]
+pub use host_tools::*;
 #[allow(unused_imports)]
 pub use proxy::*;
 #[allow(unused_imports)]

@@ -29,6 +29,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 mod agent_kit;
 pub use agent_kit::{agent_binary, write_agent_config};
 
+// The agent's tests set up repositories with the same git.
+#[allow(dead_code)] // proc_status_kib: the browser tests do not use it
+#[path = "../../../nixfleet-agent/tests/common/host_tools.rs"]
+mod host_tools;
+pub use host_tools::git;
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
@@ -372,18 +378,4 @@ pub async fn start_mock(token: &str) -> (Child, String) {
         .expect("listening on …")
         .to_owned();
     (child, addr)
-}
-
-pub fn git(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@t")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@t")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
 }

@@ -236,15 +236,6 @@ async fn a_browser_that_stops_reading_holds_up_neither_the_agent_nor_memory() {
     assert_eq!(last_line, json!(format!("line {} {padding}", LINES - 1)));
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// An open page must not hold up a graceful shutdown: its event stream
 /// ends right away (the HTTP server would otherwise wait for it, then give
 /// up after 2 s).
